@@ -1,0 +1,147 @@
+"""The command line: subcommands, overrides, config errors, run directories, resume and predict output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from varctl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = """
+defaults:
+  - trainer: cpu
+  - callbacks: default
+  - _self_
+run: {{name: toy, root: {root}, version: null}}
+seed: 0
+ckpt_path: null
+model:
+  _target_: toy.ToyModule
+  resolution: 8
+  lr: 0.5
+data:
+  _target_: toy.ToyData
+  batch_size: 4
+trainer:
+  max_steps: 8
+  val_check_interval: 4
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+
+
+@pytest.fixture()
+def toy_conf(tmp_path: Path) -> Path:
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf" / "trainer", conf / "trainer")
+    shutil.copytree(ROOT / "conf" / "callbacks", conf / "callbacks")
+    (conf / "toy.yaml").write_text(TOY.format(root=tmp_path / "runs"))
+    return conf / "toy.yaml"
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "varctl", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
+
+
+def test_help_describes_subcommands_and_overrides():
+    out = _cli("--help")
+    assert out.returncode == 0
+    for word in ("fit", "validate", "test", "predict", "key=value", "+key=value"):
+        assert word in out.stdout
+    out = _cli("fit", "--help")
+    assert out.returncode == 0 and "-c FILE" in out.stdout and "--print-config" in out.stdout
+    assert "trainer.max_steps" in out.stdout
+
+
+def test_misspelled_override_fails_fast_naming_key(toy_conf):
+    start = time.perf_counter()
+    out = _cli("fit", "-c", str(toy_conf), "trainer.max_step=3")
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 2
+    assert "trainer.max_step" in out.stderr and "Did you mean 'trainer.max_steps'" in out.stderr
+    assert str(toy_conf) in out.stderr
+    assert elapsed < 10
+
+
+def test_misspelled_key_in_file_and_wrong_type(toy_conf, capsys):
+    text = toy_conf.read_text()
+    toy_conf.write_text(text.replace("  lr: 0.5", "  lerning_rate: 0.5"))
+    assert main(["fit", "-c", str(toy_conf)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown argument of toy.ToyModule 'model.lerning_rate'" in err and str(toy_conf) in err
+    toy_conf.write_text(text)
+    assert main(["fit", "-c", str(toy_conf), "model.lr=fast"]) == 2
+    err = capsys.readouterr().err
+    assert "model.lr = 'fast'" in err and "expected float" in err
+    assert main(["fit", "-c", str(toy_conf), "+bogus=1"]) == 2
+    assert "unknown top-level key 'bogus'" in capsys.readouterr().err
+    assert main(["fit", "-c", str(toy_conf), "data._target_=toy.Nope"]) == 2
+    assert "cannot be imported" in capsys.readouterr().err
+    assert main(["fit", "-c", str(toy_conf.parent / "missing.yaml")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    assert main(["fit", "-c", str(toy_conf), "trainer.max_steps"]) == 2
+    assert "key=value" in capsys.readouterr().err
+
+
+def test_print_config_applies_overrides(toy_conf, capsys):
+    assert main(["fit", "-c", str(toy_conf), "--print-config", "trainer.max_steps=5", "data.batch_size=2"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["max_steps"] == 5 and cfg["data"]["batch_size"] == 2
+    assert cfg["trainer"]["_target_"] == "lightning.Trainer" and cfg["model"]["lr"] == 0.5
+
+
+def test_fit_resume_and_predict(toy_conf, capsys):
+    runs = toy_conf.parent.parent / "runs" / "toy"
+    assert main(["fit", "-c", str(toy_conf)]) == 0
+    (run_dir,) = runs.iterdir()
+    saved = yaml.safe_load((run_dir / "config_fit.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 8
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first = torch.load(last, weights_only=False)
+    assert first["global_step"] == 8
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    assert f"run directory {run_dir}" in capsys.readouterr().out
+
+    # resuming continues the same run directory and step count
+    assert main(["fit", "-c", str(toy_conf), f"ckpt_path={last}", "trainer.max_steps=12"]) == 0
+    assert [p.name for p in runs.iterdir()] == [run_dir.name]
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == 12
+    assert (run_dir / "config_fit_1.yaml").is_file() and (run_dir / "config_fit.yaml").is_file()
+    assert not torch.equal(resumed["state_dict"]["scale"], first["state_dict"]["scale"])
+
+    # predict writes PNGs with the checkpoint's weights; a second predict never overwrites the first
+    for expected in ("predictions", "predictions_1"):
+        assert main(["predict", "-c", str(toy_conf), f"ckpt_path={last}"]) == 0
+        pngs = sorted((run_dir / expected).glob("*.png"))
+        assert len(pngs) == 16
+    scale = resumed["state_dict"]["scale"].item()
+    img = torch.tensor(list(Image.open(pngs[0]).getdata()), dtype=torch.float32)
+    assert 0 <= img.min() and img.max() <= 255
+    assert abs(scale) > 0.05  # the checkpoint's weights were used: images are not the constant 0.5 grey
+    assert img.std() > 1.0
+
+
+def test_explicit_existing_version_is_not_overwritten(toy_conf, capsys):
+    assert main(["fit", "-c", str(toy_conf), "run.version=v1"]) == 0
+    capsys.readouterr()
+    assert main(["fit", "-c", str(toy_conf), "run.version=v1"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_config_error(toy_conf, capsys):
+    assert main(["validate", "-c", str(toy_conf), "ckpt_path=/nonexistent/last.ckpt"]) == 2
+    assert "ckpt_path" in capsys.readouterr().err

@@ -1,0 +1,49 @@
+"""A toy LightningModule and DataModule for CLI tests that do not depend on the real stages."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class ToyData(L.LightningDataModule):
+    def __init__(self, batch_size: int = 4, size: int = 16):
+        super().__init__()
+        self.batch_size, self.size, self.resolution = batch_size, size, None
+
+    def connect(self, resolution: int, keys=("image",)):
+        self.resolution = resolution
+
+    def _loader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(self.size, 3, self.resolution, self.resolution, generator=g) * 2 - 1
+        return DataLoader(TensorDataset(x), batch_size=self.batch_size)
+
+    train_dataloader = val_dataloader = test_dataloader = predict_dataloader = _loader
+
+
+class ToyModule(L.LightningModule):
+    def __init__(self, resolution: int = 8, lr: float = 0.1, name: str = "toy"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.scale = torch.nn.Parameter(torch.zeros(1))
+
+    def data_requirements(self):
+        return {"resolution": self.hparams.resolution, "keys": ("image",)}
+
+    def training_step(self, batch, batch_idx):
+        loss = ((batch[0] * self.scale - batch[0]) ** 2).mean()
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", ((batch[0] * self.scale - batch[0]) ** 2).mean())
+
+    test_step = validation_step
+
+    def predict_step(self, batch, batch_idx):
+        return {"images": (batch[0] * self.scale + 1) / 2, "names": [f"img{i}" for i in range(len(batch[0]))]}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)

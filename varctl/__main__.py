@@ -1,0 +1,3 @@
+from varctl.cli import main
+
+raise SystemExit(main())

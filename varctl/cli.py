@@ -1,0 +1,172 @@
+"""``python -m varctl {fit,validate,test,predict} -c FILE [key=value ...]``: compose, instantiate, run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+SUBCOMMANDS = {
+    "fit": "train a model (resume with ckpt_path=PATH)",
+    "validate": "run the validation loop once (weights from ckpt_path=PATH)",
+    "test": "run the test loop once (weights from ckpt_path=PATH)",
+    "predict": "run predict_step and write the images under the run directory (weights from ckpt_path=PATH)",
+}
+OVERRIDE_HELP = """\
+overrides (Hydra syntax, after the options):
+  key=value            set an existing key, e.g. trainer.max_steps=500 data.batch_size=16
+  +key=value           add a key that the file does not have
+  ~key                 delete a key
+  group=option         pick another file of a config group, e.g. trainer=ddp data=folder
+Values are YAML: 1e-4, true, null, [1,2,3], "text with spaces".
+"""
+RUN_VERSION_ENV = "VARCTL_RUN_VERSION"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m varctl",
+        description="varctl: train and sample scale-wise visual autoregressive (VAR) models with Lightning.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="subcommands:\n"
+        + "".join(f"  {k:10s} {v}\n" for k, v in SUBCOMMANDS.items())
+        + "\n"
+        + OVERRIDE_HELP
+        + "\nexample: python -m varctl fit -c conf/tokenizer.yaml trainer.max_steps=200",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True)
+    for name, text in SUBCOMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=f"{name}: {text}.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=OVERRIDE_HELP + f"\nexample: python -m varctl {name} -c conf/var.yaml trainer.max_steps=100",
+        )
+        p.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML file in conf/, e.g. conf/var.yaml")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from varctl.config import ConfigError, as_yaml, compose, validate
+
+    try:
+        cfg = compose(args.config, args.overrides)
+        data = validate(cfg, args.config)
+    except ConfigError as e:
+        print(f"varctl: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(as_yaml(data), end="")
+        return 0
+    try:
+        run(args.command, data, args.config)
+    except ConfigError as e:
+        print(f"varctl: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_dir(command: str, data: dict) -> tuple[str, str, str]:
+    """(root, name, version). A resumed run continues in its own directory; DDP children share the version."""
+    from varctl.config import ConfigError
+
+    run = data.get("run") or {}
+    root, name = run.get("root", "runs"), run.get("name", "default")
+    version = run.get("version") or os.environ.get(RUN_VERSION_ENV)
+    ckpt = data.get("ckpt_path")
+    launched_child = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get(RUN_VERSION_ENV)
+    if run.get("version") and command == "fit" and not ckpt and not launched_child:
+        if (Path(root) / name / version / "checkpoints").exists():
+            raise ConfigError(
+                f"run.version={version}: {Path(root) / name / version} already holds checkpoints; resume it with "
+                f"ckpt_path=<that run>/checkpoints/last.ckpt, or pick another run.version"
+            )
+    if version is None and ckpt and Path(ckpt).parent.name == "checkpoints":
+        run_dir = Path(ckpt).resolve().parent.parent
+        root, name, version = str(run_dir.parent.parent), run_dir.parent.name, run_dir.name
+    if version is None:
+        stamp = version = time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while (Path(root) / name / version).exists():  # two runs started in the same second
+            version, n = f"{stamp}-{n}", n + 1
+    os.environ[RUN_VERSION_ENV] = version  # inherited by the processes a DDP launcher starts
+    return root, name, version
+
+
+def _fresh(path: Path) -> Path:
+    """``path``, or ``path`` with a numeric suffix when it exists: never overwrite an earlier run's output."""
+    n, candidate = 1, path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def run(command: str, data: dict, config_file: str | Path):
+    """Instantiate data, model and trainer from a validated config dict and run ``command``; returns the trainer."""
+    previous = os.environ.get(RUN_VERSION_ENV)
+    try:
+        return _run(command, data, config_file)
+    finally:  # several runs in one process (tools/demo.py, tests) must not share a run directory
+        if previous is None:
+            os.environ.pop(RUN_VERSION_ENV, None)
+        else:
+            os.environ[RUN_VERSION_ENV] = previous
+
+
+def _run(command: str, data: dict, config_file: str | Path):
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from varctl.callbacks import ImageWriter
+    from varctl.config import ConfigError, as_yaml
+    from varctl.models.io import atomic_write_text
+
+    ckpt = data.get("ckpt_path")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise ConfigError(f"{config_file}: ckpt_path = {ckpt!r}: file not found")
+    if data.get("seed") is not None:
+        L.seed_everything(data["seed"], workers=True, verbose=False)
+    root, name, version = _run_dir(command, data)
+    logger = TensorBoardLogger(save_dir=root, name=name, version=version, default_hp_metric=False)
+    log_dir = Path(logger.log_dir)
+
+    datamodule = instantiate(data["data"], _convert_="all")
+    model = instantiate(data["model"], _convert_="all")
+    if not hasattr(model, "data_requirements") or not hasattr(datamodule, "connect"):
+        raise ConfigError(f"{config_file}: model must define data_requirements() and data must define connect()")
+    datamodule.connect(**model.data_requirements())
+
+    callbacks = [instantiate(node, _convert_="all") for node in (data.get("callbacks") or {}).values() if node]
+    out_dir = _fresh(log_dir / "predictions")
+    if command == "predict":
+        callbacks.append(ImageWriter(out_dir))
+    trainer = instantiate(data["trainer"], _convert_="all", logger=logger, callbacks=callbacks)
+
+    if trainer.is_global_zero:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_fresh(log_dir / f"config_{command}.yaml"), as_yaml(data))
+        print(f"varctl {command}: run directory {log_dir}  (tensorboard --logdir {Path(root) / name})", flush=True)
+
+    if command == "fit":
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    elif command == "validate":
+        trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)
+    elif command == "test":
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
+    else:
+        trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt, return_predictions=False)
+        if trainer.is_global_zero:
+            print(f"varctl predict: images written to {out_dir}", flush=True)
+    return trainer
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

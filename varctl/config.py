@@ -1,0 +1,250 @@
+"""Compose a run configuration from a YAML file in conf/ with Hydra's compose API, and check it.
+
+Hydra's own ``-c`` means ``--cfg``, so ``@hydra.main`` cannot give ``python -m varctl fit -c FILE``: the CLI
+parses its subcommand and ``-c`` itself, then composes here with the remaining ``key=value`` overrides.
+
+Checks run before any work: every key under a ``_target_`` node must be an argument of that target and its
+value must fit the argument's annotation; top-level keys are a fixed set. Errors name the key and the file.
+"""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import difflib
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+TOP_LEVEL_KEYS = {
+    "run": "run directory settings: name, root, version",
+    "seed": "global seed (int) given to lightning.seed_everything",
+    "ckpt_path": "Lightning checkpoint to resume (fit) or to evaluate (validate/test/predict)",
+    "model": "the LightningModule (_target_ + constructor arguments)",
+    "data": "the LightningDataModule (_target_ + constructor arguments)",
+    "trainer": "lightning.Trainer arguments",
+    "callbacks": "named callbacks (_target_ nodes); set one to null to disable it",
+}
+RUN_KEYS = {"name": str, "root": str, "version": (str, type(None))}
+HYDRA_META = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key and the file."""
+
+
+def compose(config_file: str | Path, overrides: list[str]) -> DictConfig:
+    """Compose ``config_file`` (a YAML in a Hydra config dir) with ``key=value`` overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(config_file)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"-c {config_file}: expected a .yaml file")
+    if not path.is_file():
+        raise ConfigError(f"-c {config_file}: file not found")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value (Hydra syntax); got {bad} for {path}")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base="1.3", job_name="varctl"):
+            cfg = hydra_compose(config_name=path.stem, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain_compose_error(str(e), path, overrides, _known_keys(path))) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def _known_keys(path: Path) -> list[str]:
+    """Dotted key paths of the file composed without overrides (for 'did you mean' hints)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base="1.3", job_name="varctl"):
+            data = OmegaConf.to_container(hydra_compose(config_name=path.stem), resolve=False)
+    except Exception:
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    keys: list[str] = []
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                keys.append(prefix + str(k))
+                walk(v, f"{prefix}{k}.")
+
+    walk(data, "")
+    return keys
+
+
+def _explain_compose_error(msg: str, path: Path, overrides: list[str], known: list[str]) -> str:
+    first = msg.strip().splitlines()[0] if msg.strip() else msg
+    if "Could not override" in msg or "not in struct" in msg:
+        key = first.split("'")[1] if "'" in first else first
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return (
+            f"unknown config key '{key}' in the overrides of {path}.{hint}\n"
+            f"  Use key=value for an existing key; add a new one with +key=value."
+        )
+    return f"could not compose {path} with overrides {overrides}: {first}"
+
+
+def to_container(cfg: DictConfig, path: str | Path) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception as e:
+        raise ConfigError(f"{path}: could not resolve an interpolation: {e}") from None
+
+
+def validate(cfg: DictConfig | dict, path: str | Path) -> dict:
+    """Check the composed config; returns it as a plain resolved dict."""
+    data = to_container(cfg, path) if isinstance(cfg, DictConfig) else cfg
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(_unknown(key, "", TOP_LEVEL_KEYS, path, "top-level key"))
+    for key in ("model", "data", "trainer"):
+        if key not in data or data[key] is None:
+            raise ConfigError(f"{path}: missing the '{key}' section ({TOP_LEVEL_KEYS[key]})")
+    for key, value in (data.get("run") or {}).items():
+        if key not in RUN_KEYS:
+            raise ConfigError(_unknown(key, "run.", RUN_KEYS, path, "key"))
+        if not isinstance(value, RUN_KEYS[key]):
+            raise ConfigError(f"{path}: run.{key} = {value!r}: expected a string")
+    if data.get("seed") is not None and (not isinstance(data["seed"], int) or isinstance(data["seed"], bool)):
+        raise ConfigError(f"{path}: seed = {data['seed']!r}: expected an integer")
+    if data.get("ckpt_path") is not None and not isinstance(data["ckpt_path"], str):
+        raise ConfigError(f"{path}: ckpt_path = {data['ckpt_path']!r}: expected a path string")
+    callbacks = data.get("callbacks") or {}
+    if not isinstance(callbacks, dict):
+        raise ConfigError(f"{path}: callbacks must be a mapping name -> {{_target_: ...}}, found {callbacks!r}")
+    _walk(data, "", path)
+    return data
+
+
+def _walk(node: Any, prefix: str, path: str | Path) -> None:
+    if isinstance(node, dict):
+        if "_target_" in node:
+            _check_target(node, prefix.rstrip("."), path)
+        for key, value in node.items():
+            _walk(value, f"{prefix}{key}.", path)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _walk(value, f"{prefix}{i}.", path)
+
+
+def locate(target: str, where: str, path: str | Path) -> Any:
+    from hydra.utils import get_object
+
+    try:
+        return get_object(target)
+    except Exception as e:
+        raise ConfigError(f"{path}: {where}._target_ = '{target}' cannot be imported: {e}") from None
+
+
+def _check_target(node: dict, where: str, path: str | Path) -> None:
+    obj = locate(node["_target_"], where, path)
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    hints = _type_hints(obj)
+    for key, value in node.items():
+        if key in HYDRA_META:
+            continue
+        if key not in params:
+            if takes_kwargs:
+                continue
+            names = {k: None for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+            raise ConfigError(_unknown(key, f"{where}.", names, path, f"argument of {node['_target_']}"))
+        expected = hints.get(key)
+        if expected is not None and not _fits(value, expected):
+            raise ConfigError(
+                f"{path}: {where}.{key} = {value!r} ({type(value).__name__}): expected {_type_name(expected)} "
+                f"(argument '{key}' of {node['_target_']})"
+            )
+    missing = [
+        k
+        for k, p in params.items()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k not in node
+    ]
+    if missing and not node.get("_partial_"):
+        raise ConfigError(f"{path}: {where} is missing required argument(s) {missing} of {node['_target_']}")
+
+
+def _type_hints(obj: Any) -> dict[str, Any]:
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: skip type checks for this target
+        return {}
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """True when a YAML value (already resolved to plain Python) can be passed as ``tp``."""
+    if tp is Any or tp is inspect.Parameter.empty or isinstance(tp, typing.TypeVar):
+        return True
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, cabc.Sequence, cabc.Iterable) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return all(_fits(v, inner) for v in value)
+    if origin in (dict, cabc.Mapping) or tp is dict:
+        return isinstance(value, dict)
+    if inspect.isclass(tp) and tp.__module__ == "pathlib":
+        return isinstance(value, str)
+    if isinstance(value, dict) and "_target_" in value:
+        return True  # an object built by instantiate; its own keys are checked on its node
+    if inspect.isclass(tp):
+        return isinstance(value, tp)
+    return True  # an annotation we do not model (callables, protocols): leave it to the target
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _unknown(key: str, prefix: str, known: dict, path: str | Path, what: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    options = ", ".join(sorted(k for k in known if not k.startswith("_")))
+    return f"{path}: unknown {what} '{prefix}{key}'.{hint}\n  Known keys: {options}"
+
+
+def as_yaml(cfg: DictConfig | dict) -> str:
+    return OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg))
+
+
+__all__ = ["ConfigError", "compose", "validate", "as_yaml", "locate", "ListConfig"]
