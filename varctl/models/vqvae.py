@@ -1,0 +1,405 @@
+"""The multi-scale VQ tokenizer of VAR (Tian et al., "Visual Autoregressive Modeling", 2024, section 3.2).
+
+A VQ-f16 autoencoder (vae_blocks.py) around a multi-scale residual quantiser (quantizer.py). The state_dict
+equals the official ``vae_ch160v4096z32.pth`` key for key, so official files load with ``strict=True`` and
+no conversion (``VQVAE.from_official``). Images are (B, 3, H, W) in [-1, 1].
+
+Legend: B batch, C = Cvae latent channels, h w latent size, pn side of one scale, l = pn*pn tokens of one
+scale, L all tokens, S scales, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from varctl.models import io
+from varctl.models.quantizer import MultiScaleQuantizer
+from varctl.models.vae_blocks import GROUPS, Decoder, Encoder
+
+OFFICIAL_10 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px
+OFFICIAL_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 512 px (VAR-d36-512)
+KIND = "vqvae"
+
+
+@dataclass
+class VQVAEConfig:
+    """Hyper-parameters of the VQVAE; defaults are the official ``vae_ch160v4096z32`` tokenizer."""
+
+    vocab_size: int = 4096
+    z_channels: int = 32  # Cvae, the code dimension
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    dropout: float = 0.0
+    beta: float = 0.25  # commitment loss weight
+    quant_resi: float = 0.5  # phi(h) = (1 - r) h + r conv(h)
+    share_quant_resi: int = 4  # 0: one phi per scale, 1: one phi for all, K >= 2: K phi shared by ticks
+    default_qresi_counts: int = 0  # number of phi when share_quant_resi=0 (0: one per scale)
+    patch_nums: tuple[int, ...] = OFFICIAL_10
+    using_znorm: bool = False  # cosine instead of L2 nearest neighbour
+    quant_conv_ks: int = 3
+
+    def __post_init__(self):
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        self.patch_nums = tuple(int(p) for p in self.patch_nums)
+        checks = [
+            (self.vocab_size >= 1, "vocab_size", ">= 1", self.vocab_size),
+            (self.z_channels >= 1, "z_channels", ">= 1", self.z_channels),
+            (
+                self.ch > 0 and self.ch % GROUPS == 0,
+                "ch",
+                f"a positive multiple of {GROUPS} (GroupNorm)",
+                self.ch,
+            ),
+            (
+                len(self.ch_mult) >= 1 and min(self.ch_mult) >= 1,
+                "ch_mult",
+                "non-empty, all >= 1",
+                self.ch_mult,
+            ),
+            (self.num_res_blocks >= 1, "num_res_blocks", ">= 1", self.num_res_blocks),
+            (0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)", self.dropout),
+            (self.beta >= 0, "beta", ">= 0", self.beta),
+            (self.share_quant_resi >= 0, "share_quant_resi", ">= 0", self.share_quant_resi),
+            (self.default_qresi_counts >= 0, "default_qresi_counts", ">= 0", self.default_qresi_counts),
+            (
+                self.quant_conv_ks >= 1 and self.quant_conv_ks % 2 == 1,
+                "quant_conv_ks",
+                "odd",
+                self.quant_conv_ks,
+            ),
+            (
+                len(self.patch_nums) >= 1 and min(self.patch_nums) >= 1,
+                "patch_nums",
+                "non-empty, >= 1",
+                self.patch_nums,
+            ),
+            (
+                all(a < b for a, b in zip(self.patch_nums, self.patch_nums[1:])),
+                "patch_nums",
+                "strictly increasing (small to large)",
+                self.patch_nums,
+            ),
+        ]
+        for ok, key, expected, found in checks:
+            if not ok:
+                raise ValueError(f"VQVAEConfig.{key} must be {expected}, found {found!r}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.patch_nums[-1]
+
+    @property
+    def resolution(self) -> int:
+        return self.patch_nums[-1] * self.downsample
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def L(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def first_l(self) -> int:
+        return self.patch_nums[0] ** 2
+
+    @property
+    def begin_ends(self) -> list[tuple[int, int]]:
+        """[begin, end) of each scale in the token sequence."""
+        out, cur = [], 0
+        for pn in self.patch_nums:
+            out.append((cur, cur + pn * pn))
+            cur += pn * pn
+        return out
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> VQVAEConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown VQVAE preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "<dict>") -> VQVAEConfig:
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown VQVAEConfig keys {unknown}")
+        return cls(**config)
+
+
+PRESETS: dict[str, dict] = {
+    "vae_ch160v4096z32": {},  # the official tokenizer, 256 px
+    "vae_ch160v4096z32_512": {"patch_nums": OFFICIAL_512},  # same weights, 512 px schedule
+    "tiny": {"vocab_size": 256, "z_channels": 16, "ch": 32, "patch_nums": (1, 2, 3, 4)},  # 64 px, reference
+    # trainable on a CPU: 8x downsampling, 64 px
+    "cpu_small": {
+        "vocab_size": 512,
+        "z_channels": 16,
+        "ch": 32,
+        "ch_mult": (1, 1, 2, 2),
+        "num_res_blocks": 1,
+        "patch_nums": (1, 2, 3, 4, 6, 8),
+    },
+}
+
+
+class VQVAEOutput(NamedTuple):
+    recon: torch.Tensor  # (B, 3, H, W), not clamped
+    vq_loss: torch.Tensor  # scalar
+    hits_SV: torch.Tensor  # float (S, V) code counts of this batch on this rank
+    f_BChw: torch.Tensor  # continuous latent, detached, float32
+
+
+class VQVAE(nn.Module):
+    """Multi-scale VQ tokenizer: image <-> token maps of sides ``config.patch_nums``."""
+
+    def __init__(self, config: VQVAEConfig | None = None):
+        super().__init__()
+        self.config = config = config or VQVAEConfig()
+        blocks = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks)
+        self.encoder = Encoder(**blocks, z_channels=config.z_channels, dropout=config.dropout)
+        self.decoder = Decoder(**blocks, z_channels=config.z_channels, dropout=config.dropout)
+        self.quantize = MultiScaleQuantizer(
+            config.vocab_size,
+            config.z_channels,
+            config.patch_nums,
+            beta=config.beta,
+            quant_resi=config.quant_resi,
+            share_quant_resi=config.share_quant_resi,
+            default_qresi_counts=config.default_qresi_counts,
+            using_znorm=config.using_znorm,
+        )
+        ks, C = config.quant_conv_ks, config.z_channels
+        self.quant_conv = nn.Conv2d(C, C, ks, padding=ks // 2)
+        self.post_quant_conv = nn.Conv2d(C, C, ks, padding=ks // 2)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Convs: torch's default (kaiming-uniform a=sqrt(5)), spelled out so a patched ``reset_parameters``
+        cannot skip it; GroupNorm: identity; codebook: U(-1/V, 1/V) as in taming-transformers."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+                if m.bias is not None:
+                    bound = 1 / math.sqrt(m.weight[0].numel())
+                    nn.init.uniform_(m.bias, -bound, bound)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        V = self.config.vocab_size
+        nn.init.uniform_(self.quantize.embedding.weight, -1 / V, 1 / V)
+
+    @property
+    def patch_nums(self) -> tuple[int, ...]:
+        return self.config.patch_nums
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def z_channels(self) -> int:
+        return self.config.z_channels
+
+    # ---------------------------------------------------------------- image <-> latent
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> continuous latent f (B, C, H / downsample, W / downsample)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), found {tuple(images.shape)}")
+        return self.quant_conv(self.encoder(images))
+
+    def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        """Latent -> image, not clamped (training)."""
+        return self.decoder(self.post_quant_conv(f_hat_BChw))
+
+    def fhat_to_img(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        return self.decode(f_hat_BChw).clamp_(-1, 1)
+
+    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+        """Training pass: straight-through reconstruction, VQ loss and this batch's code hits."""
+        f_BChw = self.encode(images)
+        f_hat, vq_loss, hits_SV = self.quantize(f_BChw)
+        return VQVAEOutput(self.decode(f_hat), vq_loss, hits_SV, f_BChw.detach().float())
+
+    # ---------------------------------------------------------------- tokens
+    @torch.no_grad()
+    def img_to_idx(
+        self, images: torch.Tensor, patch_nums: tuple[int, ...] | None = None
+    ) -> list[torch.Tensor]:
+        """Token indices per scale, smallest first, each (B, pn*pn) int64 in row-major order."""
+        return self.quantize.f_to_idx_or_fhat(self.encode(images), to_fhat=False, patch_nums=patch_nums)
+
+    def img_to_fhat(
+        self, images: torch.Tensor, patch_nums: tuple[int, ...] | None = None
+    ) -> list[torch.Tensor]:
+        """Running quantised latent f_hat (B, C, h, w) after each scale."""
+        return self.quantize.f_to_idx_or_fhat(self.encode(images), to_fhat=True, patch_nums=patch_nums)
+
+    def idx_to_fhat(self, idx_list: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Running f_hat (B, C, h, w) after each scale; the schedule is read off the token counts."""
+        return self.quantize.idx_to_fhat(idx_list, keep_all=True)
+
+    def idx_to_img(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
+        """Tokens of all scales -> (B, 3, H, W) in [-1, 1]."""
+        return self.fhat_to_img(self.quantize.idx_to_fhat(idx_list, keep_all=False)[-1])
+
+    def fhat_per_scale_to_img(self, fhat_list: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Decode each running f_hat (one decoder call for all) -> list of (B, 3, H, W) in [-1, 1]."""
+        B = fhat_list[0].shape[0]
+        return list(self.fhat_to_img(torch.cat(list(fhat_list))).split(B))
+
+    def idx_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
+        """VAR teacher-forcing input (B, L - first_l, C) float32."""
+        return self.quantize.idx_to_var_input(idx_list)
+
+    def ar_step(
+        self, si: int, f_hat_BChw: torch.Tensor, h_BChw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sampling step of VAR.
+
+        Args:
+            si: scale index in ``config.patch_nums``.
+            f_hat_BChw: f_hat before this scale (zeros (B, C, h, w) at si=0); not modified.
+            h_BChw: (B, C, pn, pn) code vectors of the tokens sampled at scale si.
+        Returns:
+            (f_hat + phi(bicubic-upsampled h), next input: f_hat area-resized to the next scale, or f_hat
+            itself at the last scale).
+        """
+        return self.quantize.ar_step(si, f_hat_BChw, h_BChw)
+
+    # ---------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a self-describing varctl model file (config + state_dict) atomically."""
+        return io.atomic_save(io.model_file(KIND, asdict(self.config), self.state_dict()), path)
+
+    def export_safetensors(self, path: str | os.PathLike) -> Path:
+        """Weights as safetensors, with the config as JSON in the metadata."""
+        meta = {"format": io.FORMAT, "kind": KIND, "config": json.dumps(asdict(self.config))}
+        return io.save_safetensors(self.state_dict(), path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VQVAE:
+        """Load a varctl model file, a varctl Lightning checkpoint, an official state_dict or a safetensors
+        export; files without a config are read as official files (configuration from the shapes)."""
+        path = Path(path)
+        source = str(path)
+        obj = io.load_file(path, map_location=map_location)
+        if path.suffix == ".safetensors":
+            state_dict, config = obj, _safetensors_config(path)
+        else:
+            state_dict, config = io.split_checkpoint(obj, KIND, source)
+        if config is None:
+            return cls._from_state_dict(
+                state_dict, config_from_state_dict(state_dict, OFFICIAL_10, source), source
+            )
+        return cls._from_state_dict(state_dict, VQVAEConfig.from_dict(config, source), source)
+
+    @classmethod
+    def from_official(
+        cls, path_or_state_dict: str | os.PathLike | dict, patch_nums: tuple[int, ...] = OFFICIAL_10
+    ) -> VQVAE:
+        """Build from an official checkpoint (``vae_ch160v4096z32.pth``); configuration read off shapes.
+
+        Args:
+            path_or_state_dict: a ``.pth`` path or a state_dict; loaded with ``strict=True``.
+            patch_nums: the scale schedule to use (not stored in official files).
+        """
+        if isinstance(path_or_state_dict, dict):
+            source, state_dict = "<state_dict>", path_or_state_dict
+        else:
+            source = str(path_or_state_dict)
+            state_dict, _ = io.split_checkpoint(io.load_file(path_or_state_dict), KIND, source)
+        return cls._from_state_dict(
+            state_dict, config_from_state_dict(state_dict, patch_nums, source), source
+        )
+
+    @classmethod
+    def _from_state_dict(cls, state_dict: dict, config: VQVAEConfig, source: str) -> VQVAE:
+        """Build without initialising (every tensor is loaded next) on the tensors' device, load strictly."""
+        first = next((v for v in state_dict.values() if isinstance(v, torch.Tensor)), None)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=first.device if first is not None else "cpu")
+        model.quantize.ema_vocab_hit_SV.zero_()  # may be kept (not loaded) when the scale count differs
+        try:
+            result = model.load_state_dict(state_dict, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{source}: state_dict does not fit {config}:\n{e}") from e
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"{source}: state_dict does not fit the VQVAE built from it; missing keys "
+                f"{_short(result.missing_keys)}, unexpected keys {_short(result.unexpected_keys)}"
+            )
+        return model
+
+
+def config_from_state_dict(
+    state_dict: dict, patch_nums: tuple[int, ...] = OFFICIAL_10, source: str = "<state_dict>"
+) -> VQVAEConfig:
+    """Read the architecture off the tensor shapes of an official-layout state_dict."""
+    required = ("encoder.conv_in.weight", "encoder.down.0.block.0.conv2.weight", "quantize.embedding.weight")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(f"{source}: not a VQVAE state_dict, missing keys {missing}")
+    ch = state_dict["encoder.conv_in.weight"].shape[0]
+    vocab_size, z_channels = state_dict["quantize.embedding.weight"].shape
+
+    def indices(pattern: str) -> list[int]:
+        rx = re.compile(pattern)
+        return sorted({int(m.group(1)) for k in state_dict if (m := rx.match(k))})
+
+    ch_mult = []
+    for i in indices(r"encoder\.down\.(\d+)\."):
+        out = state_dict[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]
+        if out % ch:
+            raise ValueError(f"{source}: encoder.down.{i} has {out} channels, not a multiple of ch={ch}")
+        ch_mult.append(out // ch)
+    phi = dict(quant_resi=0.5, share_quant_resi=4, default_qresi_counts=0)
+    if qresi_ls := indices(r"quantize\.quant_resi\.qresi_ls\.(\d+)\.weight"):
+        phi["share_quant_resi"] = len(qresi_ls)
+    elif "quantize.quant_resi.qresi.weight" in state_dict:
+        phi["share_quant_resi"] = 1
+    elif per_scale := indices(r"quantize\.quant_resi\.(\d+)\.weight"):
+        phi.update(share_quant_resi=0, default_qresi_counts=len(per_scale))
+    else:
+        phi["quant_resi"] = 0.0  # phi is the identity: no conv stored
+    return VQVAEConfig(
+        vocab_size=vocab_size,
+        z_channels=z_channels,
+        ch=ch,
+        ch_mult=tuple(ch_mult),
+        num_res_blocks=len(indices(r"encoder\.down\.0\.block\.(\d+)\.")),
+        patch_nums=tuple(patch_nums),
+        quant_conv_ks=state_dict["quant_conv.weight"].shape[-1] if "quant_conv.weight" in state_dict else 3,
+        **phi,
+    )
+
+
+def _safetensors_config(path: Path) -> dict | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        return None
+    if meta.get("kind", KIND) != KIND:
+        raise ValueError(f"{path}: a varctl '{meta.get('kind')}' safetensors file, expected a '{KIND}' file")
+    return json.loads(meta["config"])
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    return str(keys[:n])[:-1] + (f", ... ({len(keys)} in all)]" if len(keys) > n else "]")
