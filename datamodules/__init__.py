@@ -1,0 +1,41 @@
+"""LightningDataModules shared by the tokenizer, VAR and control stages; all yield the CONTRACTS.md batch.
+
+- SyntheticDataModule: procedural shapes with labels, captions and exact control maps (no files).
+- ClassFolderDataModule: ImageFolder layout (root/<class>/*.jpg).
+- CaptionListDataModule: .jsonl / .csv lists of image, caption[, label].
+- ControlPairsDataModule: images with edges / depth / segmentation maps beside them (or annotators).
+"""
+
+from datamodules.annotators import Annotator, CallableAnnotator, CannyAnnotator, TorchScriptAnnotator
+from datamodules.base import BATCH_KEYS, VarDataModule
+from datamodules.files import FileDataModule, FileDataset, Record
+from datamodules.folders import (
+    CaptionListDataModule,
+    ClassFolderDataModule,
+    ControlPairsDataModule,
+    read_caption_list,
+)
+from datamodules.scenes import CLASS_NAMES
+from datamodules.synthetic import SyntheticDataModule, SyntheticShapes
+from datamodules.transforms import MODALITIES, collate
+
+__all__ = [
+    "BATCH_KEYS",
+    "CLASS_NAMES",
+    "MODALITIES",
+    "Annotator",
+    "CallableAnnotator",
+    "CannyAnnotator",
+    "CaptionListDataModule",
+    "ClassFolderDataModule",
+    "ControlPairsDataModule",
+    "FileDataModule",
+    "FileDataset",
+    "Record",
+    "SyntheticDataModule",
+    "SyntheticShapes",
+    "TorchScriptAnnotator",
+    "VarDataModule",
+    "collate",
+    "read_caption_list",
+]

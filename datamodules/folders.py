@@ -1,0 +1,293 @@
+"""Real data on disk: class folders, image + caption lists, and image / control-map pairs.
+
+Every layout has either explicit split folders (root/train, root/val, optionally root/test) or one root split
+deterministically by `val_fraction` and `seed`. Paths in caption lists are relative to the list file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from datamodules.base import split_indices
+from datamodules.files import FileDataModule, Record, list_images, plain, stem
+from datamodules.transforms import MODALITIES, is_image_file
+
+
+def _split_roots(root: str, inner: str = "") -> dict[str, str] | None:
+    """{"train": root/train, "val": root/val[, "test": root/test]} when root/train/<inner> exists."""
+    if not os.path.isdir(os.path.join(root, "train", inner)):
+        return None
+    if not os.path.isdir(os.path.join(root, "val", inner)):
+        raise FileNotFoundError(
+            f"{root} has a train/ split but no val/ split: add {os.path.join(root, 'val')}"
+        )
+    names = ("train", "val", "test")
+    return {n: os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n, inner))}
+
+
+def _by_fraction(records: list[Record], val_fraction: float, seed: int, what: str) -> dict[str, list[Record]]:
+    train, val = split_indices(len(records), val_fraction, seed, what)
+    return {"train": [records[i] for i in train], "val": [records[i] for i in val]}
+
+
+def _check_root(root: str) -> str:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.root: directory not found: {root}")
+    return root
+
+
+class ClassFolderDataModule(FileDataModule):
+    """ImageFolder layout root/<class>/<image>; class names sorted; label = index of the class folder.
+
+    Args:
+        root: a folder of class folders, or one holding train/ and val/ (and optionally test/) class folders.
+        controls, annotators: control maps computed with annotators (see ControlPairsDataModule).
+        batch_size, num_workers, resolution, crop, flip, val_fraction, seed: see VarDataModule.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        controls: Sequence[str] = (),
+        annotators: Mapping[str, Any] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        resolution: int | None = None,
+        crop: str = "center",
+        flip: float = 0.0,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+    ):
+        super().__init__(
+            controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed
+        )
+        self.save_settings(annotators)
+        self.root = str(root)
+        self._classes: list[str] | None = None
+
+    def _class_root(self) -> str:
+        roots = _split_roots(_check_root(self.root))
+        return roots["train"] if roots else self.root
+
+    @property
+    def class_names(self) -> list[str]:
+        if self._classes is None:
+            folder = self._class_root()
+            self._classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+            if not self._classes:
+                raise FileNotFoundError(f"data.root: no class folders in {folder}")
+        return self._classes
+
+    def _records(self, folder: str) -> list[Record]:
+        classes = {name: i for i, name in enumerate(self.class_names)}
+        found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        unknown = [d for d in found if d not in classes]
+        if unknown:
+            raise ValueError(
+                f"{folder} has class folders {unknown} missing from the train classes {list(classes)}"
+            )
+        records = []
+        for name in found:
+            files = [
+                os.path.join(dirpath, f)
+                for dirpath, _, names in sorted(os.walk(os.path.join(folder, name)))
+                for f in sorted(names)
+                if is_image_file(f)
+            ]
+            if not files:
+                raise FileNotFoundError(f"class folder {os.path.join(folder, name)} holds no image files")
+            records += [Record(image=f, label=classes[name]) for f in files]
+        return records
+
+    def scan(self) -> dict[str, list[Record]]:
+        roots = _split_roots(_check_root(self.root))
+        if roots:
+            return {split: self._records(folder) for split, folder in roots.items()}
+        return _by_fraction(self._records(self.root), self.val_fraction, self.seed, f"data.root={self.root}")
+
+
+def read_caption_list(path: str) -> list[Record]:
+    """Records of a .jsonl (one object per line) or .csv (header row) list with image, caption[, label]."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"caption list not found: {path}")
+    if path.endswith(".jsonl"):
+        rows = _jsonl_rows(path)
+    elif path.endswith(".csv"):
+        rows = _csv_rows(path)
+    else:
+        raise ValueError(f"caption list {path} must end with .jsonl or .csv")
+    base = os.path.dirname(os.path.abspath(path))
+    records = []
+    for line, row in rows:
+        where = f"{path}:{line}"
+        for key in ("image", "caption"):
+            if row.get(key) in (None, ""):
+                raise ValueError(f"{where}: missing key {key!r}")
+        image = os.path.join(base, str(row["image"]))
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"{where}: image file not found: {image}")
+        label = row.get("label")
+        try:
+            label = -1 if label in (None, "") else int(label)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: label must be an integer, got {label!r}") from None
+        records.append(Record(image=image, label=label, caption=str(row["caption"])))
+    if not records:
+        raise ValueError(f"caption list {path} has no entries")
+    return records
+
+
+def _jsonl_rows(path: str) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line}: invalid JSON: {err}") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line, row))
+    return rows
+
+
+def _csv_rows(path: str) -> list[tuple[int, dict]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [k for k in ("image", "caption") if k not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}:1: header lacks column(s) {missing}; found {reader.fieldnames}")
+        return [(reader.line_num, row) for row in reader]
+
+
+class CaptionListDataModule(FileDataModule):
+    """Images with captions (and optional integer labels) listed in .jsonl or .csv files.
+
+    Args:
+        train_list: list file of the train split (or of all data when val_list is None).
+        val_list: list file of the val split; None = hold out val_fraction of train_list.
+        controls, annotators: control maps computed with annotators (see ControlPairsDataModule).
+        batch_size, num_workers, resolution, crop, flip, val_fraction, seed: see VarDataModule.
+    """
+
+    def __init__(
+        self,
+        train_list: str,
+        val_list: str | None = None,
+        controls: Sequence[str] = (),
+        annotators: Mapping[str, Any] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        resolution: int | None = None,
+        crop: str = "center",
+        flip: float = 0.0,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+    ):
+        super().__init__(
+            controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed
+        )
+        self.save_settings(annotators)
+        self.train_list, self.val_list = str(train_list), None if val_list is None else str(val_list)
+
+    def scan(self) -> dict[str, list[Record]]:
+        records = read_caption_list(self.train_list)
+        if self.val_list is not None:
+            return {"train": records, "val": read_caption_list(self.val_list)}
+        return _by_fraction(records, self.val_fraction, self.seed, f"data.train_list={self.train_list}")
+
+    @property
+    def num_classes(self) -> int | None:
+        """1 + the largest label in the lists; None when no entry has a label."""
+        labels = [r.label for records in self.splits.values() for r in records]
+        return max(labels) + 1 if max(labels) >= 0 else None
+
+
+class ControlPairsDataModule(FileDataModule):
+    """Images with control maps beside them, matched by file stem: root/images/x.jpg + root/edges/x.png ...
+
+    A modality whose map file (or folder) is missing is computed on the fly by its annotator from the resized
+    and cropped image: canny for edges by default; depth and segmentation need `annotators` set.
+
+    Args:
+        root: a folder with `image_dir` and the map folders, or one holding train/ and val/ (and optionally
+            test/) folders laid out that way.
+        controls: the modalities to load when the model asks for "control" (edges, depth, segmentation).
+        image_dir: folder of the images inside root (or inside each split folder).
+        control_dirs: modality -> folder of its maps (default: the modality's name).
+        caption_dir: folder of <stem>.txt captions (a missing file gives the caption "").
+        annotators: modality -> annotator spec, e.g. {edges: {type: canny, low: 100, high: 200},
+            depth: {type: torchscript, path: dpt.pt}, segmentation: {type: callable, target: "pkg.mod:fn"}}.
+        batch_size, num_workers, resolution, crop, flip, val_fraction, seed: see VarDataModule.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        controls: Sequence[str] = ("edges",),
+        image_dir: str = "images",
+        control_dirs: Mapping[str, str] | None = None,
+        caption_dir: str = "captions",
+        annotators: Mapping[str, Any] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        resolution: int | None = None,
+        crop: str = "center",
+        flip: float = 0.0,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+    ):
+        super().__init__(
+            controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed
+        )
+        self.save_settings(annotators)
+        self.root, self.image_dir, self.caption_dir = str(root), str(image_dir), str(caption_dir)
+        self.control_dirs = {m: m for m in MODALITIES}
+        unknown = sorted(set(plain(control_dirs or {})) - set(MODALITIES))
+        if unknown:
+            raise ValueError(
+                f"data.control_dirs has unknown modalities {unknown}; allowed: {list(MODALITIES)}"
+            )
+        self.control_dirs.update(plain(control_dirs or {}))
+
+    def _records(self, folder: str) -> list[Record]:
+        image_dir = os.path.join(folder, self.image_dir)
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"data.image_dir: folder not found: {image_dir}")
+        maps = {m: _index_by_stem(os.path.join(folder, self.control_dirs[m])) for m in self.controls}
+        records = []
+        for image in list_images(image_dir):
+            name = stem(image)
+            caption_file = os.path.join(folder, self.caption_dir, name + ".txt")
+            caption = ""
+            if os.path.isfile(caption_file):
+                with open(caption_file, encoding="utf-8") as f:
+                    caption = f.read().strip()
+            found = {m: index[name] for m, index in maps.items() if name in index}
+            records.append(Record(image=image, caption=caption, maps=found))
+        return records
+
+    def scan(self) -> dict[str, list[Record]]:
+        roots = _split_roots(_check_root(self.root), self.image_dir)
+        if roots:
+            return {split: self._records(folder) for split, folder in roots.items()}
+        return _by_fraction(self._records(self.root), self.val_fraction, self.seed, f"data.root={self.root}")
+
+
+def _index_by_stem(folder: str) -> dict[str, str]:
+    """stem -> map file in `folder` ({} when the folder does not exist)."""
+    if not os.path.isdir(folder):
+        return {}
+    index: dict[str, str] = {}
+    for path in list_images(folder):
+        name = stem(path)
+        if name in index:
+            raise ValueError(f"two map files share the stem {name!r}: {index[name]} and {path}")
+        index[name] = path
+    return index

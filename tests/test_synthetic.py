@@ -1,0 +1,180 @@
+"""Synthetic shapes: determinism, value ranges, control maps exact w.r.t. the geometry, captions, flips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.scenes import CLASS_NAMES, COLOURS, background, shape_mask
+from datamodules.synthetic import VAL_OFFSET, SyntheticDataModule, SyntheticShapes
+
+ALL = ("image", "label", "caption", "control")
+
+
+def expected_layers(scene, resolution: int) -> np.ndarray:
+    """Layer map from the full-image inside-tests of every shape (no bounding boxes): the nearest wins."""
+    xs = (np.arange(resolution) + 0.5) / resolution
+    layers = np.zeros((resolution, resolution), dtype=np.int64)
+    for k, shape in enumerate(scene.shapes, start=1):
+        layers[shape_mask(shape, xs[None, :], xs[:, None])] = k
+    return layers
+
+
+def test_deterministic_by_seed_and_index():
+    a, b = SyntheticShapes(20, 64, seed=3), SyntheticShapes(20, 64, seed=3)
+    s1, s2 = a[7], b[7]
+    assert torch.equal(s1["image"], s2["image"]) and s1["caption"] == s2["caption"]
+    assert s1["label"] == s2["label"]
+    assert all(torch.equal(s1["control"][m], s2["control"][m]) for m in s1["control"])
+    assert not torch.equal(a[7]["image"], a[8]["image"])
+    assert not torch.equal(a[7]["image"], SyntheticShapes(20, 64, seed=4)[7]["image"])
+    # The scene does not depend on the resolution.
+    big = SyntheticShapes(20, 128, seed=3)[7]
+    assert big["label"] == s1["label"] and big["caption"] == s1["caption"]
+
+
+def test_values_and_dtypes():
+    data = SyntheticShapes(8, 48)
+    for i in range(8):
+        s = data[i]
+        assert s["image"].dtype == torch.float32 and s["image"].shape == (3, 48, 48)
+        assert s["image"].min() >= -1.0 and s["image"].max() <= 1.0
+        assert isinstance(s["label"], int) and 0 <= s["label"] < len(CLASS_NAMES)
+        edges, depth, seg = (s["control"][m] for m in ("edges", "depth", "segmentation"))
+        assert edges.dtype == torch.float32 and set(edges.unique().tolist()) <= {0.0, 1.0}
+        assert depth.dtype == torch.float32 and depth.min() == 0.0 and depth.max() == 1.0
+        assert seg.dtype == torch.int64 and seg.min() >= 0 and seg.max() <= len(CLASS_NAMES)
+        assert edges.shape == depth.shape == seg.shape == (1, 48, 48)
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 97])
+def test_maps_match_geometry(resolution):
+    data = SyntheticShapes(40, resolution, seed=1)
+    seen_occlusion = False
+    for i in range(40):
+        sample, scene = data[i], data.scene(i)
+        layers = expected_layers(scene, resolution)
+        n = len(scene.shapes)
+        depth = sample["control"]["depth"][0].numpy()
+        seg = sample["control"]["segmentation"][0].numpy()
+        edges = sample["control"]["edges"][0].numpy()
+        # depth: background 0, k-th shape from the back at k / n; the main shape (front-most) at 1.
+        np.testing.assert_array_equal(depth, (layers / n).astype(np.float32))
+        lut = np.array([0] + [1 + s.cls for s in scene.shapes])
+        np.testing.assert_array_equal(seg, lut[layers])
+        main_area = layers == n
+        assert main_area.any() and (seg[main_area] == 1 + sample["label"]).all()
+        assert scene.main.cls == sample["label"] and scene.main.radius == max(s.radius for s in scene.shapes)
+        # edges: exactly the pixels nearer than a 4-neighbour (from depth, frame border excluded).
+        d = np.pad(depth, 1, mode="edge")
+        near = np.zeros_like(depth, dtype=bool)
+        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+            near |= depth > d[dy : dy + resolution, dx : dx + resolution]
+        np.testing.assert_array_equal(edges, near.astype(np.float32))
+        assert edges.sum() > 0
+        # occlusion: where a distractor overlaps the main shape, the main shape is what is seen.
+        xs = (np.arange(resolution) + 0.5) / resolution
+        for shape in scene.shapes[:-1]:
+            overlap = shape_mask(shape, xs[None, :], xs[:, None]) & main_area
+            seen_occlusion |= bool(overlap.any())
+            assert (depth[overlap] == 1.0).all()
+    assert seen_occlusion
+
+
+def test_image_agrees_with_maps():
+    data = SyntheticShapes(10, 64, seed=2)
+    for i in range(10):
+        sample, scene = data[i], data.scene(i)
+        image = ((sample["image"] + 1) * 127.5).round().permute(1, 2, 0).numpy()
+        layers = expected_layers(scene, 64)
+        padded = np.pad(layers, 1, mode="edge")
+        # Pixels whose 3x3 neighbourhood is one region are not anti-aliased: exact colours.
+        window = np.stack([padded[y : y + 64, x : x + 64] for y in range(3) for x in range(3)])
+        flat = (window == layers).all(0)
+        main = flat & (layers == len(scene.shapes))
+        assert main.sum() > 20
+        np.testing.assert_allclose(image[main], np.broadcast_to(scene.main.rgb, image[main].shape), atol=0.5)
+        bg = flat & (layers == 0)
+        np.testing.assert_allclose(image[bg], background(scene, 64)[bg], atol=0.6)
+
+
+def test_main_shape_dominates_and_classes_balanced():
+    data = SyntheticShapes(300, 32, seed=0, keys=("image", "label"))
+    labels = [data.scene(i).main.cls for i in range(300)]
+    counts = np.bincount(labels, minlength=len(CLASS_NAMES))
+    assert counts.min() >= 15  # uniform over the 10 classes
+    fractions = []
+    for i in range(40):
+        layers = expected_layers(data.scene(i), 32)
+        fractions.append((layers == layers.max()).mean())
+    assert min(fractions) > 0.08 and np.mean(fractions) > 0.2
+
+
+def test_captions_describe_the_scene():
+    data = SyntheticShapes(30, 32, seed=5)
+    for i in range(30):
+        sample, scene = data[i], data.scene(i)
+        caption = sample["caption"]
+        main = scene.main
+        assert caption.startswith("a "), caption
+        first = caption.split(",")[0].split(" and ")[0]
+        assert f"{main.colour} {CLASS_NAMES[main.cls]}" in first, caption
+        assert main.colour in COLOURS and scene.bg_colours[0] in caption
+        assert caption.count(" a ") + 1 >= len(scene.shapes)
+        kind = {"solid": "plain", "gradient": "gradient", "stripes": "striped", "checker": "checkered"}
+        assert kind[scene.background] in caption
+
+
+def test_flip_mirrors_image_maps_and_caption():
+    plain, flipped = SyntheticShapes(30, 64, seed=6), SyntheticShapes(30, 64, seed=6, flip=1.0)
+    swapped = 0
+    for i in range(30):
+        a, b = plain[i], flipped[i]
+        assert torch.equal(b["image"], torch.flip(a["image"], dims=[-1]))
+        for m in a["control"]:
+            assert torch.equal(b["control"][m], torch.flip(a["control"][m], dims=[-1]))
+        mirror = a["caption"].replace("left", "@").replace("right", "left").replace("@", "right")
+        assert b["caption"] == mirror
+        swapped += a["caption"] != b["caption"]
+    assert swapped > 0
+
+
+def test_keys_skip_work_but_keep_the_image():
+    full = SyntheticShapes(5, 64, seed=1)
+    lean = SyntheticShapes(5, 64, seed=1, keys=("image",))
+    a, b = full[2], lean[2]
+    assert torch.equal(a["image"], b["image"]) and a["label"] == b["label"]
+    assert b["caption"] == "" and b["control"] == {}
+    only_depth = SyntheticShapes(5, 64, seed=1, controls=("depth",))[2]
+    assert list(only_depth["control"]) == ["depth"]
+    assert torch.equal(only_depth["control"]["depth"], a["control"]["depth"])
+
+
+@pytest.mark.parametrize("resolution", [32, 33, 256])
+def test_any_resolution_in_range(resolution):
+    s = SyntheticShapes(1, resolution)[0]
+    assert s["image"].shape == (3, resolution, resolution)
+    assert s["control"]["segmentation"].shape == (1, resolution, resolution)
+
+
+@pytest.mark.parametrize("resolution", [16, 31, 257, 512])
+def test_resolution_out_of_range(resolution):
+    with pytest.raises(ValueError, match=r"data\.resolution must be in \[32, 256\]"):
+        SyntheticShapes(1, resolution)
+    with pytest.raises(ValueError, match=r"data\.resolution"):
+        SyntheticDataModule(resolution=resolution)
+    dm = SyntheticDataModule()
+    with pytest.raises(ValueError, match=rf"got {resolution}"):
+        dm.connect(resolution, ALL)
+
+
+def test_train_and_val_are_disjoint():
+    dm = SyntheticDataModule(num_train=30, num_val=10, batch_size=4, resolution=32)
+    dm.setup("fit")
+    train, val = dm.dataset("train"), dm.dataset("val")
+    assert val.offset == VAL_OFFSET and train.offset == 0 and (len(train), len(val)) == (30, 10)
+    train_images = torch.stack([train[i]["image"] for i in range(30)])
+    for i in range(10):
+        assert not (train_images == val[i]["image"]).flatten(1).all(1).any()
+    assert dm.dataset("test") is val and dm.dataset("predict") is val
