@@ -103,6 +103,12 @@ def _explain_compose_error(msg: str, path: Path, overrides: list[str], known: li
 
 
 def to_container(cfg: DictConfig, path: str | Path) -> dict:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        first = missing[0]
+        raise ConfigError(
+            f"{path}: {', '.join(missing)} must be set (the file has '???'); e.g. add {first}=VALUE to the command"
+        )
     try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except Exception as e:
