@@ -1,0 +1,150 @@
+"""AdamW groups, lr scaling and schedule, and the EMA of weights (varctl/optim.py)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from varctl.optim import (
+    EMA,
+    clean_name,
+    lr_factor,
+    no_weight_decay_names,
+    param_groups,
+    scaled_lr,
+    warmup_decay_scheduler,
+)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.class_emb = nn.Embedding(11, 8)
+        self.pos_1LC = nn.Parameter(torch.zeros(1, 5, 8))
+        self.word_embed = nn.Linear(4, 8)
+        self.norm = nn.LayerNorm(8)
+        self.attn = nn.Module()
+        self.attn.scale_mul_1H11 = nn.Parameter(torch.zeros(1, 2, 1, 1))
+        self.attn.proj = nn.Linear(8, 8, bias=False)
+        self.head = nn.Linear(8, 16)
+        self.gate = nn.Parameter(torch.zeros(8))
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+
+def test_no_decay_names_cover_biases_norms_embeddings_positions():
+    names = no_weight_decay_names(Net())
+    assert names == {
+        "class_emb.weight", "pos_1LC", "word_embed.bias", "norm.weight", "norm.bias",
+        "attn.scale_mul_1H11", "head.bias", "gate",
+    }  # fmt: skip
+
+
+def test_param_groups_split_and_skip_frozen():
+    net = Net()
+    groups = param_groups(net, weight_decay=0.05)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["decay"]["weight_decay"] == 0.05 and by_name["no_decay"]["weight_decay"] == 0.0
+    ids = {id(p) for p in by_name["decay"]["params"]}
+    assert ids == {id(net.word_embed.weight), id(net.attn.proj.weight), id(net.head.weight)}
+    n_all = sum(len(g["params"]) for g in groups)
+    assert n_all == sum(p.requires_grad for p in net.parameters()) == 11
+    # names computed before wrapping still match wrapped names
+    assert (
+        clean_name("_fsdp_wrapped_module.blocks.0._fsdp_wrapped_module.attn.proj.weight")
+        == "blocks.0.attn.proj.weight"
+    )
+
+
+def test_scaled_lr():
+    assert scaled_lr(1e-4, 256) == pytest.approx(1e-4)
+    assert scaled_lr(1e-4, 16, world_size=2) == pytest.approx(1.25e-5)
+    assert scaled_lr(1e-4, 16, world_size=2, accumulate=4) == pytest.approx(5e-5)
+    assert scaled_lr(3e-4, 64, reference_batch=64) == pytest.approx(3e-4)
+
+
+def test_lr_factor_values():
+    kw = dict(warmup_steps=10, total_steps=110)
+    assert lr_factor(0, **kw) == pytest.approx(0.1)
+    assert lr_factor(4, **kw) == pytest.approx(0.5)
+    assert lr_factor(9, **kw) == pytest.approx(1.0)
+    assert lr_factor(10, **kw) == pytest.approx(1.0)
+    assert lr_factor(60, **kw) == pytest.approx(0.5)  # cosine half way
+    assert lr_factor(35, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert lr_factor(110, **kw) == pytest.approx(0.0)
+    assert lr_factor(500, **kw) == pytest.approx(0.0)
+    assert lr_factor(60, **kw, decay="linear", final_fraction=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, **kw, decay="linear", final_fraction=0.1) == pytest.approx(0.1)
+    assert lr_factor(60, **kw, decay="cosine", final_fraction=0.2) == pytest.approx(0.6)
+    assert lr_factor(80, **kw, decay="constant") == 1.0
+    assert lr_factor(0, warmup_steps=0, total_steps=10) == 1.0
+    with pytest.raises(ValueError, match="model.decay"):
+        lr_factor(0, 1, 10, decay="step")
+
+
+def test_scheduler_drives_optimizer_lr():
+    p = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=2.0)
+    sched = warmup_decay_scheduler(opt, warmup_steps=2, total_steps=6, decay="linear", final_fraction=0.0)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0, 2.0, 2.0, 1.5, 1.0, 0.5, 0.0])
+
+
+def test_ema_math_with_and_without_warmup():
+    src = nn.Linear(2, 1)
+    with torch.no_grad():
+        src.weight.fill_(0.0)
+        src.bias.fill_(0.0)
+    ema = EMA(src, decay=0.9, warmup=False)
+    for target in (1.0, 1.0, 3.0):
+        with torch.no_grad():
+            src.weight.fill_(target)
+        ema.update(src)
+    # 0 -> 0.1 -> 0.19 -> 0.9*0.19 + 0.1*3
+    assert ema.module.weight[0, 0].item() == pytest.approx(0.9 * 0.19 + 0.3)
+    assert ema.module.bias.item() == 0.0 and int(ema.num_updates) == 3
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+    warm = EMA(src, decay=0.99, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)  # (1+0)/(10+0)
+    warm.update(src)
+    assert warm.current_decay() == pytest.approx(2 / 11)
+    warm.num_updates.fill_(10_000)
+    assert warm.current_decay() == 0.99
+
+
+def test_ema_keeps_float32_and_swaps_back():
+    src = nn.Linear(3, 3).to(torch.bfloat16)
+    ema = EMA(src, decay=0.5, warmup=False)
+    assert ema.module.weight.dtype == torch.float32
+    original = src.weight.detach().clone()
+    with torch.no_grad():
+        ema.module.weight.fill_(0.25)
+    with ema.swap_into(src):
+        assert torch.all(src.weight == 0.25)
+    assert torch.equal(src.weight, original)
+
+
+def test_ema_state_roundtrip_restores_average_and_count():
+    parent = nn.Module()
+    parent.net = nn.Linear(2, 2)
+    parent.ema = EMA(parent.net, decay=0.5, warmup=False)
+    with torch.no_grad():
+        parent.net.weight.add_(1.0)
+    parent.ema.update(parent.net)
+    state = parent.state_dict()
+    assert "ema.module.weight" in state and "ema.num_updates" in state
+
+    other = nn.Module()
+    other.net = nn.Linear(2, 2)
+    other.ema = EMA(other.net, decay=0.5, warmup=False)
+    other.load_state_dict(state)
+    assert torch.equal(other.ema.module.weight, parent.ema.module.weight)
+    assert int(other.ema.num_updates) == 1
+    with pytest.raises(ValueError, match="ema_decay"):
+        EMA(parent.net, decay=1.0)

@@ -1,0 +1,382 @@
+"""The VAR training stage (varctl/lit/var.py): wiring, learning, sampling, checkpoints, EMA, precision,
+predict, DDP and FSDP2 on CPU. Tiny tokenizer (random weights, 32 px, scales 1-2-4, V=64) and tiny VARs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from datamodules.synthetic import CLASS_NAMES, SyntheticDataModule
+from varctl.lit.var import VARModule
+from varctl.models.io import split_checkpoint
+from varctl.models.var import VAR
+from varctl.models.vqvae import VQVAE, VQVAEConfig
+
+REPO = Path(__file__).resolve().parents[1]
+V = 64
+TINY_VAR = {"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2}
+TINY_TEXT = {
+    "name": "ViT-B-32",
+    "pretrained": None,
+    "model_cfg": {"embed_dim": 32, "text_cfg": {"width": 32, "heads": 2, "layers": 1, "context_length": 24}},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 2 cores shared by several jobs: more threads spin-wait and make the tiny convs ~50x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = VQVAEConfig(
+        vocab_size=V, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 4)
+    )
+    return str(VQVAE(cfg).save(tmp_path_factory.mktemp("tok") / "vae.pt"))
+
+
+def make_module(vae_file, condition="class", **kw):
+    kw.setdefault("var", TINY_VAR)
+    kw.setdefault("log_images_every_n_steps", 0)
+    if condition == "text":
+        kw.setdefault("text_encoder", TINY_TEXT)
+    return VARModule(vae_file, condition=condition, **kw)
+
+
+def make_data(module, batch_size=8, num_train=64):
+    dm = SyntheticDataModule(num_train=num_train, num_val=16, batch_size=batch_size)
+    dm.connect(**module.data_requirements())
+    return dm
+
+
+def make_trainer(tmp_path, **kw):
+    args = dict(
+        accelerator="cpu", devices=1, max_steps=2, limit_val_batches=1, val_check_interval=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=str(tmp_path), gradient_clip_val=2.0,
+    )  # fmt: skip
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+def test_config_comes_from_tokenizer_and_text_encoder(vae_file):
+    m = make_module(vae_file)
+    assert m.data_requirements() == {"resolution": 32, "keys": ("image", "label")}
+    c = m.var.config
+    assert (c.vocab_size, c.z_channels, c.patch_nums, c.L, c.cond_drop_rate) == (V, 8, (1, 2, 4), 21, 0.1)
+    assert not any(p.requires_grad for p in m.vae.parameters())
+    t = make_module(vae_file, "text", cond_drop_rate=0.2)
+    assert t.data_requirements()["keys"] == ("image", "caption")
+    tc = t.var.config
+    assert (tc.condition, tc.text_dim, tc.text_len, tc.text_pooled_dim, tc.cond_drop_rate) == (
+        "text",
+        32,
+        24,
+        32,
+        0.2,
+    )
+    torch.testing.assert_close(t.var.null_text_pooled, t.text_encoder.empty().pooled_BE)
+    with pytest.raises(ValueError, match=r"model\.var\.vocab_size=512 conflicts with model\.tokenizer"):
+        make_module(vae_file, var={**TINY_VAR, "vocab_size": 512})
+    with pytest.raises(ValueError, match=r"model\.var has unknown keys \['dept'\]"):
+        make_module(vae_file, var={"dept": 2})
+
+
+def test_num_classes_mismatch_names_the_setting(vae_file, tmp_path):
+    m = make_module(vae_file, var={**TINY_VAR, "num_classes": 5})
+    with pytest.raises(ValueError, match=r"model\.var\.num_classes=5 .* has 10 classes"):
+        make_trainer(tmp_path).fit(m, make_data(m))
+
+
+@pytest.mark.parametrize("condition", ["class", "text"])
+def test_short_fit_with_ema_logs_metrics_and_sample_grid(vae_file, tmp_path, condition):
+    torch.manual_seed(0)
+    m = make_module(
+        vae_file, condition, ema_decay=0.9, log_images_every_n_steps=1, num_sample_classes=3,
+        sample_captions=["a red circle", "a blue star"],
+    )  # fmt: skip
+    dm = make_data(m)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = make_trainer(tmp_path, logger=logger, log_every_n_steps=1)
+    trainer.fit(m, dm)
+    metrics = trainer.callback_metrics
+    # a fresh VAR predicts nearly uniformly: cross-entropy ~ ln V
+    assert abs(metrics["train/loss"].item() - math.log(V)) < 0.1
+    assert abs(metrics["val/loss"].item() - math.log(V)) < 0.1
+    assert {"train/loss_s0", "train/acc_s2", "val/loss_s2", "val/acc_s1", "train/grad_norm"} <= set(metrics)
+    # lr = 1e-4 * 8 / 256 (batch scaling); biases, norms, embeddings, positions without weight decay
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    assert groups["decay"]["initial_lr"] == pytest.approx(1e-4 * 8 / 256)
+    assert groups["decay"]["weight_decay"] == 0.05 and groups["no_decay"]["weight_decay"] == 0.0
+    no_decay = {id(p) for p in groups["no_decay"]["params"]}
+    assert id(m.var.pos_1LC) in no_decay and id(m.var.blocks[0].attn.proj.weight) not in no_decay
+    assert int(m.var_ema.num_updates) == 2
+    # the sample grid: one row per condition, one column per scale (3 scales of 32 px, 1 px padding)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logger.log_dir).Reload()
+    tag = "val/samples_text" if condition == "text" else "val/samples"
+    image = events.Images(tag)[-1]
+    rows = 2 if condition == "text" else 3
+    assert (image.width, image.height) == (3 * 33 + 1, rows * 33 + 1)
+
+
+def test_bf16_mixed_fit(vae_file, tmp_path):
+    m = make_module(vae_file, "text")
+    trainer = make_trainer(tmp_path, precision="bf16-mixed")
+    trainer.fit(m, make_data(m))
+    assert math.isfinite(trainer.callback_metrics["train/loss"].item())
+    assert (
+        all(p.dtype == torch.float32 for p in m.var.parameters())
+        and m.vae.quant_conv.weight.dtype == torch.float32
+    )
+    x = torch.randn(2, 20, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m.var(m.text_encoder(["a", "b"]), x)
+    assert logits.dtype == torch.float32  # the loss stays float32 under autocast (16-mixed loss scaling too)
+
+
+# ---------------------------------------------------------------------------------------------- learning
+@pytest.fixture(scope="module")
+def trained(vae_file, tmp_path_factory):
+    """80 steps of batch 16 on the built-in shapes, EMA on: (module, data, losses, checkpoint)."""
+    torch.manual_seed(0)
+    m = make_module(
+        vae_file, lr=2e-3, lr_scale_by_batch=False, warmup_steps=5, decay="constant", ema_decay=0.95
+    )
+    dm = make_data(m, batch_size=16, num_train=256)
+    rec = LossRecorder()
+    root = tmp_path_factory.mktemp("trained")
+    trainer = make_trainer(root, max_steps=80, limit_val_batches=0, callbacks=[rec])
+    trainer.fit(m, dm)
+    ckpt = root / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return m, dm, rec.losses, ckpt
+
+
+def test_training_loss_falls(trained):
+    _, _, losses, _ = trained
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert len(losses) == 80 and first > 3.9
+    assert last < 0.8 * first, (first, last)  # measured: ~4.11 -> ~2.7
+
+
+def _token_hist(idx: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(idx.flatten(), minlength=V).float() / idx.numel()
+
+
+def test_samples_follow_the_training_token_statistics(trained):
+    m, dm, _, _ = trained
+    val = dm.dataset("val")
+    images = torch.stack([val[i]["image"] for i in range(16)])
+    labels = torch.tensor([val[i]["label"] for i in range(16)])
+    target_BL, _ = m.tokenize(images)
+    data_hist = _token_hist(target_BL)
+
+    def sampled_hist(var):
+        tokens = []
+        out = var.eval().generate(
+            labels, cfg=1.5, seed=0, vae=m.vae, callback=lambda si, lg, idx, f: tokens.append(idx)
+        )
+        assert out.shape == (16, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+        return _token_hist(torch.cat(tokens, dim=1))
+
+    torch.manual_seed(0)
+    untrained = VAR(m.var.config)
+    tv_trained = 0.5 * (sampled_hist(m.var) - data_hist).abs().sum().item()
+    tv_untrained = 0.5 * (sampled_hist(untrained) - data_hist).abs().sum().item()
+    # total variation between token histograms; measured ~0.13 trained vs ~0.64 untrained
+    assert tv_trained < 0.3 and tv_untrained > 0.45, (tv_trained, tv_untrained)
+
+
+def test_checkpoint_rebuilds_plain_models(trained, vae_file):
+    m, _, _, ckpt = trained
+    plain = VAR.load(ckpt).eval()
+    x = torch.randn(3, 20, 8)
+    labels = torch.tensor([0, 4, 9])
+    m.var.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(labels, x), m.var(labels, x), rtol=0, atol=0)
+    obj = torch.load(ckpt, weights_only=False)
+    assert obj["varctl"]["var"]["prefix"] == "var." and obj["varctl"]["vqvae"]["prefix"] == "vae."
+    vae = VQVAE.load(ckpt)
+    ref = VQVAE.load(vae_file)
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), ref.state_dict().values()))
+    ema_sd, _ = split_checkpoint(obj, "var_ema")
+    assert all(torch.equal(v, m.var_ema.module.state_dict()[k]) for k, v in ema_sd.items())
+    assert int(obj["state_dict"]["var_ema.num_updates"]) == 80
+
+
+def test_ema_differs_and_is_what_validation_uses(trained, tmp_path):
+    m, dm, _, _ = trained
+    diff = (m.var_ema.module.head.weight - m.var.head.weight).abs().max().item()
+    assert diff > 1e-4
+    trainer = make_trainer(tmp_path, limit_val_batches=1)
+    val_loss = trainer.validate(m, dm, verbose=False)[0]["val/loss"]
+    batch = next(iter(dm.val_dataloader()))
+    target_BL, x = m.tokenize(batch["image"])
+
+    def loss_of(var):
+        with torch.no_grad():
+            logits = var.eval()(batch["label"], x)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_BL.flatten()).item()
+
+    assert val_loss == pytest.approx(loss_of(m.var_ema.module), abs=1e-5)
+    assert abs(loss_of(m.var) - val_loss) > 1e-4
+
+
+def test_resume_restores_ema_and_continues(vae_file, tmp_path):
+    torch.manual_seed(0)
+    m = make_module(vae_file, ema_decay=0.9)
+    dm = make_data(m)
+    trainer = make_trainer(tmp_path, limit_val_batches=0)
+    trainer.fit(m, dm)
+    ckpt = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    m2 = make_module(vae_file, ema_decay=0.9)
+    trainer2 = make_trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer2.fit(m2, make_data(m2), ckpt_path=str(ckpt))
+    assert trainer2.global_step == 3 and int(m2.var_ema.num_updates) == 3
+
+
+def test_text_checkpoint_leaves_out_the_text_encoder(vae_file, tmp_path):
+    m = make_module(vae_file, "text")
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(m, make_data(m))
+    ckpt = tmp_path / "text.ckpt"
+    trainer.save_checkpoint(ckpt)
+    obj = torch.load(ckpt, weights_only=False)
+    assert not any(k.startswith("text_encoder.") for k in obj["state_dict"])
+    loaded = VARModule.load_from_checkpoint(ckpt)
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.var.state_dict().values(), m.var.state_dict().values())
+    )
+    plain = VAR.load(ckpt)
+    assert plain.config.condition == "text" and torch.equal(plain.null_text_mask, m.var.null_text_mask)
+
+
+def test_predict_generates_configured_labels(vae_file, tmp_path):
+    m = make_module(vae_file, predict_labels=[0, 3], predict_num_per_condition=3, predict_seed=5)
+    dm = make_data(m, batch_size=4)
+    trainer = make_trainer(tmp_path, limit_predict_batches=3)
+    out = trainer.predict(m, dm)
+    names = [n for o in out for n in o["names"]]
+    assert names == [f"class_{CLASS_NAMES[c]}_{i}" for c in (0, 3) for i in range(3)]
+    images = torch.cat([o["images"] for o in out])
+    assert images.shape == (6, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    again = torch.cat([o["images"] for o in trainer.predict(m, dm)])
+    assert torch.equal(images, again)  # seeded
+    with pytest.warns(UserWarning, match="6 images are configured but the predict dataloader has room for 4"):
+        short = make_trainer(tmp_path, limit_predict_batches=1).predict(m, dm)
+    assert torch.equal(short[0]["images"], images[:4])
+    with pytest.raises(ValueError, match=r"model\.predict_labels holds 12"):
+        make_module(vae_file, predict_labels=[12]).predict_jobs()
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+DIST_SCRIPT = """
+import json, os, sys, torch
+torch.set_num_threads(1)
+import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+from datamodules.synthetic import SyntheticDataModule
+from varctl.lit.var import VARModule
+from varctl.models.var import VAR
+
+out, vae_path, strategy_name = sys.argv[1:4]
+torch.manual_seed(0)
+m = VARModule(vae_path, var={"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2}, lr=1e-3,
+              lr_scale_by_batch=False, ema_decay=0.9, log_images_every_n_steps=0)
+dm = SyntheticDataModule(num_train=64, num_val=16, batch_size=4)
+dm.connect(**m.data_requirements())
+strategy = "ddp" if strategy_name == "ddp" else ModelParallelStrategy(
+    data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, limit_val_batches=1,
+                    val_check_interval=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=2.0)
+trainer.fit(m, dm)
+ckpt = os.path.join(out, "model.ckpt")
+trainer.save_checkpoint(ckpt)
+x = torch.randn(2, 20, 8, generator=torch.Generator().manual_seed(1))
+labels = torch.tensor([1, 2])
+m.var.eval()
+with torch.no_grad():
+    logits = m.var(labels, x)
+full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in m.var.state_dict().items()}
+checksum = torch.stack([v.double().sum() for v in full.values() if v.is_floating_point()]).sum()
+sums = [torch.zeros((), dtype=torch.float64) for _ in range(2)]
+torch.distributed.all_gather(sums, checksum)
+trainer.strategy.barrier()
+if trainer.global_rank == 0:
+    plain = VAR.load(ckpt).eval()
+    with torch.no_grad():
+        diff = (plain(labels, x) - logits).abs().max().item()
+    sharded = type(m.var.blocks[0].attn.proj.weight).__name__ == "DTensor"
+    result = {"diff": diff, "rank_sums": [s.item() for s in sums], "sharded": sharded,
+              "val_loss": float(trainer.callback_metrics["val/loss"]),
+              "ema_updates": int(m.var_ema.num_updates)}
+    json.dump(result, open(os.path.join(out, "result.json"), "w"))
+"""
+
+
+def _run_two_processes(tmp_path, vae_file, strategy):
+    script = tmp_path / "dist_run.py"
+    script.write_text(textwrap.dedent(DIST_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), vae_file, strategy],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, vae_file):
+    result = _run_two_processes(tmp_path, vae_file, "ddp")
+    assert result["rank_sums"][0] == result["rank_sums"][1]  # replicas stay identical
+    assert result["diff"] == 0.0 and result["ema_updates"] == 3 and math.isfinite(result["val_loss"])
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_loads_into_plain_var(tmp_path, vae_file):
+    """ModelParallelStrategy + fully_shard per VAR block (gloo, 2 CPU processes): the full-state checkpoint
+    rebuilds a plain VAR whose logits equal the sharded model's."""
+    result = _run_two_processes(tmp_path, vae_file, "fsdp2")
+    assert result["sharded"] and result["diff"] == 0.0
+    assert result["rank_sums"][0] == result["rank_sums"][1] and result["ema_updates"] == 3
+
+
+def test_init_from_fine_tunes_a_saved_var(vae_file, tmp_path):
+    source = make_module(vae_file)
+    path = source.var.save(tmp_path / "var.pt")
+    m = make_module(vae_file, init_from=str(path), cond_drop_rate=0.3)
+    assert m.var.config.cond_drop_rate == 0.3 and m.var.config.depth == 2
+    assert all(torch.equal(a, b) for a, b in zip(m.var.state_dict().values(), source.var.state_dict().values()))
+    with pytest.raises(ValueError, match=r"model\.var\.depth gives depth=3, but model\.init_from=.* has depth=2"):
+        make_module(vae_file, init_from=str(path), var={**TINY_VAR, "depth": 3})
+    with pytest.raises(ValueError, match=r"model\.condition gives condition='text'"):
+        make_module(vae_file, "text", init_from=str(path))
