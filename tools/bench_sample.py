@@ -1,0 +1,146 @@
+"""Time ``VAR.generate`` at the VAR-d16 shape (random weights, official-shape VQVAE) for batch 1 and 4.
+
+With ``--official PATH_TO_VAR_GIT_DIR`` the official ``autoregressive_infer_cfg`` runs on the same weights in
+the same process, interleaved with varctl's runs (so both see the same machine load), and the ratio and the
+largest image difference are printed. The official tree is exported with ``git archive`` to a temporary
+directory; a missing ``huggingface_hub`` (only imported for a Hub mixin) is stubbed in ``sys.modules`` here.
+
+    python tools/bench_sample.py [--official /work/.mirror/FoundationVision+VAR/repo] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import torch
+
+from varctl.models.var import VAR, VARConfig
+from varctl.models.vqvae import VQVAE, VQVAEConfig
+
+
+def load_official(git_dir: str, tmp: str, vae: VQVAE, var: VAR):
+    """Build the official VQVAE and VAR from the git dir and load varctl's weights into them strictly."""
+    archive = subprocess.run(
+        ["git", "-C", git_dir, "archive", "HEAD"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+    try:
+        importlib.import_module("huggingface_hub")
+    except ImportError:  # the official VAR file imports it for VARHF only
+        stub = types.ModuleType("huggingface_hub")
+        stub.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
+        sys.modules["huggingface_hub"] = stub
+    sys.path.insert(0, tmp)
+    from models.var import VAR as OfficialVAR  # noqa: E402  (from the exported tree)
+    from models.vqvae import VQVAE as OfficialVQVAE  # noqa: E402
+
+    vc, c = vae.config, var.config
+    with contextlib.redirect_stdout(io.StringIO()):  # the constructors print their settings
+        off_vae = OfficialVQVAE(
+            vocab_size=vc.vocab_size,
+            z_channels=vc.z_channels,
+            ch=vc.ch,
+            test_mode=True,
+            share_quant_resi=vc.share_quant_resi,
+            v_patch_nums=vc.patch_nums,
+        )
+        off_var = OfficialVAR(
+            vae_local=off_vae,
+            num_classes=c.num_classes,
+            depth=c.depth,
+            embed_dim=c.C,
+            num_heads=c.heads,
+            drop_path_rate=c.drop_path,
+            norm_eps=c.norm_eps,
+            shared_aln=c.shared_aln,
+            cond_drop_rate=c.cond_drop_rate,
+            attn_l2_norm=c.attn_l2_norm,
+            patch_nums=c.patch_nums,
+            flash_if_available=False,
+            fused_if_available=False,
+        )
+    off_vae.load_state_dict(vae.state_dict(), strict=True)
+    off_var.load_state_dict(var.state_dict(), strict=True)
+    return off_var.eval()
+
+
+def timed(fn) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--official", default=None, help="git dir of FoundationVision/VAR to compare with")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size (after 1 warm-up)")
+    parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--cfg", type=float, default=1.5)
+    parser.add_argument("--top-k", type=int, default=900)
+    parser.add_argument("--top-p", type=float, default=0.96)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    vae = VQVAE(VQVAEConfig.from_name("vae_ch160v4096z32")).eval()
+    var = VAR(VARConfig.from_name(f"d{args.depth}"), vae).eval()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, VAR-d{args.depth} "
+        f"({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M), cfg={args.cfg}, top_k={args.top_k}, "
+        f"top_p={args.top_p}",
+        flush=True,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        official = load_official(args.official, tmp, vae, var) if args.official else None
+        sample = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+
+        def ours(B: int, seed: int):
+            return var.generate(torch.arange(B) * 7, seed=seed, **sample)
+
+        def theirs(B: int, seed: int):
+            with torch.no_grad():
+                return official.autoregressive_infer_cfg(
+                    B=B, label_B=torch.arange(B) * 7, g_seed=seed, **sample
+                )
+
+        timed(lambda: ours(1, 0))  # warm-up (allocator, oneDNN primitives)
+        if official is not None:
+            timed(lambda: theirs(1, 0))
+        rows = []
+        for B in args.batch_sizes:
+            t_ours, t_off, diff = [], [], 0.0
+            for r in range(args.repeats):  # interleaved, so both see the same machine load
+                t, img = timed(lambda B=B, r=r: ours(B, 100 + r))
+                t_ours.append(t)
+                if official is not None:
+                    t, img_off = timed(lambda B=B, r=r: theirs(B, 100 + r))
+                    t_off.append(t)
+                    diff = max(diff, (img - img_off).abs().max().item())
+            rows.append((B, t_ours, t_off, diff))
+            line = f"B={B}: varctl median {statistics.median(t_ours):.2f}s min {min(t_ours):.2f}s"
+            if t_off:
+                line += (
+                    f" | official median {statistics.median(t_off):.2f}s min {min(t_off):.2f}s"
+                    f" | official/varctl {statistics.median(t_off) / statistics.median(t_ours):.2f}x"
+                    f" (min/min {min(t_off) / min(t_ours):.2f}x) | max |img diff| {diff:.2e}"
+                )
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Building blocks of the VAR transformer (Tian et al., "Visual Autoregressive Modeling", 2024, section 3.3).
+
+A block is AdaLN-modulated pre-norm self-attention plus an FFN (DiT-style, with six modulation vectors
+gamma1, gamma2, scale1, scale2, shift1, shift2). Attention L2-normalises q and k per head and multiplies q by
+a learned, clamped per-head temperature. Text models add a cross-attention layer after self-attention.
+Module and parameter names equal the official ones, so official state_dicts load without conversion.
+
+Legend: B batch, L tokens in the sequence (all scales, or one scale while sampling), T text tokens,
+C width, D condition width, H heads, c head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_SCALE_MUL = math.log(100.0)  # the learned attention temperature is clamped at 100
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample in training, rescaled by 1/keep."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:g}"
+
+
+class FFN(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class KVCache:
+    """Keys and values of the scales sampled so far, preallocated to the full sequence length.
+
+    One per attention layer and per ``generate`` call; storage is allocated on the first append (so batch,
+    dtype and device follow the activations, autocast included) and written in place afterwards.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.len = 0
+        self.k = self.v = None
+        self.consts = None  # the layer's [q_bias, 0, v_bias] and q scale, built once per call
+
+    def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, l, c = k_BHlc.shape
+        if self.k is None:
+            self.k = k_BHlc.new_empty(B, H, self.max_len, c)
+            self.v = v_BHlc.new_empty(B, H, self.max_len, c)
+        end = self.len + l
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        self.k[:, :, self.len : end] = k_BHlc
+        self.v[:, :, self.len : end] = v_BHlc
+        self.len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with L2-normalised q/k, learned per-head scale and a zero k bias."""
+
+    def __init__(
+        self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, l2_norm=True
+    ):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.l2_norm = l2_norm
+        if l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))  # k needs no bias: softmax is shift-invariant
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.attn_drop = attn_drop
+
+    def constants(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The qkv bias [q_bias, 0, v_bias] and the per-head q scale (1, H, 1, 1); fixed during sampling."""
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        return bias, self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp() if self.l2_norm else None
+
+    def forward(
+        self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        if cache is None:
+            bias, q_scale = self.constants()
+        else:
+            if cache.consts is None:
+                cache.consts = self.constants()
+            bias, q_scale = cache.consts
+        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, c)
+        if self.l2_norm:
+            # F.normalize(q) * scale with one pass over q: q * (scale / |q|)
+            q = q * q_scale.div(q.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            k = F.normalize(k, dim=-1)
+        # under autocast the norms run in float32 while v is half precision; SDPA wants one dtype
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        if cache is not None:  # sampling: one whole scale per step sees itself and all earlier scales
+            k, v = cache.append(k, v)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(v.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))  # (B, L, C), heads head-major
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, l2_norm={self.l2_norm}"
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens (queries) to text tokens (keys/values) with a key padding mask.
+
+    ``proj`` is zero-initialised by ``VAR.init_weights`` so a fresh text model behaves as the class model.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+
+    def context(self, ctx_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the text tokens, (B, H, T, c) each; constant over a whole sampling call."""
+        B, T, C = ctx_BTC.shape
+        kv = self.to_kv(ctx_BTC).view(B, T, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(
+        self, x_BLC: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], bias_B11T: torch.Tensor
+    ) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        q = self.to_q(x_BLC).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, c)
+        k, v = kv
+        out = F.scaled_dot_product_attention(
+            q,
+            k.to(q.dtype),
+            v.to(q.dtype),
+            attn_mask=bias_B11T.to(q.dtype),
+            dropout_p=self.attn_drop if self.training else 0.0,
+        )
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+def key_padding_bias(mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive (B, 1, 1, T) bias from a bool mask (True = real token) and a (B, 1, 1) "has tokens" gate.
+
+    A row without any real token would give NaN in softmax: it attends to everything and is gated to zero.
+    """
+    has_any = mask_BT.any(dim=-1)
+    keep = mask_BT | ~has_any[:, None]
+    bias = torch.zeros(keep.shape, dtype=torch.float32, device=mask_BT.device).masked_fill_(~keep, -torch.inf)
+    return bias[:, None, None, :], has_any.float()[:, None, None]
+
+
+class AdaLNBlock(nn.Module):
+    """x += gamma1 * Attn(LN(x)(1+scale1)+shift1); [x += CrossAttn(LN(x), text)]; x += gamma2 * FFN(...)."""
+
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+        shared_aln: bool = False,
+        attn_l2_norm: bool = True,
+        cross_attn: bool = False,
+    ):
+        super().__init__()
+        self.C = dim
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.attn = SelfAttention(dim, num_heads, attn_drop, drop, attn_l2_norm)
+        self.ffn = FFN(dim, round(dim * mlp_ratio), drop)
+        self.ln_wo_grad = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.shared_aln = shared_aln
+        if shared_aln:  # per-block offsets added to one shared modulation
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+        if cross_attn:  # registered last so class models keep the official key order
+            self.ln_cross = nn.LayerNorm(dim, eps=norm_eps)
+            self.cross_attn = CrossAttention(dim, num_heads, attn_drop)
+        else:
+            self.cross_attn = None
+
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 6, C): gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2. ``cond`` is cond_BD, or the
+        shared (B, 1, 6, C) modulation when ``shared_aln``. Depends on the condition only, so sampling
+        computes it once per call."""
+        mod = self.ada_gss + cond if self.shared_aln else self.ada_lin(cond).view(-1, 1, 6, self.C)
+        return mod + mod.new_tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0]).view(1, 1, 6, 1)
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        if self.training and isinstance(self.drop_path, DropPath):
+            return x + self.drop_path(branch * gamma)
+        return torch.addcmul(x, branch, gamma)  # x + gamma * branch in one pass
+
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        mod_B16C: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        text: tuple | None = None,
+    ) -> torch.Tensor:
+        """``text``: (kv, bias_B11T, gate_B11) from ``CrossAttention.context`` and ``key_padding_bias``."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(
+            2
+        )  # 6 x (B, 1, C), scales hold 1 + s
+        h = torch.addcmul(shift1, self.ln_wo_grad(x_BLC), scale1)
+        x_BLC = self._residual(x_BLC, self.attn(h, attn_bias=attn_bias, cache=cache), gamma1)
+        if self.cross_attn is not None:
+            kv, bias_B11T, gate_B11 = text
+            out = self.cross_attn(self.ln_cross(x_BLC), kv, bias_B11T)
+            x_BLC = x_BLC + self.drop_path(out * gate_B11.to(out.dtype))
+        h = torch.addcmul(shift2, self.ln_wo_grad(x_BLC), scale2)
+        return self._residual(x_BLC, self.ffn(h), gamma2)
+
+
+class AdaLNHead(nn.Module):
+    """LN(x) * (1 + scale) + shift before the output Linear; scale, shift from the condition."""
+
+    def __init__(self, dim: int, cond_dim: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.C = dim
+        self.ln_wo_grad = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+
+    def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 2, C): 1 + scale, shift."""
+        mod = self.ada_lin(cond_BD).view(-1, 1, 2, self.C)
+        return mod + mod.new_tensor([1.0, 0.0]).view(1, 1, 2, 1)
+
+    def forward(self, x_BLC: torch.Tensor, mod_B12C: torch.Tensor) -> torch.Tensor:
+        scale, shift = mod_B12C.unbind(2)
+        return torch.addcmul(shift, self.ln_wo_grad(x_BLC), scale)
+
+
+class SharedAdaLin(nn.Linear):
+    """One D -> 6C modulation for all blocks (``shared_aln=True``), viewed as (B, 1, 6, C)."""
+
+    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)
