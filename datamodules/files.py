@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 from datamodules.annotators import annotate, build_annotator
 from datamodules.base import BATCH_KEYS, VarDataModule
 from datamodules.transforms import (
-    MODALITIES,
     check_controls,
+    check_modalities,
     crop_box,
     flip_decision,
     hflip,
@@ -137,9 +137,7 @@ class FileDataModule(VarDataModule):
         self.annotator_specs = plain(annotators) if annotators is not None else {}
         if not isinstance(self.annotator_specs, dict):
             raise TypeError(f"data.annotators must map modality -> annotator, got {annotators!r}")
-        unknown = sorted(set(self.annotator_specs) - set(MODALITIES))
-        if unknown:
-            raise ValueError(f"data.annotators has unknown modalities {unknown}; allowed: {list(MODALITIES)}")
+        check_modalities(self.annotator_specs, "data.annotators")
         self._splits: dict[str, list[Record]] | None = None
 
     def save_settings(self, annotators: Any) -> None:

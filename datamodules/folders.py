@@ -9,16 +9,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from datamodules.base import split_indices
 from datamodules.files import FileDataModule, Record, list_images, plain, stem
-from datamodules.transforms import MODALITIES, is_image_file
+from datamodules.transforms import MODALITIES, check_modalities, is_image_file
 
 
 def _split_roots(root: str, inner: str = "") -> dict[str, str] | None:
-    """{"train": root/train, "val": root/val[, "test": root/test]} when root/train/<inner> exists."""
+    """{"train": root/train, "val": root/val[, "test": root/test]} when root/train/<inner> exists, else None;
+    a missing root is an error."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.root: directory not found: {root}")
     if not os.path.isdir(os.path.join(root, "train", inner)):
         return None
     if not os.path.isdir(os.path.join(root, "val", inner)):
@@ -34,10 +37,19 @@ def _by_fraction(records: list[Record], val_fraction: float, seed: int, what: st
     return {"train": [records[i] for i in train], "val": [records[i] for i in val]}
 
 
-def _check_root(root: str) -> str:
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"data.root: directory not found: {root}")
-    return root
+def _scan_root(
+    root: str, records_of: Callable[[str], list[Record]], val_fraction: float, seed: int, inner: str = ""
+) -> dict[str, list[Record]]:
+    """The records of root/train, root/val (and root/test) when root has split folders, else of root split
+    by `val_fraction`; `records_of(folder)` reads one folder."""
+    roots = _split_roots(root, inner)
+    if roots:
+        return {split: records_of(folder) for split, folder in roots.items()}
+    return _by_fraction(records_of(root), val_fraction, seed, f"data.root={root}")
+
+
+def _subfolders(folder: str) -> list[str]:
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
 
 
 class ClassFolderDataModule(FileDataModule):
@@ -69,22 +81,20 @@ class ClassFolderDataModule(FileDataModule):
         self.root = str(root)
         self._classes: list[str] | None = None
 
-    def _class_root(self) -> str:
-        roots = _split_roots(_check_root(self.root))
-        return roots["train"] if roots else self.root
-
     @property
     def class_names(self) -> list[str]:
+        """The class folders of root/train, or of root when it has no split folders."""
         if self._classes is None:
-            folder = self._class_root()
-            self._classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+            roots = _split_roots(self.root)
+            folder = roots["train"] if roots else self.root
+            self._classes = _subfolders(folder)
             if not self._classes:
                 raise FileNotFoundError(f"data.root: no class folders in {folder}")
         return self._classes
 
     def _records(self, folder: str) -> list[Record]:
         classes = {name: i for i, name in enumerate(self.class_names)}
-        found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        found = _subfolders(folder)
         unknown = [d for d in found if d not in classes]
         if unknown:
             raise ValueError(
@@ -104,10 +114,7 @@ class ClassFolderDataModule(FileDataModule):
         return records
 
     def scan(self) -> dict[str, list[Record]]:
-        roots = _split_roots(_check_root(self.root))
-        if roots:
-            return {split: self._records(folder) for split, folder in roots.items()}
-        return _by_fraction(self._records(self.root), self.val_fraction, self.seed, f"data.root={self.root}")
+        return _scan_root(self.root, self._records, self.val_fraction, self.seed)
 
 
 def read_caption_list(path: str) -> list[Record]:
@@ -249,11 +256,7 @@ class ControlPairsDataModule(FileDataModule):
         self.save_settings(annotators)
         self.root, self.image_dir, self.caption_dir = str(root), str(image_dir), str(caption_dir)
         self.control_dirs = {m: m for m in MODALITIES}
-        unknown = sorted(set(plain(control_dirs or {})) - set(MODALITIES))
-        if unknown:
-            raise ValueError(
-                f"data.control_dirs has unknown modalities {unknown}; allowed: {list(MODALITIES)}"
-            )
+        check_modalities(plain(control_dirs or {}), "data.control_dirs")
         self.control_dirs.update(plain(control_dirs or {}))
 
     def _records(self, folder: str) -> list[Record]:
@@ -274,10 +277,7 @@ class ControlPairsDataModule(FileDataModule):
         return records
 
     def scan(self) -> dict[str, list[Record]]:
-        roots = _split_roots(_check_root(self.root), self.image_dir)
-        if roots:
-            return {split: self._records(folder) for split, folder in roots.items()}
-        return _by_fraction(self._records(self.root), self.val_fraction, self.seed, f"data.root={self.root}")
+        return _scan_root(self.root, self._records, self.val_fraction, self.seed, inner=self.image_dir)
 
 
 def _index_by_stem(folder: str) -> dict[str, str]:

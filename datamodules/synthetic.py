@@ -70,6 +70,19 @@ def _visible_fraction(shape: Shape, front: Sequence[Shape], grid: int = 12) -> f
     return float((own & ~hidden).sum()) / max(int(own.sum()), 1)
 
 
+def _random_shape(rng: np.random.Generator, colour: str, radius: float, margin: float) -> Shape:
+    """A shape of random class, jittered colour, position (centre at least `margin` inside) and rotation."""
+    return Shape(
+        cls=int(rng.integers(len(CLASS_NAMES))),
+        colour=colour,
+        rgb=_jitter(rng, colour),
+        cx=float(rng.uniform(margin, 1.0 - margin)),
+        cy=float(rng.uniform(margin, 1.0 - margin)),
+        radius=radius,
+        angle=float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)),
+    )
+
+
 def sample_scene(rng: np.random.Generator, max_distractors: int = 2) -> Scene:
     """Draw a background, one main shape and 0..max_distractors smaller shapes behind it."""
     kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
@@ -78,30 +91,14 @@ def sample_scene(rng: np.random.Generator, max_distractors: int = 2) -> Scene:
     shape_colours = [c for c in COLOUR_NAMES if c not in (main_colour, bg0, bg1)]
 
     radius = float(rng.uniform(*MAIN_RADIUS))
-    lo, hi = 0.7 * radius, 1.0 - 0.7 * radius  # up to 30 % of the half-extent may leave the frame
-    main = Shape(
-        cls=int(rng.integers(len(CLASS_NAMES))),
-        colour=main_colour,
-        rgb=_jitter(rng, main_colour),
-        cx=float(rng.uniform(lo, hi)),
-        cy=float(rng.uniform(lo, hi)),
-        radius=radius,
-        angle=float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)),
-    )
+    margin = 0.7 * radius  # up to 30 % of the half-extent may leave the frame
+    main = _random_shape(rng, main_colour, radius, margin)
     front_to_back = [main]
     for _ in range(int(rng.integers(max_distractors + 1))):
         for _attempt in range(8):
             r = float(rng.uniform(*DISTRACTOR_RADIUS))
             colour = shape_colours[int(rng.integers(len(shape_colours)))]
-            candidate = Shape(
-                cls=int(rng.integers(len(CLASS_NAMES))),
-                colour=colour,
-                rgb=_jitter(rng, colour),
-                cx=float(rng.uniform(r, 1.0 - r)),
-                cy=float(rng.uniform(r, 1.0 - r)),
-                radius=r,
-                angle=float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)),
-            )
+            candidate = _random_shape(rng, colour, r, r)
             if _visible_fraction(candidate, front_to_back) >= MIN_VISIBLE:
                 front_to_back.append(candidate)  # each new distractor goes behind the previous ones
                 break

@@ -8,7 +8,7 @@ still lands on the same region. Segmentation and edges are resized with NEAREST,
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,12 +27,17 @@ def check_controls(controls: Sequence[str]) -> tuple[str, ...]:
     if isinstance(controls, str):
         raise TypeError(f"data.controls must be a list of modalities, got the string {controls!r}")
     controls = tuple(str(m) for m in controls)
-    unknown = [m for m in controls if m not in MODALITIES]
-    if unknown:
-        raise ValueError(f"data.controls has unknown modalities {unknown}; allowed: {list(MODALITIES)}")
+    check_modalities(controls, "data.controls")
     if len(set(controls)) != len(controls):
         raise ValueError(f"data.controls lists a modality twice: {list(controls)}")
     return controls
+
+
+def check_modalities(names: Iterable[str], key: str) -> None:
+    """Raise when config key `key` names something other than a modality."""
+    unknown = sorted(set(names) - set(MODALITIES))
+    if unknown:
+        raise ValueError(f"{key} has unknown modalities {unknown}; allowed: {list(MODALITIES)}")
 
 
 def is_image_file(name: str) -> bool:

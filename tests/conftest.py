@@ -1,4 +1,5 @@
-"""Test setup: no network for weights, GPU tests skip themselves without CUDA."""
+"""Test setup: no network for weights, GPU tests skip themselves without CUDA; fixtures shared by the model
+tests (one intra-op thread, the tiny official VQVAE and VAR with their golden tensors)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import PATCH_NUMS, REFERENCE, TINY  # noqa: E402, F401
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+from varctl.models import VAR, VQVAE  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,3 +21,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a
+    busy 2-core machine, more OpenMP threads spin-wait and make small convs 30-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, torch.Tensor]:
+    """The official code's tensors for the tiny models (reference README.md, "Contents of golden.pt")."""
+    return torch.load(os.path.join(TINY, "golden.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def vae() -> VQVAE:
+    """The tiny official VQVAE (V=256, Cvae=16, scales 1-2-3-4), in eval mode."""
+    return VQVAE.from_official(os.path.join(TINY, "vqvae.pt"), patch_nums=PATCH_NUMS).eval()
+
+
+@pytest.fixture(scope="module")
+def var(vae) -> VAR:
+    """The tiny official class VAR (depth 2, 10 classes) with ``vae`` attached, in eval mode."""
+    return VAR.from_official(os.path.join(TINY, "var.pt"), vae).eval()

@@ -8,31 +8,15 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from helpers import PATCH_NUMS, TINY
 
 from varctl.models import VAR, VARConfig
 from varctl.models.sampling import filter_logits, guidance_schedule
 from varctl.models.var import TextCondition
 from varctl.models.vqvae import VQVAE, VQVAEConfig
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
-TINY = os.path.join(REFERENCE, "var_tiny")
-PATCH_NUMS = (1, 2, 3, 4)
 TEXT = dict(condition="text", text_dim=24, text_len=6, text_pooled_dim=20)
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return torch.load(os.path.join(TINY, "golden.pt"), weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return VQVAE.from_official(os.path.join(TINY, "vqvae.pt"), patch_nums=PATCH_NUMS).eval()
-
-
-@pytest.fixture(scope="module")
-def var(vae):
-    return VAR.from_official(os.path.join(TINY, "var.pt"), vae).eval()
+# golden, vae (tiny official VQVAE) and var (tiny official VAR): fixtures of conftest.py
 
 
 def _perturbed(model: VAR, seed: int = 0) -> VAR:
@@ -285,6 +269,39 @@ def test_save_load_round_trips(var, vae, golden, tmp_path):
             assert torch.equal(loaded(labels, x), expected), name
     with pytest.raises(ValueError, match="class_emb"):
         VAR._from_state_dict(dict(var.state_dict()), VARConfig.from_name("tiny", **TEXT), "<test>", None)
+
+
+def test_load_ema_weights(var, vae, golden, tmp_path):
+    """``load(ema=True)`` reads the EMA entry of a varctl Lightning checkpoint (as varctl/lit/var.py writes
+    it), ``ema=False`` the trained weights; files without EMA weights are an error naming the file."""
+    ema = _perturbed(VAR.from_official(os.path.join(TINY, "var.pt"), vae), seed=1).eval()  # stand-in average
+    config = asdict(var.config)
+    ckpt = {
+        "state_dict": {f"var.{k}": v for k, v in var.state_dict().items()}
+        | {f"var_ema.module.{k}": v for k, v in ema.state_dict().items()},
+        "varctl": {
+            "var": {"config": config, "prefix": "var."},
+            "var_ema": {"config": config, "prefix": "var_ema.module."},
+        },
+    }
+    torch.save(ckpt, tmp_path / "ema.ckpt")
+    x, labels = golden["x_BLCv_wo_first_l"], golden["labels"]
+    trained = VAR.load(tmp_path / "ema.ckpt", vae=vae).eval()
+    averaged = VAR.load(tmp_path / "ema.ckpt", vae=vae, ema=True).eval()
+    assert averaged.config == var.config and averaged.vae is vae
+    for k, v in ema.state_dict().items():
+        assert torch.equal(averaged.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(trained(labels, x), var(labels, x))
+        assert torch.equal(averaged(labels, x), ema(labels, x))
+        assert (averaged(labels, x) - trained(labels, x)).abs().max() > 1e-3
+    del ckpt["varctl"]["var_ema"]
+    torch.save(ckpt, tmp_path / "no_ema.ckpt")
+    with pytest.raises(ValueError, match=r"no_ema\.ckpt: no EMA weights.*\['var'\]"):
+        VAR.load(tmp_path / "no_ema.ckpt", ema=True)
+    var.save(tmp_path / "var.pt")
+    with pytest.raises(ValueError, match=r"var\.pt: no EMA weights"):
+        VAR.load(tmp_path / "var.pt", ema=True)
 
 
 def test_text_model_round_trip(vae, tmp_path):

@@ -31,13 +31,7 @@ TINY_TEXT = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 cores shared by several jobs: more threads spin-wait and make the tiny convs ~50x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny convs are far faster on 1 thread
 
 
 @pytest.fixture(scope="module")
@@ -375,8 +369,12 @@ def test_init_from_fine_tunes_a_saved_var(vae_file, tmp_path):
     path = source.var.save(tmp_path / "var.pt")
     m = make_module(vae_file, init_from=str(path), cond_drop_rate=0.3)
     assert m.var.config.cond_drop_rate == 0.3 and m.var.config.depth == 2
-    assert all(torch.equal(a, b) for a, b in zip(m.var.state_dict().values(), source.var.state_dict().values()))
-    with pytest.raises(ValueError, match=r"model\.var\.depth gives depth=3, but model\.init_from=.* has depth=2"):
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.var.state_dict().values(), source.var.state_dict().values())
+    )
+    with pytest.raises(
+        ValueError, match=r"model\.var\.depth gives depth=3, but model\.init_from=.* has depth=2"
+    ):
         make_module(vae_file, init_from=str(path), var={**TINY_VAR, "depth": 3})
     with pytest.raises(ValueError, match=r"model\.condition gives condition='text'"):
         make_module(vae_file, "text", init_from=str(path))

@@ -11,14 +11,11 @@ import os
 
 import pytest
 import torch
+from helpers import PATCH_NUMS, REFERENCE, TINY
 
 from varctl.models.var import VAR, VARConfig, config_from_state_dict
-from varctl.models.vqvae import VQVAE
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
-TINY = os.path.join(REFERENCE, "var_tiny")
 LAYOUT = os.path.join(REFERENCE, "var_official_layout")
-PATCH_NUMS = (1, 2, 3, 4)
 TOL_LOGITS, TOL_FHAT, TOL_IMG = 1e-5, 1e-5, 1e-4
 
 # runs of autoregressive_infer_cfg recorded with g_seed=1234 (README "Contents of golden.pt")
@@ -34,20 +31,7 @@ RNG_ORDER_RUNS = {
     "ar_smooth": dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=True),
 }
 
-
-@pytest.fixture(scope="module")
-def golden():
-    return torch.load(os.path.join(TINY, "golden.pt"), weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return VQVAE.from_official(os.path.join(TINY, "vqvae.pt"), patch_nums=PATCH_NUMS).eval()
-
-
-@pytest.fixture(scope="module")
-def var(vae):
-    return VAR.from_official(os.path.join(TINY, "var.pt"), vae, patch_nums=PATCH_NUMS).eval()
+# golden, vae (tiny official VQVAE) and var (tiny official VAR): fixtures of conftest.py
 
 
 def _layout(path: str) -> list[tuple[str, list[int], str]]:

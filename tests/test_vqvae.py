@@ -21,13 +21,7 @@ MICRO = dict(
 )  # 8 px
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convs on a busy 2-core machine are far faster with one OpenMP thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small convs are far faster on 1 thread
 
 
 def micro(seed: int = 0, **overrides) -> VQVAE:

@@ -8,32 +8,27 @@ which the tolerances below (1e-5 latents, 1e-4 images, exact indices) leave room
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import PATCH_NUMS, REFERENCE
 
 from varctl.models import VQVAE, VQVAEConfig
 from varctl.models.vqvae import OFFICIAL_10, config_from_state_dict
 
-REF = Path(os.environ.get("VARCTL_REFERENCE", "/work/shared/reference"))
-pytestmark = pytest.mark.skipif(not (REF / "var_tiny").is_dir(), reason=f"golden reference data not at {REF}")
+REF = Path(REFERENCE)
+# One intra-op thread (conftest.py): 2 OpenMP threads make these small convs ~30x slower on a busy 2-core
+# machine. The golden data used 2 threads; 1 thread moves results by < 5e-7 (latents) and < 2e-5 (images).
+pytestmark = [
+    pytest.mark.skipif(not (REF / "var_tiny").is_dir(), reason=f"golden reference data not at {REF}"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 LATENT_TOL, IMAGE_TOL = 1e-5, 1e-4
-GOLDEN = {"golden.pt": (1, 2, 3, 4), "golden_vqvae_10scales.pt": OFFICIAL_10}
+GOLDEN = {"golden.pt": PATCH_NUMS, "golden_vqvae_10scales.pt": OFFICIAL_10}
 AR_RUNS = ["ar_greedy", "ar_greedy_cfg0", "ar_greedy_cfg4", "ar_sampled"]  # ar_smooth uses soft embeddings
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, 2 OpenMP threads make these small convs ~30x slower.
-    The golden data used 2 threads; 1 thread moves results by < 5e-7 (latents) and < 2e-5 (images)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -115,11 +110,9 @@ def test_phi_map_10_scales():
 
 @pytest.mark.parametrize("run", AR_RUNS)
 @torch.no_grad()
-def test_ar_step_teacher_forced(tiny_state_dict, run):
+def test_ar_step_teacher_forced(vae, golden, run):
     """Feeding the recorded sampled tokens through ar_step reproduces the recorded f_hat after every scale."""
-    vae = VQVAE(VQVAEConfig.from_name("tiny")).eval()
-    vae.load_state_dict(tiny_state_dict)
-    g = torch.load(REF / "var_tiny" / "golden.pt", map_location="cpu", weights_only=True)
+    g = golden
     pns = vae.patch_nums
     B, C = g["images"].shape[0], vae.z_channels
     f_hat = torch.zeros(B, C, pns[-1], pns[-1])
@@ -137,11 +130,9 @@ def test_ar_step_teacher_forced(tiny_state_dict, run):
 
 @pytest.mark.parametrize("run", AR_RUNS + ["ar_smooth"])
 @torch.no_grad()
-def test_sampled_images_decode_from_recorded_fhat(tiny_state_dict, run):
-    vae = VQVAE(VQVAEConfig.from_name("tiny")).eval()
-    vae.load_state_dict(tiny_state_dict)
-    g = torch.load(REF / "var_tiny" / "golden.pt", map_location="cpu", weights_only=True)
-    assert max_err(vae.fhat_to_img(g[f"{run}_fhat"][-1]).add(1).div(2), g[f"{run}_img"]) < IMAGE_TOL
+def test_sampled_images_decode_from_recorded_fhat(vae, golden, run):
+    img = vae.fhat_to_img(golden[f"{run}_fhat"][-1]).add(1).div(2)
+    assert max_err(img, golden[f"{run}_img"]) < IMAGE_TOL
 
 
 def _official_layout() -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,26 +11,19 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
+from varctl.models.io import atomic_path
+
 
 def save_png(image_CHW: torch.Tensor, path: str | os.PathLike) -> Path:
     """Save a float image in [0, 1] as an 8-bit PNG, atomically (temporary file + rename)."""
     if image_CHW.ndim != 3 or image_CHW.shape[0] not in (1, 3):
         raise ValueError(f"save_png: expected an image tensor (1|3, H, W), found {tuple(image_CHW.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = (image_CHW.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     array = array.permute(1, 2, 0).numpy()  # (H, W, C)
     img = Image.fromarray(array[..., 0] if array.shape[2] == 1 else np.ascontiguousarray(array))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
 
 
 class ImageWriter(BasePredictionWriter):
@@ -41,11 +33,13 @@ class ImageWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
         if not isinstance(prediction, dict) or "images" not in prediction:
             raise TypeError(
-                f"{type(pl_module).__name__}.predict_step must return a dict with 'images' (B,3,H,W) in [0,1] and "
-                f"'names'; found {type(prediction).__name__}"
+                f"{type(pl_module).__name__}.predict_step must return a dict with 'images' (B,3,H,W) in "
+                f"[0,1] and 'names'; found {type(prediction).__name__}"
             )
         images = prediction["images"]
         names = prediction.get("names") or [f"{i:03d}" for i in range(len(images))]

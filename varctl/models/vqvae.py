@@ -10,11 +10,10 @@ scale, L all tokens, S scales, V vocabulary.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from varctl.models import io
 from varctl.models.quantizer import MultiScaleQuantizer
+from varctl.models.scale_config import ScaleConfig
 from varctl.models.vae_blocks import GROUPS, Decoder, Encoder
 
 OFFICIAL_10 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px
@@ -31,7 +31,7 @@ KIND = "vqvae"
 
 
 @dataclass
-class VQVAEConfig:
+class VQVAEConfig(ScaleConfig):
     """Hyper-parameters of the VQVAE; defaults are the official ``vae_ch160v4096z32`` tokenizer."""
 
     vocab_size: int = 4096
@@ -77,22 +77,9 @@ class VQVAEConfig:
                 "odd",
                 self.quant_conv_ks,
             ),
-            (
-                len(self.patch_nums) >= 1 and min(self.patch_nums) >= 1,
-                "patch_nums",
-                "non-empty, >= 1",
-                self.patch_nums,
-            ),
-            (
-                all(a < b for a, b in zip(self.patch_nums, self.patch_nums[1:])),
-                "patch_nums",
-                "strictly increasing (small to large)",
-                self.patch_nums,
-            ),
+            *self.schedule_checks(),
         ]
-        for ok, key, expected, found in checks:
-            if not ok:
-                raise ValueError(f"VQVAEConfig.{key} must be {expected}, found {found!r}")
+        self.raise_failed(checks)
 
     @property
     def downsample(self) -> int:
@@ -106,39 +93,11 @@ class VQVAEConfig:
     def resolution(self) -> int:
         return self.patch_nums[-1] * self.downsample
 
-    @property
-    def num_scales(self) -> int:
-        return len(self.patch_nums)
-
-    @property
-    def L(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
-
-    @property
-    def first_l(self) -> int:
-        return self.patch_nums[0] ** 2
-
-    @property
-    def begin_ends(self) -> list[tuple[int, int]]:
-        """[begin, end) of each scale in the token sequence."""
-        out, cur = [], 0
-        for pn in self.patch_nums:
-            out.append((cur, cur + pn * pn))
-            cur += pn * pn
-        return out
-
     @classmethod
     def from_name(cls, name: str, **overrides) -> VQVAEConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown VQVAE preset {name!r}; known: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, config: dict, source: str = "<dict>") -> VQVAEConfig:
-        unknown = sorted(set(config) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown VQVAEConfig keys {unknown}")
-        return cls(**config)
 
 
 PRESETS: dict[str, dict] = {
@@ -284,24 +243,18 @@ class VQVAE(nn.Module):
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
         """Write a self-describing varctl model file (config + state_dict) atomically."""
-        return io.atomic_save(io.model_file(KIND, asdict(self.config), self.state_dict()), path)
+        return io.save_model(KIND, asdict(self.config), self.state_dict(), path)
 
     def export_safetensors(self, path: str | os.PathLike) -> Path:
         """Weights as safetensors, with the config as JSON in the metadata."""
-        meta = {"format": io.FORMAT, "kind": KIND, "config": json.dumps(asdict(self.config))}
-        return io.save_safetensors(self.state_dict(), path, metadata=meta)
+        return io.export_safetensors(KIND, asdict(self.config), self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VQVAE:
         """Load a varctl model file, a varctl Lightning checkpoint, an official state_dict or a safetensors
         export; files without a config are read as official files (configuration from the shapes)."""
-        path = Path(path)
-        source = str(path)
-        obj = io.load_file(path, map_location=map_location)
-        if path.suffix == ".safetensors":
-            state_dict, config = obj, _safetensors_config(path)
-        else:
-            state_dict, config = io.split_checkpoint(obj, KIND, source)
+        source = str(Path(path))
+        state_dict, config = io.read_model(path, KIND, map_location)
         if config is None:
             return cls._from_state_dict(
                 state_dict, config_from_state_dict(state_dict, OFFICIAL_10, source), source
@@ -318,11 +271,7 @@ class VQVAE(nn.Module):
             path_or_state_dict: a ``.pth`` path or a state_dict; loaded with ``strict=True``.
             patch_nums: the scale schedule to use (not stored in official files).
         """
-        if isinstance(path_or_state_dict, dict):
-            source, state_dict = "<state_dict>", path_or_state_dict
-        else:
-            source = str(path_or_state_dict)
-            state_dict, _ = io.split_checkpoint(io.load_file(path_or_state_dict), KIND, source)
+        state_dict, source = io.official_state_dict(path_or_state_dict, KIND)
         return cls._from_state_dict(
             state_dict, config_from_state_dict(state_dict, patch_nums, source), source
         )
@@ -342,7 +291,8 @@ class VQVAE(nn.Module):
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
                 f"{source}: state_dict does not fit the VQVAE built from it; missing keys "
-                f"{_short(result.missing_keys)}, unexpected keys {_short(result.unexpected_keys)}"
+                f"{io.short_keys(result.missing_keys)}, "
+                f"unexpected keys {io.short_keys(result.unexpected_keys)}"
             )
         return model
 
@@ -387,19 +337,3 @@ def config_from_state_dict(
         quant_conv_ks=state_dict["quant_conv.weight"].shape[-1] if "quant_conv.weight" in state_dict else 3,
         **phi,
     )
-
-
-def _safetensors_config(path: Path) -> dict | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        return None
-    if meta.get("kind", KIND) != KIND:
-        raise ValueError(f"{path}: a varctl '{meta.get('kind')}' safetensors file, expected a '{KIND}' file")
-    return json.loads(meta["config"])
-
-
-def _short(keys: list[str], n: int = 8) -> str:
-    return str(keys[:n])[:-1] + (f", ... ({len(keys)} in all)]" if len(keys) > n else "]")

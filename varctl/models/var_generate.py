@@ -1,0 +1,183 @@
+"""Sampling from VAR: next-scale prediction with a KV cache and classifier-free guidance (Tian et al.,
+"Visual Autoregressive Modeling", 2024, sec. 4; the official ``autoregressive_infer_cfg``).
+
+``GenerateMixin`` gives the VAR module its ``generate``; it uses the module's embeddings, blocks and head
+(``VAR`` in var.py) and keeps the network file free of the sampling loop, as ``GenerationMixin`` does in
+Hugging Face transformers.
+
+Legend: B batch, l tokens of one scale, C width, D condition width, V vocabulary, Cv = Cvae code channels,
+K scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from varctl.models.sampling import (
+    check_sampling_args,
+    filter_logits,
+    guidance_schedule,
+    make_generator,
+    per_scale,
+    sample_tokens,
+    smooth_embedding,
+)
+from varctl.models.transformer import KVCache
+from varctl.models.var_config import TextCondition, check_vae_fits
+
+
+class GenerateMixin:
+    """``generate`` and its helpers for ``VAR``."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        cond,
+        *,
+        batch_size: int | None = None,
+        cfg=1.5,
+        cfg_schedule: str = "linear",
+        top_k=0,
+        top_p=0.0,
+        temperature=1.0,
+        more_smooth: bool = False,
+        seed: int | None = None,
+        return_intermediates: bool = False,
+        vae: nn.Module | None = None,
+        callback=None,
+    ):
+        """Sample images scale by scale with a KV cache and classifier-free guidance.
+
+        The KV caches and the random generator belong to this call only (nothing is stored on the module), so
+        an interrupted call leaves no state behind and concurrent calls do not interfere.
+
+        Args:
+            cond: labels (B,) LongTensor, an int label for ``batch_size`` samples (< 0: unconditional), or a
+                TextCondition for text models.
+            cfg: guidance strength; mixed logits are (1 + t) * cond - t * uncond with t from
+                ``cfg_schedule`` ("linear": t = cfg * k / (K - 1), the official; "constant": t = cfg), or a
+                list with t for each of the K scales.
+            top_k, top_p, temperature: scalars or per-scale lists; top_k 0 and top_p 0 switch them off.
+            more_smooth: use a Gumbel-softmax mix of code vectors instead of the sampled code (official
+                visualisation trick).
+            seed: seeds this call's own generator (the global RNG is neither used nor changed); None: random.
+            return_intermediates: also return the K images decoded from f_hat after each scale.
+            vae: the VQVAE to decode with; default the attached one.
+            callback: called as ``callback(si, logits_BlV, idx_Bl, f_hat_BChw)`` after each scale with the
+                guided logits (before temperature and filtering), the sampled tokens and the running f_hat.
+        Returns:
+            images (B, 3, H, W) in [0, 1], and the list of per-scale images if ``return_intermediates``.
+        """
+        vae = self._sampling_vae(vae)
+        c = self.config
+        K = c.num_scales
+        ts = guidance_schedule(cfg, cfg_schedule, K)
+        top_ks, top_ps = per_scale(top_k, K, "top_k"), per_scale(top_p, K, "top_p")
+        temps = per_scale(temperature, K, "temperature")
+        check_sampling_args(top_ks, top_ps, temps)
+        cond, B = self._sampling_condition(cond, batch_size)
+        guided = any(t != 0 for t in ts)  # without guidance the null half is never needed
+        if guided:
+            null = self.null_condition(B)
+            cond = cond.cat(null) if isinstance(cond, TextCondition) else torch.cat((cond, null))
+        device = self.lvl_1L.device
+        generator = make_generator(device, seed)
+
+        # everything that depends only on the condition is computed once per call, not once per scale
+        cond_BD, text = self._embed_condition(cond, drop=False)
+        shared = self.shared_ada_lin(cond_BD)
+        mods = [block.modulation(shared) for block in self.blocks]
+        head_mod = self.head_nm.modulation(cond_BD)
+        texts = [None if text is None else (b.cross_attn.context(text[0]), *text[1:]) for b in self.blocks]
+        caches = [KVCache(c.L) for _ in self.blocks]
+        lvl_pos = self._lvl_pos()
+        codebook_VC = vae.quantize.embedding.weight
+        B2 = cond_BD.shape[0]
+        x_BlC = (
+            cond_BD.unsqueeze(1).expand(B2, c.first_l, -1)
+            + self.pos_start.expand(B2, -1, -1)
+            + lvl_pos[:, : c.first_l]
+        )
+        f_hat = codebook_VC.new_zeros(B, c.z_channels, c.patch_nums[-1], c.patch_nums[-1])
+        intermediates = []
+        for si, pn in enumerate(c.patch_nums):
+            ratio = si / (K - 1) if K > 1 else 0.0
+            for block, mod, cache, block_text in zip(self.blocks, mods, caches, texts):
+                x_BlC = block(x_BlC, mod, cache=cache, text=block_text)
+            logits_BlV = self._guided_logits(x_BlC, head_mod, ts[si], B, guided)
+            sample_logits = logits_BlV if temps[si] == 1 else logits_BlV / temps[si]
+            sample_logits = filter_logits(sample_logits, int(top_ks[si]), float(top_ps[si]))
+            idx_Bl = sample_tokens(sample_logits, generator)
+            if more_smooth:  # after the tokens, same generator, filtered logits: as the official sampler
+                h_BlCv = smooth_embedding(sample_logits, codebook_VC, ratio, generator)
+            else:
+                h_BlCv = F.embedding(idx_Bl, codebook_VC)
+            h_BChw = h_BlCv.transpose(1, 2).reshape(B, c.z_channels, pn, pn)
+            f_hat, next_BChw = vae.ar_step(si, f_hat, h_BChw)
+            if callback is not None:
+                callback(si, logits_BlV, idx_Bl, f_hat)
+            if si == K - 1:
+                break
+            if return_intermediates:
+                intermediates.append(vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5))
+            begin, end = c.begin_ends[si + 1]
+            next_BlCv = next_BChw.reshape(B, c.z_channels, -1).transpose(1, 2)  # (B, l, Cv)
+            x_BlC = self.word_embed(next_BlCv.to(self.word_embed.weight.dtype)) + lvl_pos[:, begin:end]
+            if guided:
+                x_BlC = torch.cat((x_BlC, x_BlC))  # the null half sees the same tokens
+        images = vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5)
+        if return_intermediates:
+            return images, intermediates + [images]
+        return images
+
+    def _sampling_condition(self, cond, batch_size: int | None):
+        cfg, device = self.config, self.lvl_1L.device
+        if isinstance(cond, TextCondition):
+            self._require_text("a TextCondition")
+            B = cond.batch_size
+        elif cfg.condition == "text":
+            raise TypeError(f"a text VAR samples from a TextCondition, found {type(cond).__name__}")
+        elif isinstance(cond, int):
+            if batch_size is None:
+                raise ValueError("generate(cond=<int>) needs batch_size=")
+            label = cfg.num_classes if cond < 0 else cond  # < 0: unconditional (the null class)
+            cond = torch.full((batch_size,), label, dtype=torch.long, device=device)
+        elif isinstance(cond, torch.Tensor) and cond.dim() == 1 and not cond.is_floating_point():
+            cond = cond.to(device=device, dtype=torch.long)
+        else:
+            raise TypeError(
+                f"cond must be labels (1-D LongTensor), an int or a TextCondition, found {cond!r}"
+            )
+        if isinstance(cond, torch.Tensor):
+            B = cond.shape[0]
+            if B and not (0 <= int(cond.min()) and int(cond.max()) <= cfg.num_classes):
+                raise ValueError(f"labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null class)")
+        if batch_size is not None and batch_size != B:
+            raise ValueError(f"batch_size={batch_size} but the condition holds {B} samples")
+        return cond.to(device) if isinstance(cond, TextCondition) else cond, B
+
+    def _guided_logits(
+        self, x_BlC: torch.Tensor, head_mod: torch.Tensor, t: float, B: int, guided: bool
+    ) -> torch.Tensor:
+        """(1 + t) * cond - t * uncond logits of one scale, (B, l, V) float32.
+
+        The head's Linear is affine, so the mix is taken on its input: one head matmul for B rows, not 2B;
+        with t = 0 the null half skips the head altogether.
+        """
+        if not guided or t == 0:
+            return self._head(x_BlC[:B], head_mod[:B])
+        dtype = self.head.weight.dtype
+        h_BlC = self.head_nm(x_BlC.to(dtype), head_mod).to(dtype)
+        mixed = (1 + t) * h_BlC[:B] - t * h_BlC[B:]
+        return self.head(mixed).float()
+
+    def _sampling_vae(self, vae: nn.Module | None) -> nn.Module:
+        if vae is None:
+            if self.vae is None:
+                raise RuntimeError("generate needs a VQVAE: pass vae= or call var.attach_vae(vae) first")
+            return self.vae
+        if vae is not self.vae:
+            check_vae_fits(self.config, vae)
+        return vae
