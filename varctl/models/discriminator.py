@@ -39,7 +39,11 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, layers + 1):
             c_out = channels * min(2**n, 8)
             stride = 2 if n < layers else 1  # the last widening conv keeps the size (pix2pix layout)
-            blocks += [nn.Conv2d(c_in, c_out, 4, stride, 1, bias=False), _norm(c_out), nn.LeakyReLU(0.2, True)]
+            blocks += [
+                nn.Conv2d(c_in, c_out, 4, stride, 1, bias=False),
+                _norm(c_out),
+                nn.LeakyReLU(0.2, True),
+            ]
             c_in = c_out
         blocks.append(nn.Conv2d(c_in, 1, 4, 1, 1))
         self.main = nn.Sequential(*blocks)
