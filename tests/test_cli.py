@@ -52,7 +52,12 @@ def toy_conf(tmp_path: Path) -> Path:
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "varctl", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+        [sys.executable, "-m", "varctl", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
@@ -97,7 +102,9 @@ def test_misspelled_key_in_file_and_wrong_type(toy_conf, capsys):
 
 
 def test_print_config_applies_overrides(toy_conf, capsys):
-    assert main(["fit", "-c", str(toy_conf), "--print-config", "trainer.max_steps=5", "data.batch_size=2"]) == 0
+    assert (
+        main(["fit", "-c", str(toy_conf), "--print-config", "trainer.max_steps=5", "data.batch_size=2"]) == 0
+    )
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["trainer"]["max_steps"] == 5 and cfg["data"]["batch_size"] == 2
     assert cfg["trainer"]["_target_"] == "lightning.Trainer" and cfg["model"]["lr"] == 0.5

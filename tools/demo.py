@@ -24,18 +24,25 @@ def stage(command: str, file: str, overrides: list[str]):
     data = validate(compose(path, overrides), path)
     start = time.perf_counter()
     trainer = run(command, data, path)
-    print(f"[demo] {command} {file}: {time.perf_counter() - start:.0f} s, run directory {trainer.log_dir}", flush=True)
+    print(
+        f"[demo] {command} {file}: {time.perf_counter() - start:.0f} s, run directory {trainer.log_dir}",
+        flush=True,
+    )
     return trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokenizer-steps", type=int, default=1500)
     parser.add_argument("--var-steps", type=int, default=1500)
     parser.add_argument("--root", default="runs", help="where the run directories go")
     args = parser.parse_args()
 
-    tok = stage("fit", "tokenizer.yaml", [f"trainer.max_steps={args.tokenizer_steps}", f"run.root={args.root}"])
+    tok = stage(
+        "fit", "tokenizer.yaml", [f"trainer.max_steps={args.tokenizer_steps}", f"run.root={args.root}"]
+    )
     tokenizer = tok.checkpoint_callback.last_model_path
     var_overrides = [f"model.tokenizer={tokenizer}", f"run.root={args.root}"]
     var = stage("fit", "var.yaml", [f"trainer.max_steps={args.var_steps}", *var_overrides])

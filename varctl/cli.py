@@ -43,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=text,
             description=f"{name}: {text}.",
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=OVERRIDE_HELP + f"\nexample: python -m varctl {name} -c conf/var.yaml trainer.max_steps=100",
+            epilog=OVERRIDE_HELP
+            + f"\nexample: python -m varctl {name} -c conf/var.yaml trainer.max_steps=100",
         )
-        p.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML file in conf/, e.g. conf/var.yaml")
+        p.add_argument(
+            "-c", "--config", required=True, metavar="FILE", help="YAML file in conf/, e.g. conf/var.yaml"
+        )
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style overrides")
     return parser
@@ -84,8 +87,8 @@ def _run_dir(command: str, data: dict) -> tuple[str, str, str]:
     if run.get("version") and command == "fit" and not ckpt and not launched_child:
         if (Path(root) / name / version / "checkpoints").exists():
             raise ConfigError(
-                f"run.version={version}: {Path(root) / name / version} already holds checkpoints; resume it with "
-                f"ckpt_path=<that run>/checkpoints/last.ckpt, or pick another run.version"
+                f"run.version={version}: {Path(root) / name / version} already holds checkpoints; "
+                f"resume it with ckpt_path=<that run>/checkpoints/last.ckpt, or pick another run.version"
             )
     if version is None and ckpt and Path(ckpt).parent.name == "checkpoints":
         run_dir = Path(ckpt).resolve().parent.parent
@@ -109,7 +112,7 @@ def _fresh(path: Path) -> Path:
 
 
 def run(command: str, data: dict, config_file: str | Path):
-    """Instantiate data, model and trainer from a validated config dict and run ``command``; returns the trainer."""
+    """Build data, model and trainer from a validated config and run ``command``; returns the trainer."""
     previous = os.environ.get(RUN_VERSION_ENV)
     try:
         return _run(command, data, config_file)
@@ -141,10 +144,14 @@ def _run(command: str, data: dict, config_file: str | Path):
     datamodule = instantiate(data["data"], _convert_="all")
     model = instantiate(data["model"], _convert_="all")
     if not hasattr(model, "data_requirements") or not hasattr(datamodule, "connect"):
-        raise ConfigError(f"{config_file}: model must define data_requirements() and data must define connect()")
+        raise ConfigError(
+            f"{config_file}: model must define data_requirements() and data must define connect()"
+        )
     datamodule.connect(**model.data_requirements())
 
-    callbacks = [instantiate(node, _convert_="all") for node in (data.get("callbacks") or {}).values() if node]
+    callbacks = [
+        instantiate(node, _convert_="all") for node in (data.get("callbacks") or {}).values() if node
+    ]
     out_dir = _fresh(log_dir / "predictions")
     if command == "predict":
         callbacks.append(ImageWriter(out_dir))
@@ -153,7 +160,10 @@ def _run(command: str, data: dict, config_file: str | Path):
     if trainer.is_global_zero:
         log_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(_fresh(log_dir / f"config_{command}.yaml"), as_yaml(data))
-        print(f"varctl {command}: run directory {log_dir}  (tensorboard --logdir {Path(root) / name})", flush=True)
+        print(
+            f"varctl {command}: run directory {log_dir}  (tensorboard --logdir {Path(root) / name})",
+            flush=True,
+        )
 
     if command == "fit":
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)

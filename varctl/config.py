@@ -54,7 +54,9 @@ def compose(config_file: str | Path, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"overrides must look like key=value (Hydra syntax); got {bad} for {path}")
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base="1.3", job_name="varctl"):
+        with initialize_config_dir(
+            config_dir=str(path.parent.resolve()), version_base="1.3", job_name="varctl"
+        ):
             cfg = hydra_compose(config_name=path.stem, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain_compose_error(str(e), path, overrides, _known_keys(path))) from None
@@ -71,7 +73,9 @@ def _known_keys(path: Path) -> list[str]:
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base="1.3", job_name="varctl"):
+        with initialize_config_dir(
+            config_dir=str(path.parent.resolve()), version_base="1.3", job_name="varctl"
+        ):
             data = OmegaConf.to_container(hydra_compose(config_name=path.stem), resolve=False)
     except Exception:
         return []
@@ -107,7 +111,8 @@ def to_container(cfg: DictConfig, path: str | Path) -> dict:
     if missing:
         first = missing[0]
         raise ConfigError(
-            f"{path}: {', '.join(missing)} must be set (the file has '???'); e.g. add {first}=VALUE to the command"
+            f"{path}: {', '.join(missing)} must be set (the file has '???'); "
+            f"e.g. add {first}=VALUE to the command"
         )
     try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
@@ -135,7 +140,9 @@ def validate(cfg: DictConfig | dict, path: str | Path) -> dict:
         raise ConfigError(f"{path}: ckpt_path = {data['ckpt_path']!r}: expected a path string")
     callbacks = data.get("callbacks") or {}
     if not isinstance(callbacks, dict):
-        raise ConfigError(f"{path}: callbacks must be a mapping name -> {{_target_: ...}}, found {callbacks!r}")
+        raise ConfigError(
+            f"{path}: callbacks must be a mapping name -> {{_target_: ...}}, found {callbacks!r}"
+        )
     _walk(data, "", path)
     return data
 
@@ -180,8 +187,8 @@ def _check_target(node: dict, where: str, path: str | Path) -> None:
         expected = hints.get(key)
         if expected is not None and not _fits(value, expected):
             raise ConfigError(
-                f"{path}: {where}.{key} = {value!r} ({type(value).__name__}): expected {_type_name(expected)} "
-                f"(argument '{key}' of {node['_target_']})"
+                f"{path}: {where}.{key} = {value!r} ({type(value).__name__}): "
+                f"expected {_type_name(expected)} (argument '{key}' of {node['_target_']})"
             )
     missing = [
         k
