@@ -61,10 +61,20 @@ def test_config_presets_and_derived_values():
     assert VQVAEConfig(patch_nums=[1, 2], ch_mult=[1, 2]).patch_nums == (1, 2)  # YAML/JSON lists
 
 
+def test_norm_groups_reach_every_group_norm():
+    vae = VQVAE(VQVAEConfig.from_name("cpu_small"))
+    groups = {m.num_groups for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {8}
+    official = VQVAE(VQVAEConfig.from_name("tiny"))
+    assert {m.num_groups for m in official.modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(ch=48), "VQVAEConfig.ch must be a positive multiple of 32"),
+        (dict(ch=48), "VQVAEConfig.ch must be a positive multiple of norm_groups=32"),
+        (dict(ch=36, norm_groups=8), "multiple of norm_groups=8"),
+        (dict(norm_groups=0), "norm_groups"),
         (dict(patch_nums=(1, 3, 2)), "strictly increasing"),
         (dict(patch_nums=()), "patch_nums"),
         (dict(ch_mult=()), "ch_mult"),

@@ -16,22 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUPS = 32  # GroupNorm groups: every channel count must be a multiple of this
+GROUPS = 32  # official GroupNorm groups; every channel count must be a multiple of the groups used
 GN_EPS = 1e-6
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUPS, channels, eps=GN_EPS, affine=True)
+def group_norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=GN_EPS, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """norm -> SiLU -> conv3x3 -> norm -> SiLU -> (dropout) -> conv3x3, plus a (1x1 when needed) skip."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = GROUPS):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -49,9 +49,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions; q, k, v from one 1x1 conv (channels [q; k; v])."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = GROUPS):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -94,7 +94,9 @@ class Level(nn.Module):
         channels = blocks[-1].conv2.out_channels
         self.block = nn.ModuleList(blocks)
         # present but empty without attention, as in the official layout
-        self.attn = nn.ModuleList(AttnBlock(channels) for _ in blocks) if attention else nn.ModuleList()
+        groups = blocks[-1].norm2.num_groups
+        attn = [AttnBlock(channels, groups) for _ in blocks] if attention else []
+        self.attn = nn.ModuleList(attn)
         self.resample_name = None
         if resample is not None:
             self.add_module(name, resample)  # "downsample" or "upsample": the official key
@@ -113,11 +115,11 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     """res -> attention -> res at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = GROUPS):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -127,7 +129,13 @@ class Encoder(nn.Module):
     """(B, 3, H, W) image -> (B, z_channels, H / 2^(levels-1), W / 2^(levels-1)) latent."""
 
     def __init__(
-        self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float = 0.0
+        self,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        groups: int = GROUPS,
     ):
         super().__init__()
         n = len(ch_mult)
@@ -135,7 +143,9 @@ class Encoder(nn.Module):
         levels, c_in = [], ch
         for i, mult in enumerate(ch_mult):
             c_out = ch * mult
-            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out, dropout) for j in range(num_res_blocks)]
+            blocks = [
+                ResnetBlock(c_in if j == 0 else c_out, c_out, dropout, groups) for j in range(num_res_blocks)
+            ]
             last = i == n - 1
             levels.append(
                 Level(
@@ -144,8 +154,8 @@ class Encoder(nn.Module):
             )
             c_in = c_out
         self.down = nn.ModuleList(levels)
-        self.mid = MidBlock(c_in, dropout)
-        self.norm_out = group_norm(c_in)
+        self.mid = MidBlock(c_in, dropout, groups)
+        self.norm_out = group_norm(c_in, groups)
         self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,27 +173,34 @@ class Decoder(nn.Module):
     """
 
     def __init__(
-        self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float = 0.0
+        self,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        groups: int = GROUPS,
     ):
         super().__init__()
         n = len(ch_mult)
         c_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
-        self.mid = MidBlock(c_in, dropout)
+        self.mid = MidBlock(c_in, dropout, groups)
         levels = [None] * n
         for i in reversed(
             range(n)
         ):  # built from the lowest resolution up: each level's input is the one below
             c_out = ch * ch_mult[i]
             blocks = [
-                ResnetBlock(c_in if j == 0 else c_out, c_out, dropout) for j in range(num_res_blocks + 1)
+                ResnetBlock(c_in if j == 0 else c_out, c_out, dropout, groups)
+                for j in range(num_res_blocks + 1)
             ]
             levels[i] = Level(
                 blocks, attention=i == n - 1, resample=Upsample2x(c_out) if i else None, name="upsample"
             )
             c_in = c_out
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(c_in)
+        self.norm_out = group_norm(c_in, groups)
         self.conv_out = nn.Conv2d(c_in, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

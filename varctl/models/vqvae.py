@@ -23,7 +23,7 @@ from torch import nn
 from varctl.models import io
 from varctl.models.quantizer import MultiScaleQuantizer
 from varctl.models.scale_config import ScaleConfig
-from varctl.models.vae_blocks import GROUPS, Decoder, Encoder
+from varctl.models.vae_blocks import Decoder, Encoder
 
 OFFICIAL_10 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px
 OFFICIAL_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 512 px (VAR-d36-512)
@@ -47,6 +47,7 @@ class VQVAEConfig(ScaleConfig):
     patch_nums: tuple[int, ...] = OFFICIAL_10
     using_znorm: bool = False  # cosine instead of L2 nearest neighbour
     quant_conv_ks: int = 3
+    norm_groups: int = 32  # GroupNorm groups (official 32); fewer keep colour statistics in narrow CPU models
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -55,9 +56,9 @@ class VQVAEConfig(ScaleConfig):
             (self.vocab_size >= 1, "vocab_size", ">= 1", self.vocab_size),
             (self.z_channels >= 1, "z_channels", ">= 1", self.z_channels),
             (
-                self.ch > 0 and self.ch % GROUPS == 0,
+                self.norm_groups >= 1 and self.ch > 0 and self.ch % self.norm_groups == 0,
                 "ch",
-                f"a positive multiple of {GROUPS} (GroupNorm)",
+                f"a positive multiple of norm_groups={self.norm_groups} (GroupNorm)",
                 self.ch,
             ),
             (
@@ -111,6 +112,7 @@ PRESETS: dict[str, dict] = {
         "ch": 32,
         "ch_mult": (1, 1, 2, 2),
         "num_res_blocks": 1,
+        "norm_groups": 8,  # 32 groups of 1 channel would normalise away each image's colours
         "patch_nums": (1, 2, 3, 4, 6, 8),
     },
 }
@@ -130,6 +132,7 @@ class VQVAE(nn.Module):
         super().__init__()
         self.config = config = config or VQVAEConfig()
         blocks = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks)
+        blocks["groups"] = config.norm_groups
         self.encoder = Encoder(**blocks, z_channels=config.z_channels, dropout=config.dropout)
         self.decoder = Decoder(**blocks, z_channels=config.z_channels, dropout=config.dropout)
         self.quantize = MultiScaleQuantizer(
