@@ -8,6 +8,7 @@ but every batch still carries all four keys (empty defaults) so each stage sees 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import lightning as L
@@ -20,7 +21,7 @@ from datamodules.transforms import CROPS, collate
 BATCH_KEYS = ("image", "label", "caption", "control")
 
 
-class VarDataModule(L.LightningDataModule):
+class VarDataModule(L.LightningDataModule, ABC):
     """Shared settings, `connect`, split bookkeeping and dataloaders; subclasses build the datasets.
 
     Args:
@@ -106,9 +107,9 @@ class VarDataModule(L.LightningDataModule):
         return None
 
     # --- datasets ------------------------------------------------------------------------------------------
+    @abstractmethod
     def build_datasets(self) -> dict[str, Dataset]:
         """{"train": ..., "val": ...} (optionally "test", "predict") for self.resolution and self.keys."""
-        raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         if self.resolution is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,9 +149,9 @@ class FileDataModule(VarDataModule):
         frame = inspect.currentframe().f_back
         self.save_hyperparameters(logger=False, ignore=["annotators"] if objects else None, frame=frame)
 
+    @abstractmethod
     def scan(self) -> dict[str, list[Record]]:
         """Find the records of each split ("train", "val", optionally "test")."""
-        raise NotImplementedError
 
     @property
     def splits(self) -> dict[str, list[Record]]:
