@@ -83,9 +83,14 @@ def _random_shape(rng: np.random.Generator, colour: str, radius: float, margin: 
     )
 
 
-def sample_scene(rng: np.random.Generator, max_distractors: int = 2) -> Scene:
-    """Draw a background, one main shape and 0..max_distractors smaller shapes behind it."""
-    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+def sample_scene(
+    rng: np.random.Generator, max_distractors: int = 2, backgrounds: Sequence[str] = BACKGROUNDS
+) -> Scene:
+    """Draw a background (one of `backgrounds`), a main shape and 0..max_distractors smaller shapes behind it.
+
+    With every background kind allowed, the draws are those of earlier versions (same scenes per seed).
+    """
+    kind = backgrounds[int(rng.integers(len(backgrounds)))]
     order = rng.permutation(len(COLOUR_NAMES))
     main_colour, bg0, bg1 = (COLOUR_NAMES[i] for i in order[:3])
     shape_colours = [c for c in COLOUR_NAMES if c not in (main_colour, bg0, bg1)]
@@ -146,6 +151,20 @@ def caption_of(scene: Scene) -> str:
     return f"{shapes} {_BG_PHRASE[scene.background].format(*scene.bg_colours, article)}"
 
 
+def check_backgrounds(backgrounds: Sequence[str]) -> tuple[str, ...]:
+    """Validate `data.backgrounds`: a non-empty list of known kinds, order kept (it fixes the draws)."""
+    if isinstance(backgrounds, str):
+        backgrounds = [backgrounds]
+    kinds = tuple(str(b) for b in backgrounds)
+    unknown = [b for b in kinds if b not in BACKGROUNDS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise ValueError(
+            f"data.backgrounds must be a non-empty list of distinct kinds from {list(BACKGROUNDS)}, "
+            f"got {list(kinds)}"
+        )
+    return kinds
+
+
 class SyntheticShapes(Dataset):
     """Map-style dataset of `num` procedural scenes; sample i is scene (seed, offset + i)."""
 
@@ -159,6 +178,7 @@ class SyntheticShapes(Dataset):
         controls: Sequence[str] = MODALITIES,
         keys: Sequence[str] = BATCH_KEYS,
         flip: float = 0.0,
+        backgrounds: Sequence[str] = BACKGROUNDS,
     ):
         if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
             raise ValueError(
@@ -169,6 +189,7 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"data.seed must be >= 0, got seed={seed} (offset={offset})")
         self.num, self.resolution, self.seed, self.offset = int(num), int(resolution), int(seed), int(offset)
         self.max_distractors = int(max_distractors)
+        self.backgrounds = check_backgrounds(backgrounds)
         self.controls = check_controls(controls) if "control" in keys else ()
         self.with_caption = "caption" in keys
         self.flip = float(flip)
@@ -178,7 +199,7 @@ class SyntheticShapes(Dataset):
 
     def scene(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, self.offset + int(index)])
-        return sample_scene(rng, self.max_distractors)
+        return sample_scene(rng, self.max_distractors, self.backgrounds)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num:
@@ -212,6 +233,8 @@ class SyntheticDataModule(VarDataModule):
         num_val: number of val scenes (indices VAL_OFFSET + i, disjoint from train); also test and predict.
         controls: control maps produced when the model asks for "control" (edges, depth, segmentation).
         max_distractors: at most this many small shapes behind the main one (0..max_distractors, uniform).
+        backgrounds: background kinds to draw from (solid, gradient, stripes, checker); e.g. [solid] with
+            max_distractors 0 gives the simplest images (one shape on a plain colour).
         batch_size, num_workers, resolution, flip, seed: see VarDataModule (resolution in [32, 256]).
     """
 
@@ -221,6 +244,7 @@ class SyntheticDataModule(VarDataModule):
         num_val: int = 256,
         controls: Sequence[str] = MODALITIES,
         max_distractors: int = 2,
+        backgrounds: Sequence[str] = BACKGROUNDS,
         batch_size: int = 16,
         num_workers: int = 0,
         resolution: int | None = None,
@@ -242,6 +266,7 @@ class SyntheticDataModule(VarDataModule):
         self.num_train, self.num_val = int(num_train), int(num_val)
         self.controls = check_controls(controls)
         self.max_distractors = int(max_distractors)
+        self.backgrounds = check_backgrounds(backgrounds)
 
     def check_resolution(self, resolution: int) -> None:
         if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
@@ -259,6 +284,7 @@ class SyntheticDataModule(VarDataModule):
             resolution=self.resolution,
             seed=self.seed,
             max_distractors=self.max_distractors,
+            backgrounds=self.backgrounds,
             controls=self.controls,
             keys=self.keys,
         )

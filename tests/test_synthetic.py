@@ -178,3 +178,44 @@ def test_train_and_val_are_disjoint():
     for i in range(10):
         assert not (train_images == val[i]["image"]).flatten(1).all(1).any()
     assert dm.dataset("test") is val and dm.dataset("predict") is val
+
+
+def test_backgrounds_and_distractors_restrict_the_scenes():
+    simple = SyntheticShapes(
+        40, 32, backgrounds=["solid"], max_distractors=0, keys=("image", "label", "control")
+    )
+    labels = set()
+    for i in range(40):
+        scene = simple.scene(i)
+        assert scene.background == "solid" and len(scene.shapes) == 1
+        sample = simple[i]
+        labels.add(sample["label"])
+        # outside the shape (and away from its anti-aliased rim) every pixel is the one background colour
+        outside = sample["control"]["depth"][0] == 0
+        rim = torch.nn.functional.max_pool2d((~outside).float()[None], 3, 1, 1)[0] > 0
+        bg = sample["image"][:, outside & ~rim]
+        expected = torch.tensor(scene.bg_rgb[0], dtype=torch.float32) / 127.5 - 1.0
+        assert torch.allclose(bg, expected[:, None].expand_as(bg), atol=1 / 127.5)
+    assert len(labels) >= 8  # still every class (40 draws of 10)
+    two = SyntheticShapes(60, 32, backgrounds=["stripes", "checker"])
+    assert {two.scene(i).background for i in range(60)} == {"stripes", "checker"}
+    default = SyntheticShapes(200, 32)
+    assert {default.scene(i).background for i in range(200)} == {"solid", "gradient", "stripes", "checker"}
+
+
+@pytest.mark.parametrize("bad", [[], ["plain"], ["solid", "solid"]])
+def test_bad_backgrounds_name_the_setting(bad):
+    with pytest.raises(ValueError, match=r"data\.backgrounds must be a non-empty list of distinct kinds"):
+        SyntheticDataModule(backgrounds=bad)
+    with pytest.raises(ValueError, match=r"data\.backgrounds"):
+        SyntheticShapes(1, 32, backgrounds=bad)
+
+
+def test_datamodule_passes_backgrounds_to_every_split():
+    dm = SyntheticDataModule(
+        num_train=8, num_val=8, batch_size=4, resolution=32, backgrounds=["checker"], max_distractors=0
+    )
+    dm.setup("fit")
+    for split in ("train", "val"):
+        data = dm.dataset(split)
+        assert all(data.scene(i).background == "checker" and len(data.scene(i).shapes) == 1 for i in range(8))
