@@ -53,6 +53,16 @@ def test_top_level_config_instantiates(name, tokenizer_file):
     assert callbacks
 
 
+def test_stages_train_on_the_same_scenes():
+    """A VAR must see the scenes its tokenizer was trained on: the demo configs agree on the data options."""
+    keys = ("_target_", "backgrounds", "max_distractors", "num_train", "seed")
+    datas = {n: compose(CONF / n, [])["data"] for n in TOP_LEVEL}
+    assert {n: tuple(str(d[k]) for k in keys) for n, d in datas.items()} == {
+        n: tuple(str(datas["tokenizer.yaml"][k]) for k in keys) for n in datas
+    }
+    assert list(datas["var.yaml"]["backgrounds"]) == ["solid"] and datas["var.yaml"]["max_distractors"] == 0
+
+
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "trainer").glob("*.yaml")))
 def test_trainer_options_validate(option):
     data = validate(compose(CONF / "tokenizer.yaml", [f"trainer={option}"]), "tokenizer.yaml")

@@ -1,18 +1,22 @@
 """The main job on the built-in dataset, end to end on a CPU: tokenizer -> class-conditional VAR -> samples.
 
-    python tools/demo.py [--tokenizer-steps N] [--var-steps N] [--root runs]
+    python tools/demo.py [--tokenizer-steps N] [--var-steps N] [--root runs] [--no-score]
 
-Each stage is the same as ``python -m varctl fit -c conf/....yaml``; the VAR stage gets the tokenizer's last
-checkpoint as ``model.tokenizer``, and ``predict`` writes sample PNGs under the VAR run directory.
-(The control stage does not exist yet: this runs the most complete stages available.)
+Each stage is the same as ``python -m varctl fit -c conf/....yaml`` (step counts from the config unless
+given); the VAR stage gets the tokenizer's last checkpoint as ``model.tokenizer``, ``predict`` writes sample
+PNGs under the VAR run directory, and ``tools/score_samples.py`` then reports how often a sample shows the
+class it was generated for. (The control stage does not exist yet: this runs the stages available.)
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from varctl.callbacks import ImageWriter
 from varctl.cli import run
 from varctl.config import compose, validate
 
@@ -35,19 +39,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tokenizer-steps", type=int, default=1500)
-    parser.add_argument("--var-steps", type=int, default=1500)
+    parser.add_argument("--tokenizer-steps", type=int, default=None, help="default: conf/tokenizer.yaml")
+    parser.add_argument("--var-steps", type=int, default=None, help="default: conf/var.yaml")
     parser.add_argument("--root", default="runs", help="where the run directories go")
+    parser.add_argument("--no-score", action="store_true", help="skip scoring the samples")
     args = parser.parse_args()
 
-    tok = stage(
-        "fit", "tokenizer.yaml", [f"trainer.max_steps={args.tokenizer_steps}", f"run.root={args.root}"]
-    )
+    def steps(n: int | None) -> list[str]:
+        return [] if n is None else [f"trainer.max_steps={n}"]
+
+    tok = stage("fit", "tokenizer.yaml", [*steps(args.tokenizer_steps), f"run.root={args.root}"])
     tokenizer = tok.checkpoint_callback.last_model_path
     var_overrides = [f"model.tokenizer={tokenizer}", f"run.root={args.root}"]
-    var = stage("fit", "var.yaml", [f"trainer.max_steps={args.var_steps}", *var_overrides])
+    var = stage("fit", "var.yaml", [*steps(args.var_steps), *var_overrides])
     last = var.checkpoint_callback.last_model_path
-    stage("predict", "var.yaml", [f"ckpt_path={last}", *var_overrides])
+    pred = stage("predict", "var.yaml", [f"ckpt_path={last}", *var_overrides])
+    if not args.no_score:
+        out = next(c.output_dir for c in pred.callbacks if isinstance(c, ImageWriter))
+        cache = Path(args.root) / "classifiers"
+        tool = Path(__file__).with_name("score_samples.py")
+        subprocess.run([sys.executable, str(tool), str(out), "--cache", str(cache)], check=True)
     print(f"[demo] done: tensorboard --logdir {args.root}", flush=True)
 
 

@@ -55,7 +55,14 @@ def load_pngs(pred_dir: Path) -> tuple[torch.Tensor, list[str]]:
 
 
 def get_classifier(
-    resolution: int, backgrounds, max_distractors: int, seed: int, steps: int, num_train: int, cache: Path
+    resolution: int,
+    backgrounds,
+    max_distractors: int,
+    seed: int,
+    steps: int,
+    num_train: int,
+    cache: Path,
+    colour_invariant: bool = True,
 ):
     meta = {
         "resolution": resolution,
@@ -64,9 +71,12 @@ def get_classifier(
         "seed": seed,
         "steps": steps,
         "num_train": num_train,
-        "classifier": "SmallClassifier/v1",  # bump when the classifier or its recipe changes
+        "classifier": "SmallClassifier/v2",  # bump when the classifier or its recipe changes
+        "colour_invariant": colour_invariant,
     }
-    tag = f"shapes_{resolution}px_{'-'.join(backgrounds)}_d{max_distractors}_s{seed}_{steps}x{num_train}.pt"
+    data = f"{resolution}px_{'-'.join(backgrounds)}_d{max_distractors}"
+    judge = "" if colour_invariant else "_colour"
+    tag = f"shapes_{data}_s{seed}_{steps}x{num_train}{judge}.pt"
     path = cache / tag
     model = load_classifier(path, meta)
     if model is not None:
@@ -78,7 +88,13 @@ def get_classifier(
         keys=("image", "label"),
     )  # fmt: skip  # seed + 1: other scenes than the generator was trained on
     model = train_classifier(
-        train, len(CLASS_NAMES), steps=steps, num_images=num_train, seed=seed, log_every=max(steps // 5, 1)
+        train,
+        len(CLASS_NAMES),
+        steps=steps,
+        num_images=num_train,
+        seed=seed,
+        colour_invariant=colour_invariant,
+        log_every=max(steps // 5, 1),
     )
     save_classifier(model, path, meta)
     print(f"[score] trained classifier in {time.perf_counter() - start:.0f} s -> {path}", flush=True)
@@ -95,9 +111,14 @@ def main() -> None:
     parser.add_argument(
         "--tokenizer", default=None, help="also score tokenizer reconstructions of val images"
     )
-    parser.add_argument("--steps", type=int, default=600, help="classifier training steps (batch 64)")
+    parser.add_argument("--steps", type=int, default=1500, help="classifier training steps (batch 64)")
     parser.add_argument("--num-train", type=int, default=4000, help="real images the classifier sees")
     parser.add_argument("--num-val", type=int, default=512, help="real validation images to score")
+    parser.add_argument(
+        "--colour-sensitive",
+        action="store_true",
+        help="train the judge without colour jitter (learns faster, but then a sample's colours count too)",
+    )
     parser.add_argument("--cache", type=Path, default=Path("runs/classifiers"))
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -116,7 +137,14 @@ def main() -> None:
           f"max_distractors={max_distractors}", flush=True)  # fmt: skip
 
     clf = get_classifier(
-        resolution, backgrounds, int(max_distractors), 0, args.steps, args.num_train, args.cache
+        resolution,
+        backgrounds,
+        int(max_distractors),
+        0,
+        args.steps,
+        args.num_train,
+        args.cache,
+        colour_invariant=not args.colour_sensitive,
     )
     val = SyntheticShapes(args.num_val, resolution, offset=VAL_OFFSET, max_distractors=int(max_distractors),
                           backgrounds=backgrounds, keys=("image", "label"))  # fmt: skip

@@ -51,6 +51,18 @@ def _stack(dataset: Dataset, num: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
 
 
+def colour_jitter(images_B3HW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per image: shuffle and maybe negate the colour channels, then scale and shift each one (clamped to
+    [-1, 1]). The classifier then judges the shape, not the colours, which a young tokenizer gets wrong."""
+    B = images_B3HW.shape[0]
+    perm_B3 = torch.rand(B, 3, generator=generator).argsort(1)
+    x = images_B3HW.gather(1, perm_B3[:, :, None, None].expand_as(images_B3HW))
+    sign = torch.where(torch.rand(B, 3, 1, 1, generator=generator) < 0.5, -1.0, 1.0)
+    scale = 0.4 + 0.6 * torch.rand(B, 3, 1, 1, generator=generator)
+    shift = 0.6 * (torch.rand(B, 3, 1, 1, generator=generator) - 0.5)
+    return (x * sign * scale + shift).clamp_(-1, 1)
+
+
 def train_classifier(
     train: Dataset,
     num_classes: int,
@@ -59,10 +71,12 @@ def train_classifier(
     num_images: int = 8000,
     lr: float = 6e-3,
     seed: int = 0,
+    colour_invariant: bool = True,
     log_every: int = 0,
 ) -> SmallClassifier:
-    """Fit a SmallClassifier on the first `num_images` of `train` (held in memory, random flips off: the
-    classes need not be mirror-symmetric) with AdamW and a cosine schedule; returns it in eval mode."""
+    """Fit a SmallClassifier on the first `num_images` of `train` (held in memory; no flips: classes need not
+    be mirror-symmetric; `colour_invariant` applies ``colour_jitter``) with AdamW and a one-cycle schedule;
+    returns it in eval mode."""
     images, labels = _stack(train, num_images)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must be in [0, {num_classes}), found {labels.min()}..{labels.max()}")
@@ -74,7 +88,8 @@ def train_classifier(
     model.train()
     for step in range(steps):
         pick = torch.randint(len(images), (batch_size,), generator=g)
-        loss = F.cross_entropy(model(images[pick]), labels[pick], label_smoothing=0.1)
+        x = colour_jitter(images[pick], g) if colour_invariant else images[pick]
+        loss = F.cross_entropy(model(x), labels[pick], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
