@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from varctl.models.io import atomic_save
 
@@ -108,19 +108,6 @@ def predict(model: SmallClassifier, images_B3HW: torch.Tensor, batch_size: int =
 
 def accuracy(model: SmallClassifier, images_B3HW: torch.Tensor, labels_B: torch.Tensor) -> float:
     return (predict(model, images_B3HW) == labels_B).float().mean().item()
-
-
-def accuracy_on(model: SmallClassifier, dataset: Dataset, num: int = 512) -> float:
-    """Accuracy on the first `num` items of a labelled dataset (e.g. real validation images)."""
-    loader = DataLoader(dataset, batch_size=128, shuffle=False)
-    hits = total = 0
-    for batch in loader:
-        take = min(len(batch["label"]), num - total)
-        hits += (predict(model, batch["image"][:take]) == batch["label"][:take]).sum().item()
-        total += take
-        if total >= num:
-            break
-    return hits / max(total, 1)
 
 
 def per_class_accuracy(pred_B: torch.Tensor, labels_B: torch.Tensor, num_classes: int) -> list[float]:
