@@ -20,6 +20,7 @@ from varctl.classifier import (
     per_class_accuracy,
     predict,
     save_classifier,
+    stack_dataset,
     train_classifier,
 )
 
@@ -29,10 +30,7 @@ SIMPLE = dict(backgrounds=["solid"], max_distractors=0, keys=("image", "label"))
 
 @pytest.fixture(scope="module")
 def val():
-    data = SyntheticShapes(200, 32, offset=VAL_OFFSET, **SIMPLE)
-    return torch.stack([data[i]["image"] for i in range(200)]), torch.tensor(
-        [data[i]["label"] for i in range(200)]
-    )
+    return stack_dataset(SyntheticShapes(200, 32, offset=VAL_OFFSET, **SIMPLE), 200)
 
 
 @pytest.fixture(scope="module")

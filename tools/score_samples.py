@@ -29,6 +29,7 @@ from varctl.classifier import (
     per_class_accuracy,
     predict,
     save_classifier,
+    stack_dataset,
     train_classifier,
 )
 from varctl.models import VQVAE
@@ -121,7 +122,6 @@ def main() -> None:
     )
     parser.add_argument("--cache", type=Path, default=Path("runs/classifiers"))
     args = parser.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     images, names = load_pngs(args.predictions)
     labels = torch.tensor(class_names_from_files(names, CLASS_NAMES))
@@ -148,8 +148,7 @@ def main() -> None:
     )
     val = SyntheticShapes(args.num_val, resolution, offset=VAL_OFFSET, max_distractors=int(max_distractors),
                           backgrounds=backgrounds, keys=("image", "label"))  # fmt: skip
-    real = torch.stack([val[i]["image"] for i in range(len(val))])
-    real_labels = torch.tensor([val[i]["label"] for i in range(len(val))])
+    real, real_labels = stack_dataset(val, len(val))
     print(f"[score] real val images:        {accuracy(clf, real, real_labels):6.1%}", flush=True)
     if tokenizer:
         vae = VQVAE.load(tokenizer).eval()

@@ -46,7 +46,8 @@ class SmallClassifier(nn.Module):
         return self.head(self.features(images_B3HW).mean((2, 3)))
 
 
-def _stack(dataset: Dataset, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_dataset(dataset: Dataset, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `num` items of a labelled dataset as (images (N,3,H,W), labels (N,)), each item read once."""
     items = [dataset[i] for i in range(min(num, len(dataset)))]
     return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
 
@@ -77,7 +78,7 @@ def train_classifier(
     """Fit a SmallClassifier on the first `num_images` of `train` (held in memory; no flips: classes need not
     be mirror-symmetric; `colour_invariant` applies ``colour_jitter``) with AdamW and a one-cycle schedule;
     returns it in eval mode."""
-    images, labels = _stack(train, num_images)
+    images, labels = stack_dataset(train, num_images)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must be in [0, {num_classes}), found {labels.min()}..{labels.max()}")
     g = torch.Generator().manual_seed(seed)
