@@ -41,7 +41,14 @@ from datamodules.transforms import (
     map_to_tensor,
 )
 
-__all__ = ["CLASS_NAMES", "SyntheticDataModule", "SyntheticShapes", "caption_of", "sample_scene"]
+__all__ = [
+    "CLASS_NAMES",
+    "SyntheticDataModule",
+    "SyntheticShapes",
+    "caption_of",
+    "check_palette",
+    "sample_scene",
+]
 
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 256
 VAL_OFFSET = 10**9  # val scenes use indices VAL_OFFSET + i, never reached by a train split
@@ -84,16 +91,31 @@ def _random_shape(rng: np.random.Generator, colour: str, radius: float, margin: 
 
 
 def sample_scene(
-    rng: np.random.Generator, max_distractors: int = 2, backgrounds: Sequence[str] = BACKGROUNDS
+    rng: np.random.Generator,
+    max_distractors: int = 2,
+    backgrounds: Sequence[str] = BACKGROUNDS,
+    shape_colours: Sequence[str] | None = None,
+    background_colours: Sequence[str] | None = None,
 ) -> Scene:
     """Draw a background (one of `backgrounds`), a main shape and 0..max_distractors smaller shapes behind it.
 
-    With every background kind allowed, the draws are those of earlier versions (same scenes per seed).
+    Colours come from the whole palette (no shape shares a colour with its background), or, when
+    `shape_colours` and `background_colours` are given (disjoint, see check_palette), from those lists.
+    With the defaults the draws are those of earlier versions (same scenes per seed).
     """
     kind = backgrounds[int(rng.integers(len(backgrounds)))]
-    order = rng.permutation(len(COLOUR_NAMES))
-    main_colour, bg0, bg1 = (COLOUR_NAMES[i] for i in order[:3])
-    shape_colours = [c for c in COLOUR_NAMES if c not in (main_colour, bg0, bg1)]
+    if shape_colours is None and background_colours is None:
+        order = rng.permutation(len(COLOUR_NAMES))
+        main_colour, bg0, bg1 = (COLOUR_NAMES[i] for i in order[:3])
+        shape_colours = [c for c in COLOUR_NAMES if c not in (main_colour, bg0, bg1)]
+    else:
+        shape_colours = list(shape_colours or COLOUR_NAMES)
+        background_colours = list(background_colours or COLOUR_NAMES)
+        main_colour = shape_colours[int(rng.integers(len(shape_colours)))]
+        pair = rng.permutation(len(background_colours))[:2]
+        bg0 = background_colours[pair[0]]
+        bg1 = background_colours[pair[-1]]  # == bg0 with one background colour (then only solid is allowed)
+        shape_colours = [c for c in shape_colours if c != main_colour] or [main_colour]
 
     radius = float(rng.uniform(*MAIN_RADIUS))
     margin = 0.7 * radius  # up to 30 % of the half-extent may leave the frame
@@ -165,6 +187,51 @@ def check_backgrounds(backgrounds: Sequence[str]) -> tuple[str, ...]:
     return kinds
 
 
+def check_palette(
+    shape_colours: Sequence[str] | None,
+    background_colours: Sequence[str] | None,
+    backgrounds: Sequence[str],
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """Validate `data.shape_colours` / `data.background_colours` (null = the whole palette).
+
+    When either is set, both draw from their own list: the lists must name palette colours and be disjoint
+    (a shape never has its background's colour, so its outline stays visible), and a background kind with two
+    colours (gradient, stripes, checker) needs at least two background colours.
+    """
+    if shape_colours is None and background_colours is None:
+        return None, None
+    lists = {}
+    for key, value in (("shape_colours", shape_colours), ("background_colours", background_colours)):
+        if value is None:
+            lists[key] = None
+            continue
+        names = (value,) if isinstance(value, str) else tuple(str(c) for c in value)
+        unknown = [c for c in names if c not in COLOURS]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ValueError(
+                f"data.{key} must be null or a non-empty list of distinct colours from {list(COLOUR_NAMES)}, "
+                f"got {list(names)}"
+            )
+        lists[key] = names
+    shapes = lists["shape_colours"] or tuple(c for c in COLOUR_NAMES if c not in lists["background_colours"])
+    grounds = lists["background_colours"] or tuple(c for c in COLOUR_NAMES if c not in shapes)
+    shared = sorted(set(shapes) & set(grounds))
+    if shared:
+        raise ValueError(
+            f"data.shape_colours and data.background_colours must not share colours (a shape would vanish "
+            f"into its background), both have {shared}"
+        )
+    if not shapes or not grounds:
+        raise ValueError("data.shape_colours / data.background_colours leave no colour for the other list")
+    two_colour = [b for b in backgrounds if b != "solid"]
+    if two_colour and len(grounds) < 2:
+        raise ValueError(
+            f"data.backgrounds {two_colour} use two colours, but data.background_colours has only "
+            f"{list(grounds)}; add a colour or use backgrounds [solid]"
+        )
+    return shapes, grounds
+
+
 class SyntheticShapes(Dataset):
     """Map-style dataset of `num` procedural scenes; sample i is scene (seed, offset + i)."""
 
@@ -179,6 +246,8 @@ class SyntheticShapes(Dataset):
         keys: Sequence[str] = BATCH_KEYS,
         flip: float = 0.0,
         backgrounds: Sequence[str] = BACKGROUNDS,
+        shape_colours: Sequence[str] | None = None,
+        background_colours: Sequence[str] | None = None,
     ):
         if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
             raise ValueError(
@@ -190,6 +259,9 @@ class SyntheticShapes(Dataset):
         self.num, self.resolution, self.seed, self.offset = int(num), int(resolution), int(seed), int(offset)
         self.max_distractors = int(max_distractors)
         self.backgrounds = check_backgrounds(backgrounds)
+        self.shape_colours, self.background_colours = check_palette(
+            shape_colours, background_colours, self.backgrounds
+        )
         self.controls = check_controls(controls) if "control" in keys else ()
         self.with_caption = "caption" in keys
         self.flip = float(flip)
@@ -199,7 +271,9 @@ class SyntheticShapes(Dataset):
 
     def scene(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, self.offset + int(index)])
-        return sample_scene(rng, self.max_distractors, self.backgrounds)
+        return sample_scene(
+            rng, self.max_distractors, self.backgrounds, self.shape_colours, self.background_colours
+        )
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num:
@@ -235,6 +309,9 @@ class SyntheticDataModule(VarDataModule):
         max_distractors: at most this many small shapes behind the main one (0..max_distractors, uniform).
         backgrounds: background kinds to draw from (solid, gradient, stripes, checker); e.g. [solid] with
             max_distractors 0 gives the simplest images (one shape on a plain colour).
+        shape_colours, background_colours: restrict the palette (disjoint lists of colour names; null = all
+            colours, a shape never sharing its background's colour). Few colours leave the tokenizer and the
+            VAR more capacity for the shapes.
         batch_size, num_workers, resolution, flip, seed: see VarDataModule (resolution in [32, 256]).
     """
 
@@ -245,6 +322,8 @@ class SyntheticDataModule(VarDataModule):
         controls: Sequence[str] = MODALITIES,
         max_distractors: int = 2,
         backgrounds: Sequence[str] = BACKGROUNDS,
+        shape_colours: Sequence[str] | None = None,
+        background_colours: Sequence[str] | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         resolution: int | None = None,
@@ -267,6 +346,9 @@ class SyntheticDataModule(VarDataModule):
         self.controls = check_controls(controls)
         self.max_distractors = int(max_distractors)
         self.backgrounds = check_backgrounds(backgrounds)
+        self.shape_colours, self.background_colours = check_palette(
+            shape_colours, background_colours, self.backgrounds
+        )
 
     def check_resolution(self, resolution: int) -> None:
         if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
@@ -285,6 +367,8 @@ class SyntheticDataModule(VarDataModule):
             seed=self.seed,
             max_distractors=self.max_distractors,
             backgrounds=self.backgrounds,
+            shape_colours=self.shape_colours,
+            background_colours=self.background_colours,
             controls=self.controls,
             keys=self.keys,
         )

@@ -113,3 +113,9 @@ def test_score_tool_on_real_images(val, tmp_path):
     # the bad folder has no config: the options come from the flags; the cached classifier is reused
     assert score(bad, "--backgrounds", "solid", "--max-distractors", "0") < 0.1
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    # a palette the data module would refuse is refused here too, before any training
+    out = subprocess.run(
+        [sys.executable, "tools/score_samples.py", str(good), "--shape-colours", "mauve"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode != 0 and "data.shape_colours" in out.stderr

@@ -219,3 +219,47 @@ def test_datamodule_passes_backgrounds_to_every_split():
     for split in ("train", "val"):
         data = dm.dataset(split)
         assert all(data.scene(i).background == "checker" and len(data.scene(i).shapes) == 1 for i in range(8))
+
+
+def test_palette_restricts_colours_and_keeps_default_draws():
+    restricted = SyntheticShapes(
+        60, 32, max_distractors=2, shape_colours=["white", "yellow"], background_colours=["black", "blue"]
+    )
+    shape_colours, bg_colours = set(), set()
+    for i in range(60):
+        scene = restricted.scene(i)
+        shape_colours.update(s.colour for s in scene.shapes)
+        used = {scene.bg_colours[0]} if scene.background == "solid" else set(scene.bg_colours)
+        assert scene.background == "solid" or scene.bg_colours[0] != scene.bg_colours[1]
+        bg_colours.update(used)
+        for shape in scene.shapes:  # jittered around the named colour
+            assert max(abs(a - b) for a, b in zip(shape.rgb, COLOURS[shape.colour])) <= 12
+        assert "white" in restricted[i]["caption"] or "yellow" in restricted[i]["caption"]
+    assert shape_colours == {"white", "yellow"} and bg_colours == {"black", "blue"}
+    # only one list given: the other is the rest of the palette
+    one = SyntheticShapes(30, 32, max_distractors=0, backgrounds=["solid"], shape_colours=["red"])
+    assert {one.scene(i).main.colour for i in range(30)} == {"red"}
+    assert all(one.scene(i).bg_colours[0] != "red" for i in range(30))
+    # no palette: the scenes of earlier versions (scene 0 of seed 0, as drawn before the palette options)
+    scene = SyntheticShapes(1, 32, shape_colours=None, background_colours=None).scene(0)
+    assert (CLASS_NAMES[scene.main.cls], scene.main.colour) == ("hexagon", "black")
+    assert (scene.background, scene.bg_colours) == ("checker", ("yellow", "pink"))
+    assert scene.main.cx == pytest.approx(0.293066, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(shape_colours=["white"], background_colours=["white", "black"]), r"must not share.*'white'"),
+        (dict(shape_colours=["mauve"]), r"data\.shape_colours must be null or a non-empty list.*mauve"),
+        (dict(background_colours=[]), r"data\.background_colours must be null or a non-empty list"),
+        (dict(shape_colours=["red"], background_colours=["blue"]), r"data\.backgrounds .* use two colours"),
+    ],
+)
+def test_bad_palette_names_the_setting(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SyntheticDataModule(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        SyntheticShapes(1, 32, **kwargs)
+    if "mauve" not in str(kwargs) and kwargs.get("background_colours") == ["blue"]:
+        SyntheticShapes(1, 32, backgrounds=["solid"], **kwargs)  # one background colour is fine when plain

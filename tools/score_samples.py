@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from datamodules.scenes import BACKGROUNDS
-from datamodules.synthetic import CLASS_NAMES, VAL_OFFSET, SyntheticShapes
+from datamodules.synthetic import CLASS_NAMES, VAL_OFFSET, SyntheticShapes, check_palette
 from varctl.classifier import (
     accuracy,
     class_names_from_files,
@@ -57,25 +57,26 @@ def load_pngs(pred_dir: Path) -> tuple[torch.Tensor, list[str]]:
 
 def get_classifier(
     resolution: int,
-    backgrounds,
-    max_distractors: int,
+    scenes: dict,
     seed: int,
     steps: int,
     num_train: int,
     cache: Path,
     colour_invariant: bool = True,
 ):
+    """The judge for scenes drawn with `scenes` (SyntheticShapes options), trained once and cached."""
     meta = {
         "resolution": resolution,
-        "backgrounds": list(backgrounds),
-        "max_distractors": max_distractors,
+        **scenes,
         "seed": seed,
         "steps": steps,
         "num_train": num_train,
         "classifier": "SmallClassifier/v2",  # bump when the classifier or its recipe changes
         "colour_invariant": colour_invariant,
     }
-    data = f"{resolution}px_{'-'.join(backgrounds)}_d{max_distractors}"
+    data = f"{resolution}px_{'-'.join(scenes['backgrounds'])}_d{scenes['max_distractors']}"
+    if scenes["shape_colours"] or scenes["background_colours"]:
+        data += f"_{'-'.join(scenes['shape_colours'] or ['all'])}_on_{'-'.join(scenes['background_colours'] or ['all'])}"
     judge = "" if colour_invariant else "_colour"
     tag = f"shapes_{data}_s{seed}_{steps}x{num_train}{judge}.pt"
     path = cache / tag
@@ -85,9 +86,8 @@ def get_classifier(
         return model
     start = time.perf_counter()
     train = SyntheticShapes(
-        num_train, resolution, seed=seed + 1, max_distractors=max_distractors, backgrounds=backgrounds,
-        keys=("image", "label"),
-    )  # fmt: skip  # seed + 1: other scenes than the generator was trained on
+        num_train, resolution, seed=seed + 1, keys=("image", "label"), **scenes
+    )  # seed + 1: other scenes than the generator was trained on
     model = train_classifier(
         train,
         len(CLASS_NAMES),
@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("predictions", type=Path, help="folder of PNGs named ..._class_<name>_<i>.png")
     parser.add_argument("--backgrounds", nargs="+", default=None, help=f"subset of {list(BACKGROUNDS)}")
     parser.add_argument("--max-distractors", type=int, default=None)
+    parser.add_argument("--shape-colours", nargs="+", default=None, help="default: the run's data config")
+    parser.add_argument("--background-colours", nargs="+", default=None, help="default: the run's config")
     parser.add_argument(
         "--tokenizer", default=None, help="also score tokenizer reconstructions of val images"
     )
@@ -131,23 +133,29 @@ def main() -> None:
     max_distractors = (
         args.max_distractors if args.max_distractors is not None else data.get("max_distractors", 2)
     )
+    scenes = {
+        "backgrounds": list(backgrounds),
+        "max_distractors": int(max_distractors),
+        "shape_colours": args.shape_colours or data.get("shape_colours"),
+        "background_colours": args.background_colours or data.get("background_colours"),
+    }
+    scenes.update(zip(("shape_colours", "background_colours"), check_palette(
+        scenes["shape_colours"], scenes["background_colours"], backgrounds)))  # fmt: skip
+    scenes = {k: list(v) if isinstance(v, tuple) else v for k, v in scenes.items()}
     tokenizer = args.tokenizer or (cfg.get("model", {}) or {}).get("tokenizer")
     resolution = images.shape[-1]
-    print(f"[score] {len(images)} samples at {resolution} px; data backgrounds={backgrounds} "
-          f"max_distractors={max_distractors}", flush=True)  # fmt: skip
+    print(f"[score] {len(images)} samples at {resolution} px; data {scenes}", flush=True)
 
     clf = get_classifier(
         resolution,
-        backgrounds,
-        int(max_distractors),
+        scenes,
         0,
         args.steps,
         args.num_train,
         args.cache,
         colour_invariant=not args.colour_sensitive,
     )
-    val = SyntheticShapes(args.num_val, resolution, offset=VAL_OFFSET, max_distractors=int(max_distractors),
-                          backgrounds=backgrounds, keys=("image", "label"))  # fmt: skip
+    val = SyntheticShapes(args.num_val, resolution, offset=VAL_OFFSET, keys=("image", "label"), **scenes)
     real, real_labels = stack_dataset(val, len(val))
     print(f"[score] real val images:        {accuracy(clf, real, real_labels):6.1%}", flush=True)
     if tokenizer:
