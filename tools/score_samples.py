@@ -75,8 +75,9 @@ def get_classifier(
         "colour_invariant": colour_invariant,
     }
     data = f"{resolution}px_{'-'.join(scenes['backgrounds'])}_d{scenes['max_distractors']}"
-    if scenes["shape_colours"] or scenes["background_colours"]:
-        data += f"_{'-'.join(scenes['shape_colours'] or ['all'])}_on_{'-'.join(scenes['background_colours'] or ['all'])}"
+    shapes, grounds = scenes["shape_colours"], scenes["background_colours"]
+    if shapes or grounds:
+        data += f"_{'-'.join(shapes or ['all'])}_on_{'-'.join(grounds or ['all'])}"
     judge = "" if colour_invariant else "_colour"
     tag = f"shapes_{data}_s{seed}_{steps}x{num_train}{judge}.pt"
     path = cache / tag
@@ -133,15 +134,17 @@ def main() -> None:
     max_distractors = (
         args.max_distractors if args.max_distractors is not None else data.get("max_distractors", 2)
     )
+    shape_colours, background_colours = check_palette(
+        args.shape_colours or data.get("shape_colours"),
+        args.background_colours or data.get("background_colours"),
+        backgrounds,
+    )
     scenes = {
         "backgrounds": list(backgrounds),
         "max_distractors": int(max_distractors),
-        "shape_colours": args.shape_colours or data.get("shape_colours"),
-        "background_colours": args.background_colours or data.get("background_colours"),
+        "shape_colours": list(shape_colours) if shape_colours else None,
+        "background_colours": list(background_colours) if background_colours else None,
     }
-    scenes.update(zip(("shape_colours", "background_colours"), check_palette(
-        scenes["shape_colours"], scenes["background_colours"], backgrounds)))  # fmt: skip
-    scenes = {k: list(v) if isinstance(v, tuple) else v for k, v in scenes.items()}
     tokenizer = args.tokenizer or (cfg.get("model", {}) or {}).get("tokenizer")
     resolution = images.shape[-1]
     print(f"[score] {len(images)} samples at {resolution} px; data {scenes}", flush=True)
