@@ -55,8 +55,10 @@ def test_top_level_config_instantiates(name, tokenizer_file):
 
 def test_stages_train_on_the_same_scenes():
     """A VAR must see the scenes its tokenizer was trained on: the demo configs agree on the data options."""
-    keys = ("_target_", "backgrounds", "max_distractors", "shape_colours", "background_colours", "num_train")
-    keys += ("seed",)
+    keys = (
+        *("_target_", "backgrounds", "max_distractors", "shape_colours", "background_colours"),
+        *("num_train", "seed"),
+    )
     datas = {n: compose(CONF / n, [])["data"] for n in TOP_LEVEL}
     assert {n: tuple(str(d[k]) for k in keys) for n, d in datas.items()} == {
         n: tuple(str(datas["tokenizer.yaml"][k]) for k in keys) for n in datas

@@ -261,5 +261,9 @@ def test_bad_palette_names_the_setting(kwargs, match):
         SyntheticDataModule(**kwargs)
     with pytest.raises(ValueError, match=match):
         SyntheticShapes(1, 32, **kwargs)
-    if "mauve" not in str(kwargs) and kwargs.get("background_colours") == ["blue"]:
-        SyntheticShapes(1, 32, backgrounds=["solid"], **kwargs)  # one background colour is fine when plain
+
+
+def test_one_background_colour_is_enough_for_plain_backgrounds():
+    plain = SyntheticShapes(8, 32, backgrounds=["solid"], shape_colours=["red"], background_colours=["blue"])
+    scenes = [plain.scene(i) for i in range(8)]
+    assert {(s.bg_colours[0], s.main.colour) for s in scenes} == {("blue", "red")}
