@@ -80,8 +80,12 @@ def test_save_load_round_trip_and_meta(trained, val, tmp_path):
 def test_labels_from_predict_file_names():
     names = ["b00000_class_star_0.png", "r1_b00002_class_heart_3.png", "class_ring_12.png"]
     assert class_names_from_files(names, CLASS_NAMES) == [3, 8, 4]
-    with pytest.raises(ValueError, match=r"cannot tell the class from the file name.*class_<name>_<i>"):
-        class_names_from_files(["b00000_sample_0.png"], CLASS_NAMES)
+    captions = ["b00001_caption2_0_a_large_white_star_on_the_left_on_a_plain_black_background.png"]
+    captions += ["b00000_caption0_3_a_yellow_ellipse_in_the_center.png"]
+    assert class_names_from_files(captions, CLASS_NAMES) == [3, 9]
+    for bad in ("b00000_sample_0.png", "b00000_caption0_0_a_star_and_a_ring.png", "b0_caption0_0_stars.png"):
+        with pytest.raises(ValueError, match=r"cannot tell the class from the file name.*class_<name>_<i>"):
+            class_names_from_files([bad], CLASS_NAMES)
 
 
 def test_score_tool_on_real_images(val, tmp_path):

@@ -8,6 +8,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from datamodules.scenes import CLASS_NAMES
+from varctl.classifier import class_names_from_files
 from varctl.config import ConfigError, compose, validate
 from varctl.models.vqvae import VQVAE, VQVAEConfig
 
@@ -95,3 +97,16 @@ def test_data_options_validate(option, tmp_path):
 def test_missing_mandatory_value_is_named():
     with pytest.raises(ConfigError, match=r"model\.tokenizer must be set"):
         validate(compose(CONF / "var.yaml", []), CONF / "var.yaml")
+
+
+def test_text_demo_captions_describe_the_demo_scenes():
+    """The text demo's captions name one shape each (so its samples can be scored) in the data's palette."""
+    cfg = compose(CONF / "var_text.yaml", [])
+    model, data = cfg["model"], cfg["data"]
+    captions = list(model["predict_captions"]) + list(model["sample_captions"])
+    labels = class_names_from_files([f"caption_{c}.png" for c in captions], CLASS_NAMES)
+    assert sorted(labels[: len(model["predict_captions"])]) == list(range(len(CLASS_NAMES)))
+    for caption, label in zip(captions, labels):
+        words = caption.split()
+        assert words[words.index(CLASS_NAMES[label]) - 1] in data["shape_colours"], caption
+        assert words[words.index("background") - 1] in data["background_colours"], caption

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.synthetic import CLASS_NAMES, SyntheticDataModule
+from varctl.classifier import class_names_from_files
 from varctl.lit.var import VARModule
 from varctl.models.io import split_checkpoint
 from varctl.models.var import VAR
@@ -288,6 +289,20 @@ def test_predict_generates_configured_labels(vae_file, tmp_path):
     assert torch.equal(short[0]["images"], images[:4])
     with pytest.raises(ValueError, match=r"model\.predict_labels holds 12"):
         make_module(vae_file, predict_labels=[12]).predict_jobs()
+
+
+def test_predict_generates_configured_captions(vae_file, tmp_path):
+    captions = ["a large white star on the left", "a small yellow ring"]
+    m = make_module(vae_file, "text", predict_captions=captions, predict_num_per_condition=2, predict_seed=3)
+    dm = make_data(m, batch_size=4)
+    trainer = make_trainer(tmp_path, limit_predict_batches=1)
+    out = trainer.predict(m, dm)
+    assert out[0]["names"] == [f"caption{j}_{i}_{c}" for j, c in enumerate(captions) for i in range(2)]
+    assert class_names_from_files([f"b0_{n}.png" for n in out[0]["names"]], CLASS_NAMES) == [3, 3, 4, 4]
+    images = out[0]["images"]
+    assert torch.equal(images, trainer.predict(m, dm)[0]["images"])  # seeded
+    assert not torch.equal(images[0], images[1])  # two draws per caption
+    assert (images[:2] - images[2:]).abs().mean() > 1e-3  # the caption conditions the samples
 
 
 # ---------------------------------------------------------------------------------------------- distributed

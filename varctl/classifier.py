@@ -11,6 +11,7 @@ class. Used by ``tools/score_samples.py``; any dataset yielding ``{"image": (3,H
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import torch
@@ -139,15 +140,20 @@ def load_classifier(path: str | os.PathLike, expect_meta: dict | None = None) ->
 
 
 def class_names_from_files(names: Sequence[str], class_names: Sequence[str]) -> list[int]:
-    """Label of each predicted PNG from its name (``..._class_<name>_<i>.png``, as ``predict`` writes)."""
+    """Label of each predicted PNG from its name, as ``predict`` writes them: ``..._class_<name>_<i>.png``
+    for class models, ``..._caption<j>_<i>_<caption words>.png`` for text models (the one class name among
+    the caption's words)."""
     labels = []
     for name in names:
         stem = os.path.basename(name).rsplit(".", 1)[0]
         found = [i for i, c in enumerate(class_names) if f"class_{c}_" in stem + "_"]
+        if not found:
+            words = set(re.split(r"[^A-Za-z0-9]+", stem))
+            found = [i for i, c in enumerate(class_names) if c in words]
         if len(found) != 1:
             raise ValueError(
-                f"{name}: cannot tell the class from the file name; expected '..._class_<name>_<i>.png' "
-                f"with <name> one of {list(class_names)}"
+                f"{name}: cannot tell the class from the file name; expected '..._class_<name>_<i>.png' or "
+                f"a caption naming exactly one of {list(class_names)}"
             )
         labels.append(found[0])
     return labels

@@ -393,7 +393,9 @@ class VARModule(L.LightningModule):
         hp = self.hparams
         n = hp.predict_num_per_condition
         if hp.condition == "text":
-            return [(c, f"caption{j}_{i}") for j, c in enumerate(hp.predict_captions or []) for i in range(n)]
+            # the caption goes last: the image writer shortens long names from the end
+            captions = enumerate(hp.predict_captions or [])
+            return [(c, f"caption{j}_{i}_{c}") for j, c in captions for i in range(n)]
         num = self.var.config.num_classes
         for label in hp.predict_labels or []:
             if not 0 <= int(label) < num:
