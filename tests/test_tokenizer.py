@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
 
 from datamodules.synthetic import SyntheticDataModule
 from varctl import metrics
@@ -95,6 +96,25 @@ def test_bf16_mixed_fast_dev_run():
     for key in ("train/loss", "train/d_loss", "train/g_weight", "val/psnr"):
         assert torch.isfinite(trainer.callback_metrics[key]), key
     assert m.vae.quantize.embedding.weight.dtype == torch.float32
+
+
+def test_fp16_loss_scaling_clips_unscaled_gradients():
+    """16-mixed (fp16 autocast + GradScaler): clipping and the logged norm see unscaled gradients. A CPU
+    Trainer maps precision="16-mixed" to bf16, so the fp16 plugin is passed directly (as on a GPU)."""
+    norms = {}
+    for name, plugins in (("32", []), ("16", [MixedPrecision("16-mixed", "cpu")])):
+        torch.manual_seed(0)
+        m = make_module(disc_weight=0.5, disc_start=0, disc_channels=8, disc_layers=2, gradient_clip_val=0.5)
+        before = clone_params(m.vae)
+        trainer = make_trainer(max_steps=1, limit_val_batches=0, plugins=plugins, log_every_n_steps=1)
+        trainer.fit(m, datamodule=make_data(m))
+        norms[name] = trainer.callback_metrics["train/grad_norm"].item()
+        assert all(p.dtype == torch.float32 for p in m.vae.parameters())
+        assert any(not torch.equal(before[k], p) for k, p in m.vae.named_parameters())  # the step was taken
+    scaler = trainer.precision_plugin.scaler
+    assert scaler.get_scale() == 2.0**16  # no overflow: the scale stays, the step was not skipped
+    assert norms["32"] > 0.5  # the clip is active
+    assert norms["16"] == pytest.approx(norms["32"], rel=2e-2), norms  # scaled gradients would be 65536x
 
 
 def test_short_training_raises_psnr():

@@ -136,6 +136,7 @@ class TokenizerModule(L.LightningModule):
         self.discriminator = PatchDiscriminator(3, disc_channels, disc_layers) if disc_weight > 0 else None
         # codes restarted since the start of training (kept in checkpoints, so it survives a resume)
         self.register_buffer("restarted_codes", torch.zeros((), dtype=torch.long))
+        self._disc_on = False  # whether this step updates the discriminator (set in training_step)
 
         self.perceptual = None
         if perceptual_weight > 0 or val_lpips:
@@ -183,11 +184,6 @@ class TokenizerModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        if self.hparams.gradient_clip_val and str(self.trainer.precision).startswith("16"):
-            raise ValueError(
-                "model.gradient_clip_val with trainer.precision=16-mixed is not supported (the gradients are "
-                "still loss-scaled when clipped here); use trainer.precision=bf16-mixed or 32-true"
-            )
         if self.perceptual is not None and not self.has_lpips_metric and self.hparams.val_lpips:
             rank_zero_info(
                 "val/lpips is not reported: model.perceptual_pretrained=false (no real LPIPS weights)"
@@ -249,11 +245,8 @@ class TokenizerModule(L.LightningModule):
         if self.discriminator is not None and not disc_on:
             for p in self.discriminator.parameters():
                 p.grad = None  # AdamW skips parameters without gradient: no D update, no step count
-        if hp.gradient_clip_val:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), hp.gradient_clip_val)
-            if disc_on:
-                torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), hp.gradient_clip_val)
-        optimizer.step()
+        self._disc_on = disc_on
+        optimizer.step()  # clips in on_before_optimizer_step, after 16-mixed has unscaled the gradients
         scheduler.step()
 
         self._codebook_step(out.hits_SV, out.f_BChw, step + 1)
@@ -266,6 +259,16 @@ class TokenizerModule(L.LightningModule):
         if n and step % n == 0:
             self._log_images("train/input_recon", [x, out.recon.detach().clamp(-1, 1)])
         return loss.detach()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # called inside optimizer.step(): after 16-mixed unscales the gradients, before the (scaler) step
+        clip = self.hparams.gradient_clip_val
+        if not clip:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), clip)
+        if self._disc_on:
+            torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), clip)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ codebook
     @torch.no_grad()
