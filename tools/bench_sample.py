@@ -4,8 +4,10 @@ With ``--official PATH_TO_VAR_GIT_DIR`` the official ``autoregressive_infer_cfg`
 the same process, interleaved with varctl's runs (so both see the same machine load), and the ratio and the
 largest image difference are printed. The official tree is exported with ``git archive`` to a temporary
 directory; a missing ``huggingface_hub`` (only imported for a Hub mixin) is stubbed in ``sys.modules`` here.
+With ``--bf16`` varctl also runs under ``torch.autocast(dtype=torch.bfloat16)`` on the same device (fast on
+CPUs with AVX512-BF16/AMX and on GPUs), interleaved too, with its image difference from float32.
 
-    python tools/bench_sample.py [--official /work/.mirror/FoundationVision+VAR/repo] [--repeats 2]
+    python tools/bench_sample.py [--official /work/.mirror/FoundationVision+VAR/repo] [--bf16] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -91,13 +93,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=900)
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--bf16", action="store_true", help="also time varctl under bf16 autocast")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the official code: CPU only)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.official and args.device != "cpu":
+        parser.error("--official compares on the CPU only (use --device cpu)")
     torch.manual_seed(0)
-    vae = VQVAE(VQVAEConfig.from_name("vae_ch160v4096z32")).eval()
-    var = VAR(VARConfig.from_name(f"d{args.depth}"), vae).eval()
+    vae = VQVAE(VQVAEConfig.from_name("vae_ch160v4096z32")).eval().to(args.device)
+    var = VAR(VARConfig.from_name(f"d{args.depth}"), vae).eval().to(args.device)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, VAR-d{args.depth} "
         f"({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M), cfg={args.cfg}, top_k={args.top_k}, "
@@ -109,8 +115,12 @@ def main(argv: list[str] | None = None) -> None:
         official = load_official(args.official, tmp, vae, var) if args.official else None
         sample = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
 
-        def ours(B: int, seed: int):
-            return var.generate(torch.arange(B) * 7, seed=seed, **sample)
+        def ours(B: int, seed: int, bf16: bool = False):
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
+                images = var.generate(torch.arange(B) * 7, seed=seed, **sample)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            return images.cpu()
 
         def theirs(B: int, seed: int):
             with torch.no_grad():
@@ -121,9 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         timed(lambda: ours(1, 0))  # warm-up (allocator, oneDNN primitives)
         if official is not None:
             timed(lambda: theirs(1, 0))
-        rows = []
+        if args.bf16:
+            timed(lambda: ours(1, 0, bf16=True))
         for B in args.batch_sizes:
-            t_ours, t_off, diff = [], [], 0.0
+            t_ours, t_off, t_bf16, diff, diff_bf16 = [], [], [], 0.0, 0.0
             for r in range(args.repeats):  # interleaved, so both see the same machine load
                 t, img = timed(lambda B=B, r=r: ours(B, 100 + r))
                 t_ours.append(t)
@@ -131,13 +142,22 @@ def main(argv: list[str] | None = None) -> None:
                     t, img_off = timed(lambda B=B, r=r: theirs(B, 100 + r))
                     t_off.append(t)
                     diff = max(diff, (img - img_off).abs().max().item())
-            rows.append((B, t_ours, t_off, diff))
+                if args.bf16:
+                    t, img_bf16 = timed(lambda B=B, r=r: ours(B, 100 + r, bf16=True))
+                    t_bf16.append(t)
+                    diff_bf16 = max(diff_bf16, (img - img_bf16).abs().mean().item())
             line = f"B={B}: varctl median {statistics.median(t_ours):.2f}s min {min(t_ours):.2f}s"
             if t_off:
                 line += (
                     f" | official median {statistics.median(t_off):.2f}s min {min(t_off):.2f}s"
                     f" | official/varctl {statistics.median(t_off) / statistics.median(t_ours):.2f}x"
                     f" (min/min {min(t_off) / min(t_ours):.2f}x) | max |img diff| {diff:.2e}"
+                )
+            if t_bf16:
+                line += (
+                    f" | varctl bf16 median {statistics.median(t_bf16):.2f}s, float32/bf16 "
+                    f"{statistics.median(t_ours) / statistics.median(t_bf16):.2f}x, mean |img diff| "
+                    f"{diff_bf16:.2e} (sampled tokens may differ)"
                 )
             print(line, flush=True)
 
