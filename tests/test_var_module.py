@@ -314,6 +314,18 @@ def test_ema_differs_and_is_what_validation_uses(trained, tmp_path):
     assert abs(loss_of(m.var) - val_loss) > 1e-4
 
 
+def test_test_loop_reports_per_scale_metrics(trained, tmp_path):
+    m, dm, _, _ = trained
+    trainer = make_trainer(tmp_path, limit_val_batches=2, limit_test_batches=2)
+    val = trainer.validate(m, dm, verbose=False)[0]
+    test = trainer.test(m, dm, verbose=False)[0]
+    assert {f"test/{k}_s{i}" for k in ("loss", "acc") for i in range(3)} <= set(test)
+    # the built-in data has no test split, so `test` reads the val split: the same numbers
+    assert test["test/loss"] == pytest.approx(val["val/loss"], abs=1e-6)
+    assert test["test/acc"] == pytest.approx(val["val/acc"], abs=1e-6)
+    assert test["test/loss"] < math.log(V) - 0.5  # trained, far below a uniform guess
+
+
 def test_resume_restores_ema_and_continues(vae_file, tmp_path):
     torch.manual_seed(0)
     m = make_module(vae_file, ema_decay=0.9)

@@ -180,6 +180,7 @@ class VARModule(L.LightningModule):
         self._no_decay = no_weight_decay_names(self.var)
         self.var_ema = EMA(self.var, ema_decay, ema_warmup) if ema_decay > 0 else None
         self.val_metrics = ScaleMetrics(self.var.config.begin_ends)
+        self.test_metrics = ScaleMetrics(self.var.config.begin_ends)
         self._last_image_step: int | None = None
         self._ema_step = 0
 
@@ -327,19 +328,30 @@ class VARModule(L.LightningModule):
             self._ema_step = self.global_step
 
     # ------------------------------------------------------------------ evaluation
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def _evaluate(self, batch: dict, metrics: ScaleMetrics) -> None:
         target_BL, x_BLCv = self.tokenize(batch["image"])
-        cond = self.condition(batch)
-        logits_BLV = self.eval_var(cond, x_BLCv)
-        loss_BL, correct_BL = self._token_losses(logits_BLV, target_BL, 0.0)
-        self.val_metrics.update(loss_BL, correct_BL)
+        logits_BLV = self.eval_var(self.condition(batch), x_BLCv)
+        metrics.update(*self._token_losses(logits_BLV, target_BL, 0.0))
+
+    def _log_metrics(self, stage: str, metrics: ScaleMetrics) -> None:
+        # the metric states are summed over processes in compute(), so no sync_dist here
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.compute().items()}, sync_dist=False)
+        metrics.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
         if batch_idx == 0 and self._images_due():
             self._log_samples()
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=False)
-        self.val_metrics.reset()
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Teacher-forcing cross-entropy and token accuracy (per scale too) on the test split."""
+        self._evaluate(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
 
     def _images_due(self) -> bool:
         every = self.hparams.log_images_every_n_steps
