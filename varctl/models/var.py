@@ -207,15 +207,17 @@ class VAR(GenerateMixin, nn.Module):
         return self.head(self.head_nm(h_BlC.to(dtype), mod_B12C).to(dtype)).float()
 
     # ------------------------------------------------------------------------------------------ training
-    def forward(self, cond, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+    def forward(self, cond, x_BLCv_wo_first_l: torch.Tensor, control=None) -> torch.Tensor:
         """Teacher forcing: logits (B, L, V) float32 for all scales at once.
 
         ``cond``: labels (B,) for class models or a TextCondition; in train mode each sample's condition is
         replaced by the null one with probability ``cond_drop_rate``. ``x_BLCv_wo_first_l``: the VQVAE's
-        ``idx_to_var_input`` (B, L - first_l, Cv).
+        ``idx_to_var_input`` (B, L - first_l, Cv). ``control``: residuals added to the hidden states entering
+        each block (``ControlBranch.encode``, models/control.py), or None.
         """
         cfg = self.config
         B = x_BLCv_wo_first_l.shape[0]
+        self._check_control(control, B)
         if x_BLCv_wo_first_l.shape[1:] != (cfg.L - cfg.first_l, cfg.z_channels):
             raise ValueError(
                 f"x_BLCv_wo_first_l must be (B, {cfg.L - cfg.first_l}, {cfg.z_channels}) for patch_nums "
@@ -232,10 +234,25 @@ class VAR(GenerateMixin, nn.Module):
         if torch.is_autocast_enabled(device_type):  # keep the residual stream in the autocast dtype
             x_BLC = x_BLC.to(torch.get_autocast_dtype(device_type))
         shared = self.shared_ada_lin(cond_BD)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if control is not None:
+                x_BLC = x_BLC + control(i, 0, cfg.L).to(x_BLC.dtype)
             block_text = None if text is None else (block.cross_attn.context(text[0]), *text[1:])
             x_BLC = block(x_BLC, block.modulation(shared), self.attn_bias_for_masking, text=block_text)
         return self._head(x_BLC, self.head_nm.modulation(cond_BD))
+
+    def _check_control(self, control, B: int) -> None:
+        if control is None:
+            return
+        cc, c = control.branch.config, self.config
+        if (cc.depth, cc.embed_dim, cc.patch_nums) != (c.depth, c.C, c.patch_nums):
+            raise ValueError(
+                f"the control branch is for depth={cc.depth}, width={cc.embed_dim}, "
+                f"patch_nums={cc.patch_nums}; this VAR has depth={c.depth}, width={c.C}, "
+                f"patch_nums={c.patch_nums}"
+            )
+        if control.batch_size != B:
+            raise ValueError(f"control holds {control.batch_size} samples, the batch has {B}")
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:

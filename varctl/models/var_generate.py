@@ -47,6 +47,7 @@ class GenerateMixin:
         return_intermediates: bool = False,
         vae: nn.Module | None = None,
         callback=None,
+        control=None,
     ):
         """Sample images scale by scale with a KV cache and classifier-free guidance.
 
@@ -67,6 +68,8 @@ class GenerateMixin:
             vae: the VQVAE to decode with; default the attached one.
             callback: called as ``callback(si, logits_BlV, idx_Bl, f_hat_BChw)`` after each scale with the
                 guided logits (before temperature and filtering), the sampled tokens and the running f_hat.
+            control: ``ControlBranch.encode(maps)`` for B samples: its residuals are added to the hidden
+                states entering each block, in the conditional and the guidance (null) half alike.
         Returns:
             images (B, 3, H, W) in [0, 1], and the list of per-scale images if ``return_intermediates``.
         """
@@ -78,6 +81,7 @@ class GenerateMixin:
         temps = per_scale(temperature, K, "temperature")
         check_sampling_args(top_ks, top_ps, temps)
         cond, B = self._sampling_condition(cond, batch_size)
+        self._check_control(control, B)
         guided = any(t != 0 for t in ts)  # without guidance the null half is never needed
         if guided:
             null = self.null_condition(B)
@@ -104,7 +108,10 @@ class GenerateMixin:
         intermediates = []
         for si, pn in enumerate(c.patch_nums):
             ratio = si / (K - 1) if K > 1 else 0.0
-            for block, mod, cache, block_text in zip(self.blocks, mods, caches, texts):
+            for i, (block, mod, cache, block_text) in enumerate(zip(self.blocks, mods, caches, texts)):
+                if control is not None:
+                    r_BlC = control(i, *c.begin_ends[si]).to(x_BlC.dtype)
+                    x_BlC = x_BlC + (torch.cat((r_BlC, r_BlC)) if guided else r_BlC)
                 x_BlC = block(x_BlC, mod, cache=cache, text=block_text)
             logits_BlV = self._guided_logits(x_BlC, head_mod, ts[si], B, guided)
             sample_logits = logits_BlV if temps[si] == 1 else logits_BlV / temps[si]
