@@ -152,3 +152,13 @@ def test_explicit_existing_version_is_not_overwritten(toy_conf, capsys):
 def test_missing_checkpoint_is_a_config_error(toy_conf, capsys):
     assert main(["validate", "-c", str(toy_conf), "ckpt_path=/nonexistent/last.ckpt"]) == 2
     assert "ckpt_path" in capsys.readouterr().err
+
+
+def test_constructor_check_is_a_config_error(tmp_path, capsys):
+    """A setting the model itself rejects (here the control stage without a VAR to control) is reported as
+    a config error naming the key, not a traceback through Hydra."""
+    conf = str(ROOT / "conf" / "control.yaml")
+    assert main(["fit", "-c", conf, "model.tokenizer=x.ckpt", f"run.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "model.init_from must name the VAR to control" in err
+    assert not list(tmp_path.iterdir())  # nothing written for a run that never started

@@ -25,21 +25,35 @@ def tokenizer_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def _overrides(name: str, tokenizer_file: str) -> list[str]:
+@pytest.fixture(scope="module")
+def var_file(tokenizer_file, tmp_path_factory) -> str:
+    """A VAR for the demo tokenizer: what conf/control.yaml controls."""
+    from varctl.models.var import VAR, VARConfig
+
+    vae = VQVAE.load(tokenizer_file)
+    fields = {k: getattr(vae.config, k) for k in ("vocab_size", "z_channels", "patch_nums")}
+    path = tmp_path_factory.mktemp("var") / "var.pt"
+    VAR(VARConfig(depth=2, num_classes=10, **fields)).save(path)
+    return str(path)
+
+
+def _overrides(name: str, tokenizer_file: str, var_file: str) -> list[str]:
     extra = ["data.num_train=8", "data.num_val=4", "data.batch_size=2"]
-    if name.startswith("var"):
+    if name != "tokenizer.yaml":
         extra.append(f"model.tokenizer={tokenizer_file}")
+    if name == "control.yaml":
+        extra.append(f"model.init_from={var_file}")
     return extra
 
 
 def test_top_level_files_exist():
-    assert {"tokenizer.yaml", "var.yaml", "var_text.yaml"} <= set(TOP_LEVEL)
+    assert {"tokenizer.yaml", "var.yaml", "var_text.yaml", "control.yaml"} <= set(TOP_LEVEL)
 
 
 @pytest.mark.parametrize("name", TOP_LEVEL)
-def test_top_level_config_instantiates(name, tokenizer_file):
+def test_top_level_config_instantiates(name, tokenizer_file, var_file):
     path = CONF / name
-    data = validate(compose(path, _overrides(name, tokenizer_file)), path)
+    data = validate(compose(path, _overrides(name, tokenizer_file, var_file)), path)
     datamodule = instantiate(data["data"], _convert_="all")
     model = instantiate(data["model"], _convert_="all")
     needs = model.data_requirements()
@@ -48,6 +62,8 @@ def test_top_level_config_instantiates(name, tokenizer_file):
     batch = next(iter(datamodule.train_dataloader()))
     res = needs["resolution"]
     assert batch["image"].shape == (2, 3, res, res)
+    if "control" in needs["keys"]:
+        assert set(model.modalities) <= set(batch["control"])
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
     trainer = instantiate(data["trainer"], _convert_="all", logger=False, enable_checkpointing=False)
     assert trainer.max_steps == data["trainer"]["max_steps"]
@@ -97,6 +113,16 @@ def test_data_options_validate(option, tmp_path):
 def test_missing_mandatory_value_is_named():
     with pytest.raises(ConfigError, match=r"model\.tokenizer must be set"):
         validate(compose(CONF / "var.yaml", []), CONF / "var.yaml")
+
+
+def test_control_keys_are_checked_against_the_var_module_too(tokenizer_file, var_file):
+    """ControlModule forwards **kwargs to VARModule: keys of either are known, a typo is named."""
+    path = CONF / "control.yaml"
+    base = _overrides("control.yaml", tokenizer_file, var_file)
+    with pytest.raises(ConfigError, match=r"unknown argument of .*ControlModule 'model\.lr_scale_by_bach'"):
+        validate(compose(path, [*base, "+model.lr_scale_by_bach=false"]), path)
+    with pytest.raises(ConfigError, match=r"model\.warmup_steps = 'x' \(str\): expected int"):
+        validate(compose(path, [*base, "model.warmup_steps=x"]), path)
 
 
 def test_text_demo_captions_describe_the_demo_scenes():

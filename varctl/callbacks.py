@@ -27,7 +27,8 @@ def save_png(image_CHW: torch.Tensor, path: str | os.PathLike) -> Path:
 
 
 class ImageWriter(BasePredictionWriter):
-    """Write ``predict_step``'s ``{"images": (B,3,H,W) in [0,1], "names": [...]}`` as PNG files."""
+    """Write ``predict_step``'s ``{"images": (B,3,H,W) in [0,1], "names": [...]}`` as PNG files; optional
+    ``"extras": {suffix: (B,3,H,W)}`` (e.g. the controls beside a sample) go to ``<name>_<suffix>.png``."""
 
     def __init__(self, output_dir: str | os.PathLike):
         super().__init__(write_interval="batch")
@@ -45,7 +46,15 @@ class ImageWriter(BasePredictionWriter):
         names = prediction.get("names") or [f"{i:03d}" for i in range(len(images))]
         if len(names) != len(images):
             raise ValueError(f"predict_step returned {len(images)} images but {len(names)} names")
+        extras = prediction.get("extras") or {}
+        for suffix, extra in extras.items():
+            if len(extra) != len(images):
+                raise ValueError(
+                    f"predict_step returned {len(images)} images but {len(extra)} '{suffix}' extras"
+                )
         rank = f"r{trainer.global_rank}_" if trainer.world_size > 1 else ""
-        for image, name in zip(images, names):
-            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))[:120]
-            save_png(image, self.output_dir / f"{rank}b{batch_idx:05d}_{safe}.png")
+        for i, (image, name) in enumerate(zip(images, names)):
+            stem = f"{rank}b{batch_idx:05d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))[:120]
+            save_png(image, self.output_dir / f"{stem}.png")
+            for suffix, extra in extras.items():
+                save_png(extra[i], self.output_dir / f"{stem}_{suffix}.png")

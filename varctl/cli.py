@@ -111,6 +111,23 @@ def _fresh(path: Path) -> Path:
     return candidate
 
 
+def _build(data: dict, key: str, config_file: str | Path):
+    """Instantiate ``data[key]``; a constructor's own check of its settings (ValueError, FileNotFoundError:
+    messages that name the key) becomes a ConfigError instead of a traceback through Hydra."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from varctl.config import ConfigError
+
+    try:
+        return instantiate(data[key], _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise ConfigError(f"{config_file}: {key}: {cause}") from cause
+        raise
+
+
 def run(command: str, data: dict, config_file: str | Path):
     """Build data, model and trainer from a validated config and run ``command``; returns the trainer."""
     previous = os.environ.get(RUN_VERSION_ENV)
@@ -141,8 +158,8 @@ def _run(command: str, data: dict, config_file: str | Path):
     logger = TensorBoardLogger(save_dir=root, name=name, version=version, default_hp_metric=False)
     log_dir = Path(logger.log_dir)
 
-    datamodule = instantiate(data["data"], _convert_="all")
-    model = instantiate(data["model"], _convert_="all")
+    datamodule = _build(data, "data", config_file)
+    model = _build(data, "model", config_file)
     if not hasattr(model, "data_requirements") or not hasattr(datamodule, "connect"):
         raise ConfigError(
             f"{config_file}: model must define data_requirements() and data must define connect()"

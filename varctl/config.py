@@ -167,15 +167,36 @@ def locate(target: str, where: str, path: str | Path) -> Any:
         raise ConfigError(f"{path}: {where}._target_ = '{target}' cannot be imported: {e}") from None
 
 
+OWN_PACKAGES = ("varctl.", "datamodules.")  # their **kwargs are forwarded to the base class (checked there)
+
+
+def _signature(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """(parameters, type hints) of a target; for this project's classes whose ``__init__`` forwards
+    ``**kwargs`` to the base class, the base classes' parameters join in (nearest class wins)."""
+    params = dict(inspect.signature(obj).parameters)
+    hints = _type_hints(obj)
+    if not (inspect.isclass(obj) and obj.__module__.startswith(OWN_PACKAGES)):
+        return params, hints
+    for base in obj.__mro__[1:]:
+        kwargs = [k for k, p in params.items() if p.kind is p.VAR_KEYWORD]
+        if not kwargs or not base.__module__.startswith(OWN_PACKAGES) or "__init__" not in vars(base):
+            break
+        del params[kwargs[0]]
+        base_params = inspect.signature(base.__init__).parameters
+        for k, p in list(base_params.items())[1:]:  # without self
+            params.setdefault(k, p)
+        for k, v in _type_hints(base).items():
+            hints.setdefault(k, v)
+    return params, hints
+
+
 def _check_target(node: dict, where: str, path: str | Path) -> None:
     obj = locate(node["_target_"], where, path)
     try:
-        sig = inspect.signature(obj)
+        params, hints = _signature(obj)
     except (TypeError, ValueError):
         return
-    params = sig.parameters
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    hints = _type_hints(obj)
     for key, value in node.items():
         if key in HYDRA_META:
             continue

@@ -172,7 +172,7 @@ class VARModule(L.LightningModule):
             derived.update(text_dim=enc.width, text_len=enc.context_length, text_pooled_dim=enc.embed_dim)
         elif text_encoder:
             rank_zero_warn("model.text_encoder is ignored: model.condition='class'")
-        self.var = build_var(var, init_from, self.vae, derived)
+        self.var = self.wrap_model(build_var(var, init_from, self.vae, derived))
         check_vae_fits(self.var.config, self.vae)
         if self.text_encoder is not None:
             self.var.set_null_text(self.text_encoder.empty())
@@ -185,6 +185,14 @@ class VARModule(L.LightningModule):
         self._ema_step = 0
 
     # ------------------------------------------------------------------ wiring
+    def wrap_model(self, var: VAR) -> torch.nn.Module:
+        """The module to train around the built VAR (subclasses add branches; here the VAR itself)."""
+        return var
+
+    def model_inputs(self, batch: dict) -> dict[str, Any]:
+        """Extra keyword arguments of the trained module's forward and generate for ``batch`` (none here)."""
+        return {}
+
     def data_requirements(self) -> dict[str, Any]:
         keys = ("image", "label") if self.hparams.condition == "class" else ("image", "caption")
         return {"resolution": self.vae.config.resolution, "keys": keys}
@@ -301,7 +309,7 @@ class VARModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         target_BL, x_BLCv = self.tokenize(batch["image"])
-        logits_BLV = self.var(self.condition(batch), x_BLCv)
+        logits_BLV = self.var(self.condition(batch), x_BLCv, **self.model_inputs(batch))
         loss_BL, correct_BL = self._token_losses(logits_BLV, target_BL, self.hparams.label_smoothing)
         loss = loss_BL.mean()
         B = target_BL.shape[0]
@@ -330,7 +338,7 @@ class VARModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: dict, metrics: ScaleMetrics) -> None:
         target_BL, x_BLCv = self.tokenize(batch["image"])
-        logits_BLV = self.eval_var(self.condition(batch), x_BLCv)
+        logits_BLV = self.eval_var(self.condition(batch), x_BLCv, **self.model_inputs(batch))
         metrics.update(*self._token_losses(logits_BLV, target_BL, 0.0))
 
     def _log_metrics(self, stage: str, metrics: ScaleMetrics) -> None:
@@ -341,7 +349,7 @@ class VARModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
         if batch_idx == 0 and self._images_due():
-            self._log_samples()
+            self._log_samples(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
@@ -369,7 +377,7 @@ class VARModule(L.LightningModule):
         n = min(hp.num_sample_classes, self.var.config.num_classes)
         return torch.arange(n, device=self.device), [self._class_name(i) for i in range(n)]
 
-    def _log_samples(self) -> None:
+    def _log_samples(self, batch: dict) -> None:
         """TensorBoard grid: a row per condition, coarse to fine from left to right."""
         hp = self.hparams
         cond, names = self.sample_conditions()
@@ -382,12 +390,14 @@ class VARModule(L.LightningModule):
             return_intermediates=True,
             vae=self.vae,
         )
-        K = len(per_scale)
-        tiles = torch.stack(per_scale, dim=1).flatten(0, 1)  # (B * K, 3, H, W), row-major: condition, scale
-        grid = torchvision.utils.make_grid(tiles.float().clamp(0, 1).cpu(), nrow=K, padding=1)
+        self._add_grid("val/samples_text" if hp.condition == "text" else "val/samples", per_scale, names)
+
+    def _add_grid(self, tag: str, columns: list[torch.Tensor], names: list[str]) -> None:
+        """A grid with one row per sample and one column per tensor of ``columns`` (each (B, 3, H, W))."""
+        tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (B * K, 3, H, W), row-major: sample, column
+        grid = torchvision.utils.make_grid(tiles.float().clamp(0, 1).cpu(), nrow=len(columns), padding=1)
         self._last_image_step = self.global_step
         if self.trainer.is_global_zero:  # every rank sampled: sharded models need all of them
-            tag = "val/samples_text" if hp.condition == "text" else "val/samples"
             self.logger.experiment.add_image(tag, grid, self.global_step)
             self.logger.experiment.add_text(
                 f"{tag}_rows", "  \n".join(f"{i}: {n}" for i, n in enumerate(names)), self.global_step

@@ -211,3 +211,31 @@ class ControlBranch(nn.Module):
 
 def _groups(channels: int) -> int:
     return math.gcd(channels, 32)
+
+
+class ControlledVAR(nn.Module):
+    """A VAR and its control branch as one module, the unit the control stage trains and averages:
+    ``forward`` and ``generate`` take the batch's control maps (modality -> (B, 1, H, W))."""
+
+    def __init__(self, var: nn.Module, control: ControlBranch):
+        super().__init__()
+        self.var, self.control = var, control
+
+    @property
+    def config(self):
+        return self.var.config
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.var.blocks
+
+    def set_null_text(self, null) -> None:
+        self.var.set_null_text(null)
+
+    def forward(self, cond, x_BLCv_wo_first_l: torch.Tensor, control_maps: dict) -> torch.Tensor:
+        return self.var(cond, x_BLCv_wo_first_l, control=self.control.encode(control_maps))
+
+    @torch.no_grad()
+    def generate(self, cond, *, control_maps: dict, **kwargs):
+        """``VAR.generate`` (same arguments) under the control of ``control_maps``."""
+        return self.var.generate(cond, control=self.control.encode(control_maps), **kwargs)
