@@ -189,6 +189,11 @@ def test_validation_scores_samples_and_logs_the_grid(trained, tmp_path):
     for key in ("val/edges_f1", "val_shuffled/edges_f1"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert math.isfinite(metrics["val/loss"])
+    # the test split (here the val scenes again) is scored the same way: the same seeds, the same numbers
+    tested = make_trainer(tmp_path, limit_test_batches=1).test(m, dm, verbose=False)[0]
+    assert tested["test/edges_f1"] == pytest.approx(metrics["val/edges_f1"], abs=1e-6)
+    assert tested["test_shuffled/edges_f1"] == pytest.approx(metrics["val_shuffled/edges_f1"], abs=1e-6)
+    assert tested["test/loss"] == pytest.approx(metrics["val/loss"], abs=1e-6)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     image = EventAccumulator(logger.log_dir).Reload().Images("val/control_samples")[-1]

@@ -113,16 +113,17 @@ class ControlModule(VARModule):
                 "model.train_backbone=false; or set model.train_backbone=true to train a VAR from scratch"
             )
         super().__init__(tokenizer, **kwargs)
-        modalities = self.var.control.config.modalities
-        self.control_metrics = torch.nn.ModuleDict(
-            build_control_metrics(
-                modalities, metric_annotators, self.var.control.config.num_segments, metric_edge_thresholds
-            )
-        )
-        self.shuffled_metrics = torch.nn.ModuleDict(
-            build_control_metrics(
-                modalities, metric_annotators, self.var.control.config.num_segments, metric_edge_thresholds
-            )
+        cc = self.var.control.config
+        # per stage: samples scored against their own controls, and against another image's (the baseline)
+        self.scores = torch.nn.ModuleDict(
+            {
+                name: torch.nn.ModuleDict(
+                    build_control_metrics(
+                        cc.modalities, metric_annotators, cc.num_segments, metric_edge_thresholds
+                    )
+                )
+                for name in ("val", "val_shuffled", "test", "test_shuffled")
+            }
         )
 
     def wrap_model(self, var: VAR) -> ControlledVAR:
@@ -179,33 +180,46 @@ class ControlModule(VARModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        if batch_idx < self.hparams.metric_batches and len(self.control_metrics):
-            self._score(batch, batch_idx)
+        self._score(batch, batch_idx, "val")
 
-    def _score(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        self._score(batch, batch_idx, "test")
+
+    def _score(self, batch: dict, batch_idx: int, stage: str) -> None:
         """Sample for the batch's controls, and for the controls rolled by one image (the baseline)."""
+        if batch_idx >= self.hparams.metric_batches or not len(self.scores[stage]):
+            return
         maps = batch["control"]
         rolled = {m: t.roll(1, dims=0) for m, t in maps.items()}
         real = batch["image"].float().add(1).mul(0.5)
         seed = self.hparams.sample_seed + batch_idx
-        for metrics, controls, reference in (
-            (self.control_metrics, maps, real),
-            (self.shuffled_metrics, rolled, real.roll(1, dims=0)),
+        # the rolled samples are judged against the images and maps whose controls they were given
+        for name, controls, reference in (
+            (stage, maps, real),
+            (f"{stage}_shuffled", rolled, real.roll(1, 0)),
         ):
             images = self._generate(batch, controls, self.hparams.metric_cfg, seed=seed)
-            for name, metric in metrics.items():
-                if name == "edges_f1":
+            for key, metric in self.scores[name].items():
+                if key == "edges_f1":
                     metric.update(images, reference)
                 else:
-                    metric.update(images, controls["depth" if name == "depth_rmse" else "segmentation"])
+                    metric.update(images, controls["depth" if key == "depth_rmse" else "segmentation"])
+
+    def _log_scores(self, stage: str) -> None:
+        for name in (stage, f"{stage}_shuffled"):
+            for key, metric in self.scores[name].items():
+                if metric.update_count:
+                    self.log(f"{name}/{key}", metric.compute())
+                metric.reset()
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        for prefix, metrics in (("val", self.control_metrics), ("val_shuffled", self.shuffled_metrics)):
-            for name, metric in metrics.items():
-                if metric.update_count:
-                    self.log(f"{prefix}/{name}", metric.compute())
-                metric.reset()
+        self._log_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._log_scores("test")
 
     def _log_samples(self, batch: dict) -> None:
         """Rows: val images; columns: their controls, the samples coarse to fine, the real image."""
