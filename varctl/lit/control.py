@@ -6,8 +6,8 @@ checkpoint) predicts them with the control residuals added to every block's inpu
 cross-entropy, condition dropout and optimiser as ``VARModule``. By default only the control branch learns
 (``train_backbone=false``: the backbone's class/text behaviour is kept, as CAR); ``train_backbone=true``
 fine-tunes both (SCALAR's best setting). Validation adds how well samples follow their controls
-(control_metrics.py) beside the same metric for samples drawn with another image's controls, the level a
-model that ignores its controls reaches.
+(control_metrics.py), and the same score for samples drawn with another image's controls: the level that a
+model ignoring its controls would reach on the first.
 
 Legend: B batch, L all tokens, V vocabulary.
 """
@@ -187,24 +187,22 @@ class ControlModule(VARModule):
         self._score(batch, batch_idx, "test")
 
     def _score(self, batch: dict, batch_idx: int, stage: str) -> None:
-        """Sample for the batch's controls, and for the controls rolled by one image (the baseline)."""
+        """Score samples drawn for the batch's controls against the batch's images and maps; then score,
+        against the same images and maps, samples drawn for the controls rolled by one image: a model that
+        ignores its controls scores the same on both, one that follows them scores lower on the second."""
         if batch_idx >= self.hparams.metric_batches or not len(self.scores[stage]):
             return
         maps = batch["control"]
         rolled = {m: t.roll(1, dims=0) for m, t in maps.items()}
         real = batch["image"].float().add(1).mul(0.5)
         seed = self.hparams.sample_seed + batch_idx
-        # the rolled samples are judged against the images and maps whose controls they were given
-        for name, controls, reference in (
-            (stage, maps, real),
-            (f"{stage}_shuffled", rolled, real.roll(1, 0)),
-        ):
+        for name, controls in ((stage, maps), (f"{stage}_shuffled", rolled)):
             images = self._generate(batch, controls, self.hparams.metric_cfg, seed=seed)
             for key, metric in self.scores[name].items():
                 if key == "edges_f1":
-                    metric.update(images, reference)
+                    metric.update(images, real)
                 else:
-                    metric.update(images, controls["depth" if key == "depth_rmse" else "segmentation"])
+                    metric.update(images, maps["depth" if key == "depth_rmse" else "segmentation"])
 
     def _log_scores(self, stage: str) -> None:
         for name in (stage, f"{stage}_shuffled"):
