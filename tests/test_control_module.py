@@ -186,7 +186,7 @@ def test_validation_scores_samples_and_logs_the_grid(trained, tmp_path):
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = make_trainer(tmp_path, limit_val_batches=1, logger=logger)
     metrics = trainer.validate(m, dm, verbose=False)[0]
-    for key in ("val/edges_f1", "val_shuffled/edges_f1"):
+    for key in ("val/edges_f1", "val_shuffled/edges_f1", "val_tokenizer/edges_f1"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert math.isfinite(metrics["val/loss"])
     # the test split (here the val scenes again) is scored the same way: the same seeds, the same numbers

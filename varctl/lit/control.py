@@ -114,7 +114,8 @@ class ControlModule(VARModule):
             )
         super().__init__(tokenizer, **kwargs)
         cc = self.var.control.config
-        # per stage: samples scored against their own controls, and against another image's (the baseline)
+        # per stage: samples for their own controls, for another image's (the no-control level), and the
+        # tokenizer's reconstructions of the real images (the ceiling that the tokenizer allows)
         self.scores = torch.nn.ModuleDict(
             {
                 name: torch.nn.ModuleDict(
@@ -122,7 +123,8 @@ class ControlModule(VARModule):
                         cc.modalities, metric_annotators, cc.num_segments, metric_edge_thresholds
                     )
                 )
-                for name in ("val", "val_shuffled", "test", "test_shuffled")
+                for stage in ("val", "test")
+                for name in (stage, f"{stage}_shuffled", f"{stage}_tokenizer")
             }
         )
 
@@ -189,15 +191,21 @@ class ControlModule(VARModule):
     def _score(self, batch: dict, batch_idx: int, stage: str) -> None:
         """Score samples drawn for the batch's controls against the batch's images and maps; then score,
         against the same images and maps, samples drawn for the controls rolled by one image: a model that
-        ignores its controls scores the same on both, one that follows them scores lower on the second."""
+        ignores its controls scores the same on both, one that follows them scores lower on the second. The
+        tokenizer's reconstructions of the real images give the ceiling."""
         if batch_idx >= self.hparams.metric_batches or not len(self.scores[stage]):
             return
         maps = batch["control"]
         rolled = {m: t.roll(1, dims=0) for m, t in maps.items()}
         real = batch["image"].float().add(1).mul(0.5)
         seed = self.hparams.sample_seed + batch_idx
-        for name, controls in ((stage, maps), (f"{stage}_shuffled", rolled)):
-            images = self._generate(batch, controls, self.hparams.metric_cfg, seed=seed)
+        with torch.no_grad(), torch.autocast(real.device.type, enabled=False):
+            recon = self.vae.idx_to_img(self.vae.img_to_idx(batch["image"].float())).add(1).mul(0.5)
+        for name, images in (
+            (stage, self._generate(batch, maps, self.hparams.metric_cfg, seed=seed)),
+            (f"{stage}_shuffled", self._generate(batch, rolled, self.hparams.metric_cfg, seed=seed)),
+            (f"{stage}_tokenizer", recon),
+        ):
             for key, metric in self.scores[name].items():
                 if key == "edges_f1":
                     metric.update(images, real)
@@ -205,7 +213,7 @@ class ControlModule(VARModule):
                     metric.update(images, maps["depth" if key == "depth_rmse" else "segmentation"])
 
     def _log_scores(self, stage: str) -> None:
-        for name in (stage, f"{stage}_shuffled"):
+        for name in (stage, f"{stage}_shuffled", f"{stage}_tokenizer"):
             for key, metric in self.scores[name].items():
                 if metric.update_count:
                     self.log(f"{name}/{key}", metric.compute())
