@@ -163,11 +163,6 @@ class ControlModule(VARModule):
             return torch.where(labels < 0, torch.full_like(labels, self.var.config.num_classes), labels)
         return super().condition(batch)
 
-    def _check_classes(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if getattr(dm, "num_classes", None) is not None:
-            super()._check_classes()
-
     # ------------------------------------------------------------------ evaluation
     def _generate(self, batch: dict, maps: dict, cfg: float, **kwargs):
         return self.eval_var.generate(
