@@ -307,3 +307,35 @@ def test_two_cpu_processes(files, tmp_path, strategy):
     assert result["loaded"] == pytest.approx(result["rank_sums"][0], rel=1e-9)
     assert result["ckpt_sum"] == result["base_sum"]  # frozen backbone
     assert 0.0 <= result["f1"] <= 1.0 and 0.0 <= result["f1_shuffled"] <= 1.0
+
+
+def test_text_conditioned_control(files, tmp_path):
+    """A branch on a text VAR: the caption conditions (and is dropped for guidance), the edges control."""
+    text_encoder = {"name": "ViT-B-32", "pretrained": None,
+                    "model_cfg": {"embed_dim": 32, "text_cfg": {"width": 32, "heads": 2, "layers": 1,
+                                                                "context_length": 24}}}  # fmt: skip
+    base = VARModule(
+        files[0],
+        condition="text",
+        text_encoder=text_encoder,
+        var={"depth": 2, "embed_dim": 64, "num_heads": 2},
+        log_images_every_n_steps=0,
+    )
+    with torch.no_grad():  # a fresh text VAR ignores the text (zero-init cross-attention): perturb it
+        for p in base.var.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    var_file = str(base.var.save(tmp_path / "text_var.pt"))
+    torch.manual_seed(0)
+    m = make_control((files[0], var_file), condition="text", text_encoder=text_encoder, metric_batches=1,
+                     log_images_every_n_steps=1, num_sample_images=2)  # fmt: skip
+    assert m.data_requirements()["keys"] == ("image", "caption", "control")
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, logger=logger)
+    trainer.fit(m, make_data(m, batch_size=4))
+    assert math.isfinite(trainer.callback_metrics["val/loss"]) and "val/edges_f1" in trainer.callback_metrics
+    batch = next(iter(make_data(m, batch_size=4).val_dataloader()))
+    images = m._generate(batch, batch["control"], 1.5, seed=0)
+    again = m._generate(batch, batch["control"], 1.5, seed=0)
+    other = m._generate({**batch, "caption": [""] * 4}, batch["control"], 1.5, seed=0)
+    assert torch.equal(images, again) and images.shape == (4, 3, 32, 32)
+    assert (images - other).abs().mean() > 1e-4  # the caption matters
