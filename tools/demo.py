@@ -78,9 +78,9 @@ def main() -> None:
         scored = stage("validate", "control.yaml", [f"ckpt_path={ckpt}", *scoring, *control_overrides])
         m = scored.callback_metrics
         print(
-            f"[demo] control: edge F1 of samples vs. their real images {float(m['val/edges_f1']):.3f}; "
-            f"of samples given other images' edges {float(m['val_shuffled/edges_f1']):.3f} (no control); of the "
-            f"tokenizer's reconstructions {float(m['val_tokenizer/edges_f1']):.3f} (the ceiling)",
+            f"[demo] control: edge F1 of samples vs. their real images {float(m['val/edges_f1']):.3f}; of "
+            f"samples given other images' edges {float(m['val_shuffled/edges_f1']):.3f} (no control); of "
+            f"the tokenizer's reconstructions {float(m['val_tokenizer/edges_f1']):.3f} (the ceiling)",
             flush=True,
         )
         stage("predict", "control.yaml", [f"ckpt_path={ckpt}", *control_overrides])
