@@ -5,9 +5,11 @@ the same process, interleaved with varctl's runs (so both see the same machine l
 largest image difference are printed. The official tree is exported with ``git archive`` to a temporary
 directory; a missing ``huggingface_hub`` (only imported for a Hub mixin) is stubbed in ``sys.modules`` here.
 With ``--bf16`` varctl also runs under ``torch.autocast(dtype=torch.bfloat16)`` on the same device (fast on
-CPUs with AVX512-BF16/AMX and on GPUs), interleaved too, with its image difference from float32.
+CPUs with AVX512-BF16/AMX and on GPUs), interleaved too, with its image difference from float32 (the sampled
+tokens may differ). With ``--control`` it also times sampling under an edge control branch (random weights):
+the cost of control. Times are medians over ``--repeats`` runs after a warm-up; ratios are to varctl float32.
 
-    python tools/bench_sample.py [--official /work/.mirror/FoundationVision+VAR/repo] [--bf16] [--repeats 2]
+    python tools/bench_sample.py [--official /work/.mirror/FoundationVision+VAR/repo] [--bf16] [--control]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import types
 
 import torch
 
+from varctl.models.control import ControlBranch, ControlConfig
 from varctl.models.var import VAR, VARConfig
 from varctl.models.vqvae import VQVAE, VQVAEConfig
 
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--bf16", action="store_true", help="also time varctl under bf16 autocast")
+    parser.add_argument("--control", action="store_true", help="also time varctl with an edge control branch")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the official code: CPU only)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -114,10 +118,23 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         official = load_official(args.official, tmp, vae, var) if args.official else None
         sample = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+        branch = None
+        if args.control:  # a random (non-zero) edge branch: the cost of control, not its quality
+            branch = ControlBranch(ControlConfig.for_var(var.config, vae.config.resolution)).to(args.device)
+            with torch.no_grad():
+                for p in branch.parameters():
+                    p.normal_(0, 0.02)
 
-        def ours(B: int, seed: int, bf16: bool = False):
+        def ours(B: int, seed: int, bf16: bool = False, control: bool = False):
+            kwargs = {}
+            if control:
+                res = vae.config.resolution
+                edges = (
+                    torch.rand(B, 1, res, res, generator=torch.Generator().manual_seed(seed)) > 0.9
+                ).float()
+                kwargs["control"] = branch.encode({"edges": edges.to(args.device)})
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
-                images = var.generate(torch.arange(B) * 7, seed=seed, **sample)
+                images = var.generate(torch.arange(B) * 7, seed=seed, **sample, **kwargs)
             if args.device == "cuda":
                 torch.cuda.synchronize()
             return images.cpu()
@@ -128,38 +145,40 @@ def main(argv: list[str] | None = None) -> None:
                     B=B, label_B=torch.arange(B) * 7, g_seed=seed, **sample
                 )
 
-        timed(lambda: ours(1, 0))  # warm-up (allocator, oneDNN primitives)
+        # name -> (sampler, how its images compare with varctl's float32 ones)
+        variants = {"varctl": (ours, None)}
         if official is not None:
-            timed(lambda: theirs(1, 0))
+            variants["official"] = (theirs, "max")
         if args.bf16:
-            timed(lambda: ours(1, 0, bf16=True))
+            variants["varctl bf16"] = (lambda B, seed: ours(B, seed, bf16=True), "mean")
+        if branch is not None:
+            variants["varctl + control"] = (lambda B, seed: ours(B, seed, control=True), None)
+        for fn, _ in variants.values():
+            timed(lambda fn=fn: fn(1, 0))  # warm-up (allocator, oneDNN primitives)
         for B in args.batch_sizes:
-            t_ours, t_off, t_bf16, diff, diff_bf16 = [], [], [], 0.0, 0.0
-            for r in range(args.repeats):  # interleaved, so both see the same machine load
-                t, img = timed(lambda B=B, r=r: ours(B, 100 + r))
-                t_ours.append(t)
-                if official is not None:
-                    t, img_off = timed(lambda B=B, r=r: theirs(B, 100 + r))
-                    t_off.append(t)
-                    diff = max(diff, (img - img_off).abs().max().item())
-                if args.bf16:
-                    t, img_bf16 = timed(lambda B=B, r=r: ours(B, 100 + r, bf16=True))
-                    t_bf16.append(t)
-                    diff_bf16 = max(diff_bf16, (img - img_bf16).abs().mean().item())
-            line = f"B={B}: varctl median {statistics.median(t_ours):.2f}s min {min(t_ours):.2f}s"
-            if t_off:
-                line += (
-                    f" | official median {statistics.median(t_off):.2f}s min {min(t_off):.2f}s"
-                    f" | official/varctl {statistics.median(t_off) / statistics.median(t_ours):.2f}x"
-                    f" (min/min {min(t_off) / min(t_ours):.2f}x) | max |img diff| {diff:.2e}"
-                )
-            if t_bf16:
-                line += (
-                    f" | varctl bf16 median {statistics.median(t_bf16):.2f}s, float32/bf16 "
-                    f"{statistics.median(t_ours) / statistics.median(t_bf16):.2f}x, mean |img diff| "
-                    f"{diff_bf16:.2e} (sampled tokens may differ)"
-                )
-            print(line, flush=True)
+            times = {name: [] for name in variants}
+            diffs = dict.fromkeys(variants, 0.0)
+            for r in range(args.repeats):  # interleaved, so all see the same machine load
+                reference = None
+                for name, (fn, compare) in variants.items():
+                    t, img = timed(lambda fn=fn, B=B, r=r: fn(B, 100 + r))
+                    times[name].append(t)
+                    reference = img if reference is None else reference
+                    if compare == "max":
+                        diffs[name] = max(diffs[name], (img - reference).abs().max().item())
+                    elif compare == "mean":
+                        diffs[name] = max(diffs[name], (img - reference).abs().mean().item())
+            base = statistics.median(times["varctl"])
+            parts = []
+            for name, (_, compare) in variants.items():
+                med = statistics.median(times[name])
+                part = f"{name} median {med:.2f}s min {min(times[name]):.2f}s"
+                if name != "varctl":
+                    part += f" ({med / base:.2f}x varctl's time)"
+                if compare is not None:
+                    part += f", {compare} |img diff| {diffs[name]:.2e}"
+                parts.append(part)
+            print(f"B={B}: " + " | ".join(parts), flush=True)
 
 
 if __name__ == "__main__":
