@@ -161,6 +161,26 @@ def test_checkpoint_rebuilds_the_var_and_the_branch(trained, files):
         make_control(files, control_init_from=str(ckpt), control={**BRANCH, "feature_dim": 16})
 
 
+def test_ema_of_the_branch_is_saved_and_used(files, tmp_path):
+    torch.manual_seed(0)
+    m = make_control(files, ema_decay=0.5, lr=1e-2)
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(m, make_data(m))
+    ckpt = tmp_path / "ema.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert m.eval_var is m.var_ema.module
+    averaged, trained = ControlBranch.load(ckpt, ema=True), ControlBranch.load(ckpt)
+    assert torch.equal(averaged.proj_weight, m.var_ema.module.control.proj_weight)
+    assert torch.equal(trained.proj_weight, m.var.control.proj_weight)
+    assert (averaged.proj_weight - trained.proj_weight).abs().max() > 1e-6
+    plain = make_control(files)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(plain, make_data(plain))
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="not 'control_ema'"):
+        ControlBranch.load(tmp_path / "plain.ckpt", ema=True)
+
+
 def test_settings_errors_name_the_key(files, tmp_path):
     with pytest.raises(ValueError, match=r"model\.init_from must name the VAR to control"):
         make_control(files, init_from=None)

@@ -194,9 +194,10 @@ class ControlBranch(nn.Module):
         return io.export_safetensors(KIND, asdict(self.config), self.state_dict(), path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location="cpu") -> ControlBranch:
-        """A varctl control file, a control-stage Lightning checkpoint or a safetensors export."""
-        state_dict, config = io.read_model(path, KIND, map_location)
+    def load(cls, path: str | os.PathLike, map_location="cpu", ema: bool = False) -> ControlBranch:
+        """A varctl control file, a control-stage Lightning checkpoint or a safetensors export; ``ema=True``
+        reads the averaged branch of a checkpoint trained with ``model.ema_decay > 0``."""
+        state_dict, config = io.read_model(path, f"{KIND}_ema" if ema else KIND, map_location)
         if config is None:
             raise ValueError(f"{path}: no control config (expected a file written by varctl)")
         model = cls(ControlConfig.from_dict(config, str(path)))
