@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import perturbed
 
 from varctl.models.control import ControlBranch, ControlConfig, control_input
 
@@ -16,14 +17,6 @@ def make_branch(var, **fields) -> ControlBranch:
     fields.setdefault("width", 8)
     fields.setdefault("feature_dim", 16)
     return ControlBranch(ControlConfig.for_var(var.config, resolution=64, **fields))
-
-
-def randomise(branch: ControlBranch, seed: int = 0) -> ControlBranch:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in branch.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return branch
 
 
 def maps_for(B: int, seed: int = 0, size: int = 64, num_segments: int = 16) -> dict[str, torch.Tensor]:
@@ -73,7 +66,7 @@ def test_residuals_change_logits_only_from_their_scale_on(var, golden):
 
 def test_control_maps_drive_the_logits(var, golden):
     labels, x = golden["labels"], golden["x_BLCv_wo_first_l"]
-    branch = randomise(make_branch(var, modalities=["edges", "depth", "segmentation"]))
+    branch = perturbed(make_branch(var, modalities=["edges", "depth", "segmentation"]))
     with torch.no_grad():
         a = var(labels, x, control=branch.encode(maps_for(4, seed=0)))
         again = var(labels, x, control=branch.encode(maps_for(4, seed=0)))
@@ -87,7 +80,7 @@ def test_kv_cache_sampling_sees_the_teacher_forcing_residuals(var, vae, golden, 
     """Each scale's guided logits during generate equal teacher forcing on the sampled tokens, with the same
     control in the conditional and the null half."""
     labels = golden["labels"][:2]
-    branch = randomise(make_branch(var, modalities=["edges", "depth"]))
+    branch = perturbed(make_branch(var, modalities=["edges", "depth"]))
     control = branch.encode(maps_for(2, seed=3))
     rec = []
     var.generate(
@@ -139,7 +132,7 @@ def test_mismatched_branch_or_batch_is_named(var, golden):
 
 
 def test_save_load_and_safetensors_round_trip(var, golden, tmp_path):
-    branch = randomise(make_branch(var, modalities=["depth"]))
+    branch = perturbed(make_branch(var, modalities=["depth"]))
     control_maps = maps_for(4)
     with torch.no_grad():
         expected = var(golden["labels"], golden["x_BLCv_wo_first_l"], control=branch.encode(control_maps))

@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import perturbed
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
@@ -341,9 +342,7 @@ def test_text_conditioned_control(files, tmp_path):
         var={"depth": 2, "embed_dim": 64, "num_heads": 2},
         log_images_every_n_steps=0,
     )
-    with torch.no_grad():  # a fresh text VAR ignores the text (zero-init cross-attention): perturb it
-        for p in base.var.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturbed(base.var)  # a fresh text VAR ignores the text (zero-init cross-attention)
     var_file = str(base.var.save(tmp_path / "text_var.pt"))
     torch.manual_seed(0)
     m = make_control((files[0], var_file), condition="text", text_encoder=text_encoder, metric_batches=1,

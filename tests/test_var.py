@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from helpers import PATCH_NUMS, TINY
+from helpers import PATCH_NUMS, TINY, perturbed
 
 from varctl.models import VAR, VARConfig
 from varctl.models.sampling import filter_logits, guidance_schedule
@@ -17,15 +17,6 @@ from varctl.models.vqvae import VQVAE, VQVAEConfig
 
 TEXT = dict(condition="text", text_dim=24, text_len=6, text_pooled_dim=20)
 # golden, vae (tiny official VQVAE) and var (tiny official VAR): fixtures of conftest.py
-
-
-def _perturbed(model: VAR, seed: int = 0) -> VAR:
-    """Add noise to every parameter so zero-initialised parts (cross-attention) matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def _text(B: int, T: int = 5, seed: int = 0) -> TextCondition:
@@ -39,7 +30,7 @@ def _text_var(vae, perturb: bool = True) -> VAR:
     torch.manual_seed(0)
     model = VAR(VARConfig.from_name("tiny", **TEXT), vae)
     if perturb:
-        _perturbed(model)
+        perturbed(model)
     model.set_null_text(
         TextCondition(torch.randn(1, 20), torch.randn(1, 2, 24), torch.ones(1, 2, dtype=torch.bool))
     )
@@ -224,7 +215,7 @@ def test_fresh_text_model_ignores_tokens(vae, golden):
     b = TextCondition(a.pooled_BE, b.tokens_BTE, torch.ones_like(b.mask_BT))
     with torch.no_grad():
         assert torch.equal(model(a, x), model(b, x))
-        _perturbed(model)
+        perturbed(model)
         assert (model(a, x) - model(b, x)).abs().max() > 1e-3
 
 
@@ -274,7 +265,7 @@ def test_save_load_round_trips(var, vae, golden, tmp_path):
 def test_load_ema_weights(var, vae, golden, tmp_path):
     """``load(ema=True)`` reads the EMA entry of a varctl Lightning checkpoint (as varctl/lit/var.py writes
     it), ``ema=False`` the trained weights; files without EMA weights are an error naming the file."""
-    ema = _perturbed(VAR.from_official(os.path.join(TINY, "var.pt"), vae), seed=1).eval()  # stand-in average
+    ema = perturbed(VAR.from_official(os.path.join(TINY, "var.pt"), vae), seed=1).eval()  # stand-in average
     config = asdict(var.config)
     ckpt = {
         "state_dict": {f"var.{k}": v for k, v in var.state_dict().items()}
@@ -315,7 +306,7 @@ def test_text_model_round_trip(vae, tmp_path):
 
 
 def test_shared_aln_read_off_the_tensors(golden):
-    model = _perturbed(VAR(VARConfig.from_name("tiny", shared_aln=True))).eval()
+    model = perturbed(VAR(VARConfig.from_name("tiny", shared_aln=True))).eval()
     assert "shared_ada_lin.1.weight" in model.state_dict() and "blocks.0.ada_gss" in model.state_dict()
     loaded = VAR.from_official(model.state_dict(), None, patch_nums=PATCH_NUMS).eval()
     assert loaded.config.shared_aln
