@@ -1,4 +1,4 @@
-"""LightningDataModules shared by the tokenizer, VAR and control stages; all yield the CONTRACTS.md batch.
+"""LightningDataModules shared by the tokenizer, VAR and control stages; all yield the dict batch of base.py.
 
 - SyntheticDataModule: procedural shapes with labels, captions and exact control maps (no files).
 - ClassFolderDataModule: ImageFolder layout (root/<class>/*.jpg).

@@ -1,9 +1,10 @@
 """Base LightningDataModule shared by the tokenizer, VAR and control stages.
 
-Every datamodule yields the dict batch of CONTRACTS.md: `image` float (B,3,H,W) in [-1,1], `label` int64 (B,),
-`caption` list[str], `control` dict modality -> (B,C,H,W). The model states its needs once through
-`connect(resolution, keys)` (litgpt's pattern); captions and control maps are only computed when asked for,
-but every batch still carries all four keys (empty defaults) so each stage sees the same dict.
+Every datamodule yields one dict batch, the contract of every stage (README, "Data"): `image` float
+(B,3,H,W) in [-1,1], `label` int64 (B,), `caption` list[str], `control` dict modality -> (B,C,H,W). The
+model states its needs once through `connect(resolution, keys)` (litgpt's pattern); captions and control
+maps are only computed when asked for, but every batch still carries all four keys (empty defaults) so each
+stage sees the same dict.
 """
 
 from __future__ import annotations

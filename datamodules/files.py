@@ -2,7 +2,7 @@
 
 A split is a list of `Record`s. `FileDataset` loads an image, resizes and crops it, loads or annotates the
 requested control maps through the same crop box, flips everything together (train only) and returns the
-per-sample dict that `transforms.collate` stacks into the batch of CONTRACTS.md.
+per-sample dict that `transforms.collate` stacks into the dict batch of base.py.
 """
 
 from __future__ import annotations

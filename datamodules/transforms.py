@@ -173,7 +173,7 @@ def flip_decision(probability: float) -> bool:
 
 
 def collate(samples: list[Mapping]) -> dict:
-    """Stack per-sample dicts into the batch of CONTRACTS.md (image, label, caption, control)."""
+    """Stack per-sample dicts into the dict batch of base.py (image, label, caption, control)."""
     control_keys = list(samples[0]["control"])
     for s in samples:
         if list(s["control"]) != control_keys:

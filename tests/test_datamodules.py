@@ -1,4 +1,4 @@
-"""DataModules: the CONTRACTS batch, connect(), file layouts, control-map files, annotators and errors."""
+"""DataModules: the dict batch, connect(), file layouts, control-map files, annotators and errors."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ CPUs with AVX512-BF16/AMX and on GPUs), interleaved too, with its image differen
 tokens may differ). With ``--control`` it also times sampling under an edge control branch (random weights):
 the cost of control. Times are medians over ``--repeats`` runs after a warm-up; ratios are to varctl float32.
 
-    python tools/bench_sample.py [--official /work/.mirror/FoundationVision+VAR/repo] [--bf16] [--control]
+    python tools/bench_sample.py [--official PATH_TO_VAR_GIT_DIR] [--bf16] [--control]
 """
 
 from __future__ import annotations
