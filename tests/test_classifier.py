@@ -12,7 +12,7 @@ import torch
 
 from datamodules.synthetic import CLASS_NAMES, VAL_OFFSET, SyntheticShapes
 from varctl.callbacks import save_png
-from varctl.classifier import (
+from varctl.metrics.classifier import (
     accuracy,
     class_names_from_files,
     colour_jitter,

@@ -9,8 +9,8 @@ import torch
 from hydra.utils import instantiate
 
 from datamodules.scenes import CLASS_NAMES
-from varctl.classifier import class_names_from_files
-from varctl.config import ConfigError, compose, validate
+from varctl.cli.config import ConfigError, compose, validate
+from varctl.metrics.classifier import class_names_from_files
 from varctl.models.vqvae import VQVAE, VQVAEConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -115,23 +115,34 @@ def test_missing_mandatory_value_is_named():
         validate(compose(CONF / "var.yaml", []), CONF / "var.yaml")
 
 
-def test_control_keys_are_checked_against_the_var_module_too(tokenizer_file, var_file):
-    """ControlModule forwards **kwargs to VARModule: keys of either are known, a typo is named."""
+def test_settings_sections_are_checked_like_arguments(tokenizer_file, var_file):
+    """The grouped settings (model.optimizer, model.scores, ...) are checked key by key and type by type
+    against their dataclasses, before anything is built; the control stage's signature is explicit."""
     path = CONF / "control.yaml"
     base = _overrides("control.yaml", tokenizer_file, var_file)
-    with pytest.raises(ConfigError, match=r"unknown argument of .*ControlModule 'model\.lr_scale_by_bach'"):
-        validate(compose(path, [*base, "+model.lr_scale_by_bach=false"]), path)
-    with pytest.raises(ConfigError, match=r"model\.warmup_steps = 'x' \(str\): expected int"):
-        validate(compose(path, [*base, "model.warmup_steps=x"]), path)
+    validate(compose(path, base), path)
+    with pytest.raises(ConfigError, match=r"unknown argument of .*ControlModule 'model\.lr'"):
+        validate(compose(path, [*base, "+model.lr=0.1"]), path)
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key of OptimizerSettings 'model\.optimizer\.lr_scale_by_bach'.*lr_scale_by_batch",
+    ):
+        validate(compose(path, [*base, "+model.optimizer.lr_scale_by_bach=false"]), path)
+    with pytest.raises(ConfigError, match=r"model\.optimizer\.warmup_steps = 'x' \(str\): expected int"):
+        validate(compose(path, [*base, "model.optimizer.warmup_steps=x"]), path)
+    with pytest.raises(ConfigError, match=r"model\.scores\.cfg = 'high' \(str\): expected .*float"):
+        validate(compose(path, [*base, "model.scores.cfg=high"]), path)
+    with pytest.raises(ConfigError, match=r"model\.predict\.cfg_schedule = 'cosine'"):
+        validate(compose(path, [*base, "+model.predict.cfg_schedule=cosine"]), path)
 
 
 def test_text_demo_captions_describe_the_demo_scenes():
     """The text demo's captions name one shape each (so its samples can be scored) in the data's palette."""
     cfg = compose(CONF / "var_text.yaml", [])
     model, data = cfg["model"], cfg["data"]
-    captions = list(model["predict_captions"]) + list(model["sample_captions"])
+    captions = list(model["predict"]["captions"]) + list(model["samples"]["captions"])
     labels = class_names_from_files([f"caption_{c}.png" for c in captions], CLASS_NAMES)
-    assert sorted(labels[: len(model["predict_captions"])]) == list(range(len(CLASS_NAMES)))
+    assert sorted(labels[: len(model["predict"]["captions"])]) == list(range(len(CLASS_NAMES)))
     for caption, label in zip(captions, labels):
         words = caption.split()
         assert words[words.index(CLASS_NAMES[label]) - 1] in data["shape_colours"], caption

@@ -1,4 +1,4 @@
-"""Control metrics (varctl/control_metrics.py) on images whose answers are known."""
+"""Control metrics (varctl/metrics/control.py) on images whose answers are known."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from varctl.control_metrics import DepthRMSE, EdgeF1, SegmentationMIoU, build_control_metrics
+from varctl.metrics.control import DepthRMSE, EdgeF1, SegmentationMIoU, build_control_metrics
 
 
 def squares(B: int = 2, size: int = 32, offset: int = 0) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_build_control_metrics_only_what_can_be_computed():
         ("edges", "depth", "segmentation"),
         {
             "depth": grey_depth,
-            "segmentation": {"type": "callable", "target": f"{__name__}:threshold_segmenter"},
+            "segmentation": threshold_segmenter,
         },
         16,
     )

@@ -16,8 +16,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from datamodules.synthetic import SyntheticDataModule
-from varctl.callbacks import ImageWriter
+from varctl.callbacks import ImageLogger, ImageWriter
 from varctl.lit.control import ControlModule
+from varctl.lit.settings import Sampling
 from varctl.lit.var import VARModule
 from varctl.models.control import ControlBranch
 from varctl.models.var import VAR
@@ -48,8 +49,8 @@ def make_data(module, num_train=512, batch_size=16, **kw) -> SyntheticDataModule
 
 def make_control(files, **kw) -> ControlModule:
     vae_file, var_file = files
-    args = dict(init_from=var_file, control=BRANCH, lr=1e-3, lr_scale_by_batch=False, warmup_steps=5,
-                decay="constant", log_images_every_n_steps=0, metric_batches=0)  # fmt: skip
+    optimizer = {"lr": kw.pop("lr", 1e-3), "lr_scale_by_batch": False, "warmup_steps": 5, "decay": "constant"}
+    args = dict(init_from=var_file, control=BRANCH, optimizer=optimizer, scores={"batches": 0})
     return ControlModule(vae_file, **{**args, **kw})
 
 
@@ -64,11 +65,7 @@ def files(tmp_path_factory):
     base = VARModule(
         vae_file,
         var={"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2},
-        lr=2e-3,
-        lr_scale_by_batch=False,
-        warmup_steps=5,
-        decay="constant",
-        log_images_every_n_steps=0,
+        optimizer={"lr": 2e-3, "lr_scale_by_batch": False, "warmup_steps": 5, "decay": "constant"},
     )
     make_trainer(root, max_steps=80).fit(base, make_data(base))
     return vae_file, str(base.var.save(root / "var.pt"))
@@ -99,11 +96,11 @@ def val_losses(m: ControlModule, dm, var_file: str) -> dict[str, float]:
     def ce(logits):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_BL.flatten()).item()
 
-    m.var.eval()
+    m.model.eval()
     with torch.no_grad():
         return {
-            "matched": ce(m.var(labels, x, maps)),
-            "rolled": ce(m.var(labels, x, {k: v.roll(1, 0) for k, v in maps.items()})),
+            "matched": ce(m.model(labels, x, maps)),
+            "rolled": ce(m.model(labels, x, {k: v.roll(1, 0) for k, v in maps.items()})),
             "base": ce(VAR.load(var_file).eval()(labels, x)),
         }
 
@@ -115,7 +112,7 @@ def test_fresh_branch_gives_the_base_var_logits(files):
     batch = next(iter(dm.val_dataloader()))
     _, x = m.tokenize(batch["image"])
     with torch.no_grad():
-        ours = m.var.eval()(batch["label"], x, batch["control"])
+        ours = m.model.eval()(batch["label"], x, batch["control"])
         base = VAR.load(files[1]).eval()(batch["label"], x)
     assert torch.equal(ours, base)  # zero-initialised projections add exactly nothing
 
@@ -127,8 +124,8 @@ def test_branch_learns_to_use_the_controls_and_the_backbone_stays(trained, files
     assert losses["matched"] < losses["base"] - 0.005, losses
     assert losses["rolled"] - losses["matched"] > 0.03, losses
     base = VAR.load(files[1])
-    assert all(torch.equal(a, b) for a, b in zip(m.var.var.state_dict().values(), base.state_dict().values()))
-    assert m.var.control.proj_weight.abs().max() > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(m.var.state_dict().values(), base.state_dict().values()))
+    assert m.control.proj_weight.abs().max() > 1e-3
 
 
 def test_train_backbone_updates_both_parts(files, tmp_path):
@@ -136,29 +133,31 @@ def test_train_backbone_updates_both_parts(files, tmp_path):
     m = make_control(files, train_backbone=True)
     make_trainer(tmp_path, max_steps=2).fit(m, make_data(m))
     base = VAR.load(files[1])
-    moved = [k for k, v in base.state_dict().items() if not torch.equal(v, m.var.var.state_dict()[k])]
-    assert len(moved) > 10 and m.var.control.proj_weight.abs().max() > 0
+    moved = [k for k, v in base.state_dict().items() if not torch.equal(v, m.var.state_dict()[k])]
+    assert len(moved) > 10 and m.control.proj_weight.abs().max() > 0
 
 
 # ---------------------------------------------------------------------------------------------- files
 def test_checkpoint_rebuilds_the_var_and_the_branch(trained, files):
     m, dm, ckpt = trained
     var, branch = VAR.load(ckpt).eval(), ControlBranch.load(ckpt)
-    assert branch.config == m.var.control.config
+    assert branch.config == m.control.config
     batch = next(iter(dm.val_dataloader()))
     _, x = m.tokenize(batch["image"])
     with torch.no_grad():
-        expected = m.var.eval()(batch["label"], x, batch["control"])
+        expected = m.model.eval()(batch["label"], x, batch["control"])
         got = var(batch["label"], x, control=branch.encode(batch["control"]))
     assert torch.equal(got, expected)
     again = ControlModule.load_from_checkpoint(ckpt)
     assert all(
-        torch.equal(a, b) for a, b in zip(again.var.state_dict().values(), m.var.state_dict().values())
+        torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), m.model.state_dict().values())
     )
     # continue from the saved branch (e.g. a new run on other data)
     cont = make_control(files, control_init_from=str(ckpt))
-    assert torch.equal(cont.var.control.proj_weight, m.var.control.proj_weight)
-    with pytest.raises(ValueError, match=r"model\.control_init_from=.* does not fit .*feature_dim"):
+    assert torch.equal(cont.control.proj_weight, m.control.proj_weight)
+    with pytest.raises(
+        ValueError, match=r"last\.ckpt: feature_dim=16 conflicts with the file, which has feature_dim=32"
+    ):
         make_control(files, control_init_from=str(ckpt), control={**BRANCH, "feature_dim": 16})
 
 
@@ -169,25 +168,25 @@ def test_ema_of_the_branch_is_saved_and_used(files, tmp_path):
     trainer.fit(m, make_data(m))
     ckpt = tmp_path / "ema.ckpt"
     trainer.save_checkpoint(ckpt)
-    assert m.eval_var is m.var_ema.module
+    assert m.eval_model is m.ema.module
     averaged, trained = ControlBranch.load(ckpt, ema=True), ControlBranch.load(ckpt)
-    assert torch.equal(averaged.proj_weight, m.var_ema.module.control.proj_weight)
-    assert torch.equal(trained.proj_weight, m.var.control.proj_weight)
+    assert torch.equal(averaged.proj_weight, m.ema.module.control.proj_weight)
+    assert torch.equal(trained.proj_weight, m.control.proj_weight)
     assert (averaged.proj_weight - trained.proj_weight).abs().max() > 1e-6
     plain = make_control(files)
     trainer = make_trainer(tmp_path, max_steps=1)
     trainer.fit(plain, make_data(plain))
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
-    with pytest.raises(ValueError, match="not 'control_ema'"):
+    with pytest.raises(ValueError, match=r"plain\.ckpt: no 'control_ema' weights .*ema_decay > 0"):
         ControlBranch.load(tmp_path / "plain.ckpt", ema=True)
 
 
 def test_settings_errors_name_the_key(files, tmp_path):
     with pytest.raises(ValueError, match=r"model\.init_from must name the VAR to control"):
         make_control(files, init_from=None)
-    with pytest.raises(ValueError, match=r"model\.control\.depth is set by the VAR"):
+    with pytest.raises(ValueError, match=r"ControlConfig\.depth=3 conflicts with depth=2, .* VAR"):
         make_control(files, control={**BRANCH, "depth": 3})
-    with pytest.raises(ValueError, match=r"model\.control has unknown keys \['widht'\]"):
+    with pytest.raises(ValueError, match=r"unknown ControlConfig key 'widht'; did you mean 'width'"):
         make_control(files, control={"widht": 3})
     m = make_control(files, control={**BRANCH, "modalities": ["edges", "depth"]})
     with pytest.raises(ValueError, match=r"data\.controls=\['edges'\]: add \['depth'\] to data\.controls"):
@@ -203,9 +202,10 @@ def test_unlabelled_controls_sample_the_null_class(files):
 # ---------------------------------------------------------------------------------------------- evaluation
 def test_validation_scores_samples_and_logs_the_grid(trained, tmp_path):
     m, dm, _ = trained
-    m.hparams.metric_batches, m.hparams.log_images_every_n_steps, m.hparams.num_sample_images = 1, 1, 3
+    m.scoring.batches = 1
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = make_trainer(tmp_path, limit_val_batches=1, logger=logger)
+    grids = ImageLogger(every_n_steps=1, max_images=3)
+    trainer = make_trainer(tmp_path, limit_val_batches=1, logger=logger, callbacks=[grids])
     metrics = trainer.validate(m, dm, verbose=False)[0]
     for key in ("val/edges_f1", "val_shuffled/edges_f1", "val_tokenizer/edges_f1"):
         assert 0.0 <= metrics[key] <= 1.0, key
@@ -247,7 +247,7 @@ def test_predict_writes_each_sample_beside_its_controls(trained, tmp_path):
 def test_conf_control_composes(files, tmp_path):
     from hydra.utils import instantiate
 
-    from varctl.config import compose, validate
+    from varctl.cli.config import compose, validate
 
     path = Path(__file__).resolve().parents[1] / "conf" / "control.yaml"
     overrides = [f"model.tokenizer={files[0]}", f"model.init_from={files[1]}", "data.num_train=8",
@@ -255,7 +255,7 @@ def test_conf_control_composes(files, tmp_path):
     data = validate(compose(path, overrides), path)
     model = instantiate(data["model"], _convert_="all")
     assert isinstance(model, ControlModule) and model.modalities == ("edges",)
-    assert model.var.control.config.feature_dim == 128 and not model.hparams.train_backbone
+    assert model.control.config.feature_dim == 128 and not model.hparams.train_backbone
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -266,14 +266,15 @@ import lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
 from datamodules.synthetic import SyntheticDataModule
 from varctl.lit.control import ControlModule
+from varctl.lit.settings import Sampling
 from varctl.models.control import ControlBranch
 from varctl.models.var import VAR
 
 out, vae_file, var_file, strategy_name = sys.argv[1:5]
 torch.manual_seed(0)
 spec = {"modalities": ["edges"], "width": 8, "feature_dim": 32, "max_width": 32}
-m = ControlModule(vae_file, init_from=var_file, control=spec, lr=1e-3, lr_scale_by_batch=False,
-                  log_images_every_n_steps=0, metric_batches=1)
+m = ControlModule(vae_file, init_from=var_file, control=spec,
+                  optimizer={"lr": 1e-3, "lr_scale_by_batch": False}, scores={"batches": 1})
 dm = SyntheticDataModule(num_train=64, num_val=16, batch_size=4, controls=["edges"])
 dm.connect(**m.data_requirements())
 strategy = "ddp" if strategy_name == "ddp" else ModelParallelStrategy(
@@ -284,7 +285,7 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3
 trainer.fit(m, dm)
 ckpt = os.path.join(out, "control.ckpt")
 trainer.save_checkpoint(ckpt)
-full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in m.var.control.state_dict().items()}
+full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in m.control.state_dict().items()}
 checksum = torch.stack([v.double().sum() for v in full.values()]).sum()
 sums = [torch.zeros((), dtype=torch.float64) for _ in range(2)]
 torch.distributed.all_gather(sums, checksum)
@@ -335,26 +336,23 @@ def test_text_conditioned_control(files, tmp_path):
     text_encoder = {"name": "ViT-B-32", "pretrained": None,
                     "model_cfg": {"embed_dim": 32, "text_cfg": {"width": 32, "heads": 2, "layers": 1,
                                                                 "context_length": 24}}}  # fmt: skip
-    base = VARModule(
-        files[0],
-        condition="text",
-        text_encoder=text_encoder,
-        var={"depth": 2, "embed_dim": 64, "num_heads": 2},
-        log_images_every_n_steps=0,
-    )
+    base = VARModule(files[0], text_encoder=text_encoder, var={"depth": 2, "embed_dim": 64, "num_heads": 2})
     perturbed(base.var)  # a fresh text VAR ignores the text (zero-init cross-attention)
     var_file = str(base.var.save(tmp_path / "text_var.pt"))
     torch.manual_seed(0)
-    m = make_control((files[0], var_file), condition="text", text_encoder=text_encoder, metric_batches=1,
-                     log_images_every_n_steps=1, num_sample_images=2)  # fmt: skip
+    m = make_control((files[0], var_file), text_encoder=text_encoder, scores={"batches": 1})
     assert m.data_requirements()["keys"] == ("image", "caption", "control")
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, logger=logger)
+    grids = ImageLogger(every_n_steps=1, max_images=2)
+    trainer = make_trainer(
+        tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, logger=logger, callbacks=[grids]
+    )
     trainer.fit(m, make_data(m, batch_size=4))
     assert math.isfinite(trainer.callback_metrics["val/loss"]) and "val/edges_f1" in trainer.callback_metrics
     batch = next(iter(make_data(m, batch_size=4).val_dataloader()))
-    images = m._generate(batch, batch["control"], 1.5, seed=0)
-    again = m._generate(batch, batch["control"], 1.5, seed=0)
-    other = m._generate({**batch, "caption": [""] * 4}, batch["control"], 1.5, seed=0)
+    sampling = Sampling(cfg=1.5, seed=0)
+    images = m.generate_for(batch, batch["control"], sampling)
+    again = m.generate_for(batch, batch["control"], sampling)
+    other = m.generate_for({**batch, "caption": [""] * 4}, batch["control"], sampling)
     assert torch.equal(images, again) and images.shape == (4, 3, 32, 32)
     assert (images - other).abs().mean() > 1e-4  # the caption matters

@@ -59,7 +59,7 @@ def test_mixed_precision_fit_on_gpu(tmp_path, precision):
     cfg = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
                       patch_nums=(1, 2, 4))  # fmt: skip
     vae_file = VQVAE(cfg).save(tmp_path / "vae.pt")
-    m = VARModule(str(vae_file), var=TINY_VAR, lr=2e-3, lr_scale_by_batch=False, log_images_every_n_steps=0)
+    m = VARModule(str(vae_file), var=TINY_VAR, optimizer={"lr": 2e-3, "lr_scale_by_batch": False})
     dm = SyntheticDataModule(num_train=64, num_val=16, batch_size=8)
     dm.connect(**m.data_requirements())
     trainer = L.Trainer(

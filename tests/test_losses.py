@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from varctl import losses, metrics
+from varctl.lit import losses
+from varctl.metrics import codebook
 from varctl.models.discriminator import PatchDiscriminator
 
 
@@ -139,18 +140,18 @@ HITS_SV = torch.tensor(
 
 
 def test_usage_perplexity_and_dead_codes_exact():
-    assert metrics.usage(HITS_SV, margin=0.08).tolist() == [50.0, 75.0, 25.0]
+    assert codebook.usage(HITS_SV, margin=0.08).tolist() == [50.0, 75.0, 25.0]
     p = torch.tensor([0.97, 0.01, 0.01, 0.01])
     expected = [2.0, 3.0, math.exp(-(p * p.log()).sum().item())]
-    torch.testing.assert_close(metrics.perplexity(HITS_SV), torch.tensor(expected), rtol=1e-6, atol=0)
-    dead = metrics.dead_codes(HITS_SV, threshold=0.1)
+    torch.testing.assert_close(codebook.perplexity(HITS_SV), torch.tensor(expected), rtol=1e-6, atol=0)
+    dead = codebook.dead_codes(HITS_SV, threshold=0.1)
     assert dead.tolist() == [
         [False, False, True, True],
         [False, False, False, True],
         [False, True, True, True],
     ]
-    assert metrics.dead_everywhere(HITS_SV, threshold=0.1).tolist() == [False, False, False, True]
-    stats = metrics.codebook_stats(HITS_SV, dead_threshold=0.1)
+    assert codebook.dead_everywhere(HITS_SV, threshold=0.1).tolist() == [False, False, False, True]
+    stats = codebook.codebook_stats(HITS_SV, dead_threshold=0.1)
     assert (
         float(stats["usage/s0"]) == 50.0
         and float(stats["dead/s2"]) == 3.0
@@ -159,12 +160,12 @@ def test_usage_perplexity_and_dead_codes_exact():
     assert float(stats["perplexity/s1"]) == pytest.approx(3.0)
     # no hits yet: nothing counts as used or dead, perplexity 0
     zeros = torch.zeros(2, 4)
-    assert metrics.usage(zeros).tolist() == [0.0, 0.0] and metrics.perplexity(zeros).tolist() == [0.0, 0.0]
-    assert not metrics.dead_codes(zeros, 0.1).any()
+    assert codebook.usage(zeros).tolist() == [0.0, 0.0] and codebook.perplexity(zeros).tolist() == [0.0, 0.0]
+    assert not codebook.dead_codes(zeros, 0.1).any()
 
 
 def test_codebook_usage_metric_accumulates_counts():
-    m = metrics.CodebookUsage(num_scales=2, vocab_size=4)
+    m = codebook.CodebookUsage(num_scales=2, vocab_size=4)
     m.update(torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0]]))
     m.update(torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 1]]))
     out = m.compute()

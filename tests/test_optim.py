@@ -1,4 +1,4 @@
-"""AdamW groups, lr scaling and schedule, and the EMA of weights (varctl/optim.py)."""
+"""AdamW groups, lr scaling and schedule, and the EMA of weights (varctl/lit/optim.py)."""
 
 import math
 
@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from varctl.optim import (
-    EMA,
+from varctl.lit.optim import (
+    averaged,
     clean_name,
     lr_factor,
     no_weight_decay_names,
     param_groups,
     scaled_lr,
+    update_average,
     warmup_decay_scheduler,
 )
 
@@ -96,55 +97,62 @@ def test_scheduler_drives_optimizer_lr():
 
 
 def test_ema_math_with_and_without_warmup():
+    """The numbers of the EMA before it became torch's AveragedModel: the initial copy counts as the first
+    average, update k (0-based) decays by min(decay, (1 + k) / (10 + k)) with warmup."""
     src = nn.Linear(2, 1)
     with torch.no_grad():
         src.weight.fill_(0.0)
         src.bias.fill_(0.0)
-    ema = EMA(src, decay=0.9, warmup=False)
+    ema = averaged(src, decay=0.9, warmup=False)
     for target in (1.0, 1.0, 3.0):
         with torch.no_grad():
             src.weight.fill_(target)
-        ema.update(src)
+        update_average(ema, src)
     # 0 -> 0.1 -> 0.19 -> 0.9*0.19 + 0.1*3
     assert ema.module.weight[0, 0].item() == pytest.approx(0.9 * 0.19 + 0.3)
-    assert ema.module.bias.item() == 0.0 and int(ema.num_updates) == 3
+    assert ema.module.bias.item() == 0.0 and int(ema.n_averaged) == 4
     assert not any(p.requires_grad for p in ema.module.parameters())
 
-    warm = EMA(src, decay=0.99, warmup=True)
-    assert warm.current_decay() == pytest.approx(0.1)  # (1+0)/(10+0)
-    warm.update(src)
-    assert warm.current_decay() == pytest.approx(2 / 11)
-    warm.num_updates.fill_(10_000)
-    assert warm.current_decay() == 0.99
-
-
-def test_ema_keeps_float32_and_swaps_back():
-    src = nn.Linear(3, 3).to(torch.bfloat16)
-    ema = EMA(src, decay=0.5, warmup=False)
-    assert ema.module.weight.dtype == torch.float32
-    original = src.weight.detach().clone()
     with torch.no_grad():
-        ema.module.weight.fill_(0.25)
-    with ema.swap_into(src):
-        assert torch.all(src.weight == 0.25)
-    assert torch.equal(src.weight, original)
+        src.weight.fill_(0.0)
+    warm = averaged(src, decay=0.99, warmup=True)
+    expected = 0.0
+    for k, target in enumerate((1.0, 1.0, 2.0)):
+        with torch.no_grad():
+            src.weight.fill_(target)
+        update_average(warm, src)
+        d = min(0.99, (1 + k) / (10 + k))  # 0.1, 2/11, 3/12
+        expected = d * expected + (1 - d) * target
+        assert warm.module.weight[0, 0].item() == pytest.approx(expected)
+    warm.n_averaged.fill_(10_001)
+    before = warm.module.weight[0, 0].item()
+    update_average(warm, src)
+    assert warm.module.weight[0, 0].item() == pytest.approx(0.99 * before + 0.01 * 2.0)  # the cap
+
+
+def test_ema_keeps_float32_of_a_bf16_model():
+    src = nn.Linear(3, 3).to(torch.bfloat16)
+    ema = averaged(src, decay=0.5, warmup=False)
+    assert ema.module.weight.dtype == torch.float32
+    update_average(ema, src)
+    torch.testing.assert_close(ema.module.weight, src.weight.float())  # half of twice the same weights
 
 
 def test_ema_state_roundtrip_restores_average_and_count():
     parent = nn.Module()
     parent.net = nn.Linear(2, 2)
-    parent.ema = EMA(parent.net, decay=0.5, warmup=False)
+    parent.ema = averaged(parent.net, decay=0.5, warmup=False)
     with torch.no_grad():
         parent.net.weight.add_(1.0)
-    parent.ema.update(parent.net)
+    update_average(parent.ema, parent.net)
     state = parent.state_dict()
-    assert "ema.module.weight" in state and "ema.num_updates" in state
+    assert "ema.module.weight" in state and "ema.n_averaged" in state
 
     other = nn.Module()
     other.net = nn.Linear(2, 2)
-    other.ema = EMA(other.net, decay=0.5, warmup=False)
+    other.ema = averaged(other.net, decay=0.5, warmup=False)
     other.load_state_dict(state)
     assert torch.equal(other.ema.module.weight, parent.ema.module.weight)
-    assert int(other.ema.num_updates) == 1
+    assert int(other.ema.n_averaged) == 2
     with pytest.raises(ValueError, match="ema_decay"):
-        EMA(parent.net, decay=1.0)
+        averaged(parent.net, decay=1.0)

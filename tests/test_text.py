@@ -6,8 +6,8 @@ import open_clip
 import pytest
 import torch
 
+from varctl.models.text import TextEncoder
 from varctl.models.var import TextCondition
-from varctl.text import TextEncoder
 
 TINY_TEXT = {"width": 32, "heads": 2, "layers": 2, "context_length": 16}
 TINY_VISION = {"image_size": 32, "patch_size": 32, "width": 64, "layers": 1, "head_width": 64}

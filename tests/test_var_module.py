@@ -17,9 +17,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 
 from datamodules.synthetic import CLASS_NAMES, SyntheticDataModule
-from varctl.classifier import class_names_from_files
+from varctl.callbacks import ImageLogger
 from varctl.lit.var import VARModule
-from varctl.models.io import split_checkpoint
+from varctl.metrics.classifier import class_names_from_files
+from varctl.models.lifecycle import read_weights
 from varctl.models.var import VAR
 from varctl.models.vqvae import VQVAE, VQVAEConfig
 
@@ -45,12 +46,14 @@ def vae_file(tmp_path_factory):
     return str(VQVAE(cfg).save(tmp_path_factory.mktemp("tok") / "vae.pt"))
 
 
+FAST = {"lr": 2e-3, "lr_scale_by_batch": False, "warmup_steps": 5, "decay": "constant"}
+
+
 def make_module(vae_file, condition="class", **kw):
     kw.setdefault("var", TINY_VAR)
-    kw.setdefault("log_images_every_n_steps", 0)
     if condition == "text":
         kw.setdefault("text_encoder", TINY_TEXT)
-    return VARModule(vae_file, condition=condition, **kw)
+    return VARModule(vae_file, **kw)
 
 
 def make_data(module, batch_size=8, num_train=64):
@@ -84,7 +87,7 @@ def test_config_comes_from_tokenizer_and_text_encoder(vae_file):
     c = m.var.config
     assert (c.vocab_size, c.z_channels, c.patch_nums, c.L, c.cond_drop_rate) == (V, 8, (1, 2, 4), 21, 0.1)
     assert not any(p.requires_grad for p in m.vae.parameters())
-    t = make_module(vae_file, "text", cond_drop_rate=0.2)
+    t = make_module(vae_file, "text", var={**TINY_VAR, "cond_drop_rate": 0.2})
     assert t.data_requirements()["keys"] == ("image", "caption")
     tc = t.var.config
     assert (tc.condition, tc.text_dim, tc.text_len, tc.text_pooled_dim, tc.cond_drop_rate) == (
@@ -95,9 +98,11 @@ def test_config_comes_from_tokenizer_and_text_encoder(vae_file):
         0.2,
     )
     torch.testing.assert_close(t.var.null_text_pooled, t.text_encoder.empty().pooled_BE)
-    with pytest.raises(ValueError, match=r"model\.var\.vocab_size=512 conflicts with model\.tokenizer"):
+    with pytest.raises(
+        ValueError, match=r"VARConfig\.vocab_size=512 conflicts with vocab_size=64, .*tokenizer"
+    ):
         make_module(vae_file, var={**TINY_VAR, "vocab_size": 512})
-    with pytest.raises(ValueError, match=r"model\.var has unknown keys \['dept'\]"):
+    with pytest.raises(ValueError, match=r"unknown VARConfig key 'dept'; did you mean 'depth'"):
         make_module(vae_file, var={"dept": 2})
 
 
@@ -110,13 +115,11 @@ def test_num_classes_mismatch_names_the_setting(vae_file, tmp_path):
 @pytest.mark.parametrize("condition", ["class", "text"])
 def test_short_fit_with_ema_logs_metrics_and_sample_grid(vae_file, tmp_path, condition):
     torch.manual_seed(0)
-    m = make_module(
-        vae_file, condition, ema_decay=0.9, log_images_every_n_steps=1, num_sample_classes=3,
-        sample_captions=["a red circle", "a blue star"],
-    )  # fmt: skip
+    m = make_module(vae_file, condition, ema_decay=0.9, samples={"captions": ["a red circle", "a blue star"]})
     dm = make_data(m)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = make_trainer(tmp_path, logger=logger, log_every_n_steps=1)
+    grids = ImageLogger(every_n_steps=1, max_images=3)
+    trainer = make_trainer(tmp_path, logger=logger, log_every_n_steps=1, callbacks=[grids])
     trainer.fit(m, dm)
     metrics = trainer.callback_metrics
     # a fresh VAR predicts nearly uniformly: cross-entropy ~ ln V
@@ -129,7 +132,7 @@ def test_short_fit_with_ema_logs_metrics_and_sample_grid(vae_file, tmp_path, con
     assert groups["decay"]["weight_decay"] == 0.05 and groups["no_decay"]["weight_decay"] == 0.0
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
     assert id(m.var.pos_1LC) in no_decay and id(m.var.blocks[0].attn.proj.weight) not in no_decay
-    assert int(m.var_ema.num_updates) == 2
+    assert int(m.ema.n_averaged) == 3  # the initial copy and two updates
     # the sample grid: one row per condition, one column per scale (3 scales of 32 px, 1 px padding)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -162,7 +165,7 @@ def test_fp16_loss_scaling_fit_and_resume(vae_file, tmp_path):
     norms = {}
     for name, plugins in (("32", []), ("16", [MixedPrecision("16-mixed", "cpu")])):
         torch.manual_seed(0)
-        m = make_module(vae_file, lr=2e-3, lr_scale_by_batch=False)
+        m = make_module(vae_file, optimizer={"lr": 2e-3, "lr_scale_by_batch": False})
         trainer = make_trainer(
             tmp_path, max_steps=2, limit_val_batches=0, plugins=plugins, log_every_n_steps=1
         )
@@ -175,7 +178,7 @@ def test_fp16_loss_scaling_fit_and_resume(vae_file, tmp_path):
     ckpt = tmp_path / "fp16.ckpt"
     trainer.save_checkpoint(ckpt)
     assert torch.load(ckpt, weights_only=False)["MixedPrecision"]["scale"] == 1024.0
-    m2 = make_module(vae_file, lr=2e-3, lr_scale_by_batch=False)
+    m2 = make_module(vae_file, optimizer={"lr": 2e-3, "lr_scale_by_batch": False})
     resumed = make_trainer(
         tmp_path, max_steps=3, limit_val_batches=0, plugins=[MixedPrecision("16-mixed", "cpu")]
     )
@@ -188,9 +191,7 @@ def test_fp16_loss_scaling_fit_and_resume(vae_file, tmp_path):
 def trained(vae_file, tmp_path_factory):
     """80 steps of batch 16 on the built-in shapes, EMA on: (module, data, losses, checkpoint)."""
     torch.manual_seed(0)
-    m = make_module(
-        vae_file, lr=2e-3, lr_scale_by_batch=False, warmup_steps=5, decay="constant", ema_decay=0.95
-    )
+    m = make_module(vae_file, optimizer=FAST, ema_decay=0.95)
     dm = make_data(m, batch_size=16, num_train=256)
     rec = LossRecorder()
     root = tmp_path_factory.mktemp("trained")
@@ -248,7 +249,7 @@ def test_samples_follow_the_training_token_statistics(trained):
 def trained_text(vae_file, tmp_path_factory):
     """The text-conditioned variant on the built-in captions, 80 steps of batch 16: (module, data, losses)."""
     torch.manual_seed(0)
-    m = make_module(vae_file, "text", lr=2e-3, lr_scale_by_batch=False, warmup_steps=5, decay="constant")
+    m = make_module(vae_file, "text", optimizer=FAST)
     dm = make_data(m, batch_size=16, num_train=256)
     rec = LossRecorder()
     trainer = make_trainer(
@@ -279,18 +280,18 @@ def test_checkpoint_rebuilds_plain_models(trained, vae_file):
     with torch.no_grad():
         torch.testing.assert_close(plain(labels, x), m.var(labels, x), rtol=0, atol=0)
     obj = torch.load(ckpt, weights_only=False)
-    assert obj["varctl"]["var"]["prefix"] == "var." and obj["varctl"]["vqvae"]["prefix"] == "vae."
+    assert obj["varctl"]["var"]["prefix"] == "model." and obj["varctl"]["vqvae"]["prefix"] == "vae."
     vae = VQVAE.load(ckpt)
     ref = VQVAE.load(vae_file)
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), ref.state_dict().values()))
-    ema_sd, _ = split_checkpoint(obj, "var_ema")
-    assert all(torch.equal(v, m.var_ema.module.state_dict()[k]) for k, v in ema_sd.items())
-    assert int(obj["state_dict"]["var_ema.num_updates"]) == 80
+    ema_sd, _, _ = read_weights(ckpt, "var", ema=True)
+    assert all(torch.equal(v, m.ema.module.state_dict()[k]) for k, v in ema_sd.items())
+    assert int(obj["state_dict"]["ema.n_averaged"]) == 81  # the initial copy and 80 updates
 
 
 def test_ema_differs_and_is_what_validation_uses(trained, tmp_path):
     m, dm, _, _ = trained
-    diff = (m.var_ema.module.head.weight - m.var.head.weight).abs().max().item()
+    diff = (m.ema.module.head.weight - m.var.head.weight).abs().max().item()
     assert diff > 1e-4
     trainer = make_trainer(tmp_path, limit_val_batches=1)
     val_loss = trainer.validate(m, dm, verbose=False)[0]["val/loss"]
@@ -302,7 +303,7 @@ def test_ema_differs_and_is_what_validation_uses(trained, tmp_path):
             logits = var.eval()(batch["label"], x)
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_BL.flatten()).item()
 
-    assert val_loss == pytest.approx(loss_of(m.var_ema.module), abs=1e-5)
+    assert val_loss == pytest.approx(loss_of(m.ema.module), abs=1e-5)
     assert abs(loss_of(m.var) - val_loss) > 1e-4
 
 
@@ -329,7 +330,7 @@ def test_resume_restores_ema_and_continues(vae_file, tmp_path):
     m2 = make_module(vae_file, ema_decay=0.9)
     trainer2 = make_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer2.fit(m2, make_data(m2), ckpt_path=str(ckpt))
-    assert trainer2.global_step == 3 and int(m2.var_ema.num_updates) == 3
+    assert trainer2.global_step == 3 and int(m2.ema.n_averaged) == 4
 
 
 def test_text_checkpoint_leaves_out_the_text_encoder(vae_file, tmp_path):
@@ -349,7 +350,7 @@ def test_text_checkpoint_leaves_out_the_text_encoder(vae_file, tmp_path):
 
 
 def test_predict_generates_configured_labels(vae_file, tmp_path):
-    m = make_module(vae_file, predict_labels=[0, 3], predict_num_per_condition=3, predict_seed=5)
+    m = make_module(vae_file, predict={"labels": [0, 3], "num_per_condition": 3, "seed": 5})
     dm = make_data(m, batch_size=4)
     trainer = make_trainer(tmp_path, limit_predict_batches=3)
     out = trainer.predict(m, dm)
@@ -362,13 +363,13 @@ def test_predict_generates_configured_labels(vae_file, tmp_path):
     with pytest.warns(UserWarning, match="6 images are configured but the predict dataloader has room for 4"):
         short = make_trainer(tmp_path, limit_predict_batches=1).predict(m, dm)
     assert torch.equal(short[0]["images"], images[:4])
-    with pytest.raises(ValueError, match=r"model\.predict_labels holds 12"):
-        make_module(vae_file, predict_labels=[12]).predict_jobs()
+    with pytest.raises(ValueError, match=r"model\.predict\.labels holds \[12\]"):
+        make_module(vae_file, predict={"labels": [12]}).predict_jobs()
 
 
 def test_predict_generates_configured_captions(vae_file, tmp_path):
     captions = ["a large white star on the left", "a small yellow ring"]
-    m = make_module(vae_file, "text", predict_captions=captions, predict_num_per_condition=2, predict_seed=3)
+    m = make_module(vae_file, "text", predict={"captions": captions, "num_per_condition": 2, "seed": 3})
     dm = make_data(m, batch_size=4)
     trainer = make_trainer(tmp_path, limit_predict_batches=1)
     out = trainer.predict(m, dm)
@@ -392,8 +393,8 @@ from varctl.models.var import VAR
 
 out, vae_path, strategy_name = sys.argv[1:4]
 torch.manual_seed(0)
-m = VARModule(vae_path, var={"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2}, lr=1e-3,
-              lr_scale_by_batch=False, ema_decay=0.9, log_images_every_n_steps=0)
+m = VARModule(vae_path, var={"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2},
+              optimizer={"lr": 1e-3, "lr_scale_by_batch": False}, ema_decay=0.9)
 dm = SyntheticDataModule(num_train=64, num_val=16, batch_size=4)
 dm.connect(**m.data_requirements())
 strategy = "ddp" if strategy_name == "ddp" else ModelParallelStrategy(
@@ -421,7 +422,7 @@ if trainer.global_rank == 0:
     sharded = type(m.var.blocks[0].attn.proj.weight).__name__ == "DTensor"
     result = {"diff": diff, "rank_sums": [s.item() for s in sums], "sharded": sharded,
               "val_loss": float(trainer.callback_metrics["val/loss"]),
-              "ema_updates": int(m.var_ema.num_updates)}
+              "ema_updates": int(m.ema.n_averaged) - 1}
     json.dump(result, open(os.path.join(out, "result.json"), "w"))
 """
 
@@ -457,14 +458,14 @@ def test_fsdp2_checkpoint_loads_into_plain_var(tmp_path, vae_file):
 def test_init_from_fine_tunes_a_saved_var(vae_file, tmp_path):
     source = make_module(vae_file)
     path = source.var.save(tmp_path / "var.pt")
-    m = make_module(vae_file, init_from=str(path), cond_drop_rate=0.3)
+    m = make_module(vae_file, init_from=str(path), var={"cond_drop_rate": 0.3})
     assert m.var.config.cond_drop_rate == 0.3 and m.var.config.depth == 2
     assert all(
         torch.equal(a, b) for a, b in zip(m.var.state_dict().values(), source.var.state_dict().values())
     )
-    with pytest.raises(
-        ValueError, match=r"model\.var\.depth gives depth=3, but model\.init_from=.* has depth=2"
-    ):
+    with pytest.raises(ValueError, match=r"var\.pt: depth=3 conflicts with the file, which has depth=2"):
         make_module(vae_file, init_from=str(path), var={**TINY_VAR, "depth": 3})
-    with pytest.raises(ValueError, match=r"model\.condition gives condition='text'"):
+    with pytest.raises(
+        ValueError, match=r"var\.pt: condition='text' conflicts with the file, which has condition='class'"
+    ):
         make_module(vae_file, "text", init_from=str(path))

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
-from varctl.models import VQVAE, VQVAEConfig, io
+from varctl.models import VQVAE, VQVAEConfig
 from varctl.models.quantizer import MultiScaleQuantizer, phi_index_map
 from varctl.models.vqvae import OFFICIAL_10, OFFICIAL_512, config_from_state_dict
 
@@ -72,15 +73,13 @@ def test_norm_groups_reach_every_group_norm():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(ch=48), "VQVAEConfig.ch must be a positive multiple of norm_groups=32"),
+        (dict(ch=48), "VQVAEConfig.ch must be a multiple of norm_groups=32"),
         (dict(ch=36, norm_groups=8), "multiple of norm_groups=8"),
-        (dict(norm_groups=0), "norm_groups"),
+        (dict(norm_groups=0), "norm_groups=0"),
         (dict(patch_nums=(1, 3, 2)), "strictly increasing"),
         (dict(patch_nums=()), "patch_nums"),
         (dict(ch_mult=()), "ch_mult"),
-        (dict(dropout=1.0), "dropout"),
         (dict(quant_conv_ks=2), "quant_conv_ks"),
-        (dict(num_res_blocks=0), "num_res_blocks"),
     ],
 )
 def test_config_validation(overrides, message):
@@ -388,7 +387,7 @@ def test_load_errors_name_the_file_and_keys(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.pt"):
         VQVAE.load(tmp_path / "nothere.pt")
 
-    io.atomic_save(io.model_file("var", {}, {}), tmp_path / "var.pt")
+    torch.save({"format": "varctl", "kind": "var", "config": {}, "state_dict": {}}, tmp_path / "var.pt")
     with pytest.raises(ValueError, match=r"var\.pt.*'var' file, expected a 'vqvae'"):
         VQVAE.load(tmp_path / "var.pt")
 
@@ -399,18 +398,17 @@ def test_load_errors_name_the_file_and_keys(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.pth.*decoder\.conv_out\.bias.*decoder\.extra\.weight"):
         VQVAE.load(tmp_path / "bad.pth")
 
-    io.atomic_save(
-        io.model_file("vqvae", {**asdict(vae.config), "vocab_size": 32}, sd), tmp_path / "shape.pt"
-    )
+    file = {"format": "varctl", "kind": "vqvae", "state_dict": sd}
+    torch.save({**file, "config": {**asdict(vae.config), "vocab_size": 32}}, tmp_path / "shape.pt")
     with pytest.raises(ValueError, match=r"(?s)shape\.pt.*quantize\.embedding\.weight"):
         VQVAE.load(tmp_path / "shape.pt")
 
-    io.atomic_save(io.model_file("vqvae", {**asdict(vae.config), "width": 3}, sd), tmp_path / "key.pt")
-    with pytest.raises(ValueError, match=r"key\.pt: unknown VQVAEConfig keys \['width'\]"):
+    torch.save({**file, "config": {**asdict(vae.config), "width": 3}}, tmp_path / "key.pt")
+    with pytest.raises(ValueError, match=r"key\.pt: unknown VQVAEConfig key 'width'"):
         VQVAE.load(tmp_path / "key.pt")
 
     meta = {"format": "varctl", "kind": "var", "config": json.dumps({})}
-    io.save_safetensors(sd, tmp_path / "var.safetensors", metadata=meta)
+    save_file({k: v.clone() for k, v in sd.items()}, str(tmp_path / "var.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match=r"var\.safetensors.*'var'"):
         VQVAE.load(tmp_path / "var.safetensors")
 

@@ -27,9 +27,9 @@ import types
 
 import torch
 
-from varctl.models.control import ControlBranch, ControlConfig
-from varctl.models.var import VAR, VARConfig
-from varctl.models.vqvae import VQVAE, VQVAEConfig
+from varctl.models.control import ControlBranch, shape_of
+from varctl.models.var import VAR
+from varctl.models.vqvae import VQVAE
 
 
 def load_official(git_dir: str, tmp: str, vae: VQVAE, var: VAR):
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.official and args.device != "cpu":
         parser.error("--official compares on the CPU only (use --device cpu)")
     torch.manual_seed(0)
-    vae = VQVAE(VQVAEConfig.from_name("vae_ch160v4096z32")).eval().to(args.device)
-    var = VAR(VARConfig.from_name(f"d{args.depth}"), vae).eval().to(args.device)
+    vae = VQVAE.build("vae_ch160v4096z32").eval().to(args.device)
+    var = VAR.build(f"d{args.depth}").attach_vae(vae).eval().to(args.device)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, VAR-d{args.depth} "
         f"({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M), cfg={args.cfg}, top_k={args.top_k}, "
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         sample = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
         branch = None
         if args.control:  # a random (non-zero) edge branch: the cost of control, not its quality
-            branch = ControlBranch(ControlConfig.for_var(var.config, vae.config.resolution)).to(args.device)
+            branch = ControlBranch.build({}, **shape_of(var.config, vae.config.resolution)).to(args.device)
             with torch.no_grad():
                 for p in branch.parameters():
                     p.normal_(0, 0.02)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from varctl.callbacks import ImageWriter
 from varctl.cli import run
-from varctl.config import compose, validate
+from varctl.cli.config import compose, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -74,7 +74,7 @@ def main() -> None:
         ]
         ctl = stage("fit", "control.yaml", [*steps(args.control_steps), *control_overrides])
         ckpt = ctl.checkpoint_callback.last_model_path
-        scoring = ["trainer.limit_val_batches=4", "model.metric_batches=4"]  # 64 val images
+        scoring = ["trainer.limit_val_batches=4", "model.scores.batches=4"]  # 64 val images
         scored = stage("validate", "control.yaml", [f"ckpt_path={ckpt}", *scoring, *control_overrides])
         m = scored.callback_metrics
         print(

@@ -2,8 +2,8 @@
 
     python tools/score_samples.py runs/var/<version>/predictions [--tokenizer PATH] [--steps 1500]
 
-A small CNN (varctl.classifier) is trained on real synthetic images with the data options of the run (read
-from the run directory's config_predict.yaml / config_fit.yaml, or given as flags) and cached under
+A small CNN (varctl.metrics.classifier) is trained on real synthetic images with the data options of the
+run (read from the run directory's config_predict.yaml / config_fit.yaml, or given as flags) and cached under
 runs/classifiers/. It reports its accuracy on real validation images (the ceiling), on the tokenizer's
 reconstructions of them with --tokenizer (what the tokenizer keeps of the shapes), and on the samples, each
 judged against the class it was generated for (chance: 10 %).
@@ -22,7 +22,7 @@ from PIL import Image
 
 from datamodules.scenes import BACKGROUNDS
 from datamodules.synthetic import CLASS_NAMES, VAL_OFFSET, SyntheticShapes, check_palette
-from varctl.classifier import (
+from varctl.metrics.classifier import (
     accuracy,
     class_names_from_files,
     load_classifier,

@@ -1,94 +1,42 @@
 """Training stage 1: the multi-scale VQ tokenizer of VAR, trained or fine-tuned VQGAN-style.
 
-Generator loss (varctl/losses.py): w_rec * L1|L2 + w_p * LPIPS + w_vq * L_vq + w_d * lambda * hinge_G, with
-VQGAN's adaptive lambda from the decoder's last layer; the PatchGAN discriminator joins at ``disc_start``.
-Codebook health per scale (varctl/metrics.py) is logged from the quantiser's EMA of code hits; dead codes
-can be restarted from encoder residuals. The official VAR release has no tokenizer trainer; this follows
-VQGAN (Esser et al., 2021) and the statistics the official quantiser keeps.
+Generator loss (varctl/lit/losses.py): w_rec * L1|L2 + w_p * LPIPS + w_vq * L_vq + w_d * lambda * hinge_G,
+with VQGAN's adaptive lambda from the decoder's last layer; the PatchGAN discriminator joins at
+``disc_start``. Codebook health per scale (varctl/metrics/codebook.py) is logged from the quantiser's EMA
+of code hits; dead codes can be restarted from encoder residuals. The official VAR release has no tokenizer
+trainer; this follows VQGAN (Esser et al., 2021) and the statistics the official quantiser keeps.
 
 Legend: B batch, C latent channels, h w latent size, pn side of one scale, S scales, V vocabulary.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields, replace
 from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from varctl import losses, metrics
+from varctl.callbacks.images import ImageGrid
+from varctl.lit import losses, optim
+from varctl.lit.settings import OptimizerSettings, plain_hparams
+from varctl.metrics import codebook
 from varctl.models.discriminator import PatchDiscriminator
-from varctl.models.vqvae import VQVAE, VQVAEConfig
-from varctl.optim import param_groups, warmup_decay_scheduler
+from varctl.models.vqvae import VQVAE
 
-# VQVAEConfig fields that may differ from an ``init_from`` file: no weight depends on them
-FINE_TUNE_OVERRIDES = ("beta", "dropout", "patch_nums")
-
-
-def build_vqvae(vqvae: dict | None, init_from: str | None) -> VQVAE:
-    """A new VQVAE from ``vqvae`` (VQVAEConfig fields, optionally ``preset``), or the one in ``init_from``."""
-    requested = dict(vqvae or {})
-    preset = requested.pop("preset", None)
-    names = {f.name for f in fields(VQVAEConfig)}
-    unknown = sorted(set(requested) - names)
-    if unknown:
-        raise ValueError(f"model.vqvae has unknown keys {unknown}; allowed: 'preset' and {sorted(names)}")
-    if preset is not None:
-        requested = {**asdict(VQVAEConfig.from_name(preset)), **requested}
-    if init_from is None:
-        if not requested:
-            raise ValueError(
-                "set model.vqvae (e.g. {preset: cpu_small}) or model.init_from (a checkpoint to fine-tune)"
-            )
-        return VQVAE(VQVAEConfig(**requested))
-    vae = VQVAE.load(init_from)
-    found = asdict(vae.config)
-    changes = {}
-    for key, value in requested.items():
-        value = tuple(value) if isinstance(found[key], tuple) else value
-        if value == found[key]:
-            continue
-        if key not in FINE_TUNE_OVERRIDES:
-            raise ValueError(
-                f"model.vqvae.{key}={value!r} conflicts with model.init_from={init_from}, which has {key}="
-                f"{found[key]!r}; the architecture comes from the file: remove model.vqvae.{key} "
-                f"(only {list(FINE_TUNE_OVERRIDES)} may differ)"
-            )
-        changes[key] = value
-    if changes:  # rebuild with the new training settings, then load the same weights
-        state = vae.state_dict()
-        vae = VQVAE(replace(vae.config, **changes))
-        vae.load_state_dict(state)
-    return vae
-
-
-def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def _broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(x, src=0)
-    return x
+# the tokenizer's default recipe (VQGAN's optimiser): no lr scaling, no weight decay, a constant lr
+RECIPE = {"lr_scale_by_batch": False, "betas": (0.5, 0.9), "weight_decay": 0.0, "decay": "constant"}
 
 
 class TokenizerModule(L.LightningModule):
     """Trains ``self.vae`` (a VQVAE) on dict batches ``{"image": (B, 3, H, W) in [-1, 1], ...}``.
 
-    The generator and the discriminator are two parameter groups of one AdamW (lr ``lr`` and ``disc_lr``),
-    stepped once per batch after one backward of both losses, so ``trainer.global_step`` counts batches and
-    every parameter gets a gradient each step (plain DDP works).
+    The generator and the discriminator are two parameter groups of one AdamW (``optimizer.lr`` and
+    ``disc_lr``), stepped once per batch after one backward of both losses, so ``trainer.global_step`` counts
+    batches and every parameter gets a gradient each step (plain DDP works).
     """
 
     def __init__(
@@ -112,27 +60,24 @@ class TokenizerModule(L.LightningModule):
         restart_dead_codes: bool = False,
         restart_every: int = 1000,
         usage_margin: float = 0.08,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.5, 0.9),
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        decay: Literal["cosine", "linear", "constant"] = "constant",
-        final_lr_fraction: float = 0.0,
+        optimizer: OptimizerSettings | None = None,
         gradient_clip_val: float | None = None,
-        log_images_every_n_steps: int = 500,
-        num_images: int = 8,
     ):
         super().__init__()
         self.save_hyperparameters()
+        plain_hparams(self.hparams)
         self.automatic_optimization = False
-        if recon_loss not in ("l1", "l2"):
-            raise ValueError(f"model.recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
-        for key in ("disc_weight", "perceptual_weight", "recon_weight", "vq_weight"):
-            if getattr(self.hparams, key) < 0:
-                raise ValueError(f"model.{key} must be >= 0, got {getattr(self.hparams, key)}")
-        if restart_dead_codes and restart_every < 1:
+        if restart_dead_codes and restart_every < 1:  # `step % restart_every` would fail mid-training
             raise ValueError(f"model.restart_every must be >= 1 when restart_dead_codes, got {restart_every}")
-        self.vae = build_vqvae(vqvae, init_from)
+        self.optimizer_settings = OptimizerSettings.of(optimizer, **RECIPE)
+        if init_from is not None:  # the architecture comes from the file; explicit fields must agree with it
+            self.vae = VQVAE.load(init_from, **{k: v for k, v in (vqvae or {}).items() if k != "preset"})
+        elif vqvae:
+            self.vae = VQVAE.build(vqvae)
+        else:
+            raise ValueError(
+                "set model.vqvae (e.g. {preset: cpu_small}) or model.init_from (a checkpoint to fine-tune)"
+            )
         self.discriminator = PatchDiscriminator(3, disc_channels, disc_layers) if disc_weight > 0 else None
         # codes restarted since the start of training (kept in checkpoints, so it survives a resume)
         self.register_buffer("restarted_codes", torch.zeros((), dtype=torch.long))
@@ -159,7 +104,7 @@ class TokenizerModule(L.LightningModule):
                         ),
                         "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
                         "lpips": MeanMetric(),
-                        "codebook": metrics.CodebookUsage(S, V),
+                        "codebook": codebook.CodebookUsage(S, V),
                     }
                 )
                 for stage in ("val", "test")
@@ -171,17 +116,16 @@ class TokenizerModule(L.LightningModule):
         return {"resolution": self.vae.config.resolution, "keys": ("image",)}
 
     def configure_optimizers(self):
-        hp = self.hparams
-        groups = param_groups(self.vae, hp.weight_decay)
+        hp, settings = self.hparams, self.optimizer_settings
+        groups = optim.param_groups(self.vae, settings.weight_decay)
         if self.discriminator is not None:
-            disc_groups = param_groups(self.discriminator, hp.weight_decay)
+            disc_groups = optim.param_groups(self.discriminator, settings.weight_decay)
             for g in disc_groups:
-                g["lr"], g["name"] = hp.disc_lr if hp.disc_lr is not None else hp.lr, "disc_" + g["name"]
+                g["name"] = "disc_" + g["name"]
+                if hp.disc_lr is not None:
+                    g["lr"] = hp.disc_lr
             groups += disc_groups
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = warmup_decay_scheduler(optimizer, hp.warmup_steps, total, hp.decay, hp.final_lr_fraction)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optim.configure_adamw(self.trainer, groups, settings)
 
     def on_fit_start(self) -> None:
         if self.perceptual is not None and not self.has_lpips_metric and self.hparams.val_lpips:
@@ -223,7 +167,7 @@ class TokenizerModule(L.LightningModule):
             "logits_fake": logits_fake.mean().detach(),
         }
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         hp = self.hparams
         x = batch["image"]
         step = self.global_step  # optimizer steps done before this batch
@@ -255,10 +199,7 @@ class TokenizerModule(L.LightningModule):
         logs.pop("nll")
         for name, value in logs.items():
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "psnr"), batch_size=x.shape[0])
-        n = hp.log_images_every_n_steps
-        if n and step % n == 0:
-            self._log_images("train/input_recon", [x, out.recon.detach().clamp(-1, 1)])
-        return loss.detach()
+        return {"loss": loss.detach(), "recon": out.recon.detach()}  # the recon for ImageLogger
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # called inside optimizer.step(): after 16-mixed unscales the gradients, before the (scaler) step
@@ -278,47 +219,35 @@ class TokenizerModule(L.LightningModule):
         Every rank records the same all-reduced counts, so all of them take the same decisions.
         """
         hp, quant = self.hparams, self.vae.quantize
-        quant.record_hits(_sum_over_ranks(hits_SV))
+        quant.record_hits(self._sum_over_ranks(hits_SV))
         if hp.restart_dead_codes and step % hp.restart_every == 0:
-            dead_V = metrics.dead_everywhere(quant.ema_vocab_hit_SV, hp.dead_code_threshold)
+            dead_V = codebook.dead_everywhere(quant.ema_vocab_hit_SV, hp.dead_code_threshold)
             if dead_V.any():
                 self.restart_codes(dead_V.nonzero().flatten(), f_BChw, seed=step)
                 self.restarted_codes += dead_V.sum()
         # logged every step (cheap, no sync): Lightning writes them every trainer.log_every_n_steps
-        stats = metrics.codebook_stats(quant.ema_vocab_hit_SV, hp.dead_code_threshold, hp.usage_margin)
+        stats = codebook.codebook_stats(quant.ema_vocab_hit_SV, hp.dead_code_threshold, hp.usage_margin)
         stats["restarted_total"] = self.restarted_codes.float()
         self.log_dict({f"codebook/{k}": v for k, v in stats.items()}, batch_size=f_BChw.shape[0])
 
+    def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None:
+            return x
+        return self.trainer.strategy.reduce(x.clone(), reduce_op="sum")
+
     @torch.no_grad()
     def restart_codes(self, code_idx: torch.Tensor, f_BChw: torch.Tensor, seed: int) -> torch.Tensor:
-        """Set codes ``code_idx`` to residual vectors the quantiser sees, at scales drawn uniformly.
-
-        Scale si sees f minus f_hat of the scales before it, area-resized to pn x pn; drawing the scale
-        uniformly (not in proportion to pn^2) gives the small, collapse-prone scales their share. Rank 0
+        """Set codes ``code_idx`` to residual vectors the quantiser sees (``residual_samples``). Rank 0
         draws, the vectors are broadcast; the codes' EMA is set to the uniform rate (a grace period) and
-        their AdamW moments are cleared. Returns the new vectors (n, C).
-        """
-        quant, cfg = self.vae.quantize, self.vae.config
-        f_BChw = f_BChw.float()
-        fhat = quant.f_to_idx_or_fhat(f_BChw, to_fhat=True)
-        gen = torch.Generator().manual_seed(int(seed))
-        n, C, S = code_idx.numel(), f_BChw.shape[1], cfg.num_scales
-        scale_of_code = torch.randint(S, (n,), generator=gen)
-        vectors = f_BChw.new_zeros(n, C)
-        for si, pn in enumerate(cfg.patch_nums):
-            picked = (scale_of_code == si).nonzero().flatten()
-            if picked.numel() == 0:
-                continue
-            rest = f_BChw if si == 0 else f_BChw - fhat[si - 1]
-            if si != S - 1:
-                rest = F.interpolate(rest, size=(pn, pn), mode="area")
-            rest_NC = rest.permute(0, 2, 3, 1).reshape(-1, C)  # (B*pn*pn, C)
-            rows = torch.randint(rest_NC.shape[0], (picked.numel(),), generator=gen)
-            vectors[picked.to(vectors.device)] = rest_NC[rows.to(rest_NC.device)]
-        vectors = _broadcast_from_rank0(vectors)
+        their AdamW moments are cleared. Returns the new vectors (n, C)."""
+        quant = self.vae.quantize
+        vectors = quant.residual_samples(f_BChw, code_idx.numel(), torch.Generator().manual_seed(int(seed)))
+        if self._trainer is not None:  # an object broadcast: sent from the CPU, so every rank reads it back
+            vectors = self.trainer.strategy.broadcast(vectors.cpu(), src=0).to(vectors.device)
         code_idx = code_idx.to(quant.embedding.weight.device)
         quant.restart_codes(code_idx, vectors)
         ema = quant.ema_vocab_hit_SV
+        n = code_idx.numel()
         ema[:, code_idx] = (ema.sum(1, keepdim=True) / ema.shape[1]).expand(-1, n)
         if self._trainer is not None:
             state = self.optimizers().optimizer.state.get(quant.embedding.weight, {})
@@ -348,8 +277,6 @@ class TokenizerModule(L.LightningModule):
         if self.has_lpips_metric:
             m["lpips"].update(self.perceptual(recon, x.float()).float())
             self.log(f"{stage}/lpips", m["lpips"], batch_size=B)
-        if stage == "val" and batch_idx == 0:
-            self._log_val_images(x[: self.hparams.num_images], recon[: self.hparams.num_images])
 
     def _codebook_epoch_end(self, stage: str) -> None:
         stats = self.eval_metrics[stage]["codebook"]
@@ -392,28 +319,24 @@ class TokenizerModule(L.LightningModule):
             "names": [f"recon{start + i:06d}" for i in range(x.shape[0])],
         }
 
-    # ------------------------------------------------------------------ images
-    def _log_images(self, tag: str, columns: list[torch.Tensor]) -> None:
-        """One row per image, one column per tensor of ``columns`` (each (B, 3, H, W) in [-1, 1])."""
-        if not isinstance(self.logger, TensorBoardLogger) or self.hparams.num_images <= 0:
-            return
-        k = self.hparams.num_images
-        grid_NCHW = torch.stack([c[:k].float() for c in columns], dim=1).flatten(0, 1)  # (B*cols, 3, H, W)
-        grid = torchvision.utils.make_grid((grid_NCHW + 1) / 2, nrow=len(columns), padding=1)
-        self.logger.experiment.add_image(tag, grid.clamp(0, 1).cpu(), self.global_step)
+    # ------------------------------------------------------------------ images (varctl.callbacks.ImageLogger)
+    def train_images(self, batch: dict, outputs: dict, max_images: int) -> dict[str, ImageGrid]:
+        x, recon = batch["image"][:max_images], outputs["recon"][:max_images].clamp(-1, 1)
+        return {"train/input_recon": ImageGrid([_unit(x), _unit(recon)])}
 
-    @torch.no_grad()
-    def _log_val_images(self, x: torch.Tensor, recon: torch.Tensor) -> None:
-        if not isinstance(self.logger, TensorBoardLogger) or x.shape[0] == 0:
-            return
-        self._log_images("val/input_recon", [x, recon])
-        # coarse to fine: the decoded running f_hat after each scale
-        per_scale = self.vae.fhat_per_scale_to_img(self.vae.img_to_fhat(x))
-        self._log_images("val/input_then_scales", [x, *per_scale])
+    def val_images(self, batch: dict, max_images: int) -> dict[str, ImageGrid]:
+        """Input | reconstruction, and input | the decoded running f_hat after each scale (coarse to fine)."""
+        x = batch["image"][:max_images]
+        fhats = self.vae.img_to_fhat(x)
+        per_scale = self.vae.fhat_per_scale_to_img(fhats)
+        return {
+            "val/input_recon": ImageGrid([_unit(x), _unit(per_scale[-1])]),
+            "val/input_then_scales": ImageGrid([_unit(x), *map(_unit, per_scale)]),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["varctl"] = {"vqvae": {"config": asdict(self.vae.config), "prefix": "vae."}}
+        checkpoint["varctl"] = {"vqvae": self.vae.checkpoint_entry("vae.")}
         # LPIPS is rebuilt from the lpips package and torchvision's cache: not stored
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith("perceptual.")]:
@@ -421,10 +344,14 @@ class TokenizerModule(L.LightningModule):
         hp = checkpoint.get("hyper_parameters")
         if hp is not None and hp.get("init_from"):
             # the weights are in this file: load_from_checkpoint must not need the original one
-            hp["init_from"], hp["vqvae"] = None, asdict(self.vae.config)
+            hp["init_from"], hp["vqvae"] = None, self.vae.config.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.perceptual is not None:
             sd = checkpoint["state_dict"]
             for key, value in self.perceptual.state_dict(prefix="perceptual.").items():
                 sd.setdefault(key, value)
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    return (images.float() + 1) / 2  # [-1, 1] -> [0, 1]

@@ -7,113 +7,47 @@ encoder) is replaced by the null condition with probability ``cond_drop_rate`` i
 classifier-free guidance at sampling time. Recipe: AdamW(0.9, 0.95), lr 1e-4 * batch / 256, wd 0.05,
 gradient clipping at 2.0 (``trainer.gradient_clip_val``).
 
-Legend: B batch, L all tokens, l tokens of one scale, K scales, V vocabulary, Cv code channels.
+Legend: B batch, L all tokens, V vocabulary, Cv code channels.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields, replace
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-import torchvision
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import Metric
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
-from varctl.models.var import VAR, VARConfig, check_vae_fits
+from varctl.callbacks.images import ImageGrid
+from varctl.lit import optim
+from varctl.lit.settings import OptimizerSettings, Predictions, Samples, plain_hparams
+from varctl.metrics.tokens import ScaleMetrics
+from varctl.models.text import TextEncoder
+from varctl.models.var import VAR, check_vae_fits
 from varctl.models.vqvae import VQVAE
-from varctl.optim import EMA, no_weight_decay_names, param_groups, scaled_lr, warmup_decay_scheduler
 
-# VARConfig fields that may differ from an ``init_from`` file: training settings, no weight depends on them
-FINE_TUNE_OVERRIDES = ("cond_drop_rate", "drop_rate", "attn_drop_rate", "drop_path_rate")
-TOKENIZER_FIELDS = ("vocab_size", "z_channels", "patch_nums")  # read off the tokenizer, never set by hand
-
-
-def build_var(var: dict | None, init_from: str | None, vae: VQVAE, derived: dict[str, Any]) -> VAR:
-    """A fresh VAR from ``var`` (VARConfig fields, optionally ``preset``) or the one in ``init_from``.
-
-    ``derived`` holds the fields that come from elsewhere (tokenizer, text encoder, module arguments).
-    """
-    requested = dict(var or {})
-    preset = requested.pop("preset", None)
-    names = {f.name for f in fields(VARConfig)}
-    unknown = sorted(set(requested) - names)
-    if unknown:
-        raise ValueError(f"model.var has unknown keys {unknown}; allowed: 'preset' and {sorted(names)}")
-    owned = {"condition": "model.condition", "cond_drop_rate": "model.cond_drop_rate"}
-    owned.update({k: "model.text_encoder" for k in ("text_dim", "text_len", "text_pooled_dim")})
-    for key in sorted(set(requested) & (set(owned) | set(TOKENIZER_FIELDS))):
-        source = owned.get(key, "model.tokenizer")
-        if key not in derived or _same(requested[key], derived[key]):
-            continue
-        raise ValueError(
-            f"model.var.{key}={requested[key]!r} conflicts with {source}, which gives {derived[key]!r}; "
-            f"remove model.var.{key}"
-        )
-    base = asdict(VARConfig.from_name(preset)) if preset is not None else {}
-    if init_from is None:
-        return VAR(VARConfig(**{**base, **requested, **derived}))
-    model = VAR.load(init_from, vae=vae)
-    found = asdict(model.config)
-    changes = {}
-    for key, value in {**requested, **derived}.items():
-        if _same(value, found[key]):
-            continue
-        if key not in FINE_TUNE_OVERRIDES:
-            origin = owned.get(key, "model.tokenizer") if key in derived else f"model.var.{key}"
-            raise ValueError(
-                f"{origin} gives {key}={value!r}, but model.init_from={init_from} has {key}={found[key]!r}; "
-                f"the architecture comes from the file (only {list(FINE_TUNE_OVERRIDES)} may differ)"
-            )
-        changes[key] = value
-    if changes:  # rebuild with the new training settings, then load the same weights
-        state = model.state_dict()
-        model = VAR(replace(model.config, **changes))
-        model.load_state_dict(state)
-    return model
-
-
-def _same(a, b) -> bool:
-    return tuple(a) == tuple(b) if isinstance(b, tuple) else a == b
-
-
-class ScaleMetrics(Metric):
-    """Token cross-entropy and accuracy per scale, summed over batches and processes (mean per token)."""
-
-    full_state_update = False
-
-    def __init__(self, begin_ends: list[tuple[int, int]]):
-        super().__init__()
-        self.begin_ends = begin_ends
-        K = len(begin_ends)
-        self.add_state("loss_sum", torch.zeros(K, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("correct", torch.zeros(K, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(K, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, loss_BL: torch.Tensor, correct_BL: torch.Tensor) -> None:
-        for k, (b, e) in enumerate(self.begin_ends):
-            self.loss_sum[k] += loss_BL[:, b:e].double().sum()
-            self.correct[k] += correct_BL[:, b:e].double().sum()
-            self.count[k] += loss_BL[:, b:e].numel()
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        out = {"loss": self.loss_sum.sum() / self.count.sum(), "acc": self.correct.sum() / self.count.sum()}
-        for k in range(len(self.begin_ends)):
-            out[f"loss_s{k}"] = self.loss_sum[k] / self.count[k]
-            out[f"acc_s{k}"] = self.correct[k] / self.count[k]
-        return {k: v.float() for k, v in out.items()}
+# checkpoints written before the model lifecycle held the trained network under "var." and its average
+# under "var_ema." (with "num_updates" counting updates, where AveragedModel counts the models averaged)
+LEGACY_PREFIXES = (("var_ema.module.", "ema.module."), ("var.", "model."))
 
 
 class VARModule(L.LightningModule):
-    """Trains ``self.var`` on dict batches; ``self.vae`` (frozen tokenizer) and ``self.text_encoder`` (frozen,
-    text models only) are not trained, and the text encoder is not stored in checkpoints (it is rebuilt from
-    ``text_encoder``). With ``ema_decay > 0``, ``self.var_ema`` holds the float32 average used to validate,
-    sample and predict. ``train/loss`` is the optimised (label-smoothed) loss; ``val/*`` use plain CE.
-    Gradient clipping is Lightning's ``trainer.gradient_clip_val`` (2.0 in conf/var.yaml).
+    """Trains ``self.model`` (here the VAR) on dict batches; ``self.vae`` (frozen tokenizer) and
+    ``self.text_encoder`` (frozen, text models only; rebuilt from ``text_encoder``, never stored in
+    checkpoints) are not trained. With ``ema_decay > 0``, ``self.ema`` holds the float32 average that
+    validates, samples and predicts. ``train/loss`` is the optimised (label-smoothed) loss, ``val/*`` plain
+    cross-entropy.
+
+    Args:
+        tokenizer: the frozen tokenizer (a stage-1 checkpoint, a VQVAE file or ``vae_ch160v4096z32.pth``).
+        var: ``VARConfig`` fields, optionally with ``preset``; vocabulary, code width and scales come from the
+            tokenizer, the text fields from the text encoder. Unused with ``init_from``.
+        init_from: a VAR to fine-tune (a stage-2 checkpoint, a VAR file, ``var_d16.pth`` ...).
+        text_encoder: ``TextEncoder`` arguments: makes a text-conditioned VAR (none: class-conditioned).
+        optimizer, samples, predict: the sections of ``varctl/lit/settings.py``.
     """
 
     def __init__(
@@ -121,86 +55,67 @@ class VARModule(L.LightningModule):
         tokenizer: str,
         var: dict | None = None,
         init_from: str | None = None,
-        condition: Literal["class", "text"] = "class",
         text_encoder: dict | None = None,
         label_smoothing: float = 0.0,
-        cond_drop_rate: float = 0.1,
-        lr: float = 1e-4,
-        lr_scale_by_batch: bool = True,
-        reference_batch: int = 256,
-        betas: tuple[float, float] = (0.9, 0.95),
-        weight_decay: float = 0.05,
-        warmup_steps: int = 0,
-        decay: Literal["cosine", "linear", "constant"] = "cosine",
-        final_lr_fraction: float = 0.0,
+        optimizer: OptimizerSettings | None = None,
         ema_decay: float = 0.0,
         ema_warmup: bool = True,
-        log_images_every_n_steps: int = 500,
-        num_sample_classes: int = 8,
-        sample_captions: list[str] | None = None,
-        sample_cfg: float = 1.5,
-        sample_top_k: int = 0,
-        sample_top_p: float = 0.0,
-        sample_seed: int = 0,
-        predict_labels: list[int] | None = None,
-        predict_captions: list[str] | None = None,
-        predict_num_per_condition: int = 4,
-        predict_cfg: float = 1.5,
-        predict_cfg_schedule: str = "linear",
-        predict_top_k: int = 0,
-        predict_top_p: float = 0.0,
-        predict_temperature: float = 1.0,
-        predict_seed: int = 0,
+        samples: Samples | None = None,
+        predict: Predictions | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
-        if condition not in ("class", "text"):
-            raise ValueError(f"model.condition must be 'class' or 'text', got {condition!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        if predict_num_per_condition < 1:
-            raise ValueError(f"model.predict_num_per_condition must be >= 1, got {predict_num_per_condition}")
+        plain_hparams(self.hparams)
+        self.optimizer_settings = OptimizerSettings.of(optimizer)
+        self.samples, self.predictions = Samples.of(samples), Predictions.of(predict)
         self.vae = VQVAE.load(tokenizer).eval().requires_grad_(False)
-        derived: dict[str, Any] = {k: getattr(self.vae.config, k) for k in TOKENIZER_FIELDS}
-        derived.update(condition=condition, cond_drop_rate=cond_drop_rate)
-        self.text_encoder = None
-        if condition == "text":
-            from varctl.text import TextEncoder
-
-            self.text_encoder = TextEncoder(**(text_encoder or {}))
-            enc = self.text_encoder
-            derived.update(text_dim=enc.width, text_len=enc.context_length, text_pooled_dim=enc.embed_dim)
-        elif text_encoder:
-            rank_zero_warn("model.text_encoder is ignored: model.condition='class'")
-        self.var = self.wrap_model(build_var(var, init_from, self.vae, derived))
-        check_vae_fits(self.var.config, self.vae)
+        self.text_encoder = TextEncoder(**text_encoder) if text_encoder is not None else None
+        self.model = self.build_model(self.build_var(var, init_from))
         if self.text_encoder is not None:
             self.var.set_null_text(self.text_encoder.empty())
         # decided on the plain model: FSDP1 flattens parameters, hiding which are matrices
-        self._no_decay = no_weight_decay_names(self.var)
-        self.var_ema = EMA(self.var, ema_decay, ema_warmup) if ema_decay > 0 else None
+        self._no_decay = optim.no_weight_decay_names(self.model)
+        self.ema = optim.averaged(self.model, ema_decay, ema_warmup) if ema_decay > 0 else None
         self.val_metrics = ScaleMetrics(self.var.config.begin_ends)
         self.test_metrics = ScaleMetrics(self.var.config.begin_ends)
-        self._last_image_step: int | None = None
-        self._ema_step = 0
 
-    # ------------------------------------------------------------------ wiring
-    def wrap_model(self, var: VAR) -> torch.nn.Module:
-        """The module to train around the built VAR (subclasses add branches; here the VAR itself)."""
+    # ------------------------------------------------------------------ building
+    def build_var(self, var: dict | None, init_from: str | None) -> VAR:
+        """A new VAR from ``var`` or the one in ``init_from``, fitted to the tokenizer and text encoder."""
+        fixed: dict[str, Any] = {
+            k: getattr(self.vae.config, k) for k in ("vocab_size", "z_channels", "patch_nums")
+        }
+        enc = self.text_encoder
+        fixed["condition"] = "class" if enc is None else "text"
+        if enc is not None:
+            fixed.update(text_dim=enc.width, text_len=enc.context_length, text_pooled_dim=enc.embed_dim)
+        if init_from is None:
+            return VAR.build(var, **fixed)
+        settings = {k: v for k, v in (var or {}).items() if k != "preset"}
+        model = VAR.load(init_from, **{**settings, **fixed})
+        check_vae_fits(model.config, self.vae)
+        return model
+
+    def build_model(self, var: VAR) -> nn.Module:
+        """The network this stage trains around the VAR (the control stage adds its branch)."""
         return var
 
+    @property
+    def var(self) -> VAR:
+        return self.model
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that validate, sample and predict: the average if EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def model_inputs(self, batch: dict) -> dict[str, Any]:
-        """Extra keyword arguments of the trained module's forward and generate for ``batch`` (none here)."""
+        """Extra keyword arguments of the model's forward and generate for ``batch`` (none here)."""
         return {}
 
     def data_requirements(self) -> dict[str, Any]:
-        keys = ("image", "label") if self.hparams.condition == "class" else ("image", "caption")
+        keys = ("image", "label") if self.text_encoder is None else ("image", "caption")
         return {"resolution": self.vae.config.resolution, "keys": keys}
-
-    @property
-    def eval_var(self) -> VAR:
-        """The weights used to validate, sample and predict: the EMA if enabled."""
-        return self.var_ema.module if self.var_ema is not None else self.var
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -208,11 +123,16 @@ class VARModule(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        if self.hparams.condition == "class":
-            self._check_classes()
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        n_data, n_model = getattr(dm, "num_classes", None), self.var.config.num_classes
+        if self.text_encoder is None and n_data is not None and n_data != n_model:
+            if n_data > n_model or self.hparams.init_from is None:
+                raise ValueError(f"model.var.num_classes={n_model} but the data ({type(dm).__name__}) has "
+                                 f"{n_data} classes; set model.var.num_classes={n_data}")  # fmt: skip
+            rank_zero_warn(f"the data has {n_data} classes, the VAR from model.init_from has {n_model}")
         strategy = self.trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, FSDPStrategy):
-            if self.var_ema is not None:
+            if self.ema is not None:
                 raise ValueError(
                     "model.ema_decay > 0 is not supported with FSDPStrategy (FSDP1 flattens the average and "
                     "the model differently); use trainer.strategy=ModelParallelStrategy (FSDP2) or "
@@ -223,30 +143,17 @@ class VARModule(L.LightningModule):
             ignored += [m for m in (self.vae, self.text_encoder) if m is not None and m not in ignored]
             strategy.kwargs["ignored_modules"] = ignored
 
-    def _check_classes(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        n_data = getattr(dm, "num_classes", None)
-        n_model = self.var.config.num_classes
-        if dm is None or n_data is None or n_data == n_model:
-            return
-        if n_data < n_model and self.hparams.init_from is not None:
-            rank_zero_warn(f"the data has {n_data} classes, the VAR from model.init_from has {n_model}")
-            return
-        raise ValueError(
-            f"model.var.num_classes={n_model} but the data ({type(dm).__name__}) has {n_data} classes; "
-            f"set model.var.num_classes={n_data}"
-        )
-
     def configure_model(self) -> None:
-        """FSDP2 (``ModelParallelStrategy``): shard each VAR block, then the rest of the VAR (and the EMA)."""
+        """FSDP2 (``ModelParallelStrategy``): shard each VAR block, then the rest (model and average)."""
         strategy = self.trainer.strategy if self._trainer is not None else None
         if not isinstance(strategy, ModelParallelStrategy) or getattr(self, "_sharded", False):
             return
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = self.device_mesh["data_parallel"]
-        for model in [self.var] + ([self.var_ema.module] if self.var_ema is not None else []):
-            for block in model.blocks:
+        for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
+            var = model.var if hasattr(model, "control") else model
+            for block in var.blocks:
                 if block.cross_attn is not None:
                     fully_shard(block.cross_attn, mesh=mesh)
                     register_fsdp_forward_method(block.cross_attn, "context")  # called outside forward
@@ -257,25 +164,8 @@ class VARModule(L.LightningModule):
         self._sharded = True
 
     def configure_optimizers(self):
-        hp = self.hparams
-        lr = hp.lr
-        if hp.lr_scale_by_batch:
-            batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
-            if batch_size is None:
-                raise ValueError(
-                    "model.lr_scale_by_batch needs a datamodule with batch_size; or set it to false"
-                )
-            world = self.trainer.world_size
-            lr = scaled_lr(hp.lr, batch_size, world, self.trainer.accumulate_grad_batches, hp.reference_batch)
-            rank_zero_info(
-                f"VAR lr = {hp.lr:g} * {batch_size} x {world} x {self.trainer.accumulate_grad_batches} / "
-                f"{hp.reference_batch} = {lr:.3g}"
-            )
-        groups = param_groups(self.var, hp.weight_decay, self._no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = warmup_decay_scheduler(optimizer, hp.warmup_steps, total, hp.decay, hp.final_lr_fraction)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        groups = optim.param_groups(self.model, self.optimizer_settings.weight_decay, self._no_decay)
+        return optim.configure_adamw(self.trainer, groups, self.optimizer_settings)
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
@@ -289,7 +179,8 @@ class VARModule(L.LightningModule):
         return torch.cat(idx_list, dim=1), x_BLCv
 
     def condition(self, batch: dict):
-        if self.hparams.condition == "text":
+        """The batch's condition: its labels, or its captions through the text encoder."""
+        if self.text_encoder is not None:
             if self.text_encoder.attn_mask.device != self.device:
                 self.text_encoder.to(self.device)
             return self.text_encoder(batch["caption"])
@@ -300,7 +191,10 @@ class VARModule(L.LightningModule):
             )
         return labels
 
-    def _token_losses(self, logits_BLV: torch.Tensor, target_BL: torch.Tensor, smoothing: float):
+    def token_losses(self, batch: dict, model: nn.Module, smoothing: float = 0.0):
+        """Per-token cross-entropy (B, L) and whether the argmax is the target (B, L)."""
+        target_BL, x_BLCv = self.tokenize(batch["image"])
+        logits_BLV = model(self.condition(batch), x_BLCv, **self.model_inputs(batch))
         B, L, V = logits_BLV.shape
         loss_BL = F.cross_entropy(
             logits_BLV.reshape(-1, V), target_BL.reshape(-1), label_smoothing=smoothing, reduction="none"
@@ -308,11 +202,9 @@ class VARModule(L.LightningModule):
         return loss_BL, (logits_BLV.argmax(dim=-1) == target_BL).float()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        target_BL, x_BLCv = self.tokenize(batch["image"])
-        logits_BLV = self.var(self.condition(batch), x_BLCv, **self.model_inputs(batch))
-        loss_BL, correct_BL = self._token_losses(logits_BLV, target_BL, self.hparams.label_smoothing)
+        loss_BL, correct_BL = self.token_losses(batch, self.model, self.hparams.label_smoothing)
         loss = loss_BL.mean()
-        B = target_BL.shape[0]
+        B = loss_BL.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log("train/acc", correct_BL.mean(), batch_size=B)
         with torch.no_grad():
@@ -325,154 +217,102 @@ class VARModule(L.LightningModule):
         # the norm before clipping (and after AMP unscaling); sharded strategies hold only a shard per rank
         if isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             return
-        grads = [p.grad for p in self.var.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # once per optimizer step (global_step counts them; with accumulation not every batch steps)
-        if self.var_ema is not None and self.global_step != self._ema_step:
-            self.var_ema.update(self.var)
+        if self.ema is not None and self.global_step != getattr(self, "_ema_step", 0):
+            optim.update_average(self.ema, self.model)
             self._ema_step = self.global_step
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, batch: dict, metrics: ScaleMetrics) -> None:
-        target_BL, x_BLCv = self.tokenize(batch["image"])
-        logits_BLV = self.eval_var(self.condition(batch), x_BLCv, **self.model_inputs(batch))
-        metrics.update(*self._token_losses(logits_BLV, target_BL, 0.0))
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_metrics.update(*self.token_losses(batch, self.eval_model))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Teacher-forcing cross-entropy and token accuracy (per scale too) on the test split."""
+        self.test_metrics.update(*self.token_losses(batch, self.eval_model))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
 
     def _log_metrics(self, stage: str, metrics: ScaleMetrics) -> None:
         # the metric states are summed over processes in compute(), so no sync_dist here
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.compute().items()}, sync_dist=False)
         metrics.reset()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
-        if batch_idx == 0 and self._images_due():
-            self._log_samples(batch)
+    def generate(self, cond, sampling, seed_offset: int = 0, **kwargs):
+        """Images (B, 3, H, W) in [0, 1] from the evaluated weights (``sampling``: a settings.Sampling)."""
+        return self.eval_model.generate(cond, vae=self.vae, **sampling.generate_kwargs(seed_offset), **kwargs)
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Teacher-forcing cross-entropy and token accuracy (per scale too) on the test split."""
-        self._evaluate(batch, self.test_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
-
-    def _images_due(self) -> bool:
-        every = self.hparams.log_images_every_n_steps
-        if every <= 0 or not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
-            return False
-        last = self._last_image_step
-        return last is None or self.global_step - last >= every or self.global_step < last
-
-    def sample_conditions(self) -> tuple[Any, list[str]]:
-        """The validation grid's conditions (one per row) and their names."""
-        hp = self.hparams
-        if hp.condition == "text":
-            captions = list(hp.sample_captions or [""])
-            return self.text_encoder(captions), captions
-        n = min(hp.num_sample_classes, self.var.config.num_classes)
-        return torch.arange(n, device=self.device), [self._class_name(i) for i in range(n)]
-
-    def _log_samples(self, batch: dict) -> None:
-        """TensorBoard grid: a row per condition, coarse to fine from left to right."""
-        hp = self.hparams
-        cond, names = self.sample_conditions()
-        _, per_scale = self.eval_var.generate(
-            cond,
-            cfg=hp.sample_cfg,
-            top_k=hp.sample_top_k,
-            top_p=hp.sample_top_p,
-            seed=hp.sample_seed,
-            return_intermediates=True,
-            vae=self.vae,
+    def val_images(self, batch: dict, max_images: int) -> dict[str, ImageGrid]:
+        """The sample grid (``ImageLogger``): a row per class or caption, coarse to fine left to right."""
+        if self.text_encoder is not None:
+            captions = list(self.samples.captions or [""])
+            _, per_scale = self.generate(self.text_encoder(captions), self.samples, return_intermediates=True)
+            return {"val/samples_text": ImageGrid(per_scale, captions)}
+        n = min(max_images, self.var.config.num_classes)
+        _, per_scale = self.generate(
+            torch.arange(n, device=self.device), self.samples, return_intermediates=True
         )
-        self._add_grid("val/samples_text" if hp.condition == "text" else "val/samples", per_scale, names)
+        return {"val/samples": ImageGrid(per_scale, [self.class_name(i) for i in range(n)])}
 
-    def _add_grid(self, tag: str, columns: list[torch.Tensor], names: list[str]) -> None:
-        """A grid with one row per sample and one column per tensor of ``columns`` (each (B, 3, H, W))."""
-        tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (B * K, 3, H, W), row-major: sample, column
-        grid = torchvision.utils.make_grid(tiles.float().clamp(0, 1).cpu(), nrow=len(columns), padding=1)
-        self._last_image_step = self.global_step
-        if self.trainer.is_global_zero:  # every rank sampled: sharded models need all of them
-            self.logger.experiment.add_image(tag, grid, self.global_step)
-            self.logger.experiment.add_text(
-                f"{tag}_rows", "  \n".join(f"{i}: {n}" for i, n in enumerate(names)), self.global_step
-            )
-
-    def _class_name(self, label: int) -> str:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(dm, "class_names", None)
+    def class_name(self, label: int) -> str:
+        names = getattr(self.trainer.datamodule, "class_names", None) if self._trainer is not None else None
         return names[label] if names is not None and label < len(names) else str(label)
 
     # ------------------------------------------------------------------ predict
     def predict_jobs(self) -> list[tuple[Any, str]]:
-        """(condition, name) of every image to generate: each configured label/caption times
-        ``predict_num_per_condition``; empty when none is configured (then the batch's own are used)."""
-        hp = self.hparams
-        n = hp.predict_num_per_condition
-        if hp.condition == "text":
-            # the caption goes last: the image writer shortens long names from the end
-            captions = enumerate(hp.predict_captions or [])
-            return [(c, f"caption{j}_{i}_{c}") for j, c in captions for i in range(n)]
+        """(condition, name) of every image to generate: each configured label or caption
+        ``num_per_condition`` times; empty when none is configured (then the batch's own are used)."""
+        p = self.predictions
+        repeats = range(p.num_per_condition)
+        if (
+            self.text_encoder is not None
+        ):  # the caption goes last: the writer shortens long names from the end
+            return [(c, f"caption{j}_{i}_{c}") for j, c in enumerate(p.captions or []) for i in repeats]
         num = self.var.config.num_classes
-        for label in hp.predict_labels or []:
-            if not 0 <= int(label) < num:
-                raise ValueError(f"model.predict_labels holds {label}, expected labels in [0, {num})")
-        return [
-            (int(c), f"class_{self._class_name(int(c))}_{i}")
-            for c in hp.predict_labels or []
-            for i in range(n)
-        ]
+        bad = [label for label in p.labels or [] if not 0 <= int(label) < num]
+        if bad:
+            raise ValueError(f"model.predict.labels holds {bad}, expected labels in [0, {num})")
+        return [(int(c), f"class_{self.class_name(int(c))}_{i}") for c in p.labels or [] for i in repeats]
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        hp = self.hparams
-        jobs = self.predict_jobs()
-        B = len(batch["image"])
+        jobs, B = self.predict_jobs(), len(batch["image"])
+        chunk = batch_idx * self.trainer.world_size + self.trainer.global_rank  # also seeds the chunk
         if jobs:  # the configured conditions, split over the predict batches of all processes
-            chunk = batch_idx * self.trainer.world_size + self.trainer.global_rank
             part = jobs[chunk * B : (chunk + 1) * B]
             conds, names = [c for c, _ in part], [n for _, n in part]
-        elif hp.condition == "text":
+        elif self.text_encoder is not None:
             conds = list(batch["caption"])
             names = [f"b{batch_idx}_{i}_{c[:60]}" for i, c in enumerate(conds)]
         else:
             conds = [int(c) for c in batch["label"]]
-            names = [f"class_{self._class_name(c)}_b{batch_idx}_{i}" for i, c in enumerate(conds)]
-        res = self.vae.config.resolution
+            names = [f"class_{self.class_name(c)}_b{batch_idx}_{i}" for i, c in enumerate(conds)]
         if not conds:
+            res = self.vae.config.resolution
             return {"images": torch.zeros(0, 3, res, res, device=self.device), "names": []}
-        if hp.condition == "text":
+        if self.text_encoder is not None:
             cond = self.text_encoder(conds)
         else:
             cond = torch.tensor(conds, dtype=torch.long, device=self.device)
-        images = self.eval_var.generate(
-            cond,
-            cfg=hp.predict_cfg,
-            cfg_schedule=hp.predict_cfg_schedule,
-            top_k=hp.predict_top_k,
-            top_p=hp.predict_top_p,
-            temperature=hp.predict_temperature,
-            seed=hp.predict_seed + batch_idx * self.trainer.world_size + self.trainer.global_rank,
-            vae=self.vae,
-        )
+        images = self.generate(cond, self.predictions, seed_offset=chunk)
         return {"images": images.float().clamp(0, 1), "names": names}
 
     def on_predict_start(self) -> None:
-        jobs = self.predict_jobs()
-        loaders = self.trainer.predict_dataloaders
-        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-        loader = loaders[0] if loaders else None
+        jobs, loaders = self.predict_jobs(), self.trainer.predict_dataloaders
+        loader = (loaders[0] if loaders else None) if isinstance(loaders, (list, tuple)) else loaders
         # Lightning re-creates the predict loader around a batch sampler, which then holds the batch size
-        batch_size = getattr(loader, "batch_size", None) or getattr(
-            getattr(loader, "batch_sampler", None), "batch_size", None
-        )
+        size = getattr(loader, "batch_size", None)
+        size = size or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
         batches = self.trainer.num_predict_batches[0] if self.trainer.num_predict_batches else None
-        if jobs and batch_size and batches is not None and batches != float("inf"):
-            capacity = int(batches) * batch_size * self.trainer.world_size
+        if jobs and size and batches is not None and batches != float("inf"):
+            capacity = int(batches) * size * self.trainer.world_size
             if capacity < len(jobs):
                 rank_zero_warn(
                     f"{len(jobs)} images are configured but the predict dataloader has room for {capacity} "
@@ -481,20 +321,41 @@ class VARModule(L.LightningModule):
                 )
 
     # ------------------------------------------------------------------ checkpoints
+    def checkpoint_entries(self) -> dict[str, dict]:
+        """``checkpoint["varctl"]``: where each model's weights are and its config (models/lifecycle.py)."""
+        entries = {"vqvae": self.vae.checkpoint_entry("vae."), "var": self.var.checkpoint_entry("model.")}
+        if self.ema is not None:
+            entries["var_ema"] = self.var.checkpoint_entry("ema.module.")
+        return entries
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        entry = {
-            "var": {"config": asdict(self.var.config), "prefix": "var."},
-            "vqvae": {"config": asdict(self.vae.config), "prefix": "vae."},
-        }
-        if self.var_ema is not None:
-            entry["var_ema"] = {"config": asdict(self.var.config), "prefix": "var_ema.module."}
-        checkpoint["varctl"] = entry
+        checkpoint["varctl"] = self.checkpoint_entries()
         # the frozen text encoder is rebuilt from `text_encoder` (its pretrained weights), not stored
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("text_encoder.")]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.text_encoder is not None and "state_dict" in checkpoint:
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        if "var_ema.num_updates" in state or any(k.startswith("var.") for k in state):
+            checkpoint["state_dict"] = state = legacy_state_dict(state)
+        if self.text_encoder is not None:
             for k, v in self.text_encoder.state_dict().items():
-                checkpoint["state_dict"].setdefault(f"text_encoder.{k}", v)
+                state.setdefault(f"text_encoder.{k}", v)
+
+
+def legacy_state_dict(state: dict) -> dict:
+    """A stage-2/3 state_dict written before the model lifecycle, in today's names (resume still works)."""
+    out = {}
+    for key, value in state.items():
+        if key == "var_ema.num_updates":
+            out["ema.n_averaged"] = value + 1  # the initial copy counts as the first average
+            continue
+        for old, new in LEGACY_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out

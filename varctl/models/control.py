@@ -17,23 +17,19 @@ H W control map size, pn side of one scale.
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varctl.models import io
-from varctl.models.scale_config import ScaleConfig
+from varctl.models.lifecycle import Model, ModelConfig
 
-KIND = "control"
-MODALITIES = ("edges", "depth", "segmentation")
+MODALITIES = ("edges", "depth", "segmentation")  # the control maps every part of varctl knows
 
 
 @dataclass
-class ControlConfig(ScaleConfig):
+class ControlConfig(ModelConfig):
     """The control branch of one VAR: its inputs, the encoder's size, and the backbone's shape (``depth``,
     ``embed_dim`` and ``patch_nums`` come from the VAR, ``resolution`` from the tokenizer)."""
 
@@ -50,31 +46,15 @@ class ControlConfig(ScaleConfig):
     def __post_init__(self):
         self.modalities = tuple(str(m) for m in self.modalities)
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
-        down = self.resolution / self.patch_nums[-1] if self.patch_nums else 0
-        checks = [
-            (
-                len(self.modalities) >= 1
-                and set(self.modalities) <= set(MODALITIES)
-                and len(set(self.modalities)) == len(self.modalities),
-                "modalities",
-                f"a non-empty list of distinct modalities from {MODALITIES}",
-                self.modalities,
-            ),
-            (self.num_segments >= 2, "num_segments", ">= 2", self.num_segments),
-            (self.width >= 1, "width", ">= 1", self.width),
-            (self.feature_dim >= 1, "feature_dim", ">= 1", self.feature_dim),
-            (self.max_width >= self.width, "max_width", f">= width ({self.width})", self.max_width),
-            (self.depth >= 1, "depth", ">= 1", self.depth),
-            (self.embed_dim >= 1, "embed_dim", ">= 1", self.embed_dim),
-            *self.schedule_checks(),
-            (
-                down >= 1 and down == int(down) and math.log2(down) == int(math.log2(down)),
-                "resolution",
-                f"the last scale ({self.patch_nums[-1] if self.patch_nums else '?'}) times a power of 2",
-                self.resolution,
-            ),
-        ]  # fmt: skip
-        self.raise_failed(checks)
+        # the invariants whose failure would surface later as a confusing lookup or shape error
+        known = len(self.modalities) == len(set(self.modalities)) >= 1 and set(self.modalities) <= set(
+            MODALITIES
+        )
+        self.require(known, "modalities", f"a non-empty list of distinct modalities from {MODALITIES}")
+        self.check_schedule()
+        down = self.resolution / self.patch_nums[-1]
+        fits = down >= 1 and down == int(down) and math.log2(down) == int(math.log2(down))
+        self.require(fits, "resolution", f"the last scale ({self.patch_nums[-1]}) times a power of 2")
 
     @property
     def in_channels(self) -> int:
@@ -87,8 +67,17 @@ class ControlConfig(ScaleConfig):
     @classmethod
     def for_var(cls, var_config, resolution: int, **fields) -> ControlConfig:
         """The branch of a VAR with this config (depth, width, scales) for maps of ``resolution`` px."""
-        shape = {"depth": var_config.depth, "embed_dim": var_config.C, "patch_nums": var_config.patch_nums}
-        return cls(**{**fields, **shape, "resolution": resolution})
+        return cls.resolve(fields, **shape_of(var_config, resolution))
+
+
+def shape_of(var_config, resolution: int) -> dict:
+    """The ControlConfig fields that follow from the VAR (depth, width, scales) and the tokenizer (side)."""
+    return {
+        "depth": var_config.depth,
+        "embed_dim": var_config.C,
+        "patch_nums": tuple(var_config.patch_nums),
+        "resolution": int(resolution),
+    }
 
 
 def control_input(config: ControlConfig, maps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -136,8 +125,11 @@ class ControlResiduals:
         return self.branch.project(self.tokens_BLF, layer, begin, end)
 
 
-class ControlBranch(nn.Module):
+class ControlBranch(Model):
     """Control encoder (conv, downsampling to the last scale) + per-(scale, block) zero-init projections."""
+
+    kind = "control"
+    config_class = ControlConfig
 
     def __init__(self, config: ControlConfig):
         super().__init__()
@@ -185,53 +177,19 @@ class ControlBranch(nn.Module):
             k += 1
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
-    # ------------------------------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a self-describing varctl model file (config + state_dict) atomically."""
-        return io.save_model(KIND, asdict(self.config), self.state_dict(), path)
-
-    def export_safetensors(self, path: str | os.PathLike) -> Path:
-        return io.export_safetensors(KIND, asdict(self.config), self.state_dict(), path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, map_location="cpu", ema: bool = False) -> ControlBranch:
-        """A varctl control file, a control-stage Lightning checkpoint or a safetensors export; ``ema=True``
-        reads the averaged branch of a checkpoint trained with ``model.ema_decay > 0``."""
-        state_dict, config = io.read_model(path, f"{KIND}_ema" if ema else KIND, map_location)
-        if config is None:
-            raise ValueError(f"{path}: no control config (expected a file written by varctl)")
-        model = cls(ControlConfig.from_dict(config, str(path)))
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: control state_dict does not match {model.config}: missing "
-                f"{io.short_keys(missing)}, unexpected {io.short_keys(unexpected)}"
-            )
-        return model
-
 
 def _groups(channels: int) -> int:
     return math.gcd(channels, 32)
 
 
 class ControlledVAR(nn.Module):
-    """A VAR and its control branch as one module, the unit the control stage trains and averages:
-    ``forward`` and ``generate`` take the batch's control maps (modality -> (B, 1, H, W))."""
+    """A VAR and its control branch as one module, the unit the control stage trains, averages and shards
+    (FSDP2 keeps the branch unsharded while the VAR runs): ``forward`` and ``generate`` take the batch's
+    control maps (modality -> (B, 1, H, W)). The VAR keeps the official layout under ``var.``."""
 
     def __init__(self, var: nn.Module, control: ControlBranch):
         super().__init__()
         self.var, self.control = var, control
-
-    @property
-    def config(self):
-        return self.var.config
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.var.blocks
-
-    def set_null_text(self, null) -> None:
-        self.var.set_null_text(null)
 
     def forward(self, cond, x_BLCv_wo_first_l: torch.Tensor, control_maps: dict) -> torch.Tensor:
         return self.var(cond, x_BLCv_wo_first_l, control=self.control.encode(control_maps))

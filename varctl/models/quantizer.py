@@ -317,14 +317,41 @@ class MultiScaleQuantizer(nn.Module):
             )
         weight.index_copy_(0, code_idx.to(weight.device), new_vectors.to(weight))
 
+    @torch.no_grad()
+    def residual_samples(self, f_BChw: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` vectors (n, C) that the quantiser sees, at scales drawn uniformly (to restart dead codes).
+
+        Scale si sees f minus f_hat of the scales before it, area-resized to pn x pn; drawing the scale
+        uniformly (not in proportion to pn^2) gives the small, collapse-prone scales their share.
+        """
+        f_BChw = f_BChw.float()
+        fhat = self.f_to_idx_or_fhat(f_BChw, to_fhat=True)
+        C, S = f_BChw.shape[1], len(self.patch_nums)
+        scale_of_code = torch.randint(S, (n,), generator=generator)
+        vectors = f_BChw.new_zeros(n, C)
+        for si, pn in enumerate(self.patch_nums):
+            picked = (scale_of_code == si).nonzero().flatten()
+            if picked.numel() == 0:
+                continue
+            rest = f_BChw if si == 0 else f_BChw - fhat[si - 1]
+            if si != S - 1:
+                rest = F.interpolate(rest, size=(pn, pn), mode="area")
+            rest_NC = rest.permute(0, 2, 3, 1).reshape(-1, C)  # (B*pn*pn, C)
+            rows = torch.randint(rest_NC.shape[0], (picked.numel(),), generator=generator)
+            vectors[picked.to(vectors.device)] = rest_NC[rows.to(rest_NC.device)]
+        return vectors
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        # a file trained with another number of scales: keep our own statistics (the official rule);
-        # torch hands this hook a copy of the caller's dict, so replacing the entry is local
+        # a file trained with another number of scales: start our own statistics (the official rule); torch
+        # hands this hook a copy of the caller's dict, so replacing the entry is local. Zeros are made on the
+        # file's device, not from our buffer, which is on the meta device when loading assigns (lifecycle.py).
         key = prefix + "ema_vocab_hit_SV"
-        if key in state_dict and state_dict[key].shape[0] != self.ema_vocab_hit_SV.shape[0]:
-            state_dict[key] = self.ema_vocab_hit_SV
+        loaded = state_dict.get(key)
+        if loaded is not None and loaded.shape[0] != self.ema_vocab_hit_SV.shape[0]:
+            loaded = state_dict[key] = torch.zeros(
+                self.ema_vocab_hit_SV.shape, dtype=loaded.dtype, device=loaded.device
+            )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         # the call count is not stored: statistics that were loaded count as warmed up
-        ema = self.ema_vocab_hit_SV
-        loaded = key in state_dict and state_dict[key] is not ema and not ema.is_meta
-        self.num_hit_records = 100 if loaded and bool(ema.any()) else 0
+        warm = loaded is not None and not loaded.is_meta and bool(loaded.any())
+        self.num_hit_records = 100 if warm else 0

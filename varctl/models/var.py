@@ -15,22 +15,14 @@ Cv = Cvae code channels, K scales, T text tokens, E text embedding width.
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from varctl.models import io
+from varctl.models.lifecycle import Model
+from varctl.models.text import TextCondition
 from varctl.models.transformer import AdaLNBlock, AdaLNHead, SharedAdaLin, key_padding_bias
-from varctl.models.var_config import (
-    OFFICIAL_PATCH_NUMS,
-    TextCondition,
-    VARConfig,
-    check_vae_fits,
-    config_from_state_dict,
-)
+from varctl.models.var_config import OFFICIAL_PATCH_NUMS, VARConfig, check_vae_fits, config_from_state_dict
 from varctl.models.var_generate import GenerateMixin
 
 __all__ = [
@@ -42,12 +34,12 @@ __all__ = [
     "OFFICIAL_PATCH_NUMS",
 ]
 
-KIND = "var"
-EMA_KIND = "var_ema"  # the EMA weights in a varctl Lightning checkpoint (varctl/lit/var.py)
 
-
-class VAR(GenerateMixin, nn.Module):
+class VAR(GenerateMixin, Model):
     """Class- or text-conditional VAR transformer with teacher-forcing ``forward`` and guided ``generate``."""
+
+    kind = "var"
+    config_class = VARConfig
 
     def __init__(self, config: VARConfig | None = None, vae: nn.Module | None = None):
         super().__init__()
@@ -255,86 +247,23 @@ class VAR(GenerateMixin, nn.Module):
             raise ValueError(f"control holds {control.batch_size} samples, the batch has {B}")
 
     # ------------------------------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a self-describing varctl model file (config + state_dict) atomically."""
-        return io.save_model(KIND, asdict(self.config), self.state_dict(), path)
-
-    def export_safetensors(self, path: str | os.PathLike) -> Path:
-        """Weights as safetensors, with the config as JSON in the metadata."""
-        return io.export_safetensors(KIND, asdict(self.config), self.state_dict(), path)
-
     @classmethod
-    def load(
-        cls, path: str | os.PathLike, vae: nn.Module | None = None, map_location="cpu", ema: bool = False
-    ) -> VAR:
-        """Load a varctl model file, a varctl Lightning checkpoint (kind "var"), a safetensors export or an
-        official state_dict (configuration read off the shapes, ``patch_nums`` from ``vae`` if given).
-
-        With ``ema=True`` load the EMA weights of a varctl Lightning checkpoint trained with EMA
-        (``checkpoint["varctl"]["var_ema"]``) instead of the trained ones.
-        """
-        source = str(Path(path))
-        if ema:
-            state_dict, config = _read_ema(path, map_location)
-        else:
-            state_dict, config = io.read_model(path, KIND, map_location)
-        if config is None:
-            patch_nums = tuple(vae.config.patch_nums) if vae is not None else OFFICIAL_PATCH_NUMS
-            config = config_from_state_dict(state_dict, patch_nums, source)
-        else:
-            config = VARConfig.from_dict(config, source)
-        return cls._from_state_dict(state_dict, config, source, vae)
+    def load(cls, source, vae: nn.Module | None = None, **kwargs) -> VAR:
+        """``Model.load`` (every file kind, ``ema=``, fine-tuning overrides) with ``vae`` attached; an
+        official file takes the scale schedule of ``vae`` (or ``patch_nums=``; default: 256 px)."""
+        if vae is not None:
+            kwargs.setdefault("patch_nums", tuple(vae.config.patch_nums))
+        model = super().load(source, **kwargs)
+        return model.attach_vae(vae) if vae is not None else model
 
     @classmethod
     def from_official(
-        cls, path_or_state_dict, vae: nn.Module | None = None, patch_nums: tuple[int, ...] | None = None
+        cls, source, vae: nn.Module | None = None, patch_nums: tuple[int, ...] | None = None
     ) -> VAR:
-        """Build from an official checkpoint (``var_d16.pth`` ...): depth, classes, vocabulary, Cvae,
-        shared_aln and attn_l2_norm are read off the tensors; loaded with ``strict=True``.
-
-        Args:
-            path_or_state_dict: a path or a state_dict (meta tensors give a model on the meta device).
-            vae: the VQVAE to attach (may be None).
-            patch_nums: the scale schedule (not stored in official files); default the VQVAE's, else 256 px.
-        """
-        state_dict, source = io.official_state_dict(path_or_state_dict, KIND)
-        if patch_nums is None:
-            patch_nums = tuple(vae.config.patch_nums) if vae is not None else OFFICIAL_PATCH_NUMS
-        return cls._from_state_dict(
-            state_dict, config_from_state_dict(state_dict, patch_nums, source), source, vae
-        )
+        """An official VAR (``var_d16.pth`` ..., a path or its state_dict): depth, classes, vocabulary, Cvae,
+        shared_aln and attn_l2_norm are read off the tensors; the scales are ``patch_nums`` or the VQVAE's."""
+        return cls.load(source, vae, **({} if patch_nums is None else {"patch_nums": tuple(patch_nums)}))
 
     @classmethod
-    def _from_state_dict(cls, state_dict: dict, config: VARConfig, source: str, vae) -> VAR:
-        with torch.device("meta"):  # no allocation or init: the tensors are assigned from the file
-            model = cls(config)
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{source}: state_dict does not match {config}: missing {io.short_keys(missing)}, "
-                f"unexpected {io.short_keys(unexpected)}"
-            )
-        for k, v in expected.items():
-            if tuple(state_dict[k].shape) != tuple(v.shape):
-                raise ValueError(
-                    f"{source}: tensor {k} has shape {tuple(state_dict[k].shape)}, expected {tuple(v.shape)} "
-                    f"for {config}"
-                )
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        if vae is not None:
-            model.attach_vae(vae)
-        return model
-
-
-def _read_ema(path: str | os.PathLike, map_location) -> tuple[dict, dict]:
-    """(state_dict, config) of the EMA weights that a varctl Lightning checkpoint trained with EMA holds."""
-    obj = io.load_file(path, map_location=map_location)
-    entries = obj.get("varctl")
-    if not isinstance(entries, dict) or EMA_KIND not in entries:
-        found = f"entries {sorted(entries)}" if isinstance(entries, dict) else "no checkpoint['varctl'] entry"
-        raise ValueError(
-            f"{path}: no EMA weights (checkpoint['varctl']['{EMA_KIND}']), found {found}; VAR.load(ema=True) "
-            "needs a varctl Lightning checkpoint of a run with model.ema_decay > 0"
-        )
-    return io.split_checkpoint(obj, EMA_KIND, str(path))
+    def config_from_state_dict(cls, state_dict, source: str, patch_nums=None) -> VARConfig:
+        return config_from_state_dict(state_dict, patch_nums or OFFICIAL_PATCH_NUMS, source)

@@ -1,32 +1,25 @@
-"""The VAR configuration and its text condition: ``VARConfig`` (official depth rule, presets, checks),
-``TextCondition`` (a frozen text encoder's output) and the configuration of an official checkpoint read off
-its tensor shapes.
+"""The VAR configuration: ``VARConfig`` (the official depth rule, presets, the invariants worth checking)
+and the configuration of an official checkpoint read off its tensor shapes.
 
-Legend: B batch, L all tokens, l tokens of one scale, C width, D condition width, V vocabulary,
-T text tokens, E text embedding width.
+Legend: L all tokens, C width, D condition width, V vocabulary.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from varctl.models.scale_config import ScaleConfig
+from varctl.models.lifecycle import ModelConfig
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px
 CONDITIONS = ("class", "text")
-PRESETS = {  # "d<N>" is any depth with the official width/heads rule
-    "tiny": {"depth": 2, "num_classes": 10, "vocab_size": 256, "z_channels": 16, "patch_nums": (1, 2, 3, 4)},
-}
 
 
 @dataclass
-class VARConfig(ScaleConfig):
+class VARConfig(ModelConfig):
     """Hyper-parameters of VAR; defaults are the official VAR-d16. Width and heads follow depth (64*depth,
     depth) unless given; ``drop_path_rate`` None means 0.1 * depth / 24 as the official build."""
 
@@ -50,33 +43,32 @@ class VARConfig(ScaleConfig):
     text_len: int = 77  # max text tokens
     text_pooled_dim: int | None = None  # width of the pooled text embedding; None: text_dim
 
+    # "d<N>" is any depth with the official width/heads rule (from_name)
+    presets: ClassVar[dict[str, dict]] = {
+        "tiny": {
+            "depth": 2,
+            "num_classes": 10,
+            "vocab_size": 256,
+            "z_channels": 16,
+            "patch_nums": (1, 2, 3, 4),
+        },
+    }
+    # training settings: no weight depends on them, so a loaded VAR may be fine-tuned with other values
+    free_on_load: ClassVar[tuple[str, ...]] = (
+        "cond_drop_rate",
+        "drop_rate",
+        "attn_drop_rate",
+        "drop_path_rate",
+    )
+
     def __post_init__(self):
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
-        checks = [
-            (self.depth >= 1, "depth", ">= 1", self.depth),
-            (self.num_classes >= 1, "num_classes", ">= 1", self.num_classes),
-            (self.vocab_size >= 1, "vocab_size", ">= 1", self.vocab_size),
-            (self.z_channels >= 1, "z_channels", ">= 1", self.z_channels),
-            *self.schedule_checks(),
-            (self.C >= 1, "embed_dim", ">= 1", self.embed_dim),
-            (
-                self.heads >= 1 and self.C % self.heads == 0,
-                "num_heads",
-                f"a divisor of width {self.C}",
-                self.heads,
-            ),
-            (self.mlp_ratio > 0, "mlp_ratio", "> 0", self.mlp_ratio),
-            (0 <= self.drop_rate < 1, "drop_rate", "in [0, 1)", self.drop_rate),
-            (0 <= self.attn_drop_rate < 1, "attn_drop_rate", "in [0, 1)", self.attn_drop_rate),
-            (0 <= self.drop_path < 1, "drop_path_rate", "in [0, 1) or None", self.drop_path_rate),
-            (self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps),
-            (0 <= self.cond_drop_rate <= 1, "cond_drop_rate", "in [0, 1]", self.cond_drop_rate),
-            (self.condition in CONDITIONS, "condition", f"one of {CONDITIONS}", self.condition),
-            (self.text_dim >= 1, "text_dim", ">= 1", self.text_dim),
-            (self.text_len >= 1, "text_len", ">= 1", self.text_len),
-            (self.pooled_dim >= 1, "text_pooled_dim", ">= 1 or None", self.text_pooled_dim),
-        ]
-        self.raise_failed(checks)
+        # the invariants whose failure would surface later as a confusing reshape or lookup error
+        self.check_schedule()
+        self.require(
+            self.heads >= 1 and self.C % self.heads == 0, "num_heads", f"a divisor of width {self.C}"
+        )
+        self.require(self.condition in CONDITIONS, "condition", f"one of {CONDITIONS}")
 
     @property
     def C(self) -> int:
@@ -103,59 +95,12 @@ class VARConfig(ScaleConfig):
         """``"d16"``, ``"d20"``, ``"d24"``, ``"d30"``, any ``"d<N>"`` (official depth rule) or ``"tiny"``."""
         match = re.fullmatch(r"d(\d+)", name)
         if match:
-            return cls(**{"depth": int(match.group(1)), **overrides})
-        if name not in PRESETS:
+            return cls.from_dict({"depth": int(match.group(1)), **overrides}, f"preset {name!r}")
+        if name not in cls.presets:
             raise ValueError(
-                f"unknown VAR preset {name!r}; known: 'd<depth>' (e.g. 'd16') and {sorted(PRESETS)}"
+                f"unknown VAR preset {name!r}; known: 'd<depth>' (e.g. 'd16') and {sorted(cls.presets)}"
             )
-        return cls(**{**PRESETS[name], **overrides})
-
-
-class TextCondition(NamedTuple):
-    """A text condition from a frozen encoder: pooled (B, E), tokens (B, T, E), mask (B, T) (True: real)."""
-
-    pooled_BE: torch.Tensor
-    tokens_BTE: torch.Tensor
-    mask_BT: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.pooled_BE.shape[0]
-
-    def to(self, device: torch.device) -> TextCondition:
-        return TextCondition(*(t.to(device) for t in self))
-
-    def padded(self, T: int) -> TextCondition:
-        """Tokens padded (masked out) to length T."""
-        pad = T - self.tokens_BTE.shape[1]
-        if pad <= 0:
-            return self
-        return TextCondition(
-            self.pooled_BE,
-            F.pad(self.tokens_BTE, (0, 0, 0, pad)),
-            F.pad(self.mask_BT.bool(), (0, pad), value=False),
-        )
-
-    def expand(self, B: int) -> TextCondition:
-        """A batch-1 condition repeated B times (views)."""
-        p, t, m = self
-        return TextCondition(p.expand(B, -1), t.expand(B, -1, -1), m.expand(B, -1))
-
-    def cat(self, other: TextCondition) -> TextCondition:
-        T = max(self.tokens_BTE.shape[1], other.tokens_BTE.shape[1])
-        a, b = self.padded(T), other.padded(T)
-        return TextCondition(*(torch.cat((x, y)) for x, y in zip(a, b)))
-
-    def where(self, take_other_B: torch.Tensor, other: TextCondition) -> TextCondition:
-        """Per sample: ``other`` where ``take_other_B`` else self (condition dropping)."""
-        T = max(self.tokens_BTE.shape[1], other.tokens_BTE.shape[1])
-        a, b = self.padded(T), other.padded(T)
-        s = take_other_B
-        return TextCondition(
-            torch.where(s[:, None], b.pooled_BE, a.pooled_BE),
-            torch.where(s[:, None, None], b.tokens_BTE, a.tokens_BTE),
-            torch.where(s[:, None], b.mask_BT.bool(), a.mask_BT.bool()),
-        )
+        return super().from_name(name, **overrides)
 
 
 def check_vae_fits(config: VARConfig, vae: nn.Module) -> None:

@@ -24,8 +24,9 @@ from varctl.models.sampling import (
     sample_tokens,
     smooth_embedding,
 )
+from varctl.models.text import TextCondition
 from varctl.models.transformer import KVCache
-from varctl.models.var_config import TextCondition, check_vae_fits
+from varctl.models.var_config import check_vae_fits
 
 
 class GenerateMixin:

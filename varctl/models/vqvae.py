@@ -11,27 +11,23 @@ scale, L all tokens, S scales, V vocabulary.
 from __future__ import annotations
 
 import math
-import os
 import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from varctl.models import io
+from varctl.models.lifecycle import Model, ModelConfig
 from varctl.models.quantizer import MultiScaleQuantizer
-from varctl.models.scale_config import ScaleConfig
 from varctl.models.vae_blocks import Decoder, Encoder
 
 OFFICIAL_10 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px
 OFFICIAL_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 512 px (VAR-d36-512)
-KIND = "vqvae"
 
 
 @dataclass
-class VQVAEConfig(ScaleConfig):
+class VQVAEConfig(ModelConfig):
     """Hyper-parameters of the VQVAE; defaults are the official ``vae_ch160v4096z32`` tokenizer."""
 
     vocab_size: int = 4096
@@ -49,38 +45,38 @@ class VQVAEConfig(ScaleConfig):
     quant_conv_ks: int = 3
     norm_groups: int = 32  # GroupNorm groups (official 32); fewer keep colour statistics in narrow CPU models
 
+    presets: ClassVar[dict[str, dict]] = {
+        "vae_ch160v4096z32": {},  # the official tokenizer, 256 px
+        "vae_ch160v4096z32_512": {"patch_nums": OFFICIAL_512},  # same weights, 512 px schedule
+        "tiny": {
+            "vocab_size": 256,
+            "z_channels": 16,
+            "ch": 32,
+            "patch_nums": (1, 2, 3, 4),
+        },  # 64 px, reference
+        # trainable on a CPU: 8x downsampling, 64 px
+        "cpu_small": {
+            "vocab_size": 512,
+            "z_channels": 16,
+            "ch": 32,
+            "ch_mult": (1, 1, 2, 2),
+            "num_res_blocks": 1,
+            "norm_groups": 8,  # 32 groups of 1 channel would normalise away each image's colours
+            "patch_nums": (1, 2, 3, 4, 6, 8),
+        },
+    }
+    # no weight depends on these: a loaded tokenizer may be fine-tuned or used with another schedule
+    free_on_load: ClassVar[tuple[str, ...]] = ("beta", "dropout", "patch_nums")
+
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
-        checks = [
-            (self.vocab_size >= 1, "vocab_size", ">= 1", self.vocab_size),
-            (self.z_channels >= 1, "z_channels", ">= 1", self.z_channels),
-            (
-                self.norm_groups >= 1 and self.ch > 0 and self.ch % self.norm_groups == 0,
-                "ch",
-                f"a positive multiple of norm_groups={self.norm_groups} (GroupNorm)",
-                self.ch,
-            ),
-            (
-                len(self.ch_mult) >= 1 and min(self.ch_mult) >= 1,
-                "ch_mult",
-                "non-empty, all >= 1",
-                self.ch_mult,
-            ),
-            (self.num_res_blocks >= 1, "num_res_blocks", ">= 1", self.num_res_blocks),
-            (0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)", self.dropout),
-            (self.beta >= 0, "beta", ">= 0", self.beta),
-            (self.share_quant_resi >= 0, "share_quant_resi", ">= 0", self.share_quant_resi),
-            (self.default_qresi_counts >= 0, "default_qresi_counts", ">= 0", self.default_qresi_counts),
-            (
-                self.quant_conv_ks >= 1 and self.quant_conv_ks % 2 == 1,
-                "quant_conv_ks",
-                "odd",
-                self.quant_conv_ks,
-            ),
-            *self.schedule_checks(),
-        ]
-        self.raise_failed(checks)
+        # the invariants whose failure would surface later as a confusing GroupNorm or shape error
+        groups_fit = self.norm_groups >= 1 and self.ch % self.norm_groups == 0
+        self.require(groups_fit, "ch", f"a multiple of norm_groups={self.norm_groups} (GroupNorm)")
+        self.require(len(self.ch_mult) >= 1, "ch_mult", "non-empty (one entry per resolution level)")
+        self.require(self.quant_conv_ks % 2 == 1, "quant_conv_ks", "odd (the latent keeps its size)")
+        self.check_schedule()
 
     @property
     def downsample(self) -> int:
@@ -94,29 +90,6 @@ class VQVAEConfig(ScaleConfig):
     def resolution(self) -> int:
         return self.patch_nums[-1] * self.downsample
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> VQVAEConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown VQVAE preset {name!r}; known: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-
-PRESETS: dict[str, dict] = {
-    "vae_ch160v4096z32": {},  # the official tokenizer, 256 px
-    "vae_ch160v4096z32_512": {"patch_nums": OFFICIAL_512},  # same weights, 512 px schedule
-    "tiny": {"vocab_size": 256, "z_channels": 16, "ch": 32, "patch_nums": (1, 2, 3, 4)},  # 64 px, reference
-    # trainable on a CPU: 8x downsampling, 64 px
-    "cpu_small": {
-        "vocab_size": 512,
-        "z_channels": 16,
-        "ch": 32,
-        "ch_mult": (1, 1, 2, 2),
-        "num_res_blocks": 1,
-        "norm_groups": 8,  # 32 groups of 1 channel would normalise away each image's colours
-        "patch_nums": (1, 2, 3, 4, 6, 8),
-    },
-}
-
 
 class VQVAEOutput(NamedTuple):
     recon: torch.Tensor  # (B, 3, H, W), not clamped
@@ -125,8 +98,11 @@ class VQVAEOutput(NamedTuple):
     f_BChw: torch.Tensor  # continuous latent, detached, float32
 
 
-class VQVAE(nn.Module):
+class VQVAE(Model):
     """Multi-scale VQ tokenizer: image <-> token maps of sides ``config.patch_nums``."""
+
+    kind = "vqvae"
+    config_class = VQVAEConfig
 
     def __init__(self, config: VQVAEConfig | None = None):
         super().__init__()
@@ -244,60 +220,15 @@ class VQVAE(nn.Module):
         return self.quantize.ar_step(si, f_hat_BChw, h_BChw)
 
     # ---------------------------------------------------------------- files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a self-describing varctl model file (config + state_dict) atomically."""
-        return io.save_model(KIND, asdict(self.config), self.state_dict(), path)
-
-    def export_safetensors(self, path: str | os.PathLike) -> Path:
-        """Weights as safetensors, with the config as JSON in the metadata."""
-        return io.export_safetensors(KIND, asdict(self.config), self.state_dict(), path)
+    @classmethod
+    def from_official(cls, source, patch_nums: tuple[int, ...] = OFFICIAL_10) -> VQVAE:
+        """An official tokenizer (``vae_ch160v4096z32.pth``, a path or its state_dict) with the scale schedule
+        ``patch_nums``, which official files do not store; ``load`` with ``patch_nums=`` reads every kind."""
+        return cls.load(source, patch_nums=patch_nums)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VQVAE:
-        """Load a varctl model file, a varctl Lightning checkpoint, an official state_dict or a safetensors
-        export; files without a config are read as official files (configuration from the shapes)."""
-        source = str(Path(path))
-        state_dict, config = io.read_model(path, KIND, map_location)
-        if config is None:
-            return cls._from_state_dict(
-                state_dict, config_from_state_dict(state_dict, OFFICIAL_10, source), source
-            )
-        return cls._from_state_dict(state_dict, VQVAEConfig.from_dict(config, source), source)
-
-    @classmethod
-    def from_official(
-        cls, path_or_state_dict: str | os.PathLike | dict, patch_nums: tuple[int, ...] = OFFICIAL_10
-    ) -> VQVAE:
-        """Build from an official checkpoint (``vae_ch160v4096z32.pth``); configuration read off shapes.
-
-        Args:
-            path_or_state_dict: a ``.pth`` path or a state_dict; loaded with ``strict=True``.
-            patch_nums: the scale schedule to use (not stored in official files).
-        """
-        state_dict, source = io.official_state_dict(path_or_state_dict, KIND)
-        return cls._from_state_dict(
-            state_dict, config_from_state_dict(state_dict, patch_nums, source), source
-        )
-
-    @classmethod
-    def _from_state_dict(cls, state_dict: dict, config: VQVAEConfig, source: str) -> VQVAE:
-        """Build without initialising (every tensor is loaded next) on the tensors' device, load strictly."""
-        first = next((v for v in state_dict.values() if isinstance(v, torch.Tensor)), None)
-        with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device=first.device if first is not None else "cpu")
-        model.quantize.ema_vocab_hit_SV.zero_()  # may be kept (not loaded) when the scale count differs
-        try:
-            result = model.load_state_dict(state_dict, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise ValueError(f"{source}: state_dict does not fit {config}:\n{e}") from e
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
-                f"{source}: state_dict does not fit the VQVAE built from it; missing keys "
-                f"{io.short_keys(result.missing_keys)}, "
-                f"unexpected keys {io.short_keys(result.unexpected_keys)}"
-            )
-        return model
+    def config_from_state_dict(cls, state_dict, source: str, patch_nums=None) -> VQVAEConfig:
+        return config_from_state_dict(state_dict, patch_nums or OFFICIAL_10, source)
 
 
 def config_from_state_dict(

@@ -1,4 +1,4 @@
-"""Callbacks the CLI attaches: writing predicted images to disk."""
+"""The predict writer the CLI attaches: every predicted image as a PNG, written atomically."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from varctl.models.io import atomic_path
+from varctl.callbacks.images import control_pictures
+from varctl.files import atomic_path
 
 
 def save_png(image_CHW: torch.Tensor, path: str | os.PathLike) -> Path:
@@ -27,8 +28,9 @@ def save_png(image_CHW: torch.Tensor, path: str | os.PathLike) -> Path:
 
 
 class ImageWriter(BasePredictionWriter):
-    """Write ``predict_step``'s ``{"images": (B,3,H,W) in [0,1], "names": [...]}`` as PNG files; optional
-    ``"extras": {suffix: (B,3,H,W)}`` (e.g. the controls beside a sample) go to ``<name>_<suffix>.png``."""
+    """Write ``predict_step``'s ``{"images": (B,3,H,W) in [0,1], "names": [...]}`` as ``<name>.png``; an
+    optional ``"inputs"`` in the batch's layout (``{"image": (B,3,H,W) in [-1,1], "control": {modality:
+    maps}}``) is drawn beside each sample as ``<name>_real.png`` and ``<name>_<modality>.png``."""
 
     def __init__(self, output_dir: str | os.PathLike):
         super().__init__(write_interval="batch")
@@ -46,15 +48,18 @@ class ImageWriter(BasePredictionWriter):
         names = prediction.get("names") or [f"{i:03d}" for i in range(len(images))]
         if len(names) != len(images):
             raise ValueError(f"predict_step returned {len(images)} images but {len(names)} names")
-        extras = prediction.get("extras") or {}
-        for suffix, extra in extras.items():
+        inputs = prediction.get("inputs") or {}
+        beside = control_pictures(inputs.get("control") or {})
+        if "image" in inputs:
+            beside["real"] = inputs["image"].float().add(1).mul(0.5)
+        for suffix, extra in beside.items():
             if len(extra) != len(images):
                 raise ValueError(
-                    f"predict_step returned {len(images)} images but {len(extra)} '{suffix}' extras"
+                    f"predict_step returned {len(images)} images but {len(extra)} '{suffix}' inputs"
                 )
         rank = f"r{trainer.global_rank}_" if trainer.world_size > 1 else ""
         for i, (image, name) in enumerate(zip(images, names)):
             stem = f"{rank}b{batch_idx:05d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))[:120]
             save_png(image, self.output_dir / f"{stem}.png")
-            for suffix, extra in extras.items():
+            for suffix, extra in beside.items():
                 save_png(extra[i], self.output_dir / f"{stem}_{suffix}.png")

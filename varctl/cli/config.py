@@ -10,6 +10,7 @@ value must fit the argument's annotation; top-level keys are a fixed set. Errors
 from __future__ import annotations
 
 import collections.abc as cabc
+import dataclasses
 import difflib
 import inspect
 import types
@@ -167,35 +168,13 @@ def locate(target: str, where: str, path: str | Path) -> Any:
         raise ConfigError(f"{path}: {where}._target_ = '{target}' cannot be imported: {e}") from None
 
 
-OWN_PACKAGES = ("varctl.", "datamodules.")  # their **kwargs are forwarded to the base class (checked there)
-
-
-def _signature(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
-    """(parameters, type hints) of a target; for this project's classes whose ``__init__`` forwards
-    ``**kwargs`` to the base class, the base classes' parameters join in (nearest class wins)."""
-    params = dict(inspect.signature(obj).parameters)
-    hints = _type_hints(obj)
-    if not (inspect.isclass(obj) and obj.__module__.startswith(OWN_PACKAGES)):
-        return params, hints
-    for base in obj.__mro__[1:]:
-        kwargs = [k for k, p in params.items() if p.kind is p.VAR_KEYWORD]
-        if not kwargs or not base.__module__.startswith(OWN_PACKAGES) or "__init__" not in vars(base):
-            break
-        del params[kwargs[0]]
-        base_params = inspect.signature(base.__init__).parameters
-        for k, p in list(base_params.items())[1:]:  # without self
-            params.setdefault(k, p)
-        for k, v in _type_hints(base).items():
-            hints.setdefault(k, v)
-    return params, hints
-
-
 def _check_target(node: dict, where: str, path: str | Path) -> None:
     obj = locate(node["_target_"], where, path)
     try:
-        params, hints = _signature(obj)
+        params = dict(inspect.signature(obj).parameters)
     except (TypeError, ValueError):
         return
+    hints = _type_hints(obj)
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key, value in node.items():
         if key in HYDRA_META:
@@ -206,7 +185,10 @@ def _check_target(node: dict, where: str, path: str | Path) -> None:
             names = {k: None for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
             raise ConfigError(_unknown(key, f"{where}.", names, path, f"argument of {node['_target_']}"))
         expected = hints.get(key)
-        if expected is not None and not _fits(value, expected):
+        settings = _settings_class(expected)
+        if settings is not None and isinstance(value, dict):
+            _check_settings(value, settings, f"{where}.{key}", path)
+        elif expected is not None and not _fits(value, expected):
             raise ConfigError(
                 f"{path}: {where}.{key} = {value!r} ({type(value).__name__}): "
                 f"expected {_type_name(expected)} (argument '{key}' of {node['_target_']})"
@@ -218,6 +200,28 @@ def _check_target(node: dict, where: str, path: str | Path) -> None:
     ]
     if missing and not node.get("_partial_"):
         raise ConfigError(f"{path}: {where} is missing required argument(s) {missing} of {node['_target_']}")
+
+
+def _settings_class(tp: Any) -> type | None:
+    """The dataclass of a grouped-settings argument (``OptimizerSettings | None``), or None."""
+    for candidate in typing.get_args(tp) or (tp,):
+        if dataclasses.is_dataclass(candidate) and isinstance(candidate, type):
+            return candidate
+    return None
+
+
+def _check_settings(value: dict, cls: type, where: str, path: str | Path) -> None:
+    """A section of grouped settings (a dataclass): its keys and their types, as a constructor's."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: None for f in dataclasses.fields(cls)}
+    for key, item in value.items():
+        if key not in fields:
+            raise ConfigError(_unknown(key, f"{where}.", fields, path, f"key of {cls.__name__}"))
+        if not _fits(item, hints[key]):
+            raise ConfigError(
+                f"{path}: {where}.{key} = {item!r} ({type(item).__name__}): expected "
+                f"{_type_name(hints[key])} ({cls.__name__}.{key})"
+            )
 
 
 def _type_hints(obj: Any) -> dict[str, Any]:

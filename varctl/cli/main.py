@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from varctl.config import ConfigError, as_yaml, compose, validate
+    from varctl.cli.config import ConfigError, as_yaml, compose, validate
 
     try:
         cfg = compose(args.config, args.overrides)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_dir(command: str, data: dict) -> tuple[str, str, str]:
     """(root, name, version). A resumed run continues in its own directory; DDP children share the version."""
-    from varctl.config import ConfigError
+    from varctl.cli.config import ConfigError
 
     run = data.get("run") or {}
     root, name = run.get("root", "runs"), run.get("name", "default")
@@ -117,7 +117,7 @@ def _build(data: dict, key: str, config_file: str | Path):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from varctl.config import ConfigError
+    from varctl.cli.config import ConfigError
 
     try:
         return instantiate(data[key], _convert_="all")
@@ -146,8 +146,8 @@ def _run(command: str, data: dict, config_file: str | Path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from varctl.callbacks import ImageWriter
-    from varctl.config import ConfigError, as_yaml
-    from varctl.models.io import atomic_write_text
+    from varctl.cli.config import ConfigError, as_yaml
+    from varctl.files import atomic_write_text
 
     ckpt = data.get("ckpt_path")
     if ckpt is not None and not Path(ckpt).is_file():

@@ -7,8 +7,8 @@
 - segmentation: mean IoU between the segmenter's ids on the generated image and the control ids, only with
   a segmentation annotator configured.
 
-Every metric is a torchmetrics ``Metric`` (sums over batches and processes); annotators are the data
-layer's (``datamodules.annotators``: canny, TorchScript file or Python callable).
+Every metric is a torchmetrics ``Metric`` (sums over batches and processes); an annotator is any callable
+from a uint8 (H, W, 3) image to a map, as the data layer's (``datamodules.annotators``).
 
 Legend: B batch, H W image size.
 """
@@ -23,7 +23,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_f1_score, multiclass_jaccard_index
 
-from datamodules.annotators import CannyAnnotator, annotate, build_annotator
+from datamodules.annotators import CannyAnnotator, annotate
 
 
 def to_uint8(images_B3HW: torch.Tensor) -> list[np.ndarray]:
@@ -118,21 +118,19 @@ def build_control_metrics(
 ) -> dict[str, Metric]:
     """The metrics that can be computed for ``modalities``: edges always (Canny at ``edge_thresholds``),
     depth and segmentation only with an annotator in ``annotators`` (``model.metric_annotators.<modality>``,
-    the same forms as ``data.annotators``: torchscript file or Python callable)."""
+    configured as ``data.annotators``: a ``_target_`` node, e.g. ``datamodules.TorchScriptAnnotator``)."""
     annotators = dict(annotators or {})
     unknown = sorted(set(annotators) - {"depth", "segmentation"})
     if unknown:
         raise ValueError(
             f"model.metric_annotators takes depth and segmentation, found {unknown} (edges use Canny: "
-            "model.metric_edge_thresholds)"
+            "model.scores.edge_thresholds)"
         )
     metrics: dict[str, Metric] = {}
     if "edges" in modalities:
         metrics["edges_f1"] = EdgeF1(*edge_thresholds)
     if "depth" in modalities and annotators.get("depth") is not None:
-        metrics["depth_rmse"] = DepthRMSE(build_annotator("depth", annotators["depth"]))
+        metrics["depth_rmse"] = DepthRMSE(annotators["depth"])
     if "segmentation" in modalities and annotators.get("segmentation") is not None:
-        metrics["segmentation_miou"] = SegmentationMIoU(
-            build_annotator("segmentation", annotators["segmentation"]), num_segments
-        )
+        metrics["segmentation_miou"] = SegmentationMIoU(annotators["segmentation"], num_segments)
     return metrics

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from varctl.models.io import atomic_save
+from varctl.files import atomic_save
 
 
 class SmallClassifier(nn.Module):

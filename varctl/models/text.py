@@ -1,4 +1,5 @@
-"""Frozen open_clip text encoder that turns captions into the condition of a text-conditioned VAR.
+"""The text condition of a text-conditioned VAR: ``TextCondition`` (what the VAR takes) and ``TextEncoder``
+(a frozen open_clip text tower that makes it from captions).
 
 For each caption it returns open_clip's pooled text embedding (``encode_text``) and the per-token features
 after the final LayerNorm (before pooling and projection), with a mask of the real tokens (start, words and
@@ -14,15 +15,62 @@ register a whole architecture file with ``open_clip.add_model_config("my_tiny.js
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from varctl.models.var import TextCondition
+
+class TextCondition(NamedTuple):
+    """A text condition from a frozen encoder: pooled (B, E), tokens (B, T, E), mask (B, T) (True: real)."""
+
+    pooled_BE: torch.Tensor
+    tokens_BTE: torch.Tensor
+    mask_BT: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.pooled_BE.shape[0]
+
+    def to(self, device: torch.device) -> TextCondition:
+        return TextCondition(*(t.to(device) for t in self))
+
+    def padded(self, T: int) -> TextCondition:
+        """Tokens padded (masked out) to length T."""
+        pad = T - self.tokens_BTE.shape[1]
+        if pad <= 0:
+            return self
+        return TextCondition(
+            self.pooled_BE,
+            F.pad(self.tokens_BTE, (0, 0, 0, pad)),
+            F.pad(self.mask_BT.bool(), (0, pad), value=False),
+        )
+
+    def expand(self, B: int) -> TextCondition:
+        """A batch-1 condition repeated B times (views)."""
+        p, t, m = self
+        return TextCondition(p.expand(B, -1), t.expand(B, -1, -1), m.expand(B, -1))
+
+    def cat(self, other: TextCondition) -> TextCondition:
+        T = max(self.tokens_BTE.shape[1], other.tokens_BTE.shape[1])
+        a, b = self.padded(T), other.padded(T)
+        return TextCondition(*(torch.cat((x, y)) for x, y in zip(a, b)))
+
+    def where(self, take_other_B: torch.Tensor, other: TextCondition) -> TextCondition:
+        """Per sample: ``other`` where ``take_other_B`` else self (condition dropping)."""
+        T = max(self.tokens_BTE.shape[1], other.tokens_BTE.shape[1])
+        a, b = self.padded(T), other.padded(T)
+        s = take_other_B
+        return TextCondition(
+            torch.where(s[:, None], b.pooled_BE, a.pooled_BE),
+            torch.where(s[:, None, None], b.tokens_BTE, a.tokens_BTE),
+            torch.where(s[:, None], b.mask_BT.bool(), a.mask_BT.bool()),
+        )
+
 
 PRETRAINED_KEY = "model.text_encoder.pretrained"
 
@@ -30,11 +78,11 @@ PRETRAINED_KEY = "model.text_encoder.pretrained"
 _TINY_VISION = {"image_size": 32, "patch_size": 32, "width": 64, "layers": 1, "head_width": 64}
 
 
-def _merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def _merge(base: dict, *overrides: dict) -> dict:
+    """Nested dicts merged key by key, later ones winning (omegaconf, imported here: optional for models)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.merge(base, *overrides))
 
 
 def _load_clip(

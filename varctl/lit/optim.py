@@ -1,5 +1,5 @@
 """Optimisation pieces shared by the training stages: AdamW parameter groups, learning-rate scaling and
-schedule, and an exponential moving average (EMA) of the weights.
+schedule (``configure_adamw``), and an exponential moving average (EMA) of the weights (``averaged``).
 
 The recipe follows VAR (Tian et al., 2024, sec. 4 and the official trainer): AdamW with betas (0.9, 0.95),
 lr = 1e-4 * batch / 256, weight decay 0.05 on matrices only, linear warmup then decay to a final fraction.
@@ -7,14 +7,15 @@ lr = 1e-4 * batch / 256, weight decay 0.05 on matrices only, linear warmup then 
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.optim.swa_utils import AveragedModel
+
+from varctl.lit.settings import OptimizerSettings
 
 # Parameters whose name (last component) starts with one of these are never decayed: learned positions,
 # per-head attention scales, shared AdaLN tables, null/start tokens.
@@ -114,62 +115,57 @@ def warmup_decay_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class EMA(nn.Module):
-    """A float32 exponential moving average of a module's parameters, kept as a frozen copy ``self.module``.
+def configure_adamw(trainer, groups: list[dict], settings: OptimizerSettings) -> dict:
+    """AdamW over ``groups`` with the warmup/decay schedule stepped per optimizer step, as
+    ``configure_optimizers`` returns it; the lr is scaled to the global batch when the settings say so."""
+    lr = settings.lr
+    if settings.lr_scale_by_batch:
+        batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if batch_size is None:
+            raise ValueError(
+                "model.optimizer.lr_scale_by_batch needs a datamodule with batch_size; or set it to false"
+            )
+        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        lr = scaled_lr(settings.lr, batch_size, world, accumulate, settings.reference_batch)
+        ref = settings.reference_batch
+        rank_zero_info(f"lr = {settings.lr:g} * {batch_size} x {world} x {accumulate} / {ref} = {lr:.3g}")
+    optimizer = torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay
+    )
+    total = int(trainer.estimated_stepping_batches)
+    scheduler = warmup_decay_scheduler(
+        optimizer, settings.warmup_steps, total, settings.decay, settings.final_lr_fraction
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    Being a submodule, it moves with its parent, is saved in the parent's state_dict (so in Lightning
-    checkpoints) and is restored on resume. Buffers are copied from the source at each update. With
-    ``warmup``, the decay of update n is min(decay, (1 + n) / (10 + n)) so early, noisy weights fade fast.
+
+def averaged(module: nn.Module, decay: float, warmup: bool = True) -> AveragedModel:
+    """A float32 exponential moving average of ``module``'s parameters (torch's ``AveragedModel``; buffers
+    are copied at each update). The copy made here counts as the first average, so update k (0-based) uses
+    the decay min(decay, (1 + k) / (10 + k)) with ``warmup``: early, noisy weights fade fast.
+
+    Lightning's ``WeightAveraging`` callback is not used: it averages the whole LightningModule (frozen
+    tokenizer and text encoder included), cannot shard the copy under FSDP2, and swaps the averaged weights
+    into the checkpoint's state_dict, where ``VAR.load`` expects the trained ones.
     """
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"model.ema_decay={decay}: expected a value in (0, 1) (0 disables EMA)")
 
-    def __init__(self, module: nn.Module, decay: float = 0.9999, warmup: bool = True):
-        super().__init__()
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"model.ema_decay={decay}: expected a value in (0, 1) (0 disables EMA)")
-        self.decay, self.warmup = decay, warmup
-        self.module = copy.deepcopy(module).float().requires_grad_(False).eval()
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+    def ema_step(averaged_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged) -> None:
+        k = int(n_averaged) - 1  # updates before this one
+        d = min(decay, (1 + k) / (10 + k)) if warmup else decay
+        for a, p in zip(averaged_params, params):  # one lerp per tensor: works on FSDP2 shards (DTensors)
+            a.lerp_(p.to(a.dtype), 1.0 - d)
 
-    def train(self, mode: bool = True):
-        return super().train(False)  # the average is only ever evaluated
+    ema = AveragedModel(module, multi_avg_fn=ema_step).float().requires_grad_(False)
+    ema.n_averaged.fill_(1)
+    return ema
 
-    def current_decay(self) -> float:
-        n = int(self.num_updates)
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
-    def _pairs(self, source: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for m in (self.module, source):  # FSDP2 may leave a root unsharded after forward: pair the shards
-            if isinstance(m, FSDPModule):
-                m.reshard()
-        ema, src = dict(self.module.named_parameters()), dict(source.named_parameters())
-        if ema.keys() != src.keys():
-            raise ValueError("EMA: the source module's parameters differ from the averaged copy's")
-        for name, p_ema in ema.items():
-            yield p_ema, src[name]
-
-    @torch.no_grad()
-    def update(self, source: nn.Module) -> None:
-        """ema = d * ema + (1 - d) * source, for every parameter (in float32); buffers are copied."""
-        d = self.current_decay()
-        for p_ema, p in self._pairs(source):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - d)
-        for b_ema, b in zip(self.module.buffers(), source.buffers()):
-            b_ema.copy_(b)
-        self.num_updates += 1
-
-    @torch.no_grad()
-    def copy_to(self, target: nn.Module) -> None:
-        for p_ema, p in self._pairs(target):
-            p.copy_(p_ema.to(p.dtype))
-
-    @contextmanager
-    def swap_into(self, target: nn.Module):
-        """Temporarily load the averaged weights into ``target`` (e.g. to validate it), then restore."""
-        backup = [p.detach().clone() for _, p in self._pairs(target)]
-        self.copy_to(target)
-        try:
-            yield target
-        finally:
-            with torch.no_grad():
-                for (_, p), saved in zip(self._pairs(target), backup):
-                    p.copy_(saved)
+@torch.no_grad()
+def update_average(ema: AveragedModel, module: nn.Module) -> None:
+    """One EMA step towards ``module``'s current weights."""
+    for m in (ema.module, module):  # FSDP2 may leave a root unsharded after forward: pair the shards
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    ema.update_parameters(module)

@@ -1,0 +1,91 @@
+"""The grouped settings of the training stages: one dataclass per YAML section under ``model``.
+
+A stage takes each section as a plain dict (``model.optimizer: {lr: ..., ...}``, so checkpoints and
+``load_from_checkpoint`` see plain values) and reads it through ``Settings.of``; the command line checks the
+section's keys and types against the dataclass before anything runs, like every other argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+S = TypeVar("S", bound="Settings")
+
+
+class Settings:
+    """Base of the settings dataclasses."""
+
+    @classmethod
+    def of(cls: type[S], value: S | dict | None, **defaults) -> S:
+        """Settings from a section (missing keys take ``defaults``, then the dataclass defaults), an
+        instance, or None."""
+        if isinstance(value, cls):
+            return value
+        return cls(**{**defaults, **(value or {})})
+
+
+def plain_hparams(hparams: dict[str, Any]) -> None:
+    """Store settings given as instances as dicts, so checkpoints hold plain values only."""
+    for key, value in hparams.items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            hparams[key] = dataclasses.asdict(value)
+
+
+@dataclass
+class OptimizerSettings(Settings):
+    """AdamW with parameter groups, linear warmup and a decay (``varctl/lit/optim.py``); the defaults are
+    VAR's recipe (lr 1e-4 per 256 images, betas 0.9/0.95, weight decay 0.05 on matrices, cosine)."""
+
+    lr: float = 1e-4
+    lr_scale_by_batch: bool = True  # lr is given per reference_batch images, scaled to the global batch
+    reference_batch: int = 256
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    final_lr_fraction: float = 0.0
+
+
+@dataclass
+class Sampling(Settings):
+    """Arguments of ``VAR.generate``: guidance and filtering (scalars or one value per scale) and a seed."""
+
+    cfg: float | list[float] = 1.5
+    cfg_schedule: Literal["linear", "constant"] = "linear"
+    top_k: int | list[int] = 0
+    top_p: float | list[float] = 0.0
+    temperature: float | list[float] = 1.0
+    seed: int = 0
+
+    def generate_kwargs(self, seed_offset: int = 0) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Sampling)}
+        return {**fields, "seed": self.seed + seed_offset}
+
+
+@dataclass
+class Samples(Sampling):
+    """The TensorBoard sample grid at validation (``varctl.callbacks.ImageLogger``): class models draw one
+    row per class (the first ``callbacks.images.max_images``), text models one per caption."""
+
+    captions: list[str] | None = None
+
+
+@dataclass
+class Predictions(Sampling):
+    """What ``predict`` draws: each label (class models) or caption (text models) ``num_per_condition``
+    times; with neither, one image per predict-split sample, for its own label or caption."""
+
+    labels: list[int] | None = None
+    captions: list[str] | None = None
+    num_per_condition: int = 4
+
+
+@dataclass
+class ControlScores(Sampling):
+    """How validation and test score control samples (``varctl.metrics.control``): the first ``batches``
+    batches, Canny at ``edge_thresholds`` for the edge F1."""
+
+    batches: int = 1
+    edge_thresholds: tuple[float, float] = (100.0, 200.0)
