@@ -4,9 +4,11 @@
 - ClassFolderDataModule: ImageFolder layout (root/<class>/*.jpg).
 - CaptionListDataModule: .jsonl / .csv lists of image, caption[, label].
 - ControlPairsDataModule: images with edges / depth / segmentation maps beside them (or annotators).
+
+Annotators are named in configs as `_target_` nodes, e.g. `{_target_: datamodules.CannyAnnotator, low: 100}`.
 """
 
-from datamodules.annotators import Annotator, CallableAnnotator, CannyAnnotator, TorchScriptAnnotator
+from datamodules.annotators import Annotator, CannyAnnotator, TorchScriptAnnotator, annotate
 from datamodules.base import BATCH_KEYS, VarDataModule
 from datamodules.files import FileDataModule, FileDataset, Record
 from datamodules.folders import (
@@ -17,14 +19,14 @@ from datamodules.folders import (
 )
 from datamodules.scenes import CLASS_NAMES
 from datamodules.synthetic import SyntheticDataModule, SyntheticShapes
-from datamodules.transforms import MODALITIES, collate
+from datamodules.transforms import collate
+from varctl.models.control import MODALITIES
 
 __all__ = [
     "BATCH_KEYS",
     "CLASS_NAMES",
     "MODALITIES",
     "Annotator",
-    "CallableAnnotator",
     "CannyAnnotator",
     "CaptionListDataModule",
     "ClassFolderDataModule",
@@ -36,6 +38,7 @@ __all__ = [
     "SyntheticShapes",
     "TorchScriptAnnotator",
     "VarDataModule",
+    "annotate",
     "collate",
     "read_caption_list",
 ]

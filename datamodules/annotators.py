@@ -1,16 +1,18 @@
 """Annotators: compute a control map from an image when no map file exists.
 
 An annotator is any callable `annotator(image) -> map` taking the uint8 (H, W, 3) RGB image after resize and
-crop (so the map aligns with the pixels; flips are applied to both afterwards). Edges default to OpenCV's
-Canny; depth and segmentation wrap a model the user provides, as a TorchScript file or a Python callable.
+crop (so the map aligns with the pixels; flips are applied to both afterwards). Configs name it as a Hydra
+`_target_` node, which the CLI instantiates into the object the datamodule receives:
+`{_target_: datamodules.CannyAnnotator, low: 100, high: 200}` (the default for edges),
+`{_target_: datamodules.TorchScriptAnnotator, path: dpt.pt, device: cpu}`, or any function with
+`{_target_: pkg.module.function, _partial_: true, ...keyword arguments}`. Depth and segmentation have no
+default.
 Outputs are normalized by `annotate`: edges -> {0,1}, depth -> [0,1] (min-max per image, larger = nearer,
 as MiDaS/DPT-style inverse depth), segmentation -> int64 ids (argmax when the model returns class scores).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.transforms import MODALITIES
+from datamodules.transforms import check_modalities
 
 
 @runtime_checkable
@@ -48,7 +50,7 @@ class TorchScriptAnnotator:
     The model is loaded on first use (in each DataLoader worker), so the annotator stays picklable.
     """
 
-    def __init__(self, path: str, device: str = "cpu", key: str = "data.annotators"):
+    def __init__(self, path: str, device: str = "cpu", key: str = "data.annotators.<modality>"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{key}.path: TorchScript file not found: {path}")
         self.path, self.device = path, device
@@ -65,65 +67,31 @@ class TorchScriptAnnotator:
         return self._model(x.to(self.device)).float().cpu()
 
 
-class CallableAnnotator:
-    """A Python callable named "pkg.module:attr": a function, or a class instantiated once with `kwargs`."""
-
-    def __init__(self, target: str, kwargs: Mapping[str, Any] | None = None, key: str = "data.annotators"):
-        if ":" not in target:
-            raise ValueError(f"{key}.target must look like 'pkg.module:function', got {target!r}")
-        self.target, self.kwargs, self.key = target, dict(kwargs or {}), key
-        self._fn = self._resolve()  # fail early on a wrong name
-
-    def _resolve(self):
-        module_name, attr = self.target.split(":", 1)
-        try:
-            obj = importlib.import_module(module_name)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as err:
-            raise ImportError(f"{self.key}.target={self.target!r} cannot be imported: {err}") from err
-        if isinstance(obj, type):
-            return obj(**self.kwargs)
-        return functools.partial(obj, **self.kwargs) if self.kwargs else obj
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fn": None}
-
-    def __call__(self, image: np.ndarray):
-        if self._fn is None:
-            self._fn = self._resolve()
-        return self._fn(image)
+def check_annotators(annotators: Mapping[str, Any] | None) -> dict[str, Annotator]:
+    """Validate `data.annotators`: modality -> annotator (built by Hydra from a `_target_` node) or null."""
+    if annotators is None:
+        return {}
+    if not isinstance(annotators, Mapping):
+        raise TypeError(f"data.annotators must map modality -> annotator, got {annotators!r}")
+    check_modalities(annotators, "data.annotators")
+    checked = {}
+    for modality, annotator in annotators.items():
+        if annotator is None:
+            continue
+        if not callable(annotator):
+            raise TypeError(
+                f"data.annotators.{modality} must be an annotator: a `_target_` node such as "
+                f"{_EXAMPLE[modality]}, or a Python callable image -> map; got {annotator!r}"
+            )
+        checked[str(modality)] = annotator
+    return checked
 
 
-def build_annotator(modality: str, spec: Any) -> Annotator | None:
-    """Annotator from a config entry `data.annotators.<modality>`; None when the modality has none.
-
-    spec: None (canny for edges, nothing otherwise); a callable; or a mapping with `type`:
-    `{type: canny, low: 100, high: 200}`, `{type: torchscript, path: model.pt, device: cpu}` or
-    `{type: callable, target: "pkg.module:function", kwargs: {...}}`.
-    """
-    key = f"data.annotators.{modality}"
-    if modality not in MODALITIES:
-        raise ValueError(f"data.annotators has unknown modality {modality!r}; allowed: {list(MODALITIES)}")
-    if spec is None:
-        return CannyAnnotator() if modality == "edges" else None
-    if not isinstance(spec, Mapping):
-        if callable(spec):
-            return spec
-        raise TypeError(f"{key} must be a mapping with a 'type' key or a callable, got {type(spec).__name__}")
-    spec = dict(spec)
-    kind = spec.pop("type", None)
-    builders = {
-        "canny": lambda: CannyAnnotator(**spec),
-        "torchscript": lambda: TorchScriptAnnotator(**spec, key=key),
-        "callable": lambda: CallableAnnotator(**spec, key=key),
-    }
-    if kind not in builders:
-        raise ValueError(f"{key}.type must be one of {sorted(builders)}, got {kind!r}")
-    try:
-        return builders[kind]()
-    except TypeError as err:
-        raise TypeError(f"{key}: bad arguments for type {kind!r}: {err}") from err
+_EXAMPLE = {
+    "edges": "{_target_: datamodules.CannyAnnotator, low: 100, high: 200}",
+    "depth": "{_target_: datamodules.TorchScriptAnnotator, path: dpt.pt, device: cpu}",
+    "segmentation": "{_target_: pkg.module.function, _partial_: true}",
+}
 
 
 def annotate(annotator: Annotator, image: np.ndarray, modality: str) -> np.ndarray:

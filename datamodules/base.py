@@ -9,6 +9,7 @@ stage sees the same dict.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -69,6 +70,17 @@ class VarDataModule(L.LightningDataModule, ABC):
         self.resolution: int | None = self._config_resolution
         self.keys: tuple[str, ...] = BATCH_KEYS
         self.datasets: dict[str, Dataset] | None = None
+
+    def save_settings(self, ignore: Sequence[str] = ()) -> None:
+        """`save_hyperparameters` (logger off) of the subclass __init__ that calls this.
+
+        The frame is passed in, not left to Lightning: its lookup keeps `inspect.currentframe()` in a local,
+        a reference cycle that holds the caller's frames and their locals (a DataLoader with persistent
+        workers, say) until the cycle collector runs. Freed that way, the loader's queues may be finalized
+        before it asks its workers to stop, and it then waits 5 s per worker before killing them.
+        """
+        caller = inspect.currentframe().f_back  # a local of this frame only, which is gone on return
+        self.save_hyperparameters(logger=False, ignore=list(ignore) or None, frame=caller)
 
     # --- what the model asks for -------------------------------------------------------------------------
     def connect(self, resolution: int, keys: Sequence[str] = BATCH_KEYS) -> None:

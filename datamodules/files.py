@@ -1,36 +1,35 @@
 """Datasets of image files (with optional label, caption and control-map files) and their shared base.
 
-A split is a list of `Record`s. `FileDataset` loads an image, resizes and crops it, loads or annotates the
-requested control maps through the same crop box, flips everything together (train only) and returns the
-per-sample dict that `transforms.collate` stacks into the dict batch of base.py.
+A split is a list of `Record`s. `FileDataset` loads an image and its control-map files, resizes and crops
+them in one v2 call (see transforms.py), annotates the maps that have no file from the cropped image, flips
+everything together (train only) and returns the per-sample dict that `transforms.collate` stacks into the
+dict batch of base.py.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
-from datamodules.annotators import annotate, build_annotator
+from datamodules.annotators import Annotator, CannyAnnotator, annotate, check_annotators
 from datamodules.base import BATCH_KEYS, VarDataModule
 from datamodules.transforms import (
+    as_tv_tensor,
+    batch_map,
     check_controls,
-    check_modalities,
-    crop_box,
-    flip_decision,
-    hflip,
+    fit_to,
     image_to_tensor,
     is_image_file,
     load_image,
     load_map,
     map_to_tensor,
-    resize_image,
-    resize_map,
+    random_flip,
+    resize_crop,
 )
 
 
@@ -44,15 +43,6 @@ class Record:
     maps: Mapping[str, str] = field(default_factory=dict)
 
 
-def plain(value: Any) -> Any:
-    """Config containers (omegaconf's DictConfig/ListConfig included) -> plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return [plain(v) for v in value]
-    return value
-
-
 def list_images(folder: str) -> list[str]:
     """Image files directly inside `folder`, sorted by name."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if is_image_file(f))
@@ -63,7 +53,11 @@ def stem(path: str) -> str:
 
 
 class FileDataset(Dataset):
-    """Image files -> sample dicts; maps without a file come from the modality's annotator."""
+    """Image files -> sample dicts; maps without a file come from the modality's annotator.
+
+    A map file whose size differs from its image's is first resized to the image's size (nearest for edges
+    and segmentation, bicubic for depth), then transformed with the image.
+    """
 
     def __init__(
         self,
@@ -74,10 +68,11 @@ class FileDataset(Dataset):
         flip: float = 0.0,
         keys: Sequence[str] = BATCH_KEYS,
         controls: Sequence[str] = (),
-        annotators: Mapping[str, Any] | None = None,
+        annotators: Mapping[str, Annotator] | None = None,
     ):
         self.records = list(records)
-        self.resolution, self.crop, self.train, self.flip = int(resolution), crop, bool(train), float(flip)
+        self.train, self.flip = bool(train), float(flip)
+        self.geometry = resize_crop(int(resolution), crop, random=self.train)
         self.with_caption = "caption" in keys
         self.controls = tuple(controls) if "control" in keys else ()
         self.annotators = dict(annotators or {})
@@ -88,33 +83,35 @@ class FileDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         image = load_image(record.image)
-        box = crop_box(image.width, image.height, self.crop, random=self.train)
-        pixels = resize_image(image, box, self.resolution)
+        files = {m: fit_to(load_map(record.maps[m], m), image) for m in self.controls if m in record.maps}
+        image, files = self.geometry(image, files)
+        pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())  # (H, W, 3) uint8 for annotators
         control = {}
         for modality in self.controls:
-            path = record.maps.get(modality)
-            if path is not None:
-                arr = resize_map(load_map(path, modality), box, self.resolution, modality)
-            else:
-                annotator = self.annotators.get(modality)
-                if annotator is None:
-                    raise missing_annotator(modality, record.image)
-                arr = annotate(annotator, pixels, modality)  # on the cropped image, before the flip
-            control[modality] = map_to_tensor(arr, modality)
-        sample = {
-            "image": image_to_tensor(pixels),
+            if modality in files:
+                control[modality] = files[modality]
+                continue
+            annotator = self.annotators.get(modality)
+            if annotator is None:
+                raise missing_annotator(modality, record.image)
+            # On the cropped image, before the flip: the map aligns with the pixels and flips with them.
+            arr = annotate(annotator, pixels, modality)
+            control[modality] = as_tv_tensor(map_to_tensor(arr, modality), modality)
+        if self.train:
+            _, (image, control) = random_flip(self.flip, image, control)
+        return {
+            "image": image_to_tensor(image),
             "label": record.label,
             "caption": record.caption if self.with_caption else "",
-            "control": control,
+            "control": {m: batch_map(t, m) for m, t in control.items()},
         }
-        return hflip(sample) if self.train and flip_decision(self.flip) else sample
 
 
 def missing_annotator(modality: str, image: str) -> ValueError:
     return ValueError(
         f"no {modality} map for {image} and no annotator configured: provide the map file or set "
-        f"data.annotators.{modality} (e.g. {{type: torchscript, path: model.pt}} or "
-        f"{{type: callable, target: 'pkg.module:function'}})"
+        f"data.annotators.{modality} (e.g. {{_target_: datamodules.TorchScriptAnnotator, path: model.pt}} or "
+        f"{{_target_: pkg.module.function, _partial_: true}})"
     )
 
 
@@ -124,7 +121,7 @@ class FileDataModule(VarDataModule):
     def __init__(
         self,
         controls: Sequence[str] = (),
-        annotators: Mapping[str, Any] | None = None,
+        annotators: Mapping[str, Callable] | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         resolution: int | None = None,
@@ -134,20 +131,10 @@ class FileDataModule(VarDataModule):
         seed: int = 0,
     ):
         super().__init__(batch_size, num_workers, resolution, crop, flip, val_fraction, seed)
-        self.controls = check_controls(plain(controls))
-        self.annotator_specs = plain(annotators) if annotators is not None else {}
-        if not isinstance(self.annotator_specs, dict):
-            raise TypeError(f"data.annotators must map modality -> annotator, got {annotators!r}")
-        check_modalities(self.annotator_specs, "data.annotators")
+        self.controls = check_controls(controls)
+        # Objects, not settings: kept out of the hyperparameters (subclasses save_settings(ignore=...)).
+        self.annotators = check_annotators(annotators)
         self._splits: dict[str, list[Record]] | None = None
-
-    def save_settings(self, annotators: Any) -> None:
-        """save_hyperparameters of the caller's __init__; annotators given as Python callables are left out
-        (they cannot be pickled into a checkpoint)."""
-        specs = annotators if isinstance(annotators, Mapping) else {}
-        objects = any(callable(v) and not isinstance(v, Mapping) for v in specs.values())
-        frame = inspect.currentframe().f_back
-        self.save_hyperparameters(logger=False, ignore=["annotators"] if objects else None, frame=frame)
 
     @abstractmethod
     def scan(self) -> dict[str, list[Record]]:
@@ -161,7 +148,9 @@ class FileDataModule(VarDataModule):
 
     def build_datasets(self) -> dict[str, Dataset]:
         controls = self.controls if self.wants("control") else ()
-        annotators = {m: build_annotator(m, self.annotator_specs.get(m)) for m in controls}
+        # Canny for edges unless data.annotators.edges is set; depth and segmentation have no default.
+        annotators = {"edges": CannyAnnotator(), **self.annotators}
+        annotators = {m: annotators.get(m) for m in controls}
         for split, records in self.splits.items():
             if not records:
                 raise ValueError(f"the {split} split of {type(self).__name__} has no images")

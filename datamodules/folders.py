@@ -10,10 +10,9 @@ import csv
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from datamodules.base import split_indices
-from datamodules.files import FileDataModule, Record, list_images, plain, stem
+from datamodules.files import FileDataModule, Record, list_images, stem
 from datamodules.transforms import MODALITIES, check_modalities, is_image_file
 
 
@@ -65,7 +64,7 @@ class ClassFolderDataModule(FileDataModule):
         self,
         root: str,
         controls: Sequence[str] = (),
-        annotators: Mapping[str, Any] | None = None,
+        annotators: Mapping[str, Callable] | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         resolution: int | None = None,
@@ -77,7 +76,7 @@ class ClassFolderDataModule(FileDataModule):
         super().__init__(
             controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed
         )
-        self.save_settings(annotators)
+        self.save_settings(ignore=["annotators"])
         self.root = str(root)
         self._classes: list[str] | None = None
 
@@ -188,7 +187,7 @@ class CaptionListDataModule(FileDataModule):
         train_list: str,
         val_list: str | None = None,
         controls: Sequence[str] = (),
-        annotators: Mapping[str, Any] | None = None,
+        annotators: Mapping[str, Callable] | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         resolution: int | None = None,
@@ -200,7 +199,7 @@ class CaptionListDataModule(FileDataModule):
         super().__init__(
             controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed
         )
-        self.save_settings(annotators)
+        self.save_settings(ignore=["annotators"])
         self.train_list, self.val_list = str(train_list), None if val_list is None else str(val_list)
 
     def scan(self) -> dict[str, list[Record]]:
@@ -229,8 +228,10 @@ class ControlPairsDataModule(FileDataModule):
         image_dir: folder of the images inside root (or inside each split folder).
         control_dirs: modality -> folder of its maps (default: the modality's name).
         caption_dir: folder of <stem>.txt captions (a missing file gives the caption "").
-        annotators: modality -> annotator spec, e.g. {edges: {type: canny, low: 100, high: 200},
-            depth: {type: torchscript, path: dpt.pt}, segmentation: {type: callable, target: "pkg.mod:fn"}}.
+        annotators: modality -> annotator (a callable uint8 (H, W, 3) image -> map); configs give `_target_`
+            nodes, e.g. {edges: {_target_: datamodules.CannyAnnotator, low: 100, high: 200},
+            depth: {_target_: datamodules.TorchScriptAnnotator, path: dpt.pt},
+            segmentation: {_target_: pkg.module.function, _partial_: true}}. Edges default to Canny.
         batch_size, num_workers, resolution, crop, flip, val_fraction, seed: see VarDataModule.
     """
 
@@ -241,7 +242,7 @@ class ControlPairsDataModule(FileDataModule):
         image_dir: str = "images",
         control_dirs: Mapping[str, str] | None = None,
         caption_dir: str = "captions",
-        annotators: Mapping[str, Any] | None = None,
+        annotators: Mapping[str, Callable] | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         resolution: int | None = None,
@@ -253,11 +254,11 @@ class ControlPairsDataModule(FileDataModule):
         super().__init__(
             controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed
         )
-        self.save_settings(annotators)
+        self.save_settings(ignore=["annotators"])
         self.root, self.image_dir, self.caption_dir = str(root), str(image_dir), str(caption_dir)
         self.control_dirs = {m: m for m in MODALITIES}
-        check_modalities(plain(control_dirs or {}), "data.control_dirs")
-        self.control_dirs.update(plain(control_dirs or {}))
+        check_modalities(control_dirs or {}, "data.control_dirs")
+        self.control_dirs.update({m: str(d) for m, d in (control_dirs or {}).items()})
 
     def _records(self, folder: str) -> list[Record]:
         image_dir = os.path.join(folder, self.image_dir)

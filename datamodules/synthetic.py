@@ -12,7 +12,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 
 from datamodules.base import BATCH_KEYS, VarDataModule
 from datamodules.scenes import (
@@ -34,11 +36,12 @@ from datamodules.scenes import (
 )
 from datamodules.transforms import (
     MODALITIES,
+    as_tv_tensor,
+    batch_map,
     check_controls,
-    flip_decision,
-    hflip,
     image_to_tensor,
     map_to_tensor,
+    random_flip,
 )
 
 __all__ = [
@@ -288,15 +291,18 @@ class SyntheticShapes(Dataset):
                 "segmentation": lambda: segmentation_from_layers(layers, scene),
             }
             control = {m: map_to_tensor(maps[m](), m) for m in self.controls}
-        flip = flip_decision(self.flip)
-        sample = {
-            "image": image_to_tensor(render_image(scene, self.resolution)),
+        image = image_to_tensor(render_image(scene, self.resolution))
+        # The flip of the file datasets; with flip 0 (the default) the tensors above are returned untouched.
+        flipped, (image, control) = random_flip(
+            self.flip, tv_tensors.Image(image), {m: as_tv_tensor(t, m) for m, t in control.items()}
+        )
+        return {
+            "image": image.as_subclass(torch.Tensor),
             "label": scene.main.cls,
             # A mirrored scene swaps left and right in the caption.
-            "caption": caption_of(scene.mirrored() if flip else scene) if self.with_caption else "",
-            "control": control,
+            "caption": caption_of(scene.mirrored() if flipped else scene) if self.with_caption else "",
+            "control": {m: batch_map(t, m) for m, t in control.items()},
         }
-        return hflip(sample) if flip else sample
 
 
 class SyntheticDataModule(VarDataModule):
@@ -333,7 +339,7 @@ class SyntheticDataModule(VarDataModule):
         super().__init__(
             batch_size, num_workers, resolution, crop="none", flip=flip, val_fraction=0.0, seed=seed
         )
-        self.save_hyperparameters(logger=False)
+        self.save_settings()
         if not 1 <= int(num_train) <= VAL_OFFSET:
             raise ValueError(f"data.num_train must be in [1, {VAL_OFFSET}], got {num_train}")
         if int(num_val) < 1:

@@ -1,8 +1,9 @@
-"""Joint image/control-map transforms: load, resize + crop, flip, convert to the batch tensors.
+"""Joint image/control-map transforms (torchvision transforms.v2): load, resize + crop, flip, batch tensors.
 
-An image and its control maps go through the same crop box, so maps stay aligned with the pixels. The box is
-expressed in normalized coordinates and scaled to each source, so a map stored at another size than its image
-still lands on the same region. Segmentation and edges are resized with NEAREST, depth bilinearly.
+A sample is a `tv_tensors.Image` (uint8 RGB) with its control maps as tv_tensors, so one v2 call moves them
+together: edges and segmentation are `tv_tensors.Mask`, resampled nearest-neighbour, so ids and {0,1} edges
+stay exact; depth is a float `tv_tensors.Image`, resampled bicubic like the image and clamped to [0, 1]
+afterwards (bicubic overshoots at steps). A random crop draws one offset for all of them, a flip mirrors all.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from varctl.models.control import MODALITIES  # one list of modality names for the data and the model
 
 CROPS = ("center", "random", "none")
-MODALITIES = ("edges", "depth", "segmentation")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+BICUBIC, NEAREST_EXACT = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.NEAREST_EXACT
 
-Box = tuple[float, float, float, float]
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16/32-bit greyscale PIL modes
 
 
@@ -44,105 +48,127 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image as RGB; a missing or unreadable file raises an error naming it."""
+def load_image(path: str) -> tv_tensors.Image:
+    """Open an image as uint8 RGB (3, H, W); a missing or unreadable file raises an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return v2.functional.to_image(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise OSError(f"cannot read image file {path}: {err}") from err
 
 
-def load_map(path: str, modality: str) -> Image.Image:
-    """Open a control-map file as a single-channel PIL image in the mode its modality is resized in.
+def load_map(path: str, modality: str) -> torch.Tensor:
+    """Open a control-map file as the tv_tensor of its batch tensor (1, H, W), see `as_tv_tensor`.
 
-    edges: greyscale "L", a pixel >= 128 is an edge (files holding only 0/1 are scaled to 0/255 first);
-    depth: float "F" in [0, 1] (8-bit / 255, 16-bit / 65535); segmentation: int32 "I" ids (palette indices
-    of a "P" PNG or grey levels).
+    edges: a pixel at half the full scale or more is an edge (files holding only 0/1 are read as is);
+    depth: [0, 1] (8-bit / 255, 16-bit / 65535, float as is); segmentation: int64 ids (palette indices of a
+    "P" PNG or grey levels).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{modality} map file not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            return _map_mode(img, modality, path)
+            arr = _map_array(img, modality, path)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise OSError(f"cannot read {modality} map file {path}: {err}") from err
+    return as_tv_tensor(map_to_tensor(arr, modality), modality)
 
 
-def _map_mode(img: Image.Image, modality: str, path: str) -> Image.Image:
+def _map_array(img: Image.Image, modality: str, path: str) -> np.ndarray:
     if modality == "edges":
         wide = img.mode in _WIDE_MODES or img.mode == "F"
         arr = np.asarray(img if wide else img.convert("L"), dtype=np.float32)
         full = 1.0 if img.mode == "F" else 65535.0 if img.mode in _WIDE_MODES else 255.0
         # 0/1 files are read as is; otherwise an edge is a pixel at half the full scale or more.
         edge = arr > 0 if arr.max(initial=0) <= 1 else arr >= full / 2
-        return Image.fromarray(edge.astype(np.uint8) * 255, mode="L")
+        return edge.astype(np.float32)
     if modality == "depth":
         if img.mode in _WIDE_MODES:
-            arr = np.asarray(img, dtype=np.float32) / 65535.0
-        elif img.mode == "F":
-            arr = np.asarray(img, dtype=np.float32)
-        else:
-            arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-        return Image.fromarray(np.clip(arr, 0.0, 1.0).astype(np.float32), mode="F")
+            return np.asarray(img, dtype=np.float32) / 65535.0
+        if img.mode == "F":
+            return np.asarray(img, dtype=np.float32)
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     if modality == "segmentation":
         if img.mode not in ("P", "L", "1", *_WIDE_MODES):
             raise ValueError(
                 f"segmentation map {path} has mode {img.mode}; expected class ids as a palette (P) or "
                 "greyscale (L / 16-bit) PNG"
             )
-        arr = np.asarray(img).astype(np.int32)
-        return Image.fromarray(arr, mode="I")
+        return np.asarray(img).astype(np.int64)
     raise ValueError(f"unknown control modality {modality!r}; expected one of {MODALITIES}")
 
 
-def crop_box(width: int, height: int, crop: str, random: bool) -> Box:
-    """Normalized source box that becomes the square output (resize shorter side, then crop).
+def as_tv_tensor(control: torch.Tensor, modality: str) -> torch.Tensor:
+    """A batch tensor (1, H, W) as the tv_tensor that tells v2 how to resample it: depth an Image (bicubic),
+    edges and segmentation a Mask (nearest)."""
+    return tv_tensors.Image(control) if modality == "depth" else tv_tensors.Mask(control)
 
-    `crop="none"` keeps the whole image (squashed to a square); `"random"` draws the offset from torch's
-    global generator when `random` is true (train split) and falls back to center otherwise.
+
+class Resize(v2.Resize):
+    """v2.Resize, bicubic with antialiasing for images and centred nearest-neighbour for masks.
+
+    v2's own rule for a Mask, torch's "nearest" (output pixel i reads source pixel floor(i * in / out)), puts
+    a downsampled map half an output pixel up-left of the image on average; "nearest-exact" reads the source
+    pixel under the output pixel's centre, floor((i + 0.5) * in / out), as PIL's NEAREST did before v2.
+    """
+
+    def __init__(self, size: int | Sequence[int]):
+        super().__init__(size, interpolation=BICUBIC, antialias=True)
+
+    def transform(self, inpt, params: dict):
+        if isinstance(inpt, tv_tensors.Mask):
+            return v2.functional.resize(inpt, self.size, interpolation=NEAREST_EXACT)
+        return super().transform(inpt, params)
+
+
+def resize_crop(resolution: int, crop: str, random: bool) -> v2.Transform:
+    """The resize + crop of an image and its maps (passed in one call), giving (resolution, resolution).
+
+    "center" / "random": resize the shorter side to `resolution`, then crop a square, at a random offset from
+    torch's global generator (seeded per DataLoader worker) when `random` is true (train split), else in the
+    center; "none": resize the whole image to a square.
     """
     if crop not in CROPS:
         raise ValueError(f"data.crop must be one of {CROPS}, got {crop!r}")
-    if crop == "none" or width == height:
-        return (0.0, 0.0, 1.0, 1.0)
-    side = min(width, height)
-    if crop == "random" and random:
-        x0 = int(torch.randint(0, width - side + 1, ()).item())
-        y0 = int(torch.randint(0, height - side + 1, ()).item())
-    else:
-        x0, y0 = (width - side) // 2, (height - side) // 2
-    return (x0 / width, y0 / height, (x0 + side) / width, (y0 + side) / height)
+    if crop == "none":
+        return Resize((resolution, resolution))
+    square = v2.RandomCrop(resolution) if crop == "random" and random else v2.CenterCrop(resolution)
+    return v2.Compose([Resize(resolution), square])
 
 
-def _scaled(box: Box, size: tuple[int, int]) -> Box:
-    w, h = size
-    return (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
+def fit_to(control: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """A map file stored at another size than its image, resized to the image's (H, W) first (nearest for
+    masks, bicubic for depth), so that one crop box and one flip serve both."""
+    size = list(image.shape[-2:])
+    return control if list(control.shape[-2:]) == size else Resize(size)(control)
 
 
-def resize_image(img: Image.Image, box: Box, resolution: int) -> np.ndarray:
-    """The box of an RGB image resized to (resolution, resolution): uint8 (H, W, 3)."""
-    out = img.resize((resolution, resolution), Image.BICUBIC, box=_scaled(box, img.size))
-    return np.array(out, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
+def random_flip(probability: float, *inputs):
+    """`v2.RandomHorizontalFlip(p=probability)` of all `inputs` together: (flipped, inputs).
+
+    The decision is one draw from torch's global generator, flipping when it is below `probability`, the same
+    draw and rule as the hand-written flip this replaced. Nothing is drawn when `probability` is 0, so a run
+    without flips keeps the random stream it had (the synthetic demo's numbers depend on it).
+    """
+    if probability <= 0:
+        return False, inputs
+    outputs = v2.RandomHorizontalFlip(p=probability)(inputs)
+    # v2 hands back its very inputs when it does not flip, and new tensors when it does.
+    return outputs[0] is not inputs[0], outputs
 
 
-def resize_map(img: Image.Image, box: Box, resolution: int, modality: str) -> np.ndarray:
-    """The box of a map from `load_map` resized to (resolution, resolution) as a 2-D numpy array."""
-    resample = Image.BILINEAR if modality == "depth" else Image.NEAREST
-    out = img.resize((resolution, resolution), resample, box=_scaled(box, img.size))
-    return np.array(out)
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+def image_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 RGB, numpy (H, W, 3) or tensor (3, H, W) -> float32 (3, H, W) in [-1, 1]."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return image.as_subclass(torch.Tensor).float().div_(127.5).sub_(1.0)
 
 
 def map_to_tensor(arr: np.ndarray, modality: str) -> torch.Tensor:
-    """A 2-D map (file from `resize_map` or annotator output) -> its batch tensor (1, H, W).
+    """A 2-D map (from a file, a scene or an annotator) -> its batch tensor (1, H, W).
 
     edges -> float {0,1}; depth -> float [0,1]; segmentation -> int64 ids.
     """
@@ -159,17 +185,10 @@ def map_to_tensor(arr: np.ndarray, modality: str) -> torch.Tensor:
     raise ValueError(f"unknown control modality {modality!r}; expected one of {MODALITIES}")
 
 
-def hflip(sample: Mapping) -> dict:
-    """Mirror the image and every control map of a sample (same decision for all of them)."""
-    out = dict(sample)
-    out["image"] = sample["image"].flip(-1)
-    out["control"] = {m: t.flip(-1) for m, t in sample["control"].items()}
-    return out
-
-
-def flip_decision(probability: float) -> bool:
-    """Whether to flip this sample: torch's global generator (seeded per DataLoader worker)."""
-    return probability > 0 and bool(torch.rand(()).item() < probability)
+def batch_map(control: torch.Tensor, modality: str) -> torch.Tensor:
+    """A transformed map back to a plain batch tensor; depth clamped to [0, 1] (bicubic overshoot)."""
+    control = control.as_subclass(torch.Tensor)
+    return control.clamp(0.0, 1.0) if modality == "depth" else control
 
 
 def collate(samples: list[Mapping]) -> dict:
