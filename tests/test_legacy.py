@@ -114,7 +114,8 @@ def test_resume_of_old_stage_checkpoints():
         torch.equal(a, b) for a, b in zip(control.var.state_dict().values(), old.state_dict().values())
     )
 
-    tok = TokenizerModule(vqvae={"preset": "tiny"}, init_from=str(LEGACY / "vqvae.pt"), perceptual_weight=0.0,
-                          val_lpips=False, disc_weight=0.0, optimizer={"lr": 1e-3})  # fmt: skip
+    tok = TokenizerModule(vqvae={"preset": "tiny"}, init_from=str(LEGACY / "vqvae.pt"),
+                          perceptual={"weight": 0.0, "val_lpips": False}, discriminator={"weight": 0.0},
+                          optimizer={"lr": 1e-3})  # fmt: skip
     trainer = _resume(tok, str(LEGACY / "tokenizer.ckpt"))
     assert trainer.global_step == 3 and _adam_steps(trainer) == {3}

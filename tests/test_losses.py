@@ -100,7 +100,7 @@ def test_perceptual_pretrained_without_weights_fails_fast_naming_the_setting(tmp
         with pytest.raises(FileNotFoundError) as info:
             losses.PerceptualLoss(net, pretrained=True)
         msg = str(info.value)
-        assert "model.perceptual_pretrained" in msg and "TORCH_HOME" in msg
+        assert "model.perceptual.pretrained" in msg and "TORCH_HOME" in msg
         assert str(tmp_path / "hub" / "checkpoints" / file) in msg
     assert time.perf_counter() - start < 5.0  # no download attempts or retries
 

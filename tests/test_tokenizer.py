@@ -28,8 +28,13 @@ TINY = {"preset": "tiny", "vocab_size": 64, "z_channels": 8, "ch_mult": [1, 1, 2
 
 def make_module(**overrides) -> TokenizerModule:
     optimizer = {"lr": overrides.pop("lr", 1e-3), **overrides.pop("optimizer", {})}
-    args = dict(vqvae=TINY, perceptual_weight=0.0, val_lpips=False, disc_weight=0.0, optimizer=optimizer)
+    perceptual = {"weight": 0.0, "val_lpips": False, **overrides.pop("perceptual", {})}
+    discriminator = {"weight": 0.0, **overrides.pop("discriminator", {})}
+    args = dict(vqvae=TINY, perceptual=perceptual, discriminator=discriminator, optimizer=optimizer)
     return TokenizerModule(**{**args, **overrides})
+
+
+GAN = {"weight": 0.5, "start": 0, "channels": 8, "layers": 2}  # a small discriminator from step 0
 
 
 def make_data(module: TokenizerModule, batch_size: int = 4, num_train: int = 32, num_val: int = 8):
@@ -56,13 +61,13 @@ def test_data_requirements_and_config_errors(tmp_path):
         make_module(vqvae={"preset": "tiny", "vocab": 3})
     with pytest.raises(ValueError, match="model.vqvae .* or model.init_from"):
         make_module(vqvae=None)
-    with pytest.raises(ValueError, match="model.restart_every must be >= 1"):
-        make_module(restart_dead_codes=True, restart_every=0)
+    with pytest.raises(ValueError, match="model.codebook.restart_every must be >= 1"):
+        make_module(codebook={"restart_dead_codes": True, "restart_every": 0})
 
 
 def test_fast_dev_run_trains_generator_and_discriminator_from_step_0():
     torch.manual_seed(0)
-    m = make_module(disc_weight=0.5, disc_start=0, disc_channels=8, disc_layers=2, gradient_clip_val=1.0)
+    m = make_module(discriminator=GAN, gradient_clip_val=1.0)
     vae0, disc0 = clone_params(m.vae), clone_params(m.discriminator)
     trainer = make_trainer(fast_dev_run=2)
     trainer.fit(m, datamodule=make_data(m))
@@ -79,7 +84,7 @@ def test_fast_dev_run_trains_generator_and_discriminator_from_step_0():
 
 def test_discriminator_waits_for_disc_start():
     torch.manual_seed(0)
-    m = make_module(disc_weight=0.5, disc_start=100, disc_channels=8, disc_layers=2)
+    m = make_module(discriminator={**GAN, "start": 100})
     disc0 = clone_params(m.discriminator)
     trainer = make_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(m, datamodule=make_data(m))
@@ -92,7 +97,7 @@ def test_discriminator_waits_for_disc_start():
 
 def test_bf16_mixed_fast_dev_run():
     torch.manual_seed(0)
-    m = make_module(disc_weight=0.5, disc_start=0, disc_channels=8, disc_layers=2)
+    m = make_module(discriminator=GAN)
     trainer = make_trainer(fast_dev_run=1, precision="bf16-mixed")
     trainer.fit(m, datamodule=make_data(m))
     for key in ("train/loss", "train/d_loss", "train/g_weight", "val/psnr"):
@@ -106,7 +111,7 @@ def test_fp16_loss_scaling_clips_unscaled_gradients():
     norms = {}
     for name, plugins in (("32", []), ("16", [MixedPrecision("16-mixed", "cpu")])):
         torch.manual_seed(0)
-        m = make_module(disc_weight=0.5, disc_start=0, disc_channels=8, disc_layers=2, gradient_clip_val=0.5)
+        m = make_module(discriminator=GAN, gradient_clip_val=0.5)
         before = clone_params(m.vae)
         trainer = make_trainer(max_steps=1, limit_val_batches=0, plugins=plugins, log_every_n_steps=1)
         trainer.fit(m, datamodule=make_data(m))
@@ -135,7 +140,7 @@ def test_short_training_raises_psnr():
 
 def test_dead_code_restart_revives_codes():
     torch.manual_seed(0)
-    m = make_module(restart_dead_codes=True, restart_every=5, dead_code_threshold=0.05)
+    m = make_module(codebook={"restart_dead_codes": True, "restart_every": 5, "dead_code_threshold": 0.05})
     quant = m.vae.quantize
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -196,8 +201,9 @@ def test_checkpoint_rebuilds_the_vqvae(tmp_path):
     torch.manual_seed(0)
     source = VQVAE(VQVAEConfig.from_name("tiny", **{k: v for k, v in TINY.items() if k != "preset"}))
     init = source.save(tmp_path / "init.pt")
-    m = make_module(vqvae=None, init_from=str(init), perceptual_weight=0.1, perceptual_net="alex",
-                    perceptual_pretrained=False)  # fmt: skip
+    m = make_module(
+        vqvae=None, init_from=str(init), perceptual={"weight": 0.1, "net": "alex", "pretrained": False}
+    )
     trainer = make_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(m, datamodule=make_data(m))
     ckpt = tmp_path / "tok.ckpt"
@@ -257,12 +263,10 @@ def test_lpips_metric_only_with_real_weights(tmp_path, monkeypatch):
     from varctl.lit.losses import backbone_weights_file
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="model.perceptual_pretrained"):
-        make_module(perceptual_weight=1.0, perceptual_net="alex", perceptual_pretrained=True)
+    with pytest.raises(FileNotFoundError, match="model.perceptual.pretrained"):
+        make_module(perceptual={"weight": 1.0, "net": "alex", "pretrained": True})
     with pytest.warns(UserWarning, match="NOT the real LPIPS"):
-        fake = make_module(
-            perceptual_weight=1.0, perceptual_net="alex", perceptual_pretrained=False, val_lpips=True
-        )
+        fake = make_module(perceptual={"weight": 1.0, "net": "alex", "pretrained": False, "val_lpips": True})
     assert not fake.has_lpips_metric
 
     path, _ = backbone_weights_file("alex")  # stand-in ImageNet weights at the cache path
@@ -270,7 +274,7 @@ def test_lpips_metric_only_with_real_weights(tmp_path, monkeypatch):
     features = torchvision.models.alexnet().features.state_dict()
     torch.save({f"features.{k}": v for k, v in features.items()}, path)
     torch.manual_seed(0)
-    m = make_module(perceptual_weight=1.0, perceptual_net="alex", perceptual_pretrained=True, val_lpips=True)
+    m = make_module(perceptual={"weight": 1.0, "net": "alex", "pretrained": True, "val_lpips": True})
     dm = make_data(m)
     result = make_trainer(limit_val_batches=1).validate(m, datamodule=dm, verbose=False)[0]
     x = next(iter(dm.val_dataloader()))["image"]
@@ -300,9 +304,10 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
                 def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
                     if trainer.global_step == 1:  # hits recorded once, no restart yet
                         first["ema_sum"] = module.vae.quantize.ema_vocab_hit_SV.sum(1).clone()
-            m = TokenizerModule(vqvae={TINY!r}, perceptual_weight=0.0, val_lpips=False, disc_weight=0.5,
-                                disc_start=1, disc_channels=8, disc_layers=2, restart_dead_codes=True,
-                                restart_every=2, dead_code_threshold=0.5, optimizer={{"lr": 1e-3}})
+            m = TokenizerModule(vqvae={TINY!r}, perceptual={{"weight": 0.0, "val_lpips": False}},
+                                discriminator={{"weight": 0.5, "start": 1, "channels": 8, "layers": 2}},
+                                codebook={{"restart_dead_codes": True, "restart_every": 2,
+                                          "dead_code_threshold": 0.5}}, optimizer={{"lr": 1e-3}})
             dm = SyntheticDataModule(batch_size=2, num_train=16, num_val=4)
             dm.connect(**m.data_requirements())
             tr = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, limit_val_batches=1,

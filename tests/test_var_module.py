@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 
 from datamodules.synthetic import CLASS_NAMES, SyntheticDataModule
-from varctl.callbacks import ImageLogger
+from varctl.callbacks import ImageLogger, ImageWriter
 from varctl.lit.var import VARModule
 from varctl.metrics.classifier import class_names_from_files
 from varctl.models.lifecycle import read_weights
@@ -361,7 +361,9 @@ def test_predict_generates_configured_labels(vae_file, tmp_path):
     again = torch.cat([o["images"] for o in trainer.predict(m, dm)])
     assert torch.equal(images, again)  # seeded
     with pytest.warns(UserWarning, match="6 images are configured but the predict dataloader has room for 4"):
-        short = make_trainer(tmp_path, limit_predict_batches=1).predict(m, dm)
+        short = make_trainer(
+            tmp_path, limit_predict_batches=1, callbacks=[ImageWriter(tmp_path / "out")]
+        ).predict(m, dm)
     assert torch.equal(short[0]["images"], images[:4])
     with pytest.raises(ValueError, match=r"model\.predict\.labels holds \[12\]"):
         make_module(vae_file, predict={"labels": [12]}).predict_jobs()

@@ -319,11 +319,14 @@ def test_record_hits_ema_rule():
 def test_restart_codes():
     vae = micro()
     before = vae.quantize.embedding.weight.detach().clone()
+    vae.quantize.ema_vocab_hit_SV.copy_(torch.arange(64.0).expand_as(vae.quantize.ema_vocab_hit_SV))
     rows = torch.tensor([3, 40])
     new = torch.randn(2, 8)
     vae.quantize.restart_codes(rows, new)
     after = vae.quantize.embedding.weight.detach()
     assert torch.equal(after[rows], new)
+    ema = vae.quantize.ema_vocab_hit_SV
+    assert (ema[:, rows] == 31.5).all() and (ema[:, 4] == 4.0).all()  # the uniform rate, others kept
     keep = torch.ones(64, dtype=torch.bool)
     keep[rows] = False
     assert torch.equal(after[keep], before[keep])

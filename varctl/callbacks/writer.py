@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from varctl.callbacks.images import control_pictures
@@ -35,6 +36,24 @@ class ImageWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | os.PathLike):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        """Warn when the predict loader has fewer slots than the images the stage is configured to draw."""
+        jobs = pl_module.predict_jobs() if hasattr(pl_module, "predict_jobs") else []
+        loaders = trainer.predict_dataloaders
+        loader = (loaders[0] if loaders else None) if isinstance(loaders, (list, tuple)) else loaders
+        # Lightning re-creates the predict loader around a batch sampler, which then holds the batch size
+        size = getattr(loader, "batch_size", None)
+        size = size or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        batches = trainer.num_predict_batches[0] if trainer.num_predict_batches else None
+        if jobs and size and batches is not None and batches != float("inf"):
+            capacity = int(batches) * size * trainer.world_size
+            if capacity < len(jobs):
+                rank_zero_warn(
+                    f"{len(jobs)} images are configured but the predict dataloader has room for {capacity} "
+                    "(batches x batch_size x processes); the rest are not generated: raise "
+                    "trainer.limit_predict_batches or data.batch_size"
+                )
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx

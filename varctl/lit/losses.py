@@ -71,13 +71,13 @@ def backbone_weights_file(net: str) -> tuple[Path, str]:
 def _missing_weights_message(net: str, path: Path, url: str) -> str:
     builder = {"vgg": "vgg16", "alex": "alexnet"}[net]
     return (
-        f"model.perceptual_pretrained=true needs the ImageNet weights of LPIPS's '{net}' backbone, but "
+        f"model.perceptual.pretrained=true needs the ImageNet weights of LPIPS's '{net}' backbone, but "
         f"{path} does not exist (varctl never downloads weights). Provide the file: on a machine with "
         f"internet run\n"
         f"  python -c \"import torchvision; torchvision.models.{builder}(weights='IMAGENET1K_V1')\"\n"
         f"and copy the file it caches ({url}) to {path}; or point TORCH_HOME at a folder holding "
         f"hub/checkpoints/{path.name} (now TORCH_HOME={os.environ.get('TORCH_HOME', '<unset>')}). "
-        f"Otherwise set model.perceptual_weight=0 (no perceptual loss), or model.perceptual_pretrained=false "
+        f"Otherwise set model.perceptual.weight=0 (no perceptual loss), or model.perceptual.pretrained=false "
         f"(random backbone: a feature loss that is NOT the real LPIPS)."
     )
 
@@ -86,7 +86,7 @@ class PerceptualLoss(nn.Module):
     """LPIPS distance per image, (B,) for inputs in [-1, 1]; frozen and always in eval mode.
 
     ``pretrained=True`` loads torchvision's ImageNet backbone from the local cache (error naming
-    ``model.perceptual_pretrained`` if absent) and the calibrated linear heads shipped with ``lpips``.
+    ``model.perceptual.pretrained`` if absent) and the calibrated linear heads shipped with ``lpips``.
     ``pretrained=False`` keeps a random backbone with uniform 1/C heads: a feature distance >= 0 that is not
     LPIPS (its values are not comparable with published LPIPS numbers).
     """
@@ -94,7 +94,7 @@ class PerceptualLoss(nn.Module):
     def __init__(self, net: Literal["vgg", "alex"] = "vgg", pretrained: bool = True):
         super().__init__()
         if net not in PERCEPTUAL_NETS:
-            raise ValueError(f"model.perceptual_net must be one of {PERCEPTUAL_NETS}, got {net!r}")
+            raise ValueError(f"model.perceptual.net must be one of {PERCEPTUAL_NETS}, got {net!r}")
         self.pretrained = bool(pretrained)
         if self.pretrained:
             path, url = backbone_weights_file(net)

@@ -8,6 +8,7 @@ section's keys and types against the dataclass before anything runs, like every 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -81,6 +82,16 @@ class Predictions(Sampling):
     captions: list[str] | None = None
     num_per_condition: int = 4
 
+    def jobs(self, text: bool, num_classes: int, class_name: Callable[[int], str]) -> list[tuple[Any, str]]:
+        """(condition, file name) of every image to draw, for a text or a class model."""
+        repeats = range(self.num_per_condition)
+        if text:  # the caption goes last: the writer shortens long names from the end
+            return [(c, f"caption{j}_{i}_{c}") for j, c in enumerate(self.captions or []) for i in repeats]
+        bad = [label for label in self.labels or [] if not 0 <= int(label) < num_classes]
+        if bad:
+            raise ValueError(f"model.predict.labels holds {bad}, expected labels in [0, {num_classes})")
+        return [(int(c), f"class_{class_name(int(c))}_{i}") for c in self.labels or [] for i in repeats]
+
 
 @dataclass
 class ControlScores(Sampling):
@@ -89,3 +100,43 @@ class ControlScores(Sampling):
 
     batches: int = 1
     edge_thresholds: tuple[float, float] = (100.0, 200.0)
+
+
+@dataclass
+class PerceptualSettings(Settings):
+    """The tokenizer's LPIPS (the ``lpips`` package): its loss weight, backbone, and the val/lpips metric.
+    ``pretrained`` needs torchvision's ImageNet weights in the local cache (never downloaded); false gives
+    a random backbone, a feature loss that is not LPIPS (then no LPIPS metric is reported)."""
+
+    weight: float = 1.0
+    net: Literal["vgg", "alex"] = "vgg"
+    pretrained: bool = True
+    val_lpips: bool = True
+
+
+@dataclass
+class DiscriminatorSettings(Settings):
+    """The tokenizer's PatchGAN hinge loss with VQGAN's adaptive weight, from step ``start`` on
+    (``weight`` 0: no discriminator); ``lr`` None: the optimizer's."""
+
+    weight: float = 0.5
+    start: int = 20000
+    lr: float | None = None
+    adaptive_weight: bool = True
+    channels: int = 64
+    layers: int = 3
+
+
+@dataclass
+class CodebookSettings(Settings):
+    """Codebook health of the tokenizer: a code is dead below ``dead_code_threshold`` times its scale's
+    uniform rate, used above ``usage_margin`` times it; dead codes restart every ``restart_every`` steps."""
+
+    dead_code_threshold: float = 0.01
+    usage_margin: float = 0.08
+    restart_dead_codes: bool = False
+    restart_every: int = 1000
+
+    def __post_init__(self):
+        if self.restart_dead_codes and self.restart_every < 1:  # `step % restart_every` would fail later
+            raise ValueError(f"model.codebook.restart_every must be >= 1, found {self.restart_every}")

@@ -17,13 +17,18 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import MeanMetric
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from varctl.callbacks.images import ImageGrid
 from varctl.lit import losses, optim
-from varctl.lit.settings import OptimizerSettings, plain_hparams
+from varctl.lit.settings import (
+    CodebookSettings,
+    DiscriminatorSettings,
+    OptimizerSettings,
+    PerceptualSettings,
+    plain_hparams,
+)
 from varctl.metrics import codebook
+from varctl.metrics.reconstruction import reconstruction_metrics
 from varctl.models.discriminator import PatchDiscriminator
 from varctl.models.vqvae import VQVAE
 
@@ -45,21 +50,10 @@ class TokenizerModule(L.LightningModule):
         init_from: str | None = None,
         recon_loss: Literal["l1", "l2"] = "l1",
         recon_weight: float = 1.0,
-        perceptual_weight: float = 1.0,
-        perceptual_net: Literal["vgg", "alex"] = "vgg",
-        perceptual_pretrained: bool = True,
-        val_lpips: bool = True,
         vq_weight: float = 1.0,
-        disc_weight: float = 0.5,
-        disc_start: int = 20000,
-        disc_lr: float | None = None,
-        disc_adaptive_weight: bool = True,
-        disc_channels: int = 64,
-        disc_layers: int = 3,
-        dead_code_threshold: float = 0.01,
-        restart_dead_codes: bool = False,
-        restart_every: int = 1000,
-        usage_margin: float = 0.08,
+        perceptual: PerceptualSettings | None = None,
+        discriminator: DiscriminatorSettings | None = None,
+        codebook: CodebookSettings | None = None,
         optimizer: OptimizerSettings | None = None,
         gradient_clip_val: float | None = None,
     ):
@@ -67,8 +61,9 @@ class TokenizerModule(L.LightningModule):
         self.save_hyperparameters()
         plain_hparams(self.hparams)
         self.automatic_optimization = False
-        if restart_dead_codes and restart_every < 1:  # `step % restart_every` would fail mid-training
-            raise ValueError(f"model.restart_every must be >= 1 when restart_dead_codes, got {restart_every}")
+        self.lpips_settings = PerceptualSettings.of(perceptual)
+        self.gan = DiscriminatorSettings.of(discriminator)
+        self.codes = CodebookSettings.of(codebook)
         self.optimizer_settings = OptimizerSettings.of(optimizer, **RECIPE)
         if init_from is not None:  # the architecture comes from the file; explicit fields must agree with it
             self.vae = VQVAE.load(init_from, **{k: v for k, v in (vqvae or {}).items() if k != "preset"})
@@ -78,37 +73,25 @@ class TokenizerModule(L.LightningModule):
             raise ValueError(
                 "set model.vqvae (e.g. {preset: cpu_small}) or model.init_from (a checkpoint to fine-tune)"
             )
-        self.discriminator = PatchDiscriminator(3, disc_channels, disc_layers) if disc_weight > 0 else None
+        gan = self.gan
+        self.discriminator = PatchDiscriminator(3, gan.channels, gan.layers) if gan.weight > 0 else None
         # codes restarted since the start of training (kept in checkpoints, so it survives a resume)
         self.register_buffer("restarted_codes", torch.zeros((), dtype=torch.long))
         self._disc_on = False  # whether this step updates the discriminator (set in training_step)
 
-        self.perceptual = None
-        if perceptual_weight > 0 or val_lpips:
-            self.perceptual = losses.PerceptualLoss(perceptual_net, perceptual_pretrained)
-            if not perceptual_pretrained:
+        lp, self.perceptual = self.lpips_settings, None
+        if lp.weight > 0 or lp.val_lpips:
+            self.perceptual = losses.PerceptualLoss(lp.net, lp.pretrained)
+            if not lp.pretrained:
                 rank_zero_warn(
-                    "model.perceptual_pretrained=false: the perceptual loss uses a random backbone; it is a "
+                    "model.perceptual.pretrained=false: the perceptual loss uses a random backbone; it is a "
                     "feature loss, NOT the real LPIPS, and no LPIPS metric is reported"
                 )
-        self.has_lpips_metric = val_lpips and self.perceptual is not None and self.perceptual.pretrained
+        self.has_lpips_metric = lp.val_lpips and self.perceptual is not None and self.perceptual.pretrained
 
         S, V = self.vae.config.num_scales, self.vae.config.vocab_size
         self.eval_metrics = torch.nn.ModuleDict(
-            {
-                stage: torch.nn.ModuleDict(
-                    {
-                        # per-image PSNR and SSIM on [0, 1], averaged over images
-                        "psnr": PeakSignalNoiseRatio(
-                            data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)
-                        ),
-                        "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
-                        "lpips": MeanMetric(),
-                        "codebook": codebook.CodebookUsage(S, V),
-                    }
-                )
-                for stage in ("val", "test")
-            }
+            {stage: reconstruction_metrics(S, V) for stage in ("val", "test")}
         )
 
     # ------------------------------------------------------------------ wiring
@@ -116,21 +99,21 @@ class TokenizerModule(L.LightningModule):
         return {"resolution": self.vae.config.resolution, "keys": ("image",)}
 
     def configure_optimizers(self):
-        hp, settings = self.hparams, self.optimizer_settings
+        settings = self.optimizer_settings
         groups = optim.param_groups(self.vae, settings.weight_decay)
         if self.discriminator is not None:
             disc_groups = optim.param_groups(self.discriminator, settings.weight_decay)
             for g in disc_groups:
                 g["name"] = "disc_" + g["name"]
-                if hp.disc_lr is not None:
-                    g["lr"] = hp.disc_lr
+                if self.gan.lr is not None:
+                    g["lr"] = self.gan.lr
             groups += disc_groups
         return optim.configure_adamw(self.trainer, groups, settings)
 
     def on_fit_start(self) -> None:
-        if self.perceptual is not None and not self.has_lpips_metric and self.hparams.val_lpips:
+        if self.perceptual is not None and not self.has_lpips_metric and self.lpips_settings.val_lpips:
             rank_zero_info(
-                "val/lpips is not reported: model.perceptual_pretrained=false (no real LPIPS weights)"
+                "val/lpips is not reported: model.perceptual.pretrained=false (no real LPIPS weights)"
             )
 
     # ------------------------------------------------------------------ training
@@ -138,9 +121,9 @@ class TokenizerModule(L.LightningModule):
         hp = self.hparams
         out = {"recon_loss": losses.reconstruction_loss(recon, x, hp.recon_loss)}
         nll = hp.recon_weight * out["recon_loss"]
-        if hp.perceptual_weight > 0:
+        if self.lpips_settings.weight > 0:
             out["perceptual_loss"] = self.perceptual(recon, x).float().mean()
-            nll = nll + hp.perceptual_weight * out["perceptual_loss"]
+            nll = nll + self.lpips_settings.weight * out["perceptual_loss"]
         out["nll"] = nll
         return out
 
@@ -148,20 +131,20 @@ class TokenizerModule(L.LightningModule):
         self, x: torch.Tensor, recon: torch.Tensor, nll: torch.Tensor, step: int
     ) -> dict[str, torch.Tensor]:
         """Generator and discriminator terms; before ``disc_start`` a zero that touches every D weight."""
-        hp, disc = self.hparams, self.discriminator
-        if step < hp.disc_start:
+        gan, disc = self.gan, self.discriminator
+        if step < gan.start:
             # keeps DDP's reducer complete (every parameter gets a gradient); the D step is skipped below
             return {"d_loss": sum(p.sum() for p in disc.parameters()) * 0.0}
         # D's weights are detached here: the generator term trains the VQVAE only, D learns from d_loss
         frozen = {name: p.detach() for name, p in disc.named_parameters()}
         g_loss = losses.hinge_g_loss(torch.func.functional_call(disc, frozen, (recon,)))
         weight = torch.ones((), device=x.device)
-        if hp.disc_adaptive_weight:
+        if gan.adaptive_weight:
             weight = losses.adaptive_weight(nll, g_loss, self.vae.decoder.conv_out.weight)
         logits_real, logits_fake = disc(torch.cat([x, recon.detach()])).float().chunk(2)
         return {
             "g_loss": g_loss,
-            "g_weight": hp.disc_weight * weight,
+            "g_weight": gan.weight * weight,
             "d_loss": losses.hinge_d_loss(logits_real, logits_fake),
             "logits_real": logits_real.mean().detach(),
             "logits_fake": logits_fake.mean().detach(),
@@ -171,7 +154,7 @@ class TokenizerModule(L.LightningModule):
         hp = self.hparams
         x = batch["image"]
         step = self.global_step  # optimizer steps done before this batch
-        disc_on = self.discriminator is not None and step >= hp.disc_start
+        disc_on = self.discriminator is not None and step >= self.gan.start
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         out = self.vae(x)
         logs = self._generator_losses(x, out.recon)
@@ -218,37 +201,30 @@ class TokenizerModule(L.LightningModule):
 
         Every rank records the same all-reduced counts, so all of them take the same decisions.
         """
-        hp, quant = self.hparams, self.vae.quantize
-        quant.record_hits(self._sum_over_ranks(hits_SV))
-        if hp.restart_dead_codes and step % hp.restart_every == 0:
-            dead_V = codebook.dead_everywhere(quant.ema_vocab_hit_SV, hp.dead_code_threshold)
+        codes, quant = self.codes, self.vae.quantize
+        if self._trainer is not None:
+            hits_SV = self.trainer.strategy.reduce(hits_SV.clone(), reduce_op="sum")
+        quant.record_hits(hits_SV)
+        if codes.restart_dead_codes and step % codes.restart_every == 0:
+            dead_V = codebook.dead_everywhere(quant.ema_vocab_hit_SV, codes.dead_code_threshold)
             if dead_V.any():
                 self.restart_codes(dead_V.nonzero().flatten(), f_BChw, seed=step)
                 self.restarted_codes += dead_V.sum()
         # logged every step (cheap, no sync): Lightning writes them every trainer.log_every_n_steps
-        stats = codebook.codebook_stats(quant.ema_vocab_hit_SV, hp.dead_code_threshold, hp.usage_margin)
+        stats = codebook.codebook_stats(quant.ema_vocab_hit_SV, codes.dead_code_threshold, codes.usage_margin)
         stats["restarted_total"] = self.restarted_codes.float()
         self.log_dict({f"codebook/{k}": v for k, v in stats.items()}, batch_size=f_BChw.shape[0])
 
-    def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
-        if self._trainer is None:
-            return x
-        return self.trainer.strategy.reduce(x.clone(), reduce_op="sum")
-
     @torch.no_grad()
     def restart_codes(self, code_idx: torch.Tensor, f_BChw: torch.Tensor, seed: int) -> torch.Tensor:
-        """Set codes ``code_idx`` to residual vectors the quantiser sees (``residual_samples``). Rank 0
-        draws, the vectors are broadcast; the codes' EMA is set to the uniform rate (a grace period) and
-        their AdamW moments are cleared. Returns the new vectors (n, C)."""
+        """Set codes ``code_idx`` to residual vectors the quantiser sees (``residual_samples``, drawn by rank
+        0 and broadcast) and clear their AdamW moments. Returns the new vectors (n, C)."""
         quant = self.vae.quantize
         vectors = quant.residual_samples(f_BChw, code_idx.numel(), torch.Generator().manual_seed(int(seed)))
         if self._trainer is not None:  # an object broadcast: sent from the CPU, so every rank reads it back
             vectors = self.trainer.strategy.broadcast(vectors.cpu(), src=0).to(vectors.device)
         code_idx = code_idx.to(quant.embedding.weight.device)
         quant.restart_codes(code_idx, vectors)
-        ema = quant.ema_vocab_hit_SV
-        n = code_idx.numel()
-        ema[:, code_idx] = (ema.sum(1, keepdim=True) / ema.shape[1]).expand(-1, n)
         if self._trainer is not None:
             state = self.optimizers().optimizer.state.get(quant.embedding.weight, {})
             for key in ("exp_avg", "exp_avg_sq"):
@@ -286,16 +262,14 @@ class TokenizerModule(L.LightningModule):
                 self.log(f"{stage}/codebook/{name}/s{si}", float(v))
         stats.reset()
 
-    def _reset_metrics(self, stage: str) -> None:
+    def on_validation_epoch_start(self) -> None:
         # a `validate` before `fit` leaves inference-mode states; fit's no-grad loop could not update them
-        for metric in self.eval_metrics[stage].values():
+        for metric in self.eval_metrics["val"].values():
             metric.reset()
 
-    def on_validation_epoch_start(self) -> None:
-        self._reset_metrics("val")
-
     def on_test_epoch_start(self) -> None:
-        self._reset_metrics("test")
+        for metric in self.eval_metrics["test"].values():
+            metric.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
@@ -311,13 +285,9 @@ class TokenizerModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        x = batch["image"]
+        x, start = batch["image"], batch_idx * len(batch["image"])
         recon = self.vae.fhat_to_img(self.vae.img_to_fhat(x)[-1])
-        start = batch_idx * x.shape[0]
-        return {
-            "images": (recon.float() + 1) / 2,
-            "names": [f"recon{start + i:06d}" for i in range(x.shape[0])],
-        }
+        return {"images": _unit(recon), "names": [f"recon{start + i:06d}" for i in range(len(x))]}
 
     # ------------------------------------------------------------------ images (varctl.callbacks.ImageLogger)
     def train_images(self, batch: dict, outputs: dict, max_images: int) -> dict[str, ImageGrid]:

@@ -23,15 +23,13 @@ from torch import nn
 
 from varctl.callbacks.images import ImageGrid
 from varctl.lit import optim
+from varctl.lit.legacy import is_legacy, legacy_state_dict
 from varctl.lit.settings import OptimizerSettings, Predictions, Samples, plain_hparams
+from varctl.lit.sharding import ignore_in_fsdp1, shard_var
 from varctl.metrics.tokens import ScaleMetrics
 from varctl.models.text import TextEncoder
 from varctl.models.var import VAR, check_vae_fits
 from varctl.models.vqvae import VQVAE
-
-# checkpoints written before the model lifecycle held the trained network under "var." and its average
-# under "var_ema." (with "num_updates" counting updates, where AveragedModel counts the models averaged)
-LEGACY_PREFIXES = (("var_ema.module.", "ema.module."), ("var.", "model."))
 
 
 class VARModule(L.LightningModule):
@@ -138,30 +136,14 @@ class VARModule(L.LightningModule):
                     "the model differently); use trainer.strategy=ModelParallelStrategy (FSDP2) or "
                     "model.ema_decay=0"
                 )
-            # keep the frozen tokenizer and text encoder out of FSDP's sharding and mixed-precision casts
-            ignored = list(strategy.kwargs.get("ignored_modules") or [])
-            ignored += [m for m in (self.vae, self.text_encoder) if m is not None and m not in ignored]
-            strategy.kwargs["ignored_modules"] = ignored
+            ignore_in_fsdp1(strategy, [self.vae, self.text_encoder])
 
     def configure_model(self) -> None:
-        """FSDP2 (``ModelParallelStrategy``): shard each VAR block, then the rest (model and average)."""
         strategy = self.trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, ModelParallelStrategy) or getattr(self, "_sharded", False):
-            return
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-        mesh = self.device_mesh["data_parallel"]
-        for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
-            var = model.var if hasattr(model, "control") else model
-            for block in var.blocks:
-                if block.cross_attn is not None:
-                    fully_shard(block.cross_attn, mesh=mesh)
-                    register_fsdp_forward_method(block.cross_attn, "context")  # called outside forward
-                fully_shard(block, mesh=mesh)
-                register_fsdp_forward_method(block, "modulation")
-            fully_shard(model, mesh=mesh)
-            register_fsdp_forward_method(model, "generate")
-        self._sharded = True
+        if isinstance(strategy, ModelParallelStrategy) and not getattr(self, "_sharded", False):
+            for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
+                shard_var(model, self.device_mesh["data_parallel"])
+            self._sharded = True
 
     def configure_optimizers(self):
         groups = optim.param_groups(self.model, self.optimizer_settings.weight_decay, self._no_decay)
@@ -268,19 +250,10 @@ class VARModule(L.LightningModule):
 
     # ------------------------------------------------------------------ predict
     def predict_jobs(self) -> list[tuple[Any, str]]:
-        """(condition, name) of every image to generate: each configured label or caption
-        ``num_per_condition`` times; empty when none is configured (then the batch's own are used)."""
-        p = self.predictions
-        repeats = range(p.num_per_condition)
-        if (
-            self.text_encoder is not None
-        ):  # the caption goes last: the writer shortens long names from the end
-            return [(c, f"caption{j}_{i}_{c}") for j, c in enumerate(p.captions or []) for i in repeats]
-        num = self.var.config.num_classes
-        bad = [label for label in p.labels or [] if not 0 <= int(label) < num]
-        if bad:
-            raise ValueError(f"model.predict.labels holds {bad}, expected labels in [0, {num})")
-        return [(int(c), f"class_{self.class_name(int(c))}_{i}") for c in p.labels or [] for i in repeats]
+        """(condition, name) of every image to generate (``settings.Predictions.jobs``); empty when none is
+        configured, then each predict batch's own labels or captions are used."""
+        text = self.text_encoder is not None
+        return self.predictions.jobs(text, self.var.config.num_classes, self.class_name)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         jobs, B = self.predict_jobs(), len(batch["image"])
@@ -304,22 +277,6 @@ class VARModule(L.LightningModule):
         images = self.generate(cond, self.predictions, seed_offset=chunk)
         return {"images": images.float().clamp(0, 1), "names": names}
 
-    def on_predict_start(self) -> None:
-        jobs, loaders = self.predict_jobs(), self.trainer.predict_dataloaders
-        loader = (loaders[0] if loaders else None) if isinstance(loaders, (list, tuple)) else loaders
-        # Lightning re-creates the predict loader around a batch sampler, which then holds the batch size
-        size = getattr(loader, "batch_size", None)
-        size = size or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-        batches = self.trainer.num_predict_batches[0] if self.trainer.num_predict_batches else None
-        if jobs and size and batches is not None and batches != float("inf"):
-            capacity = int(batches) * size * self.trainer.world_size
-            if capacity < len(jobs):
-                rank_zero_warn(
-                    f"{len(jobs)} images are configured but the predict dataloader has room for {capacity} "
-                    "(batches x batch_size x processes); the rest are not generated: raise "
-                    "trainer.limit_predict_batches or data.batch_size"
-                )
-
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_entries(self) -> dict[str, dict]:
         """``checkpoint["varctl"]``: where each model's weights are and its config (models/lifecycle.py)."""
@@ -339,23 +296,8 @@ class VARModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if state is None:
             return
-        if "var_ema.num_updates" in state or any(k.startswith("var.") for k in state):
+        if is_legacy(state):
             checkpoint["state_dict"] = state = legacy_state_dict(state)
         if self.text_encoder is not None:
             for k, v in self.text_encoder.state_dict().items():
                 state.setdefault(f"text_encoder.{k}", v)
-
-
-def legacy_state_dict(state: dict) -> dict:
-    """A stage-2/3 state_dict written before the model lifecycle, in today's names (resume still works)."""
-    out = {}
-    for key, value in state.items():
-        if key == "var_ema.num_updates":
-            out["ema.n_averaged"] = value + 1  # the initial copy counts as the first average
-            continue
-        for old, new in LEGACY_PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old) :]
-                break
-        out[key] = value
-    return out

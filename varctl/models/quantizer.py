@@ -308,14 +308,18 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_codes(self, code_idx: torch.Tensor, new_vectors: torch.Tensor) -> None:
-        """Overwrite codebook rows ``code_idx`` (n,) with ``new_vectors`` (n, C) in place (dead codes)."""
+        """Overwrite codebook rows ``code_idx`` (n,) with ``new_vectors`` (n, C) in place (dead codes); their
+        hit EMA is set to the uniform rate of each scale, a grace period before they can count as dead."""
         weight = self.embedding.weight
         if code_idx.dim() != 1 or new_vectors.shape != (code_idx.shape[0], self.channels):
             raise ValueError(
                 f"restart_codes: code_idx (n,) and new_vectors (n, {self.channels}) expected, "
                 f"got {tuple(code_idx.shape)} and {tuple(new_vectors.shape)}"
             )
-        weight.index_copy_(0, code_idx.to(weight.device), new_vectors.to(weight))
+        code_idx = code_idx.to(weight.device)
+        weight.index_copy_(0, code_idx, new_vectors.to(weight))
+        ema = self.ema_vocab_hit_SV
+        ema[:, code_idx] = (ema.sum(1, keepdim=True) / ema.shape[1]).expand(-1, code_idx.numel())
 
     @torch.no_grad()
     def residual_samples(self, f_BChw: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
