@@ -1,5 +1,5 @@
-"""Test setup: no network for weights, GPU tests skip themselves without CUDA; fixtures shared by the model
-tests (one intra-op thread, the tiny official VQVAE and VAR with their golden tensors)."""
+"""Test setup: no network for weights, GPU tests skip themselves without CUDA; fixtures shared by the tests
+(one intra-op thread, the tiny official VQVAE and VAR with their golden tensors, a tiny tokenizer file)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import PATCH_NUMS, REFERENCE, TINY  # noqa: E402, F401
 
-from varctl.models import VAR, VQVAE  # noqa: E402
+from varctl.models import VAR, VQVAE, VQVAEConfig  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,3 +49,12 @@ def vae() -> VQVAE:
 def var(vae) -> VAR:
     """The tiny official class VAR (depth 2, 10 classes) with ``vae`` attached, in eval mode."""
     return VAR.from_official(os.path.join(TINY, "var.pt"), vae).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> str:
+    """A random tiny tokenizer file (32 px, scales 1-2-4, V=64, Cvae=8), what the stage tests train on."""
+    torch.manual_seed(0)
+    config = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
+                         patch_nums=(1, 2, 4))  # fmt: skip
+    return str(VQVAE(config).save(tmp_path_factory.mktemp("tokenizer") / "vae.pt"))

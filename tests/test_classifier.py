@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import subprocess
 import sys
@@ -21,11 +22,18 @@ from varctl.metrics.classifier import (
     predict,
     save_classifier,
     stack_dataset,
-    train_classifier,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMPLE = dict(backgrounds=["solid"], max_distractors=0, keys=("image", "label"))
+SCENES = {"backgrounds": ["solid"], "max_distractors": 0, "shape_colours": None, "background_colours": None}
+
+
+def score_tool():
+    spec = importlib.util.spec_from_file_location("score_samples", ROOT / "tools" / "score_samples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +42,30 @@ def val():
 
 
 @pytest.fixture(scope="module")
-def trained():
-    train = SyntheticShapes(2000, 32, seed=1, **SIMPLE)
-    return train_classifier(train, len(CLASS_NAMES), steps=400, num_images=2000, colour_invariant=False)
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("classifiers")
+
+
+@pytest.fixture(scope="module")
+def trained(cache):
+    """The judge the score tool trains for 32 px simple scenes (400 steps on 2000 images, colour-sensitive:
+    the colour-invariant one needs ~1500 steps), through the tool's own cache, which the tool test reuses."""
+    model = score_tool().get_classifier(32, SCENES, 0, 400, 2000, cache, colour_invariant=False)
+    assert len(list(cache.glob("*.pt"))) == 1
+    return model
+
+
+def test_the_tool_caches_its_judge_with_its_settings(trained, val, cache):
+    again = score_tool().get_classifier(32, SCENES, 0, 400, 2000, cache, colour_invariant=False)
+    assert torch.equal(predict(again, val[0]), predict(trained, val[0]))  # read back, not trained again
+    (path,) = cache.glob("*.pt")
+    meta = torch.load(path, weights_only=True)["meta"]
+    assert (meta["resolution"], meta["steps"], meta["num_train"], meta["colour_invariant"]) == (
+        32,
+        400,
+        2000,
+        False,
+    )
 
 
 def test_learns_the_shapes_of_unseen_scenes(trained, val):
@@ -88,7 +117,7 @@ def test_labels_from_predict_file_names():
             class_names_from_files([bad], CLASS_NAMES)
 
 
-def test_score_tool_on_real_images(val, tmp_path):
+def test_score_tool_on_real_images(trained, val, cache, tmp_path):
     """End to end: real val images written as a predictions folder score high; mislabelled ones low."""
     images, labels = val
     good, bad = tmp_path / "good" / "predictions", tmp_path / "bad" / "predictions"
@@ -103,12 +132,11 @@ def test_score_tool_on_real_images(val, tmp_path):
 
     def score(folder: Path, *extra: str) -> float:
         cmd = [sys.executable, "tools/score_samples.py", str(folder), "--steps", "400", "--num-train", "2000"]
+        cmd += ["--num-val", "200"]
         cmd.append(
             "--colour-sensitive"
         )  # learns in 400 steps at 32 px (the colour-invariant judge needs ~1500)
-        out = subprocess.run(
-            [*cmd, "--cache", str(tmp_path / "cache"), *extra], cwd=ROOT, capture_output=True, text=True
-        )
+        out = subprocess.run([*cmd, "--cache", str(cache), *extra], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
         line = next(s for s in out.stdout.splitlines() if "samples (target" in s)
         return float(line.split(":")[1].split("%")[0]) / 100
@@ -116,7 +144,7 @@ def test_score_tool_on_real_images(val, tmp_path):
     assert score(good) > 0.8  # data options read from the run's config_predict.yaml
     # the bad folder has no config: the options come from the flags; the cached classifier is reused
     assert score(bad, "--backgrounds", "solid", "--max-distractors", "0") < 0.1
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert len(list(cache.glob("*.pt"))) == 1
     # a palette the data module would refuse is refused here too, before any training
     out = subprocess.run(
         [sys.executable, "tools/score_samples.py", str(good), "--shape-colours", "mauve"],

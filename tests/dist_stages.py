@@ -1,0 +1,123 @@
+"""Run by tests/test_distributed.py on two CPU processes (gloo): every stage under one strategy, one
+launch. ``python dist_stages.py OUT TOKENIZER_FILE ddp|fsdp2``; rank 0 writes OUT/result.json, each rank
+its tokenizer state to OUT/tokenizer_rank<r>.pt."""
+
+import json
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+import lightning as L  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+
+from datamodules.synthetic import SyntheticDataModule  # noqa: E402
+from varctl.lit.control import ControlModule  # noqa: E402
+from varctl.lit.tokenizer import TokenizerModule  # noqa: E402
+from varctl.lit.var import VARModule  # noqa: E402
+from varctl.models import VAR, ControlBranch  # noqa: E402
+
+out, vae_file, strategy_name = sys.argv[1:4]
+result = {}
+
+
+def trainer(steps: int, **kwargs) -> L.Trainer:
+    strategy = "ddp" if strategy_name == "ddp" else ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)  # fmt: skip
+    args = dict(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, limit_val_batches=1,
+                val_check_interval=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    return L.Trainer(**{**args, **kwargs})
+
+
+def data(module, **kwargs) -> SyntheticDataModule:
+    dm = SyntheticDataModule(**{"num_train": 64, "num_val": 16, "batch_size": 4, **kwargs})
+    dm.connect(**module.data_requirements())
+    return dm
+
+
+def rank_sums(state: dict) -> list[float]:
+    """The sum of every floating tensor of ``state`` (full tensors of shards), gathered from both ranks."""
+    full = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in state.values()]
+    checksum = torch.stack([v.double().sum() for v in full if v.is_floating_point()]).sum()
+    sums = [torch.zeros((), dtype=torch.float64) for _ in range(2)]
+    torch.distributed.all_gather(sums, checksum)
+    return [s.item() for s in sums]
+
+
+def total(path) -> float:
+    return sum(v.double().sum().item() for v in VAR.load(path).state_dict().values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+if strategy_name == "ddp":
+    L.seed_everything(0, verbose=False)
+    first = {}
+
+    class FirstStep(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:  # hits recorded once, no restart yet
+                first["ema_sum"] = module.vae.quantize.ema_vocab_hit_SV.sum(1).clone()
+
+    tiny = {"preset": "tiny", "vocab_size": 64, "z_channels": 8, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1,
+            "patch_nums": [1, 2, 3, 4]}  # fmt: skip
+    tok = TokenizerModule(
+        vqvae=tiny, perceptual={"weight": 0.0, "val_lpips": False},
+        discriminator={"weight": 0.5, "start": 1, "channels": 8, "layers": 2},
+        codebook={"restart_dead_codes": True, "restart_every": 2, "dead_code_threshold": 0.5},
+        optimizer={"lr": 1e-3},
+    )  # fmt: skip
+    tr = trainer(4, callbacks=[FirstStep()])
+    tr.fit(tok, data(tok, batch_size=2, num_train=16, num_val=4))
+    restarted = float(tr.callback_metrics["codebook/restarted_total"])
+    torch.save({"state": tok.state_dict(), "restarted": restarted, "first_ema_sum": first["ema_sum"]},
+               os.path.join(out, f"tokenizer_rank{tr.global_rank}.pt"))  # fmt: skip
+
+# ---------------------------------------------------------------------------------------------- VAR
+torch.manual_seed(0)
+var = VARModule(vae_file, var={"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2},
+                optimizer={"lr": 1e-3, "lr_scale_by_batch": False}, ema_decay=0.9)  # fmt: skip
+tr = trainer(3, gradient_clip_val=2.0)
+tr.fit(var, data(var))
+var_ckpt = os.path.join(out, "var.ckpt")
+tr.save_checkpoint(var_ckpt)
+x = torch.randn(2, 20, 8, generator=torch.Generator().manual_seed(1))
+labels = torch.tensor([1, 2])
+var.var.eval()
+with torch.no_grad():
+    logits = var.var(labels, x)
+sums = rank_sums(var.var.state_dict())
+tr.strategy.barrier()
+if tr.global_rank == 0:
+    with torch.no_grad():
+        diff = (VAR.load(var_ckpt).eval()(labels, x) - logits).abs().max().item()
+    sharded = type(var.var.blocks[0].attn.proj.weight).__name__ == "DTensor"
+    result["var"] = {
+        "diff": diff, "rank_sums": sums, "sharded": sharded, "ema_updates": int(var.ema.n_averaged) - 1,
+        "val_loss": float(tr.callback_metrics["val/loss"]),
+    }  # fmt: skip
+
+# ---------------------------------------------------------------------------------------------- control
+torch.manual_seed(0)
+spec = {"modalities": ["edges"], "width": 8, "feature_dim": 32, "max_width": 32}
+optimizer = {"lr": 1e-3, "lr_scale_by_batch": False}
+control = ControlModule(
+    vae_file, init_from=var_ckpt, control=spec, optimizer=optimizer, scores={"batches": 1}
+)
+tr = trainer(3)
+tr.fit(control, data(control, controls=["edges"]))
+control_ckpt = os.path.join(out, "control.ckpt")
+tr.save_checkpoint(control_ckpt)
+sums = rank_sums(control.control.state_dict())
+tr.strategy.barrier()
+if tr.global_rank == 0:
+    branch = ControlBranch.load(control_ckpt)
+    result["control"] = {
+        "rank_sums": sums, "loaded": sum(v.double().sum().item() for v in branch.state_dict().values()),
+        "base_sum": total(var_ckpt), "ckpt_sum": total(control_ckpt),
+        "f1": float(tr.callback_metrics["val/edges_f1"]),
+        "f1_shuffled": float(tr.callback_metrics["val_shuffled/edges_f1"]),
+    }  # fmt: skip
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f)
