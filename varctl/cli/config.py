@@ -4,7 +4,9 @@ Hydra's own ``-c`` means ``--cfg``, so ``@hydra.main`` cannot give ``python -m v
 parses its subcommand and ``-c`` itself, then composes here with the remaining ``key=value`` overrides.
 
 Checks run before any work: every key under a ``_target_`` node must be an argument of that target and its
-value must fit the argument's annotation; top-level keys are a fixed set. Errors name the key and the file.
+value must fit the argument's annotation; an argument annotated with a settings dataclass (a grouped section
+such as ``model.optimizer``) has its keys and values checked against the dataclass's fields the same way;
+top-level keys are a fixed set. Errors name the key and the file.
 """
 
 from __future__ import annotations
