@@ -6,8 +6,8 @@ import os
 
 import torch
 
-# the golden data of the official VAR code, with its provenance (tests/reference/README.md)
-REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
+# the golden data of the official VAR code, with its provenance (tests/fixtures/reference/README.md)
+REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
 TINY = os.path.join(REFERENCE, "var_tiny")  # the tiny VQVAE and VAR with their golden tensors
 PATCH_NUMS = (1, 2, 3, 4)  # the scale schedule of the tiny models (64 px)
 

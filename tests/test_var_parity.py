@@ -1,4 +1,4 @@
-"""VAR against the official code's golden tensors (tests/reference, README.md there).
+"""VAR against the official code's golden tensors (tests/fixtures/reference, README.md there).
 
 Tiny config (depth 2, 10 classes, V=256, Cvae=16, patch_nums 1,2,3,4): teacher-forcing logits and every
 recorded autoregressive run. Official-shape layouts and parameter counts are checked on the meta device.

@@ -1,6 +1,6 @@
 """Parity of varctl's VQVAE with golden tensors produced by the official VAR code.
 
-The golden data (tests/reference, see its README) was made with torch 2.13, MKL_CBWR=AUTO,STRICT and
+The golden data (tests/fixtures/reference, see its README) was made with torch 2.13, MKL_CBWR=AUTO,STRICT and
 2 threads; other versions and thread counts move convolutions by up to ~2e-6 (latents) and ~5e-5 (images),
 which the tolerances below (1e-5 latents, 1e-4 images, exact indices) leave room for.
 """
