@@ -71,7 +71,7 @@ class ControlModule(VARModule):
         cc = self.control.config
         # per stage: samples for their own controls, for another image's (the no-control level), and the
         # tokenizer's reconstructions of the real images (the ceiling that the tokenizer allows)
-        self.scores = torch.nn.ModuleDict(
+        self.control_metrics = torch.nn.ModuleDict(
             {
                 name: torch.nn.ModuleDict(
                     build_control_metrics(
@@ -155,7 +155,7 @@ class ControlModule(VARModule):
         against the same images and maps, samples drawn for the controls rolled by one image: a model that
         ignores its controls scores the same on both, one that follows them scores lower on the second. The
         tokenizer's reconstructions of the real images give the ceiling."""
-        if batch_idx >= self.scoring.batches or not len(self.scores[stage]):
+        if batch_idx >= self.scoring.batches or not len(self.control_metrics[stage]):
             return
         maps = batch["control"]
         rolled = {m: t.roll(1, dims=0) for m, t in maps.items()}
@@ -167,7 +167,7 @@ class ControlModule(VARModule):
             (f"{stage}_shuffled", self.generate_for(batch, rolled, self.scoring, batch_idx)),
             (f"{stage}_tokenizer", recon),
         ):
-            for key, metric in self.scores[name].items():
+            for key, metric in self.control_metrics[name].items():
                 if key == "edges_f1":
                     metric.update(images, real)
                 else:
@@ -175,7 +175,7 @@ class ControlModule(VARModule):
 
     def _log_scores(self, stage: str) -> None:
         for name in (stage, f"{stage}_shuffled", f"{stage}_tokenizer"):
-            for key, metric in self.scores[name].items():
+            for key, metric in self.control_metrics[name].items():
                 if metric.update_count:
                     self.log(f"{name}/{key}", metric.compute())
                 metric.reset()

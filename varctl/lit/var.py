@@ -28,7 +28,7 @@ from varctl.lit.settings import OptimizerSettings, Predictions, Samples, plain_h
 from varctl.lit.sharding import ignore_in_fsdp1, shard_var
 from varctl.metrics.tokens import ScaleMetrics
 from varctl.models.text import TextEncoder
-from varctl.models.var import VAR, check_vae_fits
+from varctl.models.var import VAR
 from varctl.models.vqvae import VQVAE
 
 
@@ -89,10 +89,9 @@ class VARModule(L.LightningModule):
             fixed.update(text_dim=enc.width, text_len=enc.context_length, text_pooled_dim=enc.embed_dim)
         if init_from is None:
             return VAR.build(var, **fixed)
+        # the architecture comes from the file: explicit settings and the fixed fields must agree with it
         settings = {k: v for k, v in (var or {}).items() if k != "preset"}
-        model = VAR.load(init_from, **{**settings, **fixed})
-        check_vae_fits(model.config, self.vae)
-        return model
+        return VAR.load(init_from, **{**settings, **fixed})
 
     def build_model(self, var: VAR) -> nn.Module:
         """The network this stage trains around the VAR (the control stage adds its branch)."""
