@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 # the golden data of the official VAR code, with its provenance (tests/fixtures/reference/README.md)
 REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
@@ -20,3 +23,47 @@ def perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return module
+
+
+# ---------------------------------------------------------------------------------------------- data files
+ALL = ("image", "label", "caption", "control")
+
+
+def fake_depth(image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """A user 'model' named by a `_partial_` node: brightness as depth."""
+    return image.astype(np.float32).mean(-1) * scale
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    return ((image + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def textured(seed: int, size=(40, 40)) -> np.ndarray:
+    """Blocky random image (sharp boundaries, so canny finds edges)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (size[0] // 8, size[1] // 8, 3), dtype=np.uint8)
+    return np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8))
+
+
+def check_batch(batch: dict, size: int, resolution: int, controls: dict) -> None:
+    assert set(batch) == set(ALL)
+    image, label = batch["image"], batch["label"]
+    assert image.dtype == torch.float32 and image.shape == (size, 3, resolution, resolution)
+    assert image.min() >= -1 and image.max() <= 1 and image.std() > 0.05
+    assert label.dtype == torch.int64 and label.shape == (size,)
+    assert isinstance(batch["caption"], list) and len(batch["caption"]) == size
+    assert all(isinstance(c, str) for c in batch["caption"])
+    assert set(batch["control"]) == set(controls)
+    for m, (channels, dtype) in controls.items():
+        t = batch["control"][m]
+        assert t.dtype == dtype and t.shape == (size, channels, resolution, resolution)
+    if "edges" in controls:
+        assert set(batch["control"]["edges"].unique().tolist()) <= {0.0, 1.0}
+    if "depth" in controls:
+        assert batch["control"]["depth"].min() >= 0 and batch["control"]["depth"].max() <= 1
