@@ -15,7 +15,7 @@ from torch import nn
 
 from varctl.models import VQVAE, VQVAEConfig
 from varctl.models.quantizer import MultiScaleQuantizer, phi_index_map
-from varctl.models.vqvae import OFFICIAL_10, OFFICIAL_512, config_from_state_dict
+from varctl.models.vqvae import OFFICIAL_512, OFFICIAL_PATCH_NUMS, config_from_state_dict
 
 MICRO = dict(
     vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4)
@@ -379,7 +379,7 @@ def test_save_load_roundtrips(tmp_path):
     official = VQVAE.from_official(tmp_path / "official.pth", patch_nums=MICRO["patch_nums"])
     assert_same_model(vae, official, x)
     # without a schedule in the file, load() assumes the official one
-    assert VQVAE.load(tmp_path / "official.pth").patch_nums == OFFICIAL_10
+    assert VQVAE.load(tmp_path / "official.pth").patch_nums == OFFICIAL_PATCH_NUMS
     # a second model is different: the checks above can fail
     assert not torch.equal(micro(seed=4)(x).recon, vae(x).recon)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from helpers import PATCH_NUMS, REFERENCE
 
 from varctl.models import VQVAE, VQVAEConfig
-from varctl.models.vqvae import OFFICIAL_10, config_from_state_dict
+from varctl.models.vqvae import OFFICIAL_PATCH_NUMS, config_from_state_dict
 
 REF = Path(REFERENCE)
 # One intra-op thread (conftest.py): 2 OpenMP threads make these small convs ~30x slower on a busy 2-core
@@ -24,7 +24,7 @@ REF = Path(REFERENCE)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LATENT_TOL, IMAGE_TOL = 1e-5, 1e-4
-GOLDEN = {"golden.pt": PATCH_NUMS, "golden_vqvae_10scales.pt": OFFICIAL_10}
+GOLDEN = {"golden.pt": PATCH_NUMS, "golden_vqvae_10scales.pt": OFFICIAL_PATCH_NUMS}
 AR_RUNS = ["ar_greedy", "ar_greedy_cfg0", "ar_greedy_cfg4", "ar_sampled"]  # ar_smooth uses soft embeddings
 
 
@@ -101,7 +101,7 @@ def test_teacher_forcing_input(case):
 
 def test_phi_map_10_scales():
     g = torch.load(REF / "var_tiny" / "golden_vqvae_10scales.pt", map_location="cpu", weights_only=True)
-    vae = VQVAE(VQVAEConfig.from_name("tiny", patch_nums=OFFICIAL_10))
+    vae = VQVAE(VQVAEConfig.from_name("tiny", patch_nums=OFFICIAL_PATCH_NUMS))
     assert list(vae.quantize.quant_resi.index_map(10)) == g["phi_index_per_scale"].tolist()
 
 
@@ -164,7 +164,7 @@ def test_from_official_on_official_layout():
     sd["quantize.ema_vocab_hit_SV"] = torch.ones(4, 4096)  # from a 4-scale run: replaced by our own
     assert config_from_state_dict(sd) == VQVAEConfig()
     vae = VQVAE.from_official(sd)
-    assert vae.config == VQVAEConfig() and vae.patch_nums == OFFICIAL_10
+    assert vae.config == VQVAEConfig() and vae.patch_nums == OFFICIAL_PATCH_NUMS
     assert torch.equal(vae.quantize.embedding.weight, sd["quantize.embedding.weight"])
     assert torch.equal(vae.decoder.conv_out.bias, sd["decoder.conv_out.bias"])
     assert vae.quantize.ema_vocab_hit_SV.shape == (10, 4096) and not vae.quantize.ema_vocab_hit_SV.any()
@@ -180,7 +180,7 @@ def test_from_official_tiny_file():
     vae = VQVAE.from_official(path, patch_nums=(1, 2, 3, 4))
     assert vae.config == VQVAEConfig.from_name("tiny")
     loaded = VQVAE.load(path)  # a bare state_dict: read as official, default 10-scale schedule
-    assert loaded.config == VQVAEConfig.from_name("tiny", patch_nums=OFFICIAL_10)
+    assert loaded.config == VQVAEConfig.from_name("tiny", patch_nums=OFFICIAL_PATCH_NUMS)
     sd = torch.load(path, weights_only=True)
     for k, v in loaded.state_dict().items():
         if k != "quantize.ema_vocab_hit_SV":

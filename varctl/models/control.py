@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varctl.models.lifecycle import Model, ModelConfig
+from varctl.models.lifecycle import OFFICIAL_PATCH_NUMS, Model, ModelConfig
 
 MODALITIES = ("edges", "depth", "segmentation")  # the control maps every part of varctl knows
 
@@ -40,7 +40,7 @@ class ControlConfig(ModelConfig):
     max_width: int = 256
     depth: int = 16  # blocks of the VAR: one projection per (scale, block)
     embed_dim: int = 1024  # C, the VAR's width
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
     resolution: int = 256  # side of the control maps (= the images)
 
     def __post_init__(self):

@@ -32,6 +32,7 @@ from torch import nn
 from varctl.files import atomic_path, atomic_save
 
 FORMAT = "varctl"
+OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # the official scale schedule (256 px)
 C = TypeVar("C", bound="ModelConfig")
 M = TypeVar("M", bound="Model")
 

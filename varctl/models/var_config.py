@@ -12,9 +12,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from varctl.models.lifecycle import ModelConfig
+from varctl.models.lifecycle import OFFICIAL_PATCH_NUMS, ModelConfig
 
-OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px
 CONDITIONS = ("class", "text")
 
 

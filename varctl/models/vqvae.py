@@ -18,11 +18,10 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from varctl.models.lifecycle import Model, ModelConfig
+from varctl.models.lifecycle import OFFICIAL_PATCH_NUMS, Model, ModelConfig
 from varctl.models.quantizer import MultiScaleQuantizer
 from varctl.models.vae_blocks import Decoder, Encoder
 
-OFFICIAL_10 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 256 px
 OFFICIAL_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 512 px (VAR-d36-512)
 
 
@@ -40,7 +39,7 @@ class VQVAEConfig(ModelConfig):
     quant_resi: float = 0.5  # phi(h) = (1 - r) h + r conv(h)
     share_quant_resi: int = 4  # 0: one phi per scale, 1: one phi for all, K >= 2: K phi shared by ticks
     default_qresi_counts: int = 0  # number of phi when share_quant_resi=0 (0: one per scale)
-    patch_nums: tuple[int, ...] = OFFICIAL_10
+    patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
     using_znorm: bool = False  # cosine instead of L2 nearest neighbour
     quant_conv_ks: int = 3
     norm_groups: int = 32  # GroupNorm groups (official 32); fewer keep colour statistics in narrow CPU models
@@ -221,18 +220,18 @@ class VQVAE(Model):
 
     # ---------------------------------------------------------------- files
     @classmethod
-    def from_official(cls, source, patch_nums: tuple[int, ...] = OFFICIAL_10) -> VQVAE:
+    def from_official(cls, source, patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS) -> VQVAE:
         """An official tokenizer (``vae_ch160v4096z32.pth``, a path or its state_dict) with the scale schedule
         ``patch_nums``, which official files do not store; ``load`` with ``patch_nums=`` reads every kind."""
         return cls.load(source, patch_nums=patch_nums)
 
     @classmethod
     def config_from_state_dict(cls, state_dict, source: str, patch_nums=None) -> VQVAEConfig:
-        return config_from_state_dict(state_dict, patch_nums or OFFICIAL_10, source)
+        return config_from_state_dict(state_dict, patch_nums or OFFICIAL_PATCH_NUMS, source)
 
 
 def config_from_state_dict(
-    state_dict: dict, patch_nums: tuple[int, ...] = OFFICIAL_10, source: str = "<state_dict>"
+    state_dict: dict, patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS, source: str = "<state_dict>"
 ) -> VQVAEConfig:
     """Read the architecture off the tensor shapes of an official-layout state_dict."""
     required = ("encoder.conv_in.weight", "encoder.down.0.block.0.conv2.weight", "quantize.embedding.weight")
