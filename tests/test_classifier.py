@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -117,8 +116,9 @@ def test_labels_from_predict_file_names():
             class_names_from_files([bad], CLASS_NAMES)
 
 
-def test_score_tool_on_real_images(trained, val, cache, tmp_path):
-    """End to end: real val images written as a predictions folder score high; mislabelled ones low."""
+def test_score_tool_on_real_images(trained, val, cache, tmp_path, monkeypatch, capsys):
+    """End to end (the tool's main, in this process): real val images written as a predictions folder score
+    high, mislabelled ones low; the judge comes from the cache the fixture filled."""
     images, labels = val
     good, bad = tmp_path / "good" / "predictions", tmp_path / "bad" / "predictions"
     for i in range(40):
@@ -129,16 +129,25 @@ def test_score_tool_on_real_images(trained, val, cache, tmp_path):
     (tmp_path / "good" / "config_predict.yaml").write_text(
         "data: {backgrounds: [solid], max_distractors: 0}\n"
     )
+    tool = score_tool()
 
     def score(folder: Path, *extra: str) -> float:
-        cmd = [sys.executable, "tools/score_samples.py", str(folder), "--steps", "400", "--num-train", "2000"]
-        cmd += ["--num-val", "200"]
-        cmd.append(
-            "--colour-sensitive"
-        )  # learns in 400 steps at 32 px (the colour-invariant judge needs ~1500)
-        out = subprocess.run([*cmd, "--cache", str(cache), *extra], cwd=ROOT, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
-        line = next(s for s in out.stdout.splitlines() if "samples (target" in s)
+        # the fixture's judge: 400 steps, colour-sensitive (the colour-invariant one needs ~1500 at 32 px)
+        args = [
+            str(folder),
+            "--steps",
+            "400",
+            "--num-train",
+            "2000",
+            "--num-val",
+            "200",
+            "--colour-sensitive",
+        ]
+        monkeypatch.setattr(sys, "argv", ["score_samples.py", *args, "--cache", str(cache), *extra])
+        tool.main()
+        out = capsys.readouterr().out
+        assert "(cached)" in out  # not trained again
+        line = next(s for s in out.splitlines() if "samples (target" in s)
         return float(line.split(":")[1].split("%")[0]) / 100
 
     assert score(good) > 0.8  # data options read from the run's config_predict.yaml
@@ -146,8 +155,6 @@ def test_score_tool_on_real_images(trained, val, cache, tmp_path):
     assert score(bad, "--backgrounds", "solid", "--max-distractors", "0") < 0.1
     assert len(list(cache.glob("*.pt"))) == 1
     # a palette the data module would refuse is refused here too, before any training
-    out = subprocess.run(
-        [sys.executable, "tools/score_samples.py", str(good), "--shape-colours", "mauve"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode != 0 and "data.shape_colours" in out.stderr
+    monkeypatch.setattr(sys, "argv", ["score_samples.py", str(good), "--shape-colours", "mauve"])
+    with pytest.raises(ValueError, match="data.shape_colours"):
+        tool.main()
