@@ -122,7 +122,7 @@ def test_branch_learns_to_use_the_controls_and_the_backbone_stays(trained, files
     assert losses["rolled"] - losses["matched"] > 0.03, losses
     base = VAR.load(files[1])
     assert all(torch.equal(a, b) for a, b in zip(m.var.state_dict().values(), base.state_dict().values()))
-    assert m.control.proj_weight.abs().max() > 1e-3
+    assert m.control.injector.proj_weight.abs().max() > 1e-3
 
 
 def test_train_backbone_updates_both_parts(files, tmp_path):
@@ -131,7 +131,7 @@ def test_train_backbone_updates_both_parts(files, tmp_path):
     make_trainer(tmp_path, max_steps=2).fit(m, make_data(m))
     base = VAR.load(files[1])
     moved = [k for k, v in base.state_dict().items() if not torch.equal(v, m.var.state_dict()[k])]
-    assert len(moved) > 10 and m.control.proj_weight.abs().max() > 0
+    assert len(moved) > 10 and m.control.injector.proj_weight.abs().max() > 0
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -151,7 +151,7 @@ def test_checkpoint_rebuilds_the_var_and_the_branch(trained, files):
     )
     # continue from the saved branch (e.g. a new run on other data)
     cont = make_control(files, control_init_from=str(ckpt))
-    assert torch.equal(cont.control.proj_weight, m.control.proj_weight)
+    assert torch.equal(cont.control.injector.proj_weight, m.control.injector.proj_weight)
     with pytest.raises(
         ValueError, match=r"last\.ckpt: feature_dim=16 conflicts with the file, which has feature_dim=32"
     ):
@@ -167,9 +167,9 @@ def test_ema_of_the_branch_is_saved_and_used(files, tmp_path):
     trainer.save_checkpoint(ckpt)
     assert m.eval_model is m.ema.module
     averaged, trained = ControlBranch.load(ckpt, ema=True), ControlBranch.load(ckpt)
-    assert torch.equal(averaged.proj_weight, m.ema.module.control.proj_weight)
-    assert torch.equal(trained.proj_weight, m.control.proj_weight)
-    assert (averaged.proj_weight - trained.proj_weight).abs().max() > 1e-6
+    assert torch.equal(averaged.injector.proj_weight, m.ema.module.control.injector.proj_weight)
+    assert torch.equal(trained.injector.proj_weight, m.control.injector.proj_weight)
+    assert (averaged.injector.proj_weight - trained.injector.proj_weight).abs().max() > 1e-6
     plain = make_control(files)
     trainer = make_trainer(tmp_path, max_steps=1)
     trainer.fit(plain, make_data(plain))

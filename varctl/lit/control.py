@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from varctl.callbacks.images import ImageGrid
 from varctl.lit.settings import ControlScores, OptimizerSettings, Predictions, Samples
+from varctl.lit.legacy import upgrade_control_keys
 from varctl.lit.var import VARModule
 from varctl.metrics.control import build_control_metrics
 from varctl.models.control import ControlBranch, ControlledVAR, shape_of
@@ -218,6 +219,11 @@ class ControlModule(VARModule):
         return {"images": images.float().clamp(0, 1), "names": names, "inputs": inputs}
 
     # ------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if checkpoint.get("state_dict") is not None:
+            upgrade_control_keys(checkpoint["state_dict"])
+
     def checkpoint_entries(self) -> dict[str, dict]:
         entries = {
             "vqvae": self.vae.checkpoint_entry("vae."),

@@ -26,3 +26,15 @@ def legacy_state_dict(state: dict) -> dict:
                 break
         out[key] = value
     return out
+
+
+# the control branch's first version held its (scalar) projections at its root
+CONTROL_RENAMES = {"control.proj_weight": "control.injector.proj_weight", "control.proj_bias": "control.injector.proj_bias"}
+
+
+def upgrade_control_keys(state: dict) -> None:
+    """Rename, in place, the first version's control projections (``model.control.proj_weight`` ...)."""
+    for key in list(state):
+        for old, new in CONTROL_RENAMES.items():
+            if key.endswith(old) and key[: -len(old)] in ("model.", "ema.module."):
+                state[key[: -len(old)] + new] = state.pop(key)

@@ -186,11 +186,17 @@ class Model(nn.Module):
                 off the shapes, with ``patch_nums`` (the scale schedule) from here.
         """
         state_dict, stored, name = read_weights(source, cls.kind, ema, map_location)
+        state_dict = cls.upgrade_state_dict(state_dict)
         if stored is None:
             config = cls.config_from_state_dict(state_dict, name, overrides.get("patch_nums"))
         else:
             config = cls.config_class.from_dict(stored, name)
         return cls.restore(state_dict, config.with_overrides(overrides, name), name)
+
+    @classmethod
+    def upgrade_state_dict(cls, state_dict: dict) -> dict:
+        """The state_dict of a file of an earlier version in today's names (none to change here)."""
+        return state_dict
 
     @classmethod
     def config_from_state_dict(cls, state_dict: Mapping, source: str, patch_nums=None) -> ModelConfig:

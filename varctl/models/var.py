@@ -204,8 +204,9 @@ class VAR(GenerateMixin, Model):
 
         ``cond``: labels (B,) for class models or a TextCondition; in train mode each sample's condition is
         replaced by the null one with probability ``cond_drop_rate``. ``x_BLCv_wo_first_l``: the VQVAE's
-        ``idx_to_var_input`` (B, L - first_l, Cv). ``control``: residuals added to the hidden states entering
-        each block (``ControlBranch.encode``, models/control.py), or None.
+        ``idx_to_var_input`` (B, L - first_l, Cv). ``control``: a batch's ``Controls``
+        (``ControlBranch.encode``, models/control/), whose injector acts at the hooks of
+        models/control/injectors/base.py; or None.
         """
         cfg = self.config
         B = x_BLCv_wo_first_l.shape[0]
@@ -226,12 +227,22 @@ class VAR(GenerateMixin, Model):
         if torch.is_autocast_enabled(device_type):  # keep the residual stream in the autocast dtype
             x_BLC = x_BLC.to(torch.get_autocast_dtype(device_type))
         shared = self.shared_ada_lin(cond_BD)
+        mask, P = self.attn_bias_for_masking, 0
+        session = None if control is None else control.session(self, shared, text, cached=False)
+        if session is not None:
+            prefix = session.prefix()  # injectors with a prefix: (B, P, C) tokens before the sequence
+            if prefix is not None:
+                P = prefix.shape[1]
+                x_BLC = torch.cat((prefix.to(x_BLC.dtype), x_BLC), dim=1)
+            mask = session.attention_bias(mask, 0, cfg.L)
         for i, block in enumerate(self.blocks):
-            if control is not None:
-                x_BLC = x_BLC + control(i, 0, cfg.L).to(x_BLC.dtype)
+            if session is not None:
+                x_BLC = session.block_input(i, x_BLC, 0, cfg.L)
             block_text = None if text is None else (block.cross_attn.context(text[0]), *text[1:])
-            x_BLC = block(x_BLC, block.modulation(shared), self.attn_bias_for_masking, text=block_text)
-        return self._head(x_BLC, self.head_nm.modulation(cond_BD))
+            x_BLC = block(x_BLC, block.modulation(shared), mask, text=block_text)
+            if session is not None:
+                x_BLC = session.block_output(i, x_BLC, 0, cfg.L)
+        return self._head(x_BLC[:, P:] if P else x_BLC, self.head_nm.modulation(cond_BD))
 
     def _check_control(self, control, B: int) -> None:
         if control is None:

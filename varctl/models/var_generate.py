@@ -49,6 +49,8 @@ class GenerateMixin:
         vae: nn.Module | None = None,
         callback=None,
         control=None,
+        control_cfg=0.0,
+        control_strength=1.0,
     ):
         """Sample images scale by scale with a KV cache and classifier-free guidance.
 
@@ -69,8 +71,12 @@ class GenerateMixin:
             vae: the VQVAE to decode with; default the attached one.
             callback: called as ``callback(si, logits_BlV, idx_Bl, f_hat_BChw)`` after each scale with the
                 guided logits (before temperature and filtering), the sampled tokens and the running f_hat.
-            control: ``ControlBranch.encode(maps)`` for B samples: its residuals are added to the hidden
-                states entering each block, in the conditional and the guidance (null) half alike.
+            control: ``ControlBranch.encode(maps)`` for B samples (its injector acts in the conditional and
+                the null-class half alike), or None.
+            control_cfg: control guidance (scalar or per scale): with c > 0 a third, control-dropped copy
+                (the condition with the null control) joins, and the mixed logits become
+                (1 + t + c) * full - t * null class - c * control dropped.
+            control_strength: the control's strength (scalar or per scale; 0 switches it off at a scale).
         Returns:
             images (B, 3, H, W) in [0, 1], and the list of per-scale images if ``return_intermediates``.
         """
@@ -83,10 +89,22 @@ class GenerateMixin:
         check_sampling_args(top_ks, top_ps, temps)
         cond, B = self._sampling_condition(cond, batch_size)
         self._check_control(control, B)
+        cs = per_scale(control_cfg, K, "control_cfg") if control is not None else [0.0] * K
+        if control is None and (control_cfg != 0.0 or control_strength != 1.0):
+            raise ValueError("control_cfg and control_strength need control= (a ControlBranch.encode)")
         guided = any(t != 0 for t in ts)  # without guidance the null half is never needed
+        control_guided = any(v != 0 for v in cs)  # a control-dropped copy for control guidance
+        parts = [cond]
         if guided:
-            null = self.null_condition(B)
-            cond = cond.cat(null) if isinstance(cond, TextCondition) else torch.cat((cond, null))
+            parts.append(self.null_condition(B))
+        if control_guided:
+            parts.append(cond)
+        if len(parts) > 1:
+            if isinstance(cond, TextCondition):
+                for part in parts[1:]:
+                    cond = cond.cat(part)
+            else:
+                cond = torch.cat(parts)
         device = self.lvl_1L.device
         generator = make_generator(device, seed)
 
@@ -96,7 +114,22 @@ class GenerateMixin:
         mods = [block.modulation(shared) for block in self.blocks]
         head_mod = self.head_nm.modulation(cond_BD)
         texts = [None if text is None else (b.cross_attn.context(text[0]), *text[1:]) for b in self.blocks]
+        session, P = None, 0
+        if control is not None:
+            index = torch.arange(B, device=device).repeat(len(parts))
+            keep = torch.ones(len(parts) * B, device=device)
+            if control_guided:
+                keep[-B:] = 0
+            strength = per_scale(control_strength, K, "control_strength")
+            rows = control.with_strength(None if all(v == 1 for v in strength) else strength)
+            session = rows.rows(index, keep).session(self, shared, text, cached=True)
         caches = [KVCache(c.L) for _ in self.blocks]
+        if session is not None and (prefix := session.prefix()) is not None:  # fill the caches once
+            P = prefix.shape[1]
+            caches = [KVCache(c.L + P) for _ in self.blocks]
+            x_BPC = prefix
+            for block, mod, cache, block_text in zip(self.blocks, mods, caches, texts):
+                x_BPC = block(x_BPC, mod, cache=cache, text=block_text)
         lvl_pos = self._lvl_pos()
         codebook_VC = vae.quantize.embedding.weight
         B2 = cond_BD.shape[0]
@@ -109,12 +142,20 @@ class GenerateMixin:
         intermediates = []
         for si, pn in enumerate(c.patch_nums):
             ratio = si / (K - 1) if K > 1 else 0.0
+            begin, end = c.begin_ends[si]
+            bias = None if session is None else session.attention_bias(None, begin, end)
             for i, (block, mod, cache, block_text) in enumerate(zip(self.blocks, mods, caches, texts)):
-                if control is not None:
-                    r_BlC = control(i, *c.begin_ends[si]).to(x_BlC.dtype)
-                    x_BlC = x_BlC + (torch.cat((r_BlC, r_BlC)) if guided else r_BlC)
-                x_BlC = block(x_BlC, mod, cache=cache, text=block_text)
-            logits_BlV = self._guided_logits(x_BlC, head_mod, ts[si], B, guided)
+                if session is not None:
+                    x_BlC = session.block_input(i, x_BlC, begin, end)
+                x_BlC = block(x_BlC, mod, bias, cache=cache, text=block_text)
+                if session is not None:
+                    x_BlC = session.block_output(i, x_BlC, begin, end)
+            weights = [1.0]  # the mix of the parts' head inputs: full, null class, control dropped
+            if guided:
+                weights = [1.0 + ts[si], -ts[si]]
+            if control_guided:
+                weights = [weights[0] + cs[si], *weights[1:], -cs[si]]
+            logits_BlV = self._guided_logits(x_BlC, head_mod, B, weights)
             sample_logits = logits_BlV if temps[si] == 1 else logits_BlV / temps[si]
             sample_logits = filter_logits(sample_logits, int(top_ks[si]), float(top_ps[si]))
             idx_Bl = sample_tokens(sample_logits, generator)
@@ -133,8 +174,8 @@ class GenerateMixin:
             begin, end = c.begin_ends[si + 1]
             next_BlCv = next_BChw.reshape(B, c.z_channels, -1).transpose(1, 2)  # (B, l, Cv)
             x_BlC = self.word_embed(next_BlCv.to(self.word_embed.weight.dtype)) + lvl_pos[:, begin:end]
-            if guided:
-                x_BlC = torch.cat((x_BlC, x_BlC))  # the null half sees the same tokens
+            if len(parts) > 1:
+                x_BlC = torch.cat([x_BlC] * len(parts))  # every copy sees the same tokens
         images = vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5)
         if return_intermediates:
             return images, intermediates + [images]
@@ -167,18 +208,22 @@ class GenerateMixin:
         return cond.to(device) if isinstance(cond, TextCondition) else cond, B
 
     def _guided_logits(
-        self, x_BlC: torch.Tensor, head_mod: torch.Tensor, t: float, B: int, guided: bool
+        self, x_BlC: torch.Tensor, head_mod: torch.Tensor, B: int, weights: list[float]
     ) -> torch.Tensor:
-        """(1 + t) * cond - t * uncond logits of one scale, (B, l, V) float32.
+        """sum_j w_j * logits of part j for one scale, (B, l, V) float32; the parts are the B-row copies
+        (full, null class, control dropped) and the weights sum to 1, e.g. (1 + t) * cond - t * uncond.
 
         The head's Linear is affine, so the mix is taken on its input: one head matmul for B rows, not 2B;
-        with t = 0 the null half skips the head altogether.
+        parts with weight 0 skip the head altogether.
         """
-        if not guided or t == 0:
+        if all(w == 0 for w in weights[1:]):
             return self._head(x_BlC[:B], head_mod[:B])
         dtype = self.head.weight.dtype
         h_BlC = self.head_nm(x_BlC.to(dtype), head_mod).to(dtype)
-        mixed = (1 + t) * h_BlC[:B] - t * h_BlC[B:]
+        mixed = weights[0] * h_BlC[:B]
+        for j, w in enumerate(weights[1:], start=1):
+            if w != 0:
+                mixed = mixed - (-w) * h_BlC[j * B : (j + 1) * B]
         return self.head(mixed).float()
 
     def _sampling_vae(self, vae: nn.Module | None) -> nn.Module:

@@ -1,0 +1,173 @@
+"""The control branch of a VAR: an encoder (encoders.py) maps the control maps to one scale-independent
+feature map F_c at the size of the last scale; F_c resized to every scale gives each token a control feature;
+an injector (injectors/, chosen by ``ControlConfig.injector``) brings them into the VAR.
+
+The branch is a separate module with its own file kind: the backbone VAR keeps the official layout and loads
+official checkpoints as before. ``ControlBranch.encode`` returns the batch's ``Controls``, which
+``VAR.forward`` and ``VAR.generate`` take as ``control=``.
+
+Control guidance: a sample whose control is dropped (``control_drop_rate`` in training, the control-dropped
+copy while sampling with ``control_cfg``) gets zero features, the null control.
+
+Legend: B batch, R rows (B, or its guidance copies), L all tokens, C VAR width, F control feature width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from varctl.models.control.config import ControlConfig
+from varctl.models.control.encoders import build_encoder
+from varctl.models.control.injectors import INJECTOR_CLASSES, Context, Session
+from varctl.models.lifecycle import Model
+
+
+class Controls:
+    """The encoded control of one batch: per-token features (B, L, F), the feature map (B, F, h, w), which
+    samples keep their control (None: all) and the per-scale strength; ``session`` serves one VAR call."""
+
+    def __init__(self, branch, grid_BFhw, tokens_BLF, keep_B=None, strength_K=None):
+        self.branch, self.grid_BFhw, self.tokens_BLF = branch, grid_BFhw, tokens_BLF
+        self.keep_B, self.strength_K = keep_B, strength_K
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens_BLF.shape[0]
+
+    def with_strength(self, strength_K) -> Controls:
+        s = None if strength_K is None else tuple(float(v) for v in strength_K)
+        return Controls(self.branch, self.grid_BFhw, self.tokens_BLF, self.keep_B, s)
+
+    def rows(self, index_R: torch.Tensor, keep_R: torch.Tensor) -> Controls:
+        """Rows ``index_R`` of this batch, the control of rows with ``keep_R`` 0 dropped."""
+        keep = keep_R if self.keep_B is None else keep_R * self.keep_B[index_R]
+        return Controls(self.branch, self.grid_BFhw[index_R], self.tokens_BLF[index_R], keep, self.strength_K)
+
+    def session(self, var, shared: torch.Tensor, text, cached: bool) -> Session:
+        tokens, grid = self.tokens_BLF, self.grid_BFhw
+        if self.keep_B is not None:
+            k = self.keep_B.to(tokens.dtype)
+            tokens, grid = tokens * k.view(-1, 1, 1), grid * k.view(-1, 1, 1, 1).to(grid.dtype)
+        ctx = Context(var, tokens, grid, self.strength_K, shared, text, cached)
+        return self.branch.injector.session(ctx)
+
+
+class ControlBranch(Model):
+    """Encoder + per-token features + injector; ``encode`` maps a batch's control maps to its Controls."""
+
+    kind = "control"
+    config_class = ControlConfig
+
+    def __init__(self, config: ControlConfig):
+        super().__init__()
+        self.config = cfg = config
+        # the injector first: parameter order (and so optimizer states) as in the first version's files
+        self.injector = INJECTOR_CLASSES[cfg.injector](cfg)
+        self.encoder = build_encoder(cfg)
+        self.norm = nn.LayerNorm(cfg.feature_dim)
+
+    @classmethod
+    def build(cls, config=None, /, **fixed) -> ControlBranch:
+        """A new branch; a pretrained encoder reads its weights (``encoder_weights``) here."""
+        branch = super().build(config, **fixed)
+        if hasattr(branch.encoder, "load_pretrained"):
+            branch.encoder.load_pretrained()
+        return branch
+
+    def init_from_backbone(self, var: nn.Module) -> ControlBranch:
+        """Initialise what the injector takes from the backbone (CAR's side blocks); for new branches."""
+        self.injector.init_from_backbone(var)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def features(self, maps, weights=None, allow_missing=False) -> torch.Tensor:
+        """F_c (B, F, pn_K, pn_K): the scale-independent feature map."""
+        return self.encoder.features(maps, weights, allow_missing)
+
+    def encode(
+        self,
+        maps: Mapping[str, torch.Tensor],
+        modality_strength: Mapping[str, float | torch.Tensor] | None = None,
+        allow_missing: bool = False,
+        drop: bool = False,
+    ) -> Controls:
+        """Control maps (modality -> (B, 1, H, W)) -> the Controls that the VAR takes.
+
+        ``modality_strength``: a weight per modality (a float or one per sample). ``allow_missing``: any
+        subset of the modalities may be given (inference). ``drop``: draw the training dropouts
+        (``modality_drop_rate`` per modality and sample, ``control_drop_rate`` per sample).
+        """
+        cfg = self.config
+        B = next(iter(maps.values())).shape[0] if maps else 0
+        weights = {}
+        for m in cfg.modalities:
+            w = torch.ones(B, device=self.device)
+            if modality_strength is not None and m in modality_strength:
+                w = w * torch.as_tensor(modality_strength[m], dtype=torch.float32, device=self.device)
+            if drop and cfg.modality_drop_rate > 0:
+                w = w * (torch.rand(B, device=self.device) >= cfg.modality_drop_rate).float()
+            weights[m] = w
+        plain = modality_strength is None and not (drop and cfg.modality_drop_rate > 0)
+        f_BFhw = self.features(maps, None if plain else weights, allow_missing)
+        tokens = [
+            F.interpolate(f_BFhw, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)  # (B, pn*pn, F)
+            for pn in cfg.patch_nums
+        ]
+        keep = None
+        if drop and cfg.control_drop_rate > 0:
+            keep = (torch.rand(B, device=self.device) >= cfg.control_drop_rate).float()
+        return Controls(self, f_BFhw, self.norm(torch.cat(tokens, dim=1)), keep)  # tokens (B, L, F)
+
+    def alignment_loss(self, maps, images: torch.Tensor) -> torch.Tensor | None:
+        """SCALAR-Uni's L2 alignment of each modality to the frozen encoder's features of the real images
+        (pretrained encoders; None for the conv encoder, which has no frozen reference)."""
+        return self.encoder.alignment_loss(maps, images)
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def upgrade_state_dict(cls, state_dict: dict) -> dict:
+        """Files of the first version (one scalar injector, its projections at the branch's root)."""
+        renames = {"proj_weight": "injector.proj_weight", "proj_bias": "injector.proj_bias"}
+        if not any(k in state_dict for k in renames):
+            return state_dict
+        return {renames.get(k, k): v for k, v in state_dict.items()}
+
+
+class ControlledVAR(nn.Module):
+    """A VAR and its control branch as one module, the unit the control stage trains, averages and shards
+    (FSDP2 keeps the branch unsharded while the VAR runs): ``forward`` and ``generate`` take the batch's
+    control maps (modality -> (B, 1, H, W)). The VAR keeps the official layout under ``var.``."""
+
+    def __init__(self, var: nn.Module, control: ControlBranch):
+        super().__init__()
+        self.var, self.control = var, control
+
+    def forward(self, cond, x_BLCv_wo_first_l: torch.Tensor, control_maps: dict) -> torch.Tensor:
+        controls = self.control.encode(control_maps, drop=self.training)
+        return self.var(cond, x_BLCv_wo_first_l, control=controls)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        cond,
+        *,
+        control_maps: dict,
+        modality_strength: Mapping[str, float] | None = None,
+        control_cfg=0.0,
+        control_strength=1.0,
+        **kwargs,
+    ):
+        """``VAR.generate`` (same arguments) under the control of ``control_maps`` (any subset of the
+        branch's modalities), each modality weighted by ``modality_strength``; ``control_cfg`` and
+        ``control_strength`` as in ``VAR.generate``."""
+        controls = self.control.encode(control_maps, modality_strength, allow_missing=True)
+        return self.var.generate(
+            cond, control=controls, control_cfg=control_cfg, control_strength=control_strength, **kwargs
+        )

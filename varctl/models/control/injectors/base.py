@@ -1,0 +1,105 @@
+"""The one interface between a control injector and the VAR.
+
+An ``Injector`` (a module of the control branch, built from its ControlConfig) turns the encoded control of
+one batch into a ``Session`` for one teacher-forcing ``VAR.forward`` or one KV-cached ``VAR.generate``. The
+VAR calls the session only at these points:
+
+- ``prefix()``: tokens (R, P, C) put before the sequence (every token attends to them), or None;
+  ``attention_bias(mask, begin, end)``: the additive attention bias of tokens [begin, end) with the prefix;
+- ``block_input(i, x, begin, end)``: the hidden states of tokens [begin, end) (whole scales) entering
+  block i; ``block_output(i, x, begin, end)``: leaving it.
+
+[begin, end) is [0, L) in teacher forcing and one scale while sampling. R rows: the batch, or while sampling
+with guidance its conditional, null-class and control-dropped copies (``Controls.rows``).
+
+Legend: R rows, L all tokens, l tokens of one scale, C VAR width, F control feature width, P prefix tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from varctl.models.control.config import ControlConfig
+
+
+@dataclass
+class Context:
+    """What one VAR call gives its injector session."""
+
+    var: nn.Module  # the VAR (its blocks, mask and scales)
+    tokens_RLF: torch.Tensor  # the control feature of every token of every scale (zeros: null control)
+    grid_RFhw: torch.Tensor  # the feature map F_c (zeros: null control)
+    strength_K: tuple[float, ...] | None  # per-scale control strength; None: 1 everywhere
+    shared: torch.Tensor  # what the VAR's blocks take as ``modulation(shared)`` (R rows)
+    text: tuple | None  # the VAR's (ctx_RTC, bias, gate) for cross-attention, or None
+    cached: bool  # True inside generate (KV caches), False in teacher forcing (block-causal mask)
+
+
+class Injector(nn.Module):
+    """Base of the injectors: no prefix, identity hooks; subclasses override what they use."""
+
+    name: str
+
+    def __init__(self, config: ControlConfig):
+        super().__init__()
+        self.config = config
+
+    def init_from_backbone(self, var: nn.Module) -> None:
+        """Initialise from the backbone VAR when a new branch is built (CAR copies blocks)."""
+
+    def session(self, ctx: Context) -> Session:
+        return Session(self, ctx)
+
+
+class Session:
+    """One forward or generate call of an injector; subclasses keep their per-call state (side caches)."""
+
+    def __init__(self, injector: Injector, ctx: Context):
+        self.injector, self.ctx = injector, ctx
+        self.begin_ends = injector.config.begin_ends
+        self._scale_at = {b: k for k, (b, _) in enumerate(self.begin_ends)}
+
+    def prefix(self) -> torch.Tensor | None:
+        return None
+
+    def attention_bias(self, mask: torch.Tensor | None, begin: int, end: int) -> torch.Tensor | None:
+        return mask
+
+    def block_input(self, i: int, x: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+        return x
+
+    def block_output(self, i: int, x: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+        return x
+
+    # ------------------------------------------------------------------ helpers for the injectors
+    def scales(self, begin: int, end: int) -> list[int]:
+        """The scales that tokens [begin, end) cover (whole scales only)."""
+        L = self.begin_ends[-1][1]
+        if begin not in self._scale_at or (end != L and end not in self._scale_at):
+            raise ValueError(f"control covers whole scales {self.begin_ends}, not [{begin}, {end})")
+        k, out = self._scale_at[begin], []
+        while k < len(self.begin_ends) and self.begin_ends[k][1] <= end:
+            out.append(k)
+            k += 1
+        return out
+
+    def features(self, begin: int, end: int) -> torch.Tensor:
+        return self.ctx.tokens_RLF[:, begin:end]
+
+    def strength(self, begin: int, end: int, like: torch.Tensor) -> torch.Tensor | None:
+        """(1, end - begin, 1): each token's control strength, or None when it is 1 throughout."""
+        s = self.ctx.strength_K
+        if s is None:
+            return None
+        ks = self.scales(begin, end)
+        if all(s[k] == 1 for k in ks):
+            return None
+        per = [torch.full((e - b,), float(s[k])) for k in ks for b, e in [self.begin_ends[k]]]
+        return torch.cat(per).to(like.device, like.dtype).view(1, -1, 1)
+
+    def scaled(self, r: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+        s = self.strength(begin, end, r)
+        return r if s is None else r * s
