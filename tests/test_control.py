@@ -56,7 +56,9 @@ def test_residuals_change_logits_only_from_their_scale_on(var, golden):
     k = 2
     with torch.no_grad():
         # not a constant: the blocks' LayerNorms remove a shift equal on all channels
-        branch.injector.proj_bias[:, k] = torch.randn(var.config.C, generator=torch.Generator().manual_seed(0))
+        branch.injector.proj_bias[:, k] = torch.randn(
+            var.config.C, generator=torch.Generator().manual_seed(0)
+        )
         logits = var(labels, x, control=branch.encode(maps_for(4)))
         base = var(labels, x)
     b, e = var.config.begin_ends[k]

@@ -13,14 +13,14 @@ that a model ignoring its controls would reach on the first.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from varctl.callbacks.images import ImageGrid
-from varctl.lit.settings import ControlScores, OptimizerSettings, Predictions, Samples
 from varctl.lit.legacy import upgrade_control_keys
+from varctl.lit.settings import ControlScores, OptimizerSettings, Predictions, Samples
 from varctl.lit.var import VARModule
 from varctl.metrics.control import build_control_metrics
 from varctl.models.control import ControlBranch, ControlledVAR, shape_of
@@ -34,7 +34,9 @@ class ControlModule(VARModule):
         control: ``ControlConfig`` fields (modalities, num_segments, width, feature_dim, max_width); the
             depth, width and scales follow the VAR, the resolution the tokenizer.
         control_init_from: continue from a saved branch (a control file or a control-stage checkpoint).
-        train_backbone: also train the VAR (default: only the control branch).
+        train_backbone: which backbone parameters train beside the branch: false none (default), true all,
+            "norms" the biases and normalisation parameters only, or a list of block indices.
+        alignment_weight: weight of SCALAR-Uni's alignment loss (``train/align``; pretrained encoders).
         scores: how samples are scored against their controls (``settings.ControlScores``; batches 0: none).
         metric_annotators: depth / segmentation annotators to score samples with (no built-in models), e.g.
             ``{depth: {_target_: datamodules.TorchScriptAnnotator, path: dpt.pt}}``; never stored.
@@ -46,7 +48,8 @@ class ControlModule(VARModule):
         init_from: str | None = None,
         control: dict | None = None,
         control_init_from: str | None = None,
-        train_backbone: bool = False,
+        train_backbone: bool | str | list[int] = False,
+        alignment_weight: float = 1.0,
         var: dict | None = None,
         text_encoder: dict | None = None,
         label_smoothing: float = 0.0,
@@ -57,15 +60,19 @@ class ControlModule(VARModule):
         predict: Predictions | None = None,
         scores: ControlScores | None = None,
         metric_annotators: dict[str, Callable] | None = None,
+        scale_loss_weights: list[float] | None = None,
+        scale_sampling: Literal["all", "early"] = "all",
     ):
-        if not train_backbone and init_from is None:
+        check_tuning(train_backbone)
+        if train_backbone is not True and init_from is None:
             raise ValueError(
                 "model.init_from must name the VAR to control (e.g. the stage-2 last.ckpt) when "
-                "model.train_backbone=false; or set model.train_backbone=true to train a VAR from scratch"
+                f"model.train_backbone={train_backbone!r}; or set model.train_backbone=true to train a VAR "
+                "from scratch"
             )
         super().__init__(
             tokenizer, var, init_from, text_encoder, label_smoothing, optimizer, ema_decay, ema_warmup,
-            samples, predict,
+            samples, predict, scale_loss_weights, scale_sampling,
         )  # fmt: skip
         self.hparams.pop("metric_annotators", None)  # objects (models, functions): rebuilt from the config
         self.scoring = ControlScores.of(scores)
@@ -88,11 +95,10 @@ class ControlModule(VARModule):
         hp = self.hparams
         shape = shape_of(var.config, self.vae.config.resolution)
         if hp.control_init_from is None:
-            branch = ControlBranch.build(hp.control, **shape)
+            branch = ControlBranch.build(hp.control, **shape).init_from_backbone(var)
         else:  # the file's architecture, which the requested fields and the VAR's shape must agree with
             branch = ControlBranch.load(hp.control_init_from, **{**(hp.control or {}), **shape})
-        if not hp.train_backbone:
-            var.requires_grad_(False)
+        tune_backbone(var, hp.train_backbone)
         return ControlledVAR(var, branch)
 
     @property
@@ -108,7 +114,24 @@ class ControlModule(VARModule):
         return self.control.config.modalities
 
     def model_inputs(self, batch: dict) -> dict[str, Any]:
-        return {"control_maps": batch["control"]}
+        inputs = {"control_maps": batch["control"]}
+        if self.hparams.alignment_weight > 0 and self.control.config.encoder == "pretrained":
+            inputs["images"] = batch["image"]  # SCALAR-Uni's alignment loss, computed in training
+        return inputs
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        align = self.model.alignment
+        if align is not None:
+            self.log("train/align", align, batch_size=len(batch["image"]))
+            loss = loss + self.hparams.alignment_weight * align
+        return loss
+
+    def generate(self, cond, sampling, seed_offset: int = 0, **kwargs):
+        """``VARModule.generate`` with the control fields of ``sampling`` (guidance, strengths)."""
+        return self.eval_model.generate(
+            cond, vae=self.vae, **sampling.generate_kwargs(seed_offset, control=True), **kwargs
+        )
 
     def data_requirements(self) -> dict[str, Any]:
         req = super().data_requirements()
@@ -234,3 +257,36 @@ class ControlModule(VARModule):
             entries["var_ema"] = self.var.checkpoint_entry("ema.module.var.")
             entries["control_ema"] = self.control.checkpoint_entry("ema.module.control.")
         return entries
+
+
+def check_tuning(train_backbone) -> None:
+    ok = (
+        isinstance(train_backbone, bool)
+        or train_backbone == "norms"
+        or (isinstance(train_backbone, (list, tuple)) and all(isinstance(i, int) for i in train_backbone))
+    )
+    if not ok:
+        raise ValueError(
+            'model.train_backbone must be true, false, "norms" or a list of block indices, found '
+            f"{train_backbone!r}"
+        )
+
+
+NORM_PARAMS = ("bias", "scale_mul", "ada_gss", "ln_cross")
+
+
+def tune_backbone(var: VAR, train_backbone) -> None:
+    """Selective tuning of the backbone: all, nothing, norms and biases only, or chosen blocks."""
+    if train_backbone is True:
+        return
+    var.requires_grad_(False)
+    if train_backbone == "norms":
+        for name, p in var.named_parameters():
+            if any(part in name for part in NORM_PARAMS):
+                p.requires_grad_(True)
+    elif isinstance(train_backbone, (list, tuple)):
+        bad = [i for i in train_backbone if not 0 <= i < len(var.blocks)]
+        if bad:
+            raise ValueError(f"model.train_backbone blocks {bad} out of range: the VAR has {len(var.blocks)}")
+        for i in train_backbone:
+            var.blocks[i].requires_grad_(True)

@@ -29,7 +29,10 @@ def legacy_state_dict(state: dict) -> dict:
 
 
 # the control branch's first version held its (scalar) projections at its root
-CONTROL_RENAMES = {"control.proj_weight": "control.injector.proj_weight", "control.proj_bias": "control.injector.proj_bias"}
+CONTROL_RENAMES = {
+    "control.proj_weight": "control.injector.proj_weight",
+    "control.proj_bias": "control.injector.proj_bias",
+}
 
 
 def upgrade_control_keys(state: dict) -> None:

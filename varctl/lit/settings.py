@@ -59,9 +59,24 @@ class Sampling(Settings):
     top_p: float | list[float] = 0.0
     temperature: float | list[float] = 1.0
     seed: int = 0
+    # control stage only (``ControlledVAR.generate``): control guidance, its strength, per-modality weights
+    control_cfg: float | list[float] = 0.0
+    control_strength: float | list[float] = 1.0
+    modality_strength: dict[str, float] | None = None
 
-    def generate_kwargs(self, seed_offset: int = 0) -> dict[str, Any]:
+    CONTROL_FIELDS = ("control_cfg", "control_strength", "modality_strength")
+
+    def generate_kwargs(self, seed_offset: int = 0, control: bool = False) -> dict[str, Any]:
+        """The arguments of ``generate``; the control fields only for a controlled VAR (``control``)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Sampling)}
+        if not control:
+            defaults = {f.name: f.default for f in dataclasses.fields(Sampling)}
+            set_here = [k for k in self.CONTROL_FIELDS if fields[k] != defaults[k]]
+            if set_here:
+                raise ValueError(
+                    f"{set_here} apply to the control stage only (a VAR without a control branch)"
+                )
+            fields = {k: v for k, v in fields.items() if k not in self.CONTROL_FIELDS}
         return {**fields, "seed": self.seed + seed_offset}
 
 

@@ -12,7 +12,7 @@ Legend: B batch, L all tokens, V vocabulary, Cv code channels.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -46,6 +46,10 @@ class VARModule(L.LightningModule):
         init_from: a VAR to fine-tune (a stage-2 checkpoint, a VAR file, ``var_d16.pth`` ...).
         text_encoder: ``TextEncoder`` arguments: makes a text-conditioned VAR (none: class-conditioned).
         optimizer, samples, predict: the sections of ``varctl/lit/settings.py``.
+        scale_loss_weights: a training loss weight per scale (default: every token alike).
+        scale_sampling: "early" trains each sample on its scales up to a random last one, early scales
+            more often (ECM's early-centric sampling: the last scale k with probability proportional to
+            K - k); "all" every scale.
     """
 
     def __init__(
@@ -60,6 +64,8 @@ class VARModule(L.LightningModule):
         ema_warmup: bool = True,
         samples: Samples | None = None,
         predict: Predictions | None = None,
+        scale_loss_weights: list[float] | None = None,
+        scale_sampling: Literal["all", "early"] = "all",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -74,6 +80,14 @@ class VARModule(L.LightningModule):
         # decided on the plain model: FSDP1 flattens parameters, hiding which are matrices
         self._no_decay = optim.no_weight_decay_names(self.model)
         self.ema = optim.averaged(self.model, ema_decay, ema_warmup) if ema_decay > 0 else None
+        K = self.var.config.num_scales
+        if scale_loss_weights is not None and (
+            len(scale_loss_weights) != K or min(scale_loss_weights) < 0 or sum(scale_loss_weights) <= 0
+        ):
+            raise ValueError(
+                f"model.scale_loss_weights must hold {K} non-negative weights (one per scale), not all 0; "
+                f"found {list(scale_loss_weights)}"
+            )
         self.val_metrics = ScaleMetrics(self.var.config.begin_ends)
         self.test_metrics = ScaleMetrics(self.var.config.begin_ends)
 
@@ -184,7 +198,7 @@ class VARModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_BL, correct_BL = self.token_losses(batch, self.model, self.hparams.label_smoothing)
-        loss = loss_BL.mean()
+        loss = self.training_loss(loss_BL)
         B = loss_BL.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log("train/acc", correct_BL.mean(), batch_size=B)
@@ -193,6 +207,23 @@ class VARModule(L.LightningModule):
                 self.log(f"train/loss_s{k}", loss_BL[:, b:e].mean(), batch_size=B)
                 self.log(f"train/acc_s{k}", correct_BL[:, b:e].mean(), batch_size=B)
         return loss
+
+    def training_loss(self, loss_BL: torch.Tensor) -> torch.Tensor:
+        """The mean token loss, weighted per scale (``scale_loss_weights``, ``scale_sampling``)."""
+        weights, sampling = self.hparams.scale_loss_weights, self.hparams.scale_sampling
+        if weights is None and sampling == "all":
+            return loss_BL.mean()
+        cfg = self.var.config
+        lvl_L = self.var.lvl_1L[0]  # the scale of every token
+        w_BL = torch.ones_like(loss_BL)
+        if weights is not None:
+            w_BL = w_BL * loss_BL.new_tensor(weights)[lvl_L]
+        if sampling == "early":
+            K = cfg.num_scales
+            p_K = torch.arange(K, 0, -1, dtype=torch.float, device=loss_BL.device)  # K - k
+            last_B = torch.multinomial(p_K / p_K.sum(), loss_BL.shape[0], replacement=True)
+            w_BL = w_BL * (lvl_L[None, :] <= last_B[:, None]).float()
+        return (loss_BL * w_BL).sum() / w_BL.sum().clamp_min(1e-12)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # the norm before clipping (and after AMP unscaling); sharded strategies hold only a shard per rank

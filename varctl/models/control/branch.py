@@ -148,9 +148,16 @@ class ControlledVAR(nn.Module):
     def __init__(self, var: nn.Module, control: ControlBranch):
         super().__init__()
         self.var, self.control = var, control
+        self.alignment: torch.Tensor | None = None  # the last training forward's alignment loss
 
-    def forward(self, cond, x_BLCv_wo_first_l: torch.Tensor, control_maps: dict) -> torch.Tensor:
+    def forward(self, cond, x_BLCv_wo_first_l: torch.Tensor, control_maps: dict, images=None) -> torch.Tensor:
+        """Teacher forcing under the control maps; in training with ``images`` (the real images) the
+        branch's alignment loss is kept in ``self.alignment`` (computed here, where sharded strategies
+        have gathered the branch's weights)."""
         controls = self.control.encode(control_maps, drop=self.training)
+        self.alignment = None
+        if images is not None and self.training:
+            self.alignment = self.control.alignment_loss(control_maps, images)
         return self.var(cond, x_BLCv_wo_first_l, control=controls)
 
     @torch.no_grad()

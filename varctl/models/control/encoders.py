@@ -15,6 +15,7 @@ Legend: B batch, F feature width, E the pretrained encoder's (concatenated) widt
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -160,8 +161,17 @@ class PretrainedEncoder(nn.Module):
             )
         import timm.models
 
-        # timm's loader: unwraps nested state_dicts and resamples position embeddings to img_size
-        timm.models.load_checkpoint(self.backbone, weights, strict=False, filter_fn=_filter_for(self.backbone))
+        # timm's loader: unwraps nested state_dicts; the family's filter maps original key names and
+        # resamples position embeddings to img_size
+        module = sys.modules.get(type(self.backbone).__module__)
+        incompatible = timm.models.load_checkpoint(
+            self.backbone, weights, strict=False, filter_fn=getattr(module, "checkpoint_filter_fn", None)
+        )
+        if incompatible.missing_keys:
+            raise ValueError(
+                f"model.control.encoder_weights={weights!r} does not fit the timm model {name!r}: missing "
+                f"{incompatible.missing_keys[:8]} ({len(incompatible.missing_keys)} in all)"
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -186,7 +196,10 @@ class PretrainedEncoder(nn.Module):
         """The frozen encoder's features of a normalised image batch: (B, E, h, w), layers concatenated."""
         dtype = next(self.backbone.parameters()).dtype
         feats = self.backbone.forward_intermediates(
-            img.to(dtype), indices=list(self.config.encoder_layers), output_fmt="NCHW", intermediates_only=True
+            img.to(dtype),
+            indices=list(self.config.encoder_layers),
+            output_fmt="NCHW",
+            intermediates_only=True,
         )
         return torch.cat(feats, dim=1).float()
 
@@ -210,15 +223,6 @@ class PretrainedEncoder(nn.Module):
         target = self.encode_image(self.normalise(images.float().add(1).mul(0.5)))
         aligned = self.aligned(maps, given)
         return torch.stack([F.mse_loss(f, target) for f in aligned.values()]).mean()
-
-
-def _filter_for(model):
-    """timm's own checkpoint filter of the model's family (e.g. DINOv2's original key names), if any."""
-    import sys
-
-    module = sys.modules.get(type(model).__module__)
-    fn = getattr(module, "checkpoint_filter_fn", None)
-    return (lambda sd: fn(sd, model)) if fn is not None else None
 
 
 def build_encoder(config: ControlConfig) -> nn.Module:

@@ -46,7 +46,9 @@ class CARSession(Session):
         inj = injector
         self.mods = [b.modulation(ctx.shared) for b in inj.blocks]
         text = ctx.text
-        self.texts = [None if text is None else (b.cross_attn.context(text[0]), *text[1:]) for b in inj.blocks]
+        self.texts = [
+            None if text is None else (b.cross_attn.context(text[0]), *text[1:]) for b in inj.blocks
+        ]
         L = inj.config.L
         self.caches = [KVCache(L) for _ in inj.blocks] if ctx.cached else [None] * len(inj.blocks)
         self.outputs: list[torch.Tensor] = []

@@ -5,7 +5,6 @@ blocks (default 0, depth / 3 and 2 depth / 3)."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from varctl.models.control.injectors.base import Injector, Session
@@ -16,7 +15,9 @@ class ControlARInjector(Injector):
 
     def __init__(self, config):
         super().__init__(config)
-        self.fuse = nn.ModuleList(nn.Linear(config.feature_dim, config.embed_dim) for _ in config.injected_blocks)
+        self.fuse = nn.ModuleList(
+            nn.Linear(config.feature_dim, config.embed_dim) for _ in config.injected_blocks
+        )
         for lin in self.fuse:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)

@@ -74,7 +74,9 @@ class ECMSession(Session):
     def __init__(self, injector, ctx):
         super().__init__(injector, ctx)
         L = injector.config.L
-        self.caches = [KVCache(L) for _ in injector.adapters] if ctx.cached else [None] * len(injector.adapters)
+        self.caches = (
+            [KVCache(L) for _ in injector.adapters] if ctx.cached else [None] * len(injector.adapters)
+        )
 
     def block_output(self, i, x, begin, end):
         j = self.injector.slot.get(i)

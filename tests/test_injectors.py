@@ -1,0 +1,275 @@
+"""Every control injector (varctl/models/control/injectors/) on the tiny official VAR: a new branch leaves
+the official logits alone (except prefill, whose prefix is attended from the start), the KV-cached sampler
+sees exactly the teacher-forcing logits (with class guidance, control guidance and per-scale strength),
+strength 0 is the plain VAR, CAR starts from the backbone's blocks, text VARs, files; multi-control subsets
+and the pretrained encoder."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from helpers import perturbed
+
+from varctl.models.control import INJECTORS, ControlBranch, ControlConfig
+from varctl.models.text import TextCondition
+from varctl.models.var import VAR, VARConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ZERO_INIT = [i for i in INJECTORS if i != "prefill"]
+TINY_VIT = {"encoder_name": "vit_tiny_patch16_224", "encoder_input": 32, "encoder_layers": [0, 1],
+            "encoder_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}  # fmt: skip
+
+
+def make_branch(var, injector="scalar", **fields) -> ControlBranch:
+    fields.setdefault("width", 8)
+    fields.setdefault("feature_dim", 16)
+    fields.setdefault("adapter_dim", 32)
+    config = ControlConfig.for_var(var.config, resolution=64, injector=injector, **fields)
+    return ControlBranch.build(config).init_from_backbone(var)
+
+
+def maps_for(B: int, seed: int = 0, size: int = 64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "edges": (torch.rand(B, 1, size, size, generator=g) > 0.9).float(),
+        "depth": torch.rand(B, 1, size, size, generator=g),
+        "segmentation": torch.randint(0, 16, (B, 1, size, size), generator=g),
+    }
+
+
+@pytest.mark.parametrize("injector", ZERO_INIT)
+def test_new_branch_leaves_the_official_logits_unchanged(var, golden, injector):
+    branch = make_branch(var, injector)
+    with torch.no_grad():
+        logits = var(golden["labels"], golden["x_BLCv_wo_first_l"], control=branch.encode(maps_for(4)))
+    assert (logits - golden["logits_BLV"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("injector", INJECTORS)
+def test_controls_drive_the_logits_and_strength_zero_is_the_plain_var(var, golden, injector):
+    labels, x = golden["labels"], golden["x_BLCv_wo_first_l"]
+    branch = perturbed(make_branch(var, injector))
+    with torch.no_grad():
+        a = var(labels, x, control=branch.encode(maps_for(4, seed=0)))
+        b = var(labels, x, control=branch.encode(maps_for(4, seed=1)))
+        off = var(labels, x, control=branch.encode(maps_for(4)).with_strength([0.0] * 4))
+    assert (a - b).abs().amax() > 1e-3
+    assert (off - golden["logits_BLV"]).abs().max() < 1e-5
+    assert (a - golden["logits_BLV"]).abs().amax() > 1e-3
+
+
+def test_car_side_branch_starts_as_the_backbone_blocks(var):
+    branch = make_branch(var, "car", car_blocks=1)
+    side, block = branch.injector.blocks[0].state_dict(), var.blocks[0].state_dict()
+    assert side.keys() == block.keys() and all(torch.equal(side[k], block[k]) for k in side)
+    assert branch.injector.first_target == 1  # the later backbone block receives it
+
+
+def teacher_forced(var, labels, x, controls, t, c):
+    """(1 + t + c) * full - t * null class - c * control dropped, by teacher forcing."""
+    B = labels.shape[0]
+    null = torch.full_like(labels, var.config.num_classes)
+    dropped = controls.rows(torch.arange(B), torch.zeros(B))
+    with torch.no_grad():
+        full = var(labels, x, control=controls)
+        uncond = var(null, x, control=controls)
+        nocontrol = var(labels, x, control=dropped)
+    return (1 + t + c) * full - t * uncond - c * nocontrol, full, nocontrol
+
+
+@pytest.mark.parametrize("injector", INJECTORS)
+@pytest.mark.parametrize("t,c", [(0.0, 0.0), (2.0, 0.0), (1.5, 1.0)])
+def test_kv_cache_sampling_equals_teacher_forcing(var, vae, golden, injector, t, c):
+    """Each scale's guided logits in generate equal teacher forcing on the sampled tokens: class guidance t
+    and control guidance c, with a per-scale control strength."""
+    labels = golden["labels"][:2]
+    branch = perturbed(make_branch(var, injector))
+    strength = [1.0, 0.5, 1.0, 2.0]
+    controls = branch.encode(maps_for(2, seed=3))
+    rec = []
+    var.generate(
+        labels, cfg=t, cfg_schedule="constant", top_k=0, seed=11, control=controls, control_cfg=c,
+        control_strength=strength, callback=lambda si, logits, idx, f: rec.append((logits, idx)),
+    )  # fmt: skip
+    x = vae.idx_to_var_input([r[1] for r in rec])
+    mixed, full, nocontrol = teacher_forced(var, labels, x, controls.with_strength(strength), t, c)
+    for (logits, _), (b, e) in zip(rec, var.config.begin_ends):
+        assert (logits - mixed[:, b:e]).abs().max() < 1e-4
+    assert (full - nocontrol).abs().amax() > 1e-3  # the control did act
+
+
+def test_control_guidance_pushes_samples_toward_their_control(var, vae, golden):
+    """control_cfg moves the logits away from the control-dropped prediction, and changes the samples."""
+    labels = golden["labels"][:2]
+    branch = perturbed(make_branch(var, "scalar"), scale=0.2)
+    controls = branch.encode(maps_for(2, seed=5))
+    plain = var.generate(labels, cfg=0.0, top_k=0, seed=1, control=controls)
+    again = var.generate(labels, cfg=0.0, top_k=0, seed=1, control=controls, control_cfg=0.0)
+    guided = var.generate(labels, cfg=0.0, top_k=0, seed=1, control=controls, control_cfg=3.0)
+    assert torch.equal(plain, again) and (plain - guided).abs().amax() > 1e-2
+    with pytest.raises(ValueError, match="control_cfg and control_strength need control="):
+        var.generate(labels, control_cfg=1.0)
+
+
+def test_control_drop_rate_drops_whole_samples(var, golden):
+    branch = perturbed(make_branch(var, "scalar", control_drop_rate=0.5))
+    torch.manual_seed(0)
+    controls = branch.encode(_maps(64), drop=True)
+    assert set(controls.keep_B.tolist()) == {0.0, 1.0} and 16 < controls.keep_B.sum() < 48
+    assert branch.encode(_maps(64)).keep_B is None  # no dropout outside training
+
+
+def _maps(B):
+    return {k: v for k, v in maps_for(B).items() if k == "edges"}
+
+
+@pytest.mark.parametrize("injector", INJECTORS)
+def test_text_var_samples_as_it_teacher_forces(vae, injector):
+    """A text VAR (cross-attention; CAR's side blocks copy it) with each injector."""
+    torch.manual_seed(0)
+    cfg = VARConfig.from_name("tiny", condition="text", text_dim=16, text_len=4, embed_dim=64, num_heads=2)
+    var = perturbed(VAR(cfg, vae).eval())
+    g = torch.Generator().manual_seed(0)
+    text = TextCondition(torch.randn(2, 16, generator=g), torch.randn(2, 4, 16, generator=g),
+                         torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool))  # fmt: skip
+    var.set_null_text(TextCondition(torch.zeros(1, 16), torch.zeros(1, 4, 16), torch.ones(1, 4, dtype=bool)))
+    branch = perturbed(make_branch(var, injector))
+    controls = branch.encode(maps_for(2, seed=2))
+    rec = []
+    var.generate(text, cfg=0.0, top_k=0, seed=3, control=controls,
+                 callback=lambda si, logits, idx, f: rec.append((logits, idx)))  # fmt: skip
+    x = vae.idx_to_var_input([r[1] for r in rec])
+    with torch.no_grad():
+        tf = var(text, x, control=controls)
+    for (logits, _), (b, e) in zip(rec, var.config.begin_ends):
+        assert (logits - tf[:, b:e]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("injector", INJECTORS)
+def test_each_injector_saves_and_loads(var, golden, injector, tmp_path):
+    branch = perturbed(make_branch(var, injector, blocks=[1] if injector in ("scalar", "ecm") else None))
+    maps = maps_for(4)
+    with torch.no_grad():
+        expected = var(golden["labels"], golden["x_BLCv_wo_first_l"], control=branch.encode(maps))
+    loaded = ControlBranch.load(branch.save(tmp_path / "control.pt"))
+    assert loaded.config == branch.config and loaded.config.injector == injector
+    with torch.no_grad():
+        got = var(golden["labels"], golden["x_BLCv_wo_first_l"], control=loaded.encode(maps))
+    assert torch.equal(got, expected)
+
+
+def test_chosen_blocks_receive_control_and_others_do_not(var, golden):
+    """scalar with blocks=[1]: block 0's input is untouched, so a residual only on block 1 of the last scale
+    changes only the last scale's logits."""
+    branch = make_branch(var, "scalar", blocks=[1])
+    assert branch.injector.proj_weight.shape[0] == 1
+    with torch.no_grad():
+        branch.injector.proj_bias[0, 3] = torch.randn(
+            var.config.C, generator=torch.Generator().manual_seed(0)
+        )
+        logits = var(golden["labels"], golden["x_BLCv_wo_first_l"], control=branch.encode(maps_for(4)))
+    b, _ = var.config.begin_ends[3]
+    assert torch.equal(logits[:, :b], golden["logits_BLV"][:, :b]) or (
+        (logits[:, :b] - golden["logits_BLV"][:, :b]).abs().max() < 1e-5
+    )
+    assert (logits[:, b:] - golden["logits_BLV"][:, b:]).abs().amax() > 1e-3
+    with pytest.raises(ValueError, match=r"ControlConfig\.blocks must be distinct block indices in \[0, 2\)"):
+        make_branch(var, "scalar", blocks=[2])
+    with pytest.raises(ValueError, match=r"ControlConfig\.injector must be one of"):
+        make_branch(var, "controlnet")
+
+
+# ---------------------------------------------------------------------------------------------- multi-control
+@pytest.mark.parametrize("encoder", ["conv", "pretrained"])
+def test_any_subset_of_modalities_with_strengths(var, golden, encoder):
+    """A three-modality branch takes any subset; a missing modality equals one of strength 0; strengths
+    scale a modality's contribution."""
+    fields = {"encoder": "pretrained", "encoder_weights": "random", **TINY_VIT} if encoder != "conv" else {}
+    branch = perturbed(make_branch(var, "scalar", modalities=["edges", "depth", "segmentation"], **fields))
+    maps = maps_for(2)
+    labels, x = golden["labels"][:2], golden["x_BLCv_wo_first_l"][:2]
+    with torch.no_grad():
+        grid_all = branch.encode(maps).grid_BFhw
+        for subset in (["edges"], ["depth", "segmentation"], ["segmentation"]):
+            part = {m: maps[m] for m in subset}
+            zeroed = {m: 0.0 for m in maps if m not in subset}
+            sub = branch.encode(part, allow_missing=True)
+            ref = branch.encode(maps, modality_strength=zeroed)
+            assert (sub.grid_BFhw - ref.grid_BFhw).abs().max() < 1e-5
+            assert (sub.grid_BFhw - grid_all).abs().amax() > 1e-4
+            logits = var(labels, x, control=sub)
+            assert torch.isfinite(logits).all()
+    with pytest.raises(KeyError, match=r"control maps \['depth', 'segmentation'\] are missing"):
+        branch.encode({"edges": maps["edges"]})  # training data must hold every modality
+
+
+def test_modality_dropout_zeroes_modalities_per_sample(var):
+    branch = make_branch(var, "scalar", modalities=["edges", "depth"], modality_drop_rate=0.5)
+    maps = {k: v for k, v in maps_for(32).items() if k != "segmentation"}
+    torch.manual_seed(0)
+    dropped = branch.encode(maps, drop=True).grid_BFhw
+    full = branch.encode(maps).grid_BFhw
+    differs = (dropped - full).flatten(1).abs().amax(1) > 1e-6
+    assert 4 < int(differs.sum()) < 32  # some samples lost a modality, most kept something
+
+
+# ---------------------------------------------------------------------------------------------- pretrained
+def test_pretrained_encoder_needs_a_named_weights_file(var, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.control\.encoder_weights is not set"):
+        make_branch(var, encoder="pretrained", **TINY_VIT)
+    missing = tmp_path / "dinov2.pth"
+    with pytest.raises(
+        FileNotFoundError, match=r"encoder_weights names .*dinov2\.pth'?, which does not exist"
+    ):
+        make_branch(var, encoder="pretrained", encoder_weights=str(missing), **TINY_VIT)
+
+
+def test_pretrained_encoder_reads_the_file_and_stays_frozen(var, tmp_path):
+    torch.manual_seed(1)
+    ref = timm.create_model(TINY_VIT["encoder_name"], pretrained=False, num_classes=0, img_size=32,
+                            **TINY_VIT["encoder_kwargs"])  # fmt: skip
+    path = tmp_path / "vit.pth"
+    torch.save(ref.state_dict(), path)
+    branch = make_branch(var, encoder="pretrained", encoder_weights=str(path), **TINY_VIT)
+    got = branch.encoder.backbone.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+    assert not any(p.requires_grad for p in branch.encoder.backbone.parameters())
+    assert all(p.requires_grad for p in branch.encoder.align.parameters())
+    branch.train()
+    assert not branch.encoder.backbone.training
+    # layers 0 and 1 concatenated: features equal timm's own intermediates
+    img = torch.rand(2, 3, 32, 32)
+    mine = branch.encoder.encode_image(img)
+    theirs = torch.cat(ref.forward_intermediates(img, indices=[0, 1], output_fmt="NCHW",
+                                                 intermediates_only=True), dim=1)  # fmt: skip
+    assert mine.shape == (2, 64, 2, 2) and torch.allclose(mine, theirs, atol=1e-6)
+
+
+def test_alignment_loss_is_the_distance_to_the_real_images_features(var):
+    branch = make_branch(var, modalities=["edges", "depth"], encoder="pretrained", encoder_weights="random",
+                         **TINY_VIT)  # fmt: skip
+    maps = {k: v for k, v in maps_for(2).items() if k != "segmentation"}
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    enc = branch.encoder
+    target = enc.encode_image(enc.normalise(images.add(1).mul(0.5)))
+    expected = torch.stack([((enc.encode_image(enc.rgb(m, maps[m])) - target) ** 2).mean() for m in maps])
+    loss = branch.alignment_loss(maps, images)
+    assert torch.allclose(loss, expected.mean(), rtol=1e-5)  # alignment starts as the identity
+    loss.backward()
+    assert branch.encoder.align["edges"].weight.grad.abs().sum() > 0
+    conv = make_branch(var)
+    assert conv.alignment_loss({"edges": maps["edges"]}, images) is None
+
+
+def test_features_are_computed_once_per_generate(var):
+    """The frozen encoder runs once per modality per generate call, not once per scale."""
+    branch = perturbed(make_branch(var, "car", encoder="pretrained", encoder_weights="random", **TINY_VIT))
+    calls = []
+    handle = branch.encoder.backbone.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+    from varctl.models.control import ControlledVAR
+
+    ControlledVAR(var, branch).generate(torch.tensor([1, 2]), control_maps=_maps(2), cfg=2.0, control_cfg=1.0)
+    handle.remove()
+    assert len(calls) == 1
