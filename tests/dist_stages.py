@@ -40,14 +40,20 @@ def data(module, **kwargs) -> SyntheticDataModule:
 def rank_sums(state: dict) -> list[float]:
     """The sum of every floating tensor of ``state`` (full tensors of shards), gathered from both ranks."""
     full = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in state.values()]
-    checksum = torch.stack([v.double().sum() for v in full if v.is_floating_point()]).sum()
+    checksum = torch.stack([finite_sum(v) for v in full if v.is_floating_point()]).sum()
     sums = [torch.zeros((), dtype=torch.float64) for _ in range(2)]
     torch.distributed.all_gather(sums, checksum)
     return [s.item() for s in sums]
 
 
 def total(path) -> float:
-    return sum(v.double().sum().item() for v in VAR.load(path).state_dict().values() if v.is_floating_point())
+    return sum(finite_sum(v).item() for v in VAR.load(path).state_dict().values() if v.is_floating_point())
+
+
+def finite_sum(v: torch.Tensor) -> torch.Tensor:
+    """The sum of the finite entries (the attention mask buffer holds -inf, which would hide any change)."""
+    v = v.double()
+    return v[torch.isfinite(v)].sum()
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -119,5 +125,31 @@ if tr.global_rank == 0:
         "f1": float(tr.callback_metrics["val/edges_f1"]),
         "f1_shuffled": float(tr.callback_metrics["val_shuffled/edges_f1"]),
     }  # fmt: skip
+
+# ---------------------------------------------------------------------------------------------- injectors
+# the other injectors, 2 steps each; CAR fine-tunes the backbone too (side blocks + sharded backbone)
+result["injectors"] = {}
+for name in ("controlar", "car", "prefill", "ecm"):
+    torch.manual_seed(0)
+    module = ControlModule(
+        vae_file, init_from=var_ckpt, control={**spec, "injector": name, "adapter_dim": 32,
+        "control_drop_rate": 0.2}, optimizer=optimizer, scores={"batches": 1, "control_cfg": 1.0},
+        train_backbone=name == "car",
+    )  # fmt: skip
+    tr = trainer(2)
+    tr.fit(module, data(module, controls=["edges"]))
+    branch_sums, var_sums = rank_sums(module.control.state_dict()), rank_sums(module.var.state_dict())
+    ckpt = os.path.join(out, f"control_{name}.ckpt")
+    tr.save_checkpoint(ckpt)
+    tr.strategy.barrier()
+    if tr.global_rank == 0:
+        loaded = ControlBranch.load(ckpt)
+        result["injectors"][name] = {
+            "branch_sums": branch_sums, "var_sums": var_sums, "injector": loaded.config.injector,
+            "loaded": sum(v.double().sum().item() for v in loaded.state_dict().values()),
+            "backbone_moved": total(ckpt) != total(var_ckpt),
+            "f1": float(tr.callback_metrics["val/edges_f1"]),
+        }  # fmt: skip
+if tr.global_rank == 0:
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f)

@@ -280,3 +280,83 @@ def test_text_conditioned_control(files, tmp_path):
     other = m.generate_for({**batch, "caption": [""] * 4}, batch["control"], sampling)
     assert torch.equal(images, again) and images.shape == (4, 3, 32, 32)
     assert (images - other).abs().mean() > 1e-4  # the caption matters
+
+
+# ---------------------------------------------------------------------------------------------- injectors
+@pytest.mark.parametrize("injector", ["controlar", "car", "prefill", "ecm"])
+def test_every_injector_learns_to_use_the_controls(files, tmp_path, injector):
+    """150 steps of each injector (the backbone frozen, control dropout on): the val loss with the
+    matched controls beats the loss with another image's; samples under control guidance are finite and
+    differ from samples without it."""
+    torch.manual_seed(0)
+    # a prefix reaches a frozen backbone only through its fixed attention: it learns with a tuned one
+    tuned = injector == "prefill"
+    branch = {**BRANCH, "injector": injector, "adapter_dim": 32, "control_drop_rate": 0.1}
+    m = make_control(files, control=branch, train_backbone=tuned)
+    dm = make_data(m, num_train=4096)
+    make_trainer(tmp_path, max_steps=150).fit(m, dm)
+    losses = val_losses(m, dm, files[1])
+    assert losses["rolled"] - losses["matched"] > 0.01, losses
+    base = VAR.load(files[1])
+    same = all(torch.equal(a, b) for a, b in zip(m.var.state_dict().values(), base.state_dict().values()))
+    assert same != tuned
+    batch = next(iter(dm.val_dataloader()))
+    batch = {k: (v[:4] if k != "control" else {c: t[:4] for c, t in v.items()}) for k, v in batch.items()}
+    plain = m.generate_for(batch, batch["control"], Sampling(cfg=1.0, seed=0))
+    guided = m.generate_for(batch, batch["control"], Sampling(cfg=1.0, seed=0, control_cfg=2.0))
+    assert torch.isfinite(guided).all() and (plain - guided).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("tuning", ["norms", [1]])
+def test_selective_tuning_trains_only_the_chosen_backbone_parameters(files, tmp_path, tuning):
+    torch.manual_seed(0)
+    m = make_control(files, train_backbone=tuning, lr=1e-2)
+    make_trainer(tmp_path, max_steps=2).fit(m, make_data(m))
+    base = VAR.load(files[1]).state_dict()
+    moved = {k for k, v in base.items() if not torch.equal(v, m.var.state_dict()[k])}
+    if tuning == "norms":
+        assert moved and all(any(p in k for p in ("bias", "scale_mul", "ada_gss")) for k in moved), moved
+        assert "blocks.0.attn.mat_qkv.weight" not in moved
+    else:
+        assert moved and all(k.startswith("blocks.1.") for k in moved), moved
+    with pytest.raises(ValueError, match=r"model\.train_backbone must be true, false, \"norms\" or a list"):
+        make_control(files, train_backbone="biases")
+
+
+def test_scale_loss_weights_and_early_sampling(files):
+    m = make_control(files, scale_loss_weights=[0.0, 1.0, 3.0])
+    loss_BL = torch.rand(8, 21)  # scales 1, 2, 4: tokens [0, 1), [1, 5), [5, 21)
+    w = torch.tensor([0.0] + [1.0] * 4 + [3.0] * 16)
+    expected = (loss_BL * w).sum() / (w.sum() * 8)
+    assert torch.allclose(m.training_loss(loss_BL), expected)
+    early = make_control(files, scale_sampling="early")
+    torch.manual_seed(0)
+    ones = torch.zeros(4096, 21)
+    ones[:, 0] = 1.0  # loss 1 on the first scale only: the mean over the sampled tokens
+    # P(last scale k) = (3 - k) / 6: the kept tokens are 1 (k=0), 5 (k=1), 21 (k=2)
+    got = early.training_loss(ones).item()
+    assert got == pytest.approx(4096 / (4096 * (3 * 1 + 2 * 5 + 1 * 21) / 6), rel=0.05)
+    with pytest.raises(ValueError, match=r"model\.scale_loss_weights must hold 3 non-negative weights"):
+        make_control(files, scale_loss_weights=[1.0, 1.0])
+
+
+def test_pretrained_encoder_trains_its_alignment(files, tmp_path):
+    """SCALAR-Uni: a frozen (random, tiny) ViT, an alignment layer per modality, the L2 alignment loss."""
+    torch.manual_seed(0)
+    vit = {"encoder": "pretrained", "encoder_weights": "random", "encoder_name": "vit_tiny_patch16_224",
+           "encoder_input": 32, "encoder_layers": [0, 1], "encoder_kwargs": {"depth": 2, "embed_dim": 32,
+           "num_heads": 2}, "modalities": ["edges", "depth"], "modality_drop_rate": 0.3}  # fmt: skip
+    m = make_control(files, control={**BRANCH, **vit}, lr=1e-2)
+    frozen = {k: v.clone() for k, v in m.control.encoder.backbone.state_dict().items()}
+    align = m.control.encoder.align["edges"].weight.detach().clone()
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(m, make_data(m, controls=["edges", "depth"]))
+    assert float(trainer.callback_metrics["train/align"]) > 0
+    assert all(torch.equal(v, m.control.encoder.backbone.state_dict()[k]) for k, v in frozen.items())
+    assert (m.control.encoder.align["edges"].weight - align).abs().max() > 0
+
+
+def test_control_fields_are_for_the_control_stage_only():
+    with pytest.raises(ValueError, match=r"\['control_cfg'\] apply to the control stage only"):
+        Sampling(control_cfg=1.0).generate_kwargs()
+    assert "control_cfg" in Sampling(control_cfg=1.0).generate_kwargs(control=True)

@@ -69,3 +69,16 @@ def test_control_branch_replicas_agree_and_the_backbone_stays(strategy, request)
     assert control["loaded"] == pytest.approx(control["rank_sums"][0], rel=1e-9)
     assert control["ckpt_sum"] == control["base_sum"]  # frozen backbone
     assert 0.0 <= control["f1"] <= 1.0 and 0.0 <= control["f1_shuffled"] <= 1.0
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_every_injector_trains_under_the_strategy(strategy, request):
+    """controlar, car (with the backbone fine-tuned), prefill and ecm under DDP and FSDP2: replicas agree,
+    the checkpoint's branch is the trained one, the backbone moves only when it is tuned."""
+    result = request.getfixturevalue(strategy)
+    injectors = (result[0] if strategy == "ddp" else result)["injectors"]
+    assert sorted(injectors) == ["car", "controlar", "ecm", "prefill"]
+    for name, r in injectors.items():
+        assert r["branch_sums"][0] == r["branch_sums"][1] and r["var_sums"][0] == r["var_sums"][1], (name, r)
+        assert r["injector"] == name and r["loaded"] == pytest.approx(r["branch_sums"][0], rel=1e-9), name
+        assert r["backbone_moved"] == (name == "car") and 0.0 <= r["f1"] <= 1.0, name

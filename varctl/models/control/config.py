@@ -28,8 +28,8 @@ class ControlConfig(ModelConfig):
     Injector (``injector``, one of INJECTORS): how the encoded control enters the VAR. ``blocks``: the
     blocks that receive control (scalar: default all; controlar: default 0, depth/3, 2 depth/3; ecm: default
     every second block). ``car_blocks``: CAR's side branch copies the first N blocks (default depth / 2).
-    ``prefix_side``: prefill's prefix is a prefix_side^2 grid (default: the largest scale at most half the
-    last). ``adapter_dim``: ECM's adapter width.
+    ``prefix_side``: prefill's prefix is the control features of the scale of that side (default: the
+    largest scale at most half the last). ``adapter_dim``: ECM's adapter width.
 
     Training (free on load): ``control_drop_rate`` replaces a sample's control by the null control (zero
     features) for control guidance; ``modality_drop_rate`` drops each modality of a sample independently.
@@ -104,6 +104,10 @@ class ControlConfig(ModelConfig):
             ok = len(self.blocks) >= 1 and len(set(self.blocks)) == len(self.blocks)
             self.require(ok and all(0 <= b < self.depth for b in self.blocks), "blocks",
                          f"distinct block indices in [0, {self.depth})")  # fmt: skip
+        if self.prefix_side is not None:
+            self.require(
+                self.prefix_side in self.patch_nums, "prefix_side", f"one of the scales {self.patch_nums}"
+            )
         if self.car_blocks is not None:
             self.require(1 <= self.car_blocks <= self.depth, "car_blocks", f"in [1, {self.depth}]")
         for name in ("control_drop_rate", "modality_drop_rate"):

@@ -1,5 +1,6 @@
 """``prefill``: the encoded control as a prefix of P = prefix_side^2 tokens that every scale attends to (the
-simple baseline that a controlled ImageNet study, arXiv 2507.15724, found strong). The prefix tokens run
+simple baseline that a controlled ImageNet study, arXiv 2507.15724, found strong): the control features of
+the scale of side prefix_side, projected to the VAR's width, plus a learned position. The prefix tokens run
 through the backbone's blocks like the start token (they attend to each other); while sampling they fill the
 KV caches once, before the first scale. A scale's control strength s multiplies its attention weight on the
 prefix (a log s bias on the prefix keys; s = 0 ignores the prefix).
@@ -12,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from varctl.models.control.injectors.base import Injector, Session
@@ -24,8 +24,8 @@ class PrefillInjector(Injector):
     def __init__(self, config):
         super().__init__(config)
         self.side = config.prefix_grid
+        self.scale = config.patch_nums.index(self.side)
         C = config.embed_dim
-        self.norm = nn.LayerNorm(config.feature_dim)
         self.proj = nn.Linear(config.feature_dim, C)
         nn.init.trunc_normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
@@ -42,10 +42,9 @@ class PrefillInjector(Injector):
 
 class PrefillSession(Session):
     def prefix(self):
-        inj, g = self.injector, self.ctx.grid_RFhw
-        tokens = F.interpolate(g, size=(inj.side, inj.side), mode="area").flatten(2).transpose(1, 2)
-        tokens = inj.norm(tokens.to(inj.proj.weight.dtype))
-        return inj.proj(tokens) + inj.pos  # (R, P, C)
+        inj = self.injector
+        tokens = self.features(*self.begin_ends[inj.scale])  # (R, P, F), the prefix scale's features
+        return inj.proj(tokens.to(inj.proj.weight.dtype)) + inj.pos  # (R, P, C)
 
     def _log_strength(self, begin, end, like):
         s = self.strength(begin, end, like)
