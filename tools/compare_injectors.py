@@ -1,0 +1,152 @@
+"""Every control injector on one backbone, data, schedule and evaluation: trains each one with
+``conf/control.yaml`` (same steps, seed and settings), scores it, and prints and writes a table.
+
+    python tools/compare_injectors.py --tokenizer runs/tokenizer/<v>/checkpoints/last.ckpt \
+        --var runs/var/<v>/checkpoints/last.ckpt [--steps 600] [--injectors scalar car ...] \
+        [--control-cfg 1.0] [--root runs/compare] [--val-batches 4]
+
+Columns:
+- params: parameters the branch adds;
+- step: a training step's forward + backward relative to a stage-2 step of the VAR alone (same batch);
+- sample: ``generate`` (guidance, decode included) relative to the VAR's unconditioned-by-control sampling;
+- val loss: teacher-forcing cross-entropy on the val split;
+- F1 own / other / ceiling: edge F1 (the ControlNet++ protocol of ``varctl.metrics.control``) of samples
+  against their own controls, of samples given other images' controls (what ignoring the control gives),
+  and of the tokenizer's reconstructions (the ceiling), without control guidance;
+- F1 guided: the F1 own with control guidance ``--control-cfg``.
+
+Times are ratios measured side by side in this process (medians of interleaved repeats), so they hold on
+any CPU; the table names the CPU it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from varctl.cli import run
+from varctl.cli.config import compose, validate
+from varctl.files import atomic_write_text
+from varctl.models.control import INJECTORS
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "control.yaml"
+
+
+def stage(command: str, overrides: list[str]):
+    return run(command, validate(compose(CONF, overrides), CONF), CONF)
+
+
+def interleaved_ratio(a, b, repeats: int = 5) -> float:
+    """median(time of a) / median(time of b), a and b run alternately after one warm-up each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ta) / statistics.median(tb)
+
+
+def timings(module, batch) -> dict[str, float]:
+    """Step and sampling time of the controlled VAR relative to the VAR alone, on one val batch."""
+    model, var = module.model, module.var
+    cond = module.condition(batch)
+    _, x = module.tokenize(batch["image"])
+    maps = batch["control"]
+
+    frozen = [p for p in var.parameters() if not p.requires_grad]
+
+    def step(fn, tune_all: bool):
+        def go():
+            for p in frozen:  # the VAR alone trains all its weights (a stage-2 step)
+                p.requires_grad_(tune_all)
+            model.zero_grad(set_to_none=True)
+            fn().float().logsumexp(-1).mean().backward()
+
+        return go
+
+    model.train()
+    step_ratio = interleaved_ratio(
+        step(lambda: model(cond, x, maps), False), step(lambda: var(cond, x), True)
+    )
+    for p in frozen:
+        p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    kw = dict(cfg=3.0, top_k=0, top_p=0.0, seed=0, vae=module.vae)
+    sample_ratio = interleaved_ratio(
+        lambda: model.generate(cond, control_maps=maps, **kw), lambda: var.generate(cond, **kw), repeats=3
+    )
+    return {"step": step_ratio, "sample": sample_ratio}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokenizer", required=True, help="stage-1 checkpoint (model.tokenizer)")
+    parser.add_argument("--var", required=True, help="stage-2 checkpoint (model.init_from)")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--injectors", nargs="+", default=list(INJECTORS), choices=INJECTORS)
+    parser.add_argument("--control-cfg", type=float, default=1.0, help="control guidance for 'F1 guided'")
+    parser.add_argument("--control-drop-rate", type=float, default=0.1)
+    parser.add_argument("--val-batches", type=int, default=4, help="scored val batches (16 images each)")
+    parser.add_argument("--root", default="runs/compare")
+    parser.add_argument("overrides", nargs="*", help="more key=value overrides for every injector")
+    args = parser.parse_args()
+
+    rows, root = {}, Path(args.root)
+    for name in args.injectors:
+        common = [
+            f"model.tokenizer={args.tokenizer}", f"model.init_from={args.var}", f"run.root={root}",
+            f"run.name=control_{name}", f"model.control.injector={name}", "seed=0",
+            f"model.control.control_drop_rate={args.control_drop_rate}", *args.overrides,
+        ]  # fmt: skip
+        fitted = stage("fit", [*common, f"trainer.max_steps={args.steps}"])
+        ckpt = fitted.checkpoint_callback.last_model_path
+        module = fitted.lightning_module
+        batch = next(iter(fitted.datamodule.val_dataloader()))
+        times = timings(module, batch)
+        params = sum(p.numel() for p in module.control.parameters() if p.requires_grad)
+        scoring = [f"ckpt_path={ckpt}", f"trainer.limit_val_batches={args.val_batches}",
+                   f"model.scores.batches={args.val_batches}"]  # fmt: skip
+        plain = stage("validate", [*common, *scoring]).callback_metrics
+        guided = stage("validate", [*common, *scoring, f"model.scores.control_cfg={args.control_cfg}"])
+        g = guided.callback_metrics
+        rows[name] = {
+            "params": params, **times, "val_loss": float(plain["val/loss"]),
+            "f1": float(plain["val/edges_f1"]), "f1_other": float(plain["val_shuffled/edges_f1"]),
+            "f1_ceiling": float(plain["val_tokenizer/edges_f1"]), "f1_guided": float(g["val/edges_f1"]),
+            "f1_other_guided": float(g["val_shuffled/edges_f1"]), "checkpoint": str(ckpt),
+        }  # fmt: skip
+        print(f"[compare] {name}: {rows[name]}", flush=True)
+
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        "| injector | params added | step vs VAR | sample vs VAR | val loss | F1 own | F1 other "
+        f"| F1 ceiling | F1 own, control cfg {args.control_cfg:g} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['params'] / 1e6:.2f}M | {r['step']:.2f}x | {r['sample']:.2f}x "
+            f"| {r['val_loss']:.3f} | {r['f1']:.3f} | {r['f1_other']:.3f} | {r['f1_ceiling']:.3f} "
+            f"| {r['f1_guided']:.3f} |"
+        )
+    table = "\n".join(lines)
+    images = args.val_batches * 16
+    note = f"\n\n{args.steps} steps each, seed 0, {images} val images, CPU {cpu}, torch {torch.__version__}\n"
+    print(table + note, flush=True)
+    atomic_write_text(root / "comparison.md", table + note)
+    atomic_write_text(root / "comparison.json", json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
