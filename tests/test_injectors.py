@@ -113,7 +113,7 @@ def test_control_guidance_pushes_samples_toward_their_control(var, vae, golden):
         var.generate(labels, control_cfg=1.0)
 
 
-def test_control_drop_rate_drops_whole_samples(var, golden):
+def test_control_drop_rate_drops_whole_samples(var):
     branch = perturbed(make_branch(var, "scalar", control_drop_rate=0.5))
     torch.manual_seed(0)
     controls = branch.encode(_maps(64), drop=True)
@@ -171,9 +171,7 @@ def test_chosen_blocks_receive_control_and_others_do_not(var, golden):
         )
         logits = var(golden["labels"], golden["x_BLCv_wo_first_l"], control=branch.encode(maps_for(4)))
     b, _ = var.config.begin_ends[3]
-    assert torch.equal(logits[:, :b], golden["logits_BLV"][:, :b]) or (
-        (logits[:, :b] - golden["logits_BLV"][:, :b]).abs().max() < 1e-5
-    )
+    assert (logits[:, :b] - golden["logits_BLV"][:, :b]).abs().max() < 1e-5
     assert (logits[:, b:] - golden["logits_BLV"][:, b:]).abs().amax() > 1e-3
     with pytest.raises(ValueError, match=r"ControlConfig\.blocks must be distinct block indices in \[0, 2\)"):
         make_branch(var, "scalar", blocks=[2])

@@ -46,6 +46,7 @@ class Injector(nn.Module):
     def __init__(self, config: ControlConfig):
         super().__init__()
         self.config = config
+        self.slot = {b: j for j, b in enumerate(config.injected_blocks)}  # block -> its parameters' index
 
     def init_from_backbone(self, var: nn.Module) -> None:
         """Initialise from the backbone VAR when a new branch is built (CAR copies blocks)."""
@@ -103,3 +104,14 @@ class Session:
     def scaled(self, r: torch.Tensor, begin: int, end: int) -> torch.Tensor:
         s = self.strength(begin, end, r)
         return r if s is None else r * s
+
+
+class BlockInputSession(Session):
+    """Adds ``injector.residual(session, j, begin, end)`` (R, l, C) to the input of each injected block
+    (j its slot), times the strength: the residual injectors (scalar, controlar)."""
+
+    def block_input(self, i, x, begin, end):
+        j = self.injector.slot.get(i)
+        if j is None:
+            return x
+        return x + self.scaled(self.injector.residual(self, j, begin, end).to(x.dtype), begin, end)

@@ -5,9 +5,10 @@ blocks (default 0, depth / 3 and 2 depth / 3)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from varctl.models.control.injectors.base import Injector, Session
+from varctl.models.control.injectors.base import BlockInputSession, Injector
 
 
 class ControlARInjector(Injector):
@@ -21,17 +22,10 @@ class ControlARInjector(Injector):
         for lin in self.fuse:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
-        self.slot = {b: j for j, b in enumerate(config.injected_blocks)}
+
+    def residual(self, session, j: int, begin: int, end: int) -> torch.Tensor:
+        lin = self.fuse[j]
+        return lin(session.features(begin, end).to(lin.weight.dtype))
 
     def session(self, ctx):
-        return ControlARSession(self, ctx)
-
-
-class ControlARSession(Session):
-    def block_input(self, i, x, begin, end):
-        j = self.injector.slot.get(i)
-        if j is None:
-            return x
-        lin = self.injector.fuse[j]
-        f = self.features(begin, end)
-        return x + self.scaled(lin(f.to(lin.weight.dtype)).to(x.dtype), begin, end)
+        return BlockInputSession(self, ctx)

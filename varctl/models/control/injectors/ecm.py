@@ -64,7 +64,6 @@ class ECMInjector(Injector):
         heads = max(1, A // 32) if A % 32 == 0 else 1
         self.adapters = nn.ModuleList(Adapter(C, Fd, A, heads) for _ in config.injected_blocks)
         self.ffn = GatedFFN(A, 2 * A)
-        self.slot = {b: j for j, b in enumerate(config.injected_blocks)}
 
     def session(self, ctx):
         return ECMSession(self, ctx)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from varctl.models.control.injectors.base import Injector, Session
+from varctl.models.control.injectors.base import BlockInputSession, Injector
 
 
 class ScalarInjector(Injector):
@@ -20,25 +20,15 @@ class ScalarInjector(Injector):
         # weight (blocks, K, F, C), bias (blocks, K, C); zero: a new branch changes nothing
         self.proj_weight = nn.Parameter(torch.zeros(n, K, Fd, C))
         self.proj_bias = nn.Parameter(torch.zeros(n, K, C))
-        self.slot = {b: j for j, b in enumerate(config.injected_blocks)}
 
-    def residual(self, tokens_RLF: torch.Tensor, j: int, scales: list[int]) -> torch.Tensor:
-        out = []
-        for k in scales:
+    def residual(self, session, j: int, begin: int, end: int) -> torch.Tensor:
+        """P_{k,l}(F_k) of every scale k in [begin, end), the tokens entering block ``l`` (slot j)."""
+        tokens_RLF, out = session.ctx.tokens_RLF, []
+        for k in session.scales(begin, end):
             b, e = self.config.begin_ends[k]
             x = tokens_RLF[:, b:e]
             out.append(x @ self.proj_weight[j, k].to(x.dtype) + self.proj_bias[j, k].to(x.dtype))
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def session(self, ctx):
-        return ScalarSession(self, ctx)
-
-
-class ScalarSession(Session):
-    def block_input(self, i, x, begin, end):
-        j = self.injector.slot.get(i)
-        if j is None:
-            return x
-        tokens = self.ctx.tokens_RLF
-        r = self.injector.residual(tokens, j, self.scales(begin, end)).to(x.dtype)
-        return x + self.scaled(r, begin, end)
+        return BlockInputSession(self, ctx)
