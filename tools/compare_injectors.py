@@ -16,7 +16,9 @@ Columns:
 - F1 guided: the F1 own with control guidance ``--control-cfg``.
 
 Times are ratios measured side by side in this process (medians of interleaved repeats), so they hold on
-any CPU; the table names the CPU it ran on.
+any CPU; the table names the CPU it ran on. Rows are written to ``<root>/comparison.json`` as each injector
+finishes, and a rerun with the same arguments keeps the rows whose checkpoint exists (an interrupted
+comparison resumes); ``--retime`` measures the times again from those checkpoints, on a quiet machine.
 """
 
 from __future__ import annotations
@@ -87,6 +89,42 @@ def timings(module, batch) -> dict[str, float]:
     return {"step": step_ratio, "sample": sample_ratio}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loaded(common: list[str], ckpt: str):
+    """The trained module and a val batch, from a checkpoint (a validate run that scores nothing)."""
+    trainer = stage("validate", [*common, f"ckpt_path={ckpt}", "trainer.limit_val_batches=1",
+                                 "model.scores.batches=0"])  # fmt: skip
+    return trainer.lightning_module, next(iter(trainer.datamodule.val_dataloader()))
+
+
+def table(rows: dict, args, cpu: str) -> str:
+    lines = [
+        "| injector | params added | step vs VAR | sample vs VAR | val loss | F1 own | F1 other "
+        f"| F1 ceiling | F1 own, control cfg {args.control_cfg:g} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['params'] / 1e6:.2f}M | {r['step']:.2f}x | {r['sample']:.2f}x "
+            f"| {r['val_loss']:.3f} | {r['f1']:.3f} | {r['f1_other']:.3f} | {r['f1_ceiling']:.3f} "
+            f"| {r['f1_guided']:.3f} |"
+        )
+    images = args.val_batches * 16
+    return "\n".join(lines) + (
+        f"\n\n{args.steps} steps each, seed 0, {images} val images, CPU {cpu}, torch {torch.__version__}\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,53 +137,60 @@ def main() -> None:
     parser.add_argument("--control-drop-rate", type=float, default=0.1)
     parser.add_argument("--val-batches", type=int, default=4, help="scored val batches (16 images each)")
     parser.add_argument("--root", default="runs/compare")
+    parser.add_argument("--retime", action="store_true", help="measure the times again from the checkpoints")
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for every injector")
     args = parser.parse_args()
 
-    rows, root = {}, Path(args.root)
+    root = Path(args.root)
+    results = root / "comparison.json"
+    rows: dict = {}
+    if results.exists():  # resume: keep the finished rows of the same comparison
+        saved = json.loads(results.read_text())
+        same = {k: v for k, v in saved["args"].items() if k not in ("injectors", "retime")}
+        if same != {k: v for k, v in vars(args).items() if k not in ("injectors", "retime")}:
+            raise SystemExit(f"{results} holds a comparison with other arguments: {saved['args']}; "
+                             "use another --root or remove it")  # fmt: skip
+        rows = {k: v for k, v in saved["rows"].items() if Path(v["checkpoint"]).exists()}
+
+    def save() -> None:
+        kept = {k: rows[k] for k in args.injectors if k in rows}
+        atomic_write_text(results, json.dumps({"args": vars(args), "rows": kept}, indent=1))
+
     for name in args.injectors:
         common = [
             f"model.tokenizer={args.tokenizer}", f"model.init_from={args.var}", f"run.root={root}",
             f"run.name=control_{name}", f"model.control.injector={name}", "seed=0",
             f"model.control.control_drop_rate={args.control_drop_rate}", *args.overrides,
         ]  # fmt: skip
+        if name in rows:
+            if args.retime:
+                rows[name].update(timings(*loaded(common, rows[name]["checkpoint"])))
+                save()
+            print(f"[compare] {name} (kept): {rows[name]}", flush=True)
+            continue
         fitted = stage("fit", [*common, f"trainer.max_steps={args.steps}"])
         ckpt = fitted.checkpoint_callback.last_model_path
         module = fitted.lightning_module
-        batch = next(iter(fitted.datamodule.val_dataloader()))
-        times = timings(module, batch)
+        times = timings(module, next(iter(fitted.datamodule.val_dataloader())))
         params = sum(p.numel() for p in module.control.parameters() if p.requires_grad)
         scoring = [f"ckpt_path={ckpt}", f"trainer.limit_val_batches={args.val_batches}",
                    f"model.scores.batches={args.val_batches}"]  # fmt: skip
         plain = stage("validate", [*common, *scoring]).callback_metrics
-        guided = stage("validate", [*common, *scoring, f"model.scores.control_cfg={args.control_cfg}"])
-        g = guided.callback_metrics
+        g = stage(
+            "validate", [*common, *scoring, f"model.scores.control_cfg={args.control_cfg}"]
+        ).callback_metrics
         rows[name] = {
             "params": params, **times, "val_loss": float(plain["val/loss"]),
             "f1": float(plain["val/edges_f1"]), "f1_other": float(plain["val_shuffled/edges_f1"]),
             "f1_ceiling": float(plain["val_tokenizer/edges_f1"]), "f1_guided": float(g["val/edges_f1"]),
             "f1_other_guided": float(g["val_shuffled/edges_f1"]), "checkpoint": str(ckpt),
         }  # fmt: skip
+        save()
         print(f"[compare] {name}: {rows[name]}", flush=True)
 
-    cpu = platform.processor() or platform.machine()
-    lines = [
-        "| injector | params added | step vs VAR | sample vs VAR | val loss | F1 own | F1 other "
-        f"| F1 ceiling | F1 own, control cfg {args.control_cfg:g} |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['params'] / 1e6:.2f}M | {r['step']:.2f}x | {r['sample']:.2f}x "
-            f"| {r['val_loss']:.3f} | {r['f1']:.3f} | {r['f1_other']:.3f} | {r['f1_ceiling']:.3f} "
-            f"| {r['f1_guided']:.3f} |"
-        )
-    table = "\n".join(lines)
-    images = args.val_batches * 16
-    note = f"\n\n{args.steps} steps each, seed 0, {images} val images, CPU {cpu}, torch {torch.__version__}\n"
-    print(table + note, flush=True)
-    atomic_write_text(root / "comparison.md", table + note)
-    atomic_write_text(root / "comparison.json", json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    text = table({k: rows[k] for k in args.injectors}, args, cpu_name())
+    print(text, flush=True)
+    atomic_write_text(root / "comparison.md", text)
 
 
 if __name__ == "__main__":
