@@ -11,6 +11,9 @@ K scales.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +30,49 @@ from varctl.models.sampling import (
 from varctl.models.text import TextCondition
 from varctl.models.transformer import KVCache
 from varctl.models.var_config import check_vae_fits
+
+
+@dataclass
+class Known:
+    """Zero-shot in-painting, out-painting and editing (VAR, sec. 7): the region to keep is taken from the
+    tokenizer's encoding of an input image at every scale, and the model draws only the rest.
+
+    ``fhats``: the input's running f_hat after each scale (``vae.img_to_fhat``), each (B, Cv, h, w);
+    ``keep``: (B, 1, h, w), 1 where the latent is kept, 0 where it is drawn. After each scale, ``generate``
+    sets f_hat to the input's inside ``keep``, so the next scale sees the input there and the output equals the
+    tokenizer's reconstruction of the input away from the drawn region.
+    """
+
+    fhats: list[torch.Tensor]
+    keep: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def from_image(cls, vae: nn.Module, images: torch.Tensor, redraw: torch.Tensor, patch_nums=None) -> Known:
+        """``images`` (B, 3, H, W) in [-1, 1]; ``redraw`` (B, 1, H, W), > 0 where new content is drawn. A
+        latent cell is kept only when none of its pixels is to be redrawn."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"Known.from_image: images must be (B, 3, H, W), found {tuple(images.shape)}")
+        if redraw.dim() != 4 or redraw.shape[1] != 1 or redraw.shape[-2:] != images.shape[-2:]:
+            raise ValueError(
+                f"Known.from_image: the mask must be (B, 1, {images.shape[-2]}, {images.shape[-1]}) like the "
+                f"images, found {tuple(redraw.shape)}"
+            )
+        with torch.autocast(images.device.type, enabled=False):
+            fhats = [f.float() for f in vae.img_to_fhat(images.float(), patch_nums=patch_nums)]
+        h = fhats[-1].shape[-1]
+        hole = F.adaptive_max_pool2d((redraw > 0).float(), (h, h))
+        return cls(fhats, 1.0 - hole)
+
+
+def _generators(device, seed, B: int) -> list[torch.Generator] | torch.Generator:
+    """One generator for the call, or one per sample when ``seed`` is a list (then a sample's tokens do not
+    depend on the other samples of the batch)."""
+    if isinstance(seed, Sequence) and not isinstance(seed, str):
+        if len(seed) != B:
+            raise ValueError(f"seed: a per-sample list needs {B} values, found {len(seed)}")
+        return [make_generator(device, int(s)) for s in seed]
+    return make_generator(device, seed)
 
 
 class GenerateMixin:
@@ -51,6 +97,7 @@ class GenerateMixin:
         control=None,
         control_cfg=0.0,
         control_strength=1.0,
+        known: Known | None = None,
     ):
         """Sample images scale by scale with a KV cache and classifier-free guidance.
 
@@ -66,7 +113,8 @@ class GenerateMixin:
             top_k, top_p, temperature: scalars or per-scale lists; top_k 0 and top_p 0 switch them off.
             more_smooth: use a Gumbel-softmax mix of code vectors instead of the sampled code (official
                 visualisation trick).
-            seed: seeds this call's own generator (the global RNG is neither used nor changed); None: random.
+            seed: seeds this call's own generator (the global RNG is neither used nor changed); None: random;
+                a list of B seeds: one generator per sample, whose tokens then do not depend on the batch.
             return_intermediates: also return the K images decoded from f_hat after each scale.
             vae: the VQVAE to decode with; default the attached one.
             callback: called as ``callback(si, logits_BlV, idx_Bl, f_hat_BChw)`` after each scale with the
@@ -77,6 +125,7 @@ class GenerateMixin:
                 (the condition with the null control) joins, and the mixed logits become
                 (1 + t + c) * full - t * null class - c * control dropped.
             control_strength: the control's strength (scalar or per scale; 0 switches it off at a scale).
+            known: the region kept from an input image (in-painting, out-painting, editing; ``Known``).
         Returns:
             images (B, 3, H, W) in [0, 1], and the list of per-scale images if ``return_intermediates``.
         """
@@ -106,7 +155,12 @@ class GenerateMixin:
             else:
                 cond = torch.cat(parts)
         device = self.lvl_1L.device
-        generator = make_generator(device, seed)
+        generator = _generators(device, seed, B)
+        if known is not None and (known.keep.shape[0] != B or len(known.fhats) != K):
+            raise ValueError(
+                f"known: expected {K} f_hats and a mask for {B} samples, found {len(known.fhats)} f_hats and "
+                f"{known.keep.shape[0]} masks"
+            )
 
         # everything that depends only on the condition is computed once per call, not once per scale
         cond_BD, text = self._embed_condition(cond, drop=False)
@@ -158,13 +212,20 @@ class GenerateMixin:
             logits_BlV = self._guided_logits(x_BlC, head_mod, B, weights)
             sample_logits = logits_BlV if temps[si] == 1 else logits_BlV / temps[si]
             sample_logits = filter_logits(sample_logits, int(top_ks[si]), float(top_ps[si]))
-            idx_Bl = sample_tokens(sample_logits, generator)
+            idx_Bl = _per_sample(sample_tokens, generator, sample_logits)
             if more_smooth:  # after the tokens, same generator, filtered logits: as the official sampler
-                h_BlCv = smooth_embedding(sample_logits, codebook_VC, ratio, generator)
+                h_BlCv = _per_sample(
+                    lambda lg, g: smooth_embedding(lg, codebook_VC, ratio, g), generator, sample_logits
+                )
             else:
                 h_BlCv = F.embedding(idx_Bl, codebook_VC)
             h_BChw = h_BlCv.transpose(1, 2).reshape(B, c.z_channels, pn, pn)
             f_hat, next_BChw = vae.ar_step(si, f_hat, h_BChw)
+            if known is not None:  # the kept region from the input, the drawn one from the samples
+                f_hat = torch.lerp(f_hat, known.fhats[si].to(f_hat), known.keep.to(f_hat))
+                if si < K - 1:
+                    nxt = c.patch_nums[si + 1]
+                    next_BChw = F.interpolate(f_hat, size=(nxt, nxt), mode="area")
             if callback is not None:
                 callback(si, logits_BlV, idx_Bl, f_hat)
             if si == K - 1:
@@ -234,3 +295,10 @@ class GenerateMixin:
         if vae is not self.vae:
             check_vae_fits(self.config, vae)
         return vae
+
+
+def _per_sample(fn, generator, logits_BlV: torch.Tensor) -> torch.Tensor:
+    """``fn(logits, generator)`` for the batch, or row by row with one generator per sample."""
+    if isinstance(generator, torch.Generator):
+        return fn(logits_BlV, generator)
+    return torch.cat([fn(logits_BlV[i : i + 1], g) for i, g in enumerate(generator)])
