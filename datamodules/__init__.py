@@ -4,6 +4,7 @@
 - ClassFolderDataModule: ImageFolder layout (root/<class>/*.jpg).
 - CaptionListDataModule: .jsonl / .csv lists of image, caption[, label].
 - ControlPairsDataModule: images with edges / depth / segmentation maps beside them (or annotators).
+- GenerationJobs: predict-only inputs of generation jobs (maps, images + masks, out-painting; jobs.py).
 
 Annotators are named in configs as `_target_` nodes, e.g. `{_target_: datamodules.CannyAnnotator, low: 100}`.
 """
@@ -17,6 +18,7 @@ from datamodules.folders import (
     ControlPairsDataModule,
     read_caption_list,
 )
+from datamodules.jobs import GenerationJobs
 from datamodules.scenes import CLASS_NAMES
 from datamodules.synthetic import SyntheticDataModule, SyntheticShapes
 from datamodules.transforms import collate
@@ -33,6 +35,7 @@ __all__ = [
     "ControlPairsDataModule",
     "FileDataModule",
     "FileDataset",
+    "GenerationJobs",
     "Record",
     "SyntheticDataModule",
     "SyntheticShapes",

@@ -31,11 +31,17 @@ def save_png(image_CHW: torch.Tensor, path: str | os.PathLike) -> Path:
 class ImageWriter(BasePredictionWriter):
     """Write ``predict_step``'s ``{"images": (B,3,H,W) in [0,1], "names": [...]}`` as ``<name>.png``; an
     optional ``"inputs"`` in the batch's layout (``{"image": (B,3,H,W) in [-1,1], "control": {modality:
-    maps}}``) is drawn beside each sample as ``<name>_real.png`` and ``<name>_<modality>.png``."""
+    maps}}``) is drawn beside each sample as ``<name>_real.png`` and ``<name>_<modality>.png``.
+
+    A prediction with ``"exact_names": True`` (generation jobs, ``datamodules.jobs``) is written as
+    ``<name>.png`` exactly, with an optional ``"sheets"`` image as ``<name>_sheet.png``; its ``"failed"``
+    entries (inputs that could not be read) are reported, and a summary ends the run.
+    """
 
     def __init__(self, output_dir: str | os.PathLike):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self.written, self.failed = 0, []
 
     def on_predict_start(self, trainer, pl_module) -> None:
         """Warn when the predict loader has fewer slots than the images the stage is configured to draw."""
@@ -58,6 +64,8 @@ class ImageWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
+        if isinstance(prediction, dict) and prediction.get("exact_names"):
+            return self._write_jobs(prediction)
         if not isinstance(prediction, dict) or "images" not in prediction:
             raise TypeError(
                 f"{type(pl_module).__name__}.predict_step must return a dict with 'images' (B,3,H,W) in "
@@ -82,3 +90,26 @@ class ImageWriter(BasePredictionWriter):
             save_png(image, self.output_dir / f"{stem}.png")
             for suffix, extra in beside.items():
                 save_png(extra[i], self.output_dir / f"{stem}_{suffix}.png")
+
+    def _write_jobs(self, prediction: dict) -> None:
+        for name, reason in prediction.get("failed", []):
+            print(f"varctl predict: skipped {name}: {reason}", flush=True)
+        self.failed += list(prediction.get("failed", []))
+        sheets = prediction.get("sheets")
+        for i, (image, name) in enumerate(zip(prediction["images"], prediction["names"])):
+            save_png(image, self.output_dir / f"{name}.png")
+            if sheets is not None:
+                save_png(sheets[i], self.output_dir / f"{name}_sheet.png")
+            self.written += 1
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        counts = getattr(trainer.datamodule, "counts", None) if trainer.datamodule is not None else None
+        if counts is None:
+            return
+        rank = f" (process {trainer.global_rank})" if trainer.world_size > 1 else ""
+        skipped = counts["skipped"] if trainer.is_global_zero else 0
+        print(
+            f"varctl predict{rank}: {self.written} written, {skipped} skipped (existing), "
+            f"{len(self.failed)} failed, in {self.output_dir}",
+            flush=True,
+        )

@@ -170,6 +170,8 @@ def _run(command: str, data: dict, config_file: str | Path):
         instantiate(node, _convert_="all") for node in (data.get("callbacks") or {}).values() if node
     ]
     out_dir = _fresh(log_dir / "predictions")
+    if getattr(datamodule, "output_dir", None) is not None:  # generation jobs write where the user says
+        out_dir = Path(datamodule.output_dir)
     if command == "predict":
         callbacks.append(ImageWriter(out_dir))
     trainer = instantiate(data["trainer"], _convert_="all", logger=logger, callbacks=callbacks)

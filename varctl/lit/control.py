@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from varctl.callbacks.images import ImageGrid
+from varctl.lit.jobs import job_step
 from varctl.lit.legacy import upgrade_control_keys
 from varctl.lit.settings import ControlScores, OptimizerSettings, Predictions, Samples
 from varctl.lit.var import VARModule
@@ -233,7 +234,9 @@ class ControlModule(VARModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Control-to-image for every sample of the batch, written beside its controls and the real image
-        (``<name>_<modality>.png``, ``<name>_real.png``)."""
+        (``<name>_<modality>.png``, ``<name>_real.png``); with data=jobs, the user's maps and images."""
+        if batch.get("job"):
+            return job_step(self, batch, control=True)
         seed_offset = batch_idx * self.trainer.world_size + self.trainer.global_rank
         maps = {m: batch["control"][m] for m in self.modalities}
         images = self.generate_for(batch, maps, self.predictions, seed_offset)

@@ -23,6 +23,7 @@ from torch import nn
 
 from varctl.callbacks.images import ImageGrid
 from varctl.lit import optim
+from varctl.lit.jobs import job_step
 from varctl.lit.legacy import is_legacy, legacy_state_dict
 from varctl.lit.settings import OptimizerSettings, Predictions, Samples, plain_hparams
 from varctl.lit.sharding import ignore_in_fsdp1, shard_var
@@ -286,6 +287,8 @@ class VARModule(L.LightningModule):
         return self.predictions.jobs(text, self.var.config.num_classes, self.class_name)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        if batch.get("job"):  # data=jobs: in-painting, out-painting, editing of the user's images
+            return job_step(self, batch, control=False)
         jobs, B = self.predict_jobs(), len(batch["image"])
         chunk = batch_idx * self.trainer.world_size + self.trainer.global_rank  # also seeds the chunk
         if jobs:  # the configured conditions, split over the predict batches of all processes

@@ -38,9 +38,9 @@ class Known:
     tokenizer's encoding of an input image at every scale, and the model draws only the rest.
 
     ``fhats``: the input's running f_hat after each scale (``vae.img_to_fhat``), each (B, Cv, h, w);
-    ``keep``: (B, 1, h, w), 1 where the latent is kept, 0 where it is drawn. After each scale, ``generate``
-    sets f_hat to the input's inside ``keep``, so the next scale sees the input there and the output equals the
-    tokenizer's reconstruction of the input away from the drawn region.
+    ``keep``: (B, 1, h, w), 1 where the latent is kept, 0 where it is drawn. After each scale,
+    ``generate`` sets f_hat to the input's inside ``keep``, so the next scale sees the input there and the
+    output equals the tokenizer's reconstruction of the input away from the drawn region.
     """
 
     fhats: list[torch.Tensor]
@@ -215,7 +215,7 @@ class GenerateMixin:
             idx_Bl = _per_sample(sample_tokens, generator, sample_logits)
             if more_smooth:  # after the tokens, same generator, filtered logits: as the official sampler
                 h_BlCv = _per_sample(
-                    lambda lg, g: smooth_embedding(lg, codebook_VC, ratio, g), generator, sample_logits
+                    lambda lg, g, r=ratio: smooth_embedding(lg, codebook_VC, r, g), generator, sample_logits
                 )
             else:
                 h_BlCv = F.embedding(idx_Bl, codebook_VC)

@@ -1,0 +1,420 @@
+"""Generation jobs: what ``predict`` draws for a user's own inputs (``data=jobs``), with no train/val data.
+
+A job is one output image. Its inputs are control maps (control-to-image), an image and a mask (in-painting,
+or editing with a new class or caption), or an image alone with ``outpaint`` set (out-painting), given as
+
+- a folder (``root``): one subfolder per modality (``edges/``, ``depth/``, ``segmentation/``) and optionally
+  ``images/`` and ``masks/``, files matched by stem; or
+- a list (``list``): a .jsonl (one object per line) or .csv (header row) with the columns ``name``, the
+  modalities, ``image``, ``mask``, ``label``, ``caption``, ``seed``, ``outpaint`` (jsonl: an object) and the
+  sampling overrides ``cfg``, ``control_cfg``, ``control_strength``, ``top_k``, ``top_p``, ``temperature``.
+  Paths are relative to the list file.
+
+Every job writes ``<output>/<name>.png`` (``<name>_<k>.png`` with ``samples_per_input`` > 1). An output that
+exists is skipped, so a rerun resumes an interrupted job (``overwrite=true`` redraws). A job's seed comes
+from ``seed`` and its name (or its row's ``seed``), so an image does not depend on the batch size, the order
+or the number of processes. A job whose files cannot be read is reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.annotators import CannyAnnotator, annotate, check_annotators
+from datamodules.base import VarDataModule
+from datamodules.files import list_images, stem
+from datamodules.transforms import (
+    MODALITIES,
+    as_tv_tensor,
+    batch_map,
+    check_controls,
+    fit_to,
+    image_to_tensor,
+    load_image,
+    load_map,
+    map_to_tensor,
+    resize_crop,
+)
+
+OVERRIDES = ("cfg", "control_cfg", "control_strength", "top_k", "top_p", "temperature")
+COLUMNS = ("name", *MODALITIES, "image", "mask", "label", "caption", "seed", "outpaint", *OVERRIDES)
+OUTPAINT_KEYS = ("scale", "x", "y")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output image: its name, input files and per-job settings; ``where`` names it in messages."""
+
+    name: str
+    maps: Mapping[str, str] = field(default_factory=dict)
+    image: str | None = None
+    mask: str | None = None
+    label: int = -1
+    caption: str = ""
+    seed: int | None = None
+    outpaint: Mapping[str, float] | None = None
+    overrides: Mapping[str, object] = field(default_factory=dict)
+    where: str = ""
+
+
+def check_outpaint(value, where: str) -> dict[str, float] | None:
+    """``{scale, x, y}``: the input takes ``scale`` of the canvas side, placed at fractions x, y of the free
+    room (0 left/top, 1 right/bottom); None: no out-painting."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) - set(OUTPAINT_KEYS):
+        raise ValueError(f"{where}: outpaint must be a mapping with keys {OUTPAINT_KEYS}, found {value!r}")
+    out = {"scale": 0.5, "x": 0.5, "y": 0.5, **{k: float(v) for k, v in value.items()}}
+    if not 0 < out["scale"] < 1 or not all(0 <= out[k] <= 1 for k in ("x", "y")):
+        raise ValueError(f"{where}: outpaint needs 0 < scale < 1 and x, y in [0, 1], found {out}")
+    return out
+
+
+def job_seed(seed: int, name: str) -> int:
+    """The seed of a job from the job's seed and its name (stable across processes and Python runs)."""
+    return zlib.crc32(f"{int(seed)}/{name}".encode()) & 0x7FFFFFFF
+
+
+def scan_folder(root: str, controls: Sequence[str], control_dirs: Mapping[str, str], image_dir: str,
+                mask_dir: str) -> list[Job]:  # fmt: skip
+    """Jobs of a folder: every stem found in a modality folder, or in ``image_dir`` (maps then come from
+    annotators; a mask in ``mask_dir`` makes it an in-painting job)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.root: directory not found: {root}")
+
+    def index(folder: str) -> dict[str, str]:
+        path = os.path.join(root, folder)
+        found: dict[str, str] = {}
+        for file in list_images(path) if os.path.isdir(path) else []:
+            if stem(file) in found:
+                raise ValueError(f"two files share the stem {stem(file)!r}: {found[stem(file)]} and {file}")
+            found[stem(file)] = file
+        return found
+
+    maps = {m: index(control_dirs.get(m, m)) for m in controls}
+    images, masks = index(image_dir), index(mask_dir)
+    names = sorted({n for files in maps.values() for n in files} | set(images))
+    if not names:
+        folders = [control_dirs.get(m, m) for m in controls] + [image_dir]
+        raise FileNotFoundError(f"data.root={root}: no image files in any of {folders}")
+    stray = sorted(set(masks) - set(images))
+    if stray:
+        raise ValueError(
+            f"data.root={root}: masks {stray[:5]} have no image of the same stem in {image_dir}/"
+        )
+    return [
+        Job(
+            name=n,
+            maps={m: files[n] for m, files in maps.items() if n in files},
+            image=images.get(n),
+            mask=masks.get(n),
+            where=os.path.join(root, "*", n),
+        )  # fmt: skip
+        for n in names
+    ]
+
+
+def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
+    """Jobs of a .jsonl or .csv list (see the module docstring); errors name the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.list: file not found: {path}")
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            rows = []
+            for line, text in enumerate(f, start=1):
+                if text.strip():
+                    try:
+                        rows.append((line, json.loads(text)))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{line}: invalid JSON: {err}") from err
+    elif path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [
+                (reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}) for row in reader
+            ]
+    else:
+        raise ValueError(f"data.list={path} must end with .jsonl or .csv")
+    base = os.path.dirname(os.path.abspath(path))
+    jobs, seen = [], {}
+    for line, row in rows:
+        where = f"{path}:{line}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object, found {type(row).__name__}")
+        unknown = sorted(set(row) - set(COLUMNS))
+        if unknown:
+            raise ValueError(f"{where}: unknown column(s) {unknown}; known: {list(COLUMNS)}")
+        extra = [m for m in MODALITIES if m in row and m not in controls]
+        if extra:
+            raise ValueError(f"{where}: maps {extra} given but data.controls is {list(controls)}")
+        files = {k: os.path.join(base, str(row[k])) for k in (*controls, "image", "mask") if k in row}
+        if not files.keys() - {"mask"}:
+            raise ValueError(f"{where}: a job needs control maps ({list(controls)}) or an image")
+        if "mask" in files and "image" not in files:
+            raise ValueError(f"{where}: a mask needs the image it applies to (column 'image')")
+        name = str(row.get("name") or stem(files.get("image") or next(iter(files.values()))))
+        if name in seen:
+            raise ValueError(
+                f"{where}: the name {name!r} is used by line {seen[name]} too (outputs would clash)"
+            )
+        seen[name] = line
+        outpaint = row.get("outpaint")
+        if isinstance(outpaint, str):
+            outpaint = json.loads(outpaint)
+        try:
+            label = int(row.get("label", -1))
+            seed = None if row.get("seed") is None else int(row["seed"])
+            overrides = {k: _number(row[k]) for k in OVERRIDES if k in row}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
+        jobs.append(
+            Job(
+                name=name,
+                maps={m: files[m] for m in controls if m in files},
+                image=files.get("image"),
+                mask=files.get("mask"),
+                label=label,
+                caption=str(row.get("caption", "")),
+                seed=seed,
+                outpaint=check_outpaint(outpaint, where),
+                overrides=overrides,
+                where=where,
+            )  # fmt: skip
+        )
+    if not jobs:
+        raise ValueError(f"data.list={path} holds no jobs")
+    return jobs
+
+
+@rank_zero_only
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def _number(value):
+    """A CSV cell or JSON value as a number or a per-scale list of numbers."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else float(value)
+    if isinstance(value, list):
+        return [float(v) for v in value]
+    return float(value)
+
+
+class JobDataset(Dataset):
+    """Jobs -> sample dicts: the batch keys of base.py plus ``name``, ``seed``, ``overrides``, ``present``
+    (the modalities given), ``mask`` (1, H, W) with 1 where new content is drawn, ``edit`` and ``error``."""
+
+    def __init__(
+        self,
+        items: list[tuple[Job, str, int]],
+        resolution: int,
+        controls: Sequence[str],
+        annotators: Mapping[str, Callable],
+        crop: str,
+        outpaint: Mapping[str, float] | None,
+    ):
+        self.items, self.resolution, self.controls = items, int(resolution), tuple(controls)
+        self.annotators, self.outpaint = dict(annotators), outpaint
+        self.geometry = resize_crop(self.resolution, crop, random=False)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        job, name, seed = self.items[index]
+        R = self.resolution
+        sample = {
+            "name": name, "seed": seed, "overrides": dict(job.overrides), "label": job.label,
+            "caption": job.caption, "image": torch.zeros(3, R, R), "mask": torch.zeros(1, R, R),
+            "edit": False, "has_image": False, "present": (), "control": {}, "error": "",
+        }  # fmt: skip
+        try:
+            sample.update(self._load(job))
+        except (OSError, ValueError) as err:  # one bad input is reported and skipped, the job goes on
+            sample["error"] = f"{job.where or job.name}: {err}"
+        return sample
+
+    def _load(self, job: Job) -> dict:
+        R = self.resolution
+        if job.maps and not self.controls and job.mask is None and job.outpaint is None and not self.outpaint:
+            raise ValueError(f"control maps {sorted(job.maps)} need a control model (conf/control.yaml)")
+        image = None if job.image is None else load_image(job.image)
+        files = {m: load_map(path, m) for m, path in job.maps.items() if m in self.controls}
+        if job.mask is not None:
+            files["mask"] = load_map(job.mask, "edges")  # white (>= half) = redraw
+        reference = image if image is not None else next(iter(files.values()))
+        files = {k: fit_to(t, reference) for k, t in files.items()}
+        if image is None:
+            _, files = self.geometry(as_tv_tensor(torch.zeros_like(reference[:1]), "depth"), files)
+        else:
+            image, files = self.geometry(image, files)
+        out: dict = {}
+        outpaint = job.outpaint or (self.outpaint if job.mask is None else None)
+        mask = files.pop("mask", None)
+        if image is not None:
+            pixels = image.permute(1, 2, 0).numpy()
+            for m in self.controls:  # the missing maps of a photo come from its annotators
+                if m not in files and self.annotators.get(m) is not None:
+                    files[m] = as_tv_tensor(map_to_tensor(annotate(self.annotators[m], pixels, m), m), m)
+            out.update(image=image_to_tensor(image), has_image=True)
+            if outpaint is not None:
+                out["image"], mask, files = _place(out["image"], files, outpaint, R)
+            if mask is not None:
+                out.update(mask=mask.as_subclass(torch.Tensor).float(), edit=True)
+        out["control"] = {m: batch_map(files[m], m) for m in self.controls if m in files}
+        out["present"] = tuple(out["control"])
+        if not out["present"] and not out.get("edit"):
+            raise ValueError("no control map and nothing to repaint (give maps, a mask or outpaint)")
+        return out
+
+
+def _place(image: torch.Tensor, maps: dict, outpaint: Mapping[str, float], R: int):
+    """Out-painting: the image (and its maps) shrunk to ``scale`` of the canvas at (x, y); the mask is the
+    rest of the canvas. Maps stay only where the image is (0 elsewhere: no edges, far, background)."""
+    side = max(1, round(outpaint["scale"] * R))
+    top, left = round((R - side) * outpaint["y"]), round((R - side) * outpaint["x"])
+    canvas = torch.zeros(3, R, R)  # grey in [-1, 1]: the known content is only the placed image
+    canvas[:, top : top + side, left : left + side] = F.interpolate(
+        image[None], size=(side, side), mode="bilinear", antialias=True, align_corners=False
+    )[0]
+    mask = torch.ones(1, R, R)
+    mask[:, top : top + side, left : left + side] = 0
+    placed = {}
+    for m, t in maps.items():
+        t = t.as_subclass(torch.Tensor)
+        small = F.interpolate(
+            t[None].float(), size=(side, side), mode="bilinear" if m == "depth" else "nearest"
+        )
+        full = torch.zeros(1, R, R, dtype=torch.float32)
+        full[:, top : top + side, left : left + side] = small[0]
+        placed[m] = as_tv_tensor(full.to(t.dtype), m)
+    return canvas, mask, placed
+
+
+def collate_jobs(samples: list[dict]) -> dict:
+    """Stack job samples; a modality missing from some samples is zero there (``present`` says which)."""
+    modalities = [m for m in MODALITIES if any(m in s["control"] for s in samples)]
+    control = {}
+    for m in modalities:
+        like = next(s["control"][m] for s in samples if m in s["control"])
+        control[m] = torch.stack([s["control"].get(m, torch.zeros_like(like)) for s in samples])
+    return {
+        "job": True,
+        "image": torch.stack([s["image"] for s in samples]),
+        "mask": torch.stack([s["mask"] for s in samples]),
+        "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.int64),
+        "caption": [s["caption"] for s in samples],
+        "control": control,
+        **{
+            k: [s[k] for s in samples]
+            for k in ("name", "seed", "overrides", "present", "edit", "has_image", "error")
+        },  # fmt: skip
+    }
+
+
+class GenerationJobs(VarDataModule):
+    """Predict-only data: the user's inputs for control-to-image, in-painting, out-painting and editing.
+
+    Args:
+        root: a folder of modality folders (and ``images/``, ``masks/``); or
+        list: a .jsonl / .csv job list (module docstring); exactly one of the two.
+        output: where the images go; default ``<root>/generated`` (``<list folder>/generated``).
+        controls: the modalities the model takes (maps of other modalities are an error).
+        control_dirs, image_dir, mask_dir: folder names inside ``root``.
+        annotators: modality -> annotator, for jobs with an image but no map (edges: Canny by default).
+        outpaint: {scale, x, y}: every job with an image and no mask is out-painted (rows may set their own).
+        samples_per_input: images per job, ``<name>_<k>.png`` when > 1.
+        seed: the job's seed; each image's seed comes from it and the image's name.
+        overwrite: redraw outputs that exist (default: skip them, so a rerun resumes).
+        sheets: also write ``<name>_sheet.png``: controls | sample | input image (when given).
+        batch_size, num_workers, resolution, crop: see VarDataModule.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        list: str | None = None,  # noqa: A002 (the config key users write)
+        output: str | None = None,
+        controls: Sequence[str] = ("edges",),
+        control_dirs: Mapping[str, str] | None = None,
+        image_dir: str = "images",
+        mask_dir: str = "masks",
+        annotators: Mapping[str, Callable] | None = None,
+        outpaint: Mapping[str, float] | None = None,
+        samples_per_input: int = 1,
+        seed: int = 0,
+        overwrite: bool = False,
+        sheets: bool = False,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        resolution: int | None = None,
+        crop: str = "center",
+    ):
+        super().__init__(batch_size, num_workers, resolution, crop, seed=seed)
+        self.save_settings(ignore=["annotators"])
+        if (root is None) == (list is None):
+            raise ValueError("data=jobs needs exactly one of data.root (a folder) and data.list (jsonl/csv)")
+        if int(samples_per_input) < 1:
+            raise ValueError(f"data.samples_per_input must be >= 1, found {samples_per_input}")
+        self.root, self.list = root, list
+        self.controls = check_controls(controls)
+        self.control_dirs = {m: m for m in MODALITIES} | {m: str(d) for m, d in (control_dirs or {}).items()}
+        self.image_dir, self.mask_dir = str(image_dir), str(mask_dir)
+        self.annotators = {"edges": CannyAnnotator(), **check_annotators(annotators)}
+        self.outpaint = check_outpaint(outpaint, "data.outpaint")
+        self.samples_per_input, self.overwrite, self.sheets = int(samples_per_input), bool(overwrite), sheets
+        where = root if root is not None else os.path.dirname(os.path.abspath(list))
+        self.output_dir = str(output) if output is not None else os.path.join(where, "generated")
+        self.counts = {"jobs": 0, "skipped": 0}
+
+    def jobs(self) -> list[Job]:
+        if self.root is not None:
+            return scan_folder(self.root, self.controls, self.control_dirs, self.image_dir, self.mask_dir)
+        return read_job_list(self.list, self.controls)
+
+    def items(self) -> list[tuple[Job, str, int]]:
+        """(job, output name, seed) of every image still to draw: existing outputs are skipped."""
+        items, skipped = [], 0
+        for job in self.jobs():
+            for k in range(self.samples_per_input):
+                name = job.name if self.samples_per_input == 1 else f"{job.name}_{k}"
+                if not self.overwrite and os.path.isfile(os.path.join(self.output_dir, name + ".png")):
+                    skipped += 1
+                    continue
+                base = job.seed if job.seed is not None else self.seed
+                seed = job_seed(base, name) if job.seed is None or k else job.seed
+                items.append((job, name, seed))
+        self.counts = {"jobs": len(items) + skipped, "skipped": skipped}
+        rank_zero_info(
+            f"data=jobs: {len(items)} images to draw, {skipped} skipped (in {self.output_dir} already; "
+            "data.overwrite=true redraws them)"
+        )
+        if not items:  # the predict loop does not run: the summary is given here
+            _print(f"varctl predict: 0 written, {skipped} skipped (existing), 0 failed, in {self.output_dir}")
+        return items
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        controls = self.controls if self.wants("control") else ()  # a VAR without control: no maps
+        return {"predict": JobDataset(self.items(), self.resolution, controls, self.annotators, self.crop,
+                                      self.outpaint)}  # fmt: skip
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset("predict"), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=collate_jobs)  # fmt: skip
+
+    def _fit_only(self, *_):
+        raise ValueError(
+            "data=jobs holds generation inputs for `predict` only; train and validate on a dataset"
+        )
+
+    train_dataloader = val_dataloader = test_dataloader = _fit_only

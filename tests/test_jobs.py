@@ -1,0 +1,245 @@
+"""Generation jobs (datamodules/jobs.py, varctl/lit/jobs.py): a folder of edge maps becomes same-named
+images, reruns resume, each image's seed comes from its name (so batching does not matter), bad inputs are
+skipped by name, job lists with per-row settings, in-painting, out-painting and editing through predict."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import save, textured
+from PIL import Image
+
+from datamodules.jobs import GenerationJobs, job_seed
+from datamodules.synthetic import SyntheticDataModule
+from varctl.callbacks import ImageWriter
+from varctl.lit.control import ControlModule
+from varctl.lit.var import VARModule
+from varctl.models.var_generate import Known
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BRANCH = {"modalities": ["edges"], "width": 8, "feature_dim": 32, "max_width": 32}
+
+
+@pytest.fixture(scope="module")
+def files(tokenizer_file, tmp_path_factory):
+    """(tokenizer file, VAR file): the tiny random tokenizer and a random tiny class VAR."""
+    torch.manual_seed(0)
+    base = VARModule(tokenizer_file, var={"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2})
+    return tokenizer_file, str(base.var.save(tmp_path_factory.mktemp("jobs") / "var.pt"))
+
+
+@pytest.fixture(scope="module")
+def control(files):
+    """A control model whose branch matters (perturbed away from its zero init)."""
+    torch.manual_seed(1)
+    m = ControlModule(files[0], init_from=files[1], control=BRANCH, scores={"batches": 0})
+    with torch.no_grad():
+        for p in m.control.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def edge_maps(tmp_path_factory):
+    """A folder with only edges/: 5 edge maps of synthetic shapes (two of them at another size)."""
+    root = tmp_path_factory.mktemp("edge_jobs")
+    dm = SyntheticDataModule(
+        num_train=8, num_val=8, batch_size=4, resolution=32, controls=["edges"], max_distractors=0
+    )
+    dm.connect(32, ("image", "label", "control"))
+    for i in range(5):
+        edges = dm.dataset("val")[i]["control"]["edges"][0].numpy()
+        if i >= 3:
+            edges = np.kron(edges, np.ones((2, 2), np.float32))  # 64 px: resized to the model's 32
+        save(root / "edges" / f"shape_{i}.png", (edges * 255).astype(np.uint8))
+    return root
+
+
+def predict(module, dm, **kw) -> L.Trainer:
+    dm.connect(**module.data_requirements())
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[ImageWriter(dm.output_dir)], **kw)  # fmt: skip
+    trainer.predict(module, dm, return_predictions=False)
+    return trainer
+
+
+def read(path: Path) -> np.ndarray:
+    return np.array(Image.open(path))
+
+
+def expected(module, maps: dict, seed: int, label: int = -1, **kw) -> np.ndarray:
+    """The image ``generate`` draws for one job alone (batch of 1), as the PNG stores it."""
+    n = module.var.config.num_classes
+    cond = torch.tensor([n if label < 0 else label])
+    args = {**module.predictions.generate_kwargs(control=True), **kw, "seed": [seed]}
+    with torch.no_grad():
+        image = module.model.generate(cond, vae=module.vae, control_maps=maps, **args)[0]
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def same(a: np.ndarray, b: np.ndarray) -> None:
+    """The same image up to float rounding (a batch of 8 and a batch of 1 round matmuls differently): no
+    pixel off by more than one level."""
+    assert a.shape == b.shape and np.abs(a.astype(int) - b).max() <= 1
+
+
+def map_of(dm: GenerationJobs, name: str) -> dict:
+    item = next(it for it in dm.dataset("predict") if it["name"] == name)
+    return {m: t[None] for m, t in item["control"].items()}
+
+
+def test_a_folder_of_edge_maps_becomes_same_named_images_and_a_rerun_resumes(control, edge_maps, capsys):
+    out = edge_maps / "generated"
+    dm = GenerationJobs(root=str(edge_maps), batch_size=2)
+    predict(control, dm)
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [f"shape_{i}.png" for i in range(5)]
+    assert "5 written, 0 skipped (existing), 0 failed" in capsys.readouterr().out
+    for i in range(5):  # each image is the one its map and its name's seed give, alone in its batch
+        maps = map_of(dm, f"shape_{i}")
+        same(read(out / f"shape_{i}.png"), expected(control, maps, job_seed(0, f"shape_{i}")))
+    images = [read(out / n) for n in names]
+    assert not all(np.array_equal(images[0], im) for im in images[1:])  # the maps matter
+    stamps = {n: os.stat(out / n).st_mtime_ns for n in names}
+    (out / "shape_2.png").unlink()  # an interrupted job: one output missing
+    again = GenerationJobs(root=str(edge_maps), batch_size=3)
+    predict(control, again)
+    assert "1 written, 4 skipped (existing)" in capsys.readouterr().out
+    assert all(os.stat(out / n).st_mtime_ns == stamps[n] for n in names if n != "shape_2.png")
+    same(read(out / "shape_2.png"), images[2])  # the same image, batched otherwise
+    predict(control, GenerationJobs(root=str(edge_maps)))
+    assert "0 written, 5 skipped (existing)" in capsys.readouterr().out
+    predict(control, GenerationJobs(root=str(edge_maps), overwrite=True, seed=5, sheets=True))
+    assert "5 written, 0 skipped" in capsys.readouterr().out
+    assert not np.array_equal(read(out / "shape_0.png"), images[0])  # another job seed
+    sheet = read(out / "shape_0_sheet.png")
+    assert sheet.shape == (32, 64, 3)  # edges | sample
+    assert np.array_equal(sheet[:, 32:], read(out / "shape_0.png"))
+
+
+def test_a_bad_input_is_reported_by_name_and_the_job_goes_on(control, tmp_path, capsys):
+    for i in range(3):
+        save(tmp_path / "edges" / f"ok_{i}.png", (np.eye(32)[::-1] * 255).astype(np.uint8))
+    (tmp_path / "edges" / "broken.png").write_bytes(b"not a png")
+    predict(control, GenerationJobs(root=str(tmp_path), batch_size=4))
+    printed = capsys.readouterr().out
+    assert "skipped broken" in printed and "broken.png" in printed
+    assert "3 written, 0 skipped (existing), 1 failed" in printed
+    assert sorted(p.name for p in (tmp_path / "generated").glob("*.png")) == [f"ok_{i}.png" for i in range(3)]
+
+
+def test_a_job_list_with_labels_seeds_overrides_and_several_samples(control, edge_maps, tmp_path):
+    rows = [
+        {"name": "circle", "edges": str(edge_maps / "edges" / "shape_0.png"), "label": 0, "seed": 7},
+        {"edges": str(edge_maps / "edges" / "shape_1.png"), "cfg": 1.0, "control_cfg": 2.0},
+    ]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(r) for r in rows))
+    dm = GenerationJobs(list=str(jobs), output=str(tmp_path / "out"), samples_per_input=2)
+    predict(control, dm)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.png")) == ["circle_0.png", "circle_1.png", "shape_1_0.png",
+                                                          "shape_1_1.png"]  # fmt: skip
+    first = expected(control, map_of(dm, "circle_0"), 7, label=0)  # the row's seed, for its first sample
+    same(read(out / "circle_0.png"), first)
+    same(
+        read(out / "circle_1.png"),
+        expected(control, map_of(dm, "circle_1"), job_seed(7, "circle_1"), label=0),
+    )
+    guided = expected(control, map_of(dm, "shape_1_0"), job_seed(0, "shape_1_0"), cfg=1.0, control_cfg=2.0)
+    same(read(out / "shape_1_0.png"), guided)
+    assert not np.array_equal(read(out / "circle_0.png"), read(out / "circle_1.png"))
+
+
+def test_job_list_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"edges": "a.png"}\n{"edges": "b.png", "colour": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: unknown column\(s\) \['colour'\]"):
+        GenerationJobs(list=str(bad)).jobs()
+    bad.write_text('{"mask": "m.png"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: a job needs control maps"):
+        GenerationJobs(list=str(bad)).jobs()
+    bad.write_text('{"edges": "a.png", "name": "x"}\n{"edges": "b.png", "name": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: the name 'x' is used by line 1"):
+        GenerationJobs(list=str(bad)).jobs()
+    with pytest.raises(ValueError, match="exactly one of data.root"):
+        GenerationJobs()
+    with pytest.raises(ValueError, match="for `predict` only"):
+        GenerationJobs(root=str(tmp_path)).train_dataloader()
+
+
+def photos(root: Path, n: int = 2) -> None:
+    for i in range(n):
+        save(root / "images" / f"photo_{i}.png", textured(i, size=(32, 32)))
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:16, :16] = 255  # redraw the top-left quarter
+        save(root / "masks" / f"photo_{i}.png", mask)
+
+
+@pytest.mark.parametrize("stage", ["var", "control"])
+def test_inpainting_through_predict_keeps_the_input_outside_the_mask(files, control, tmp_path, stage):
+    photos(tmp_path)
+    torch.manual_seed(0)
+    module = control if stage == "control" else VARModule(files[0], init_from=files[1]).eval()
+    dm = GenerationJobs(root=str(tmp_path), controls=[] if stage == "var" else ["edges"])
+    predict(module, dm)
+    for i in range(2):
+        item = next(it for it in dm.dataset("predict") if it["name"] == f"photo_{i}")
+        assert item["edit"] and item["mask"].sum() == 16 * 16
+        assert item["present"] == (() if stage == "var" else ("edges",))  # the photo's Canny edges
+        known = Known.from_image(module.vae, item["image"][None], item["mask"][None])
+        kw = {
+            **module.predictions.generate_kwargs(control=stage == "control"),
+            "seed": [job_seed(0, item["name"])],
+        }
+        if stage == "control":
+            kw["control_maps"] = {m: t[None] for m, t in item["control"].items()}
+        with torch.no_grad():
+            want = module.eval_model.generate(torch.tensor([10]), vae=module.vae, known=known, **kw)[0]
+            plain = module.eval_model.generate(torch.tensor([10]), vae=module.vae,
+                                               **{k: v for k, v in kw.items()})[0]  # fmt: skip
+        got = torch.from_numpy(read(tmp_path / "generated" / f"photo_{i}.png")).permute(2, 0, 1) / 255
+        assert (got - want).abs().max() <= 1 / 255 + 1e-6
+        assert (got - plain).abs().max() > 0.05  # the input shapes the output
+
+
+def test_outpainting_places_the_image_and_redraws_the_rest(files, tmp_path):
+    save(tmp_path / "images" / "photo.png", textured(3, size=(32, 32)))
+    dm = GenerationJobs(root=str(tmp_path), controls=[], outpaint={"scale": 0.5, "x": 0.0, "y": 1.0})
+    dm.connect(32, ())
+    item = dm.dataset("predict")[0]
+    assert item["edit"] and item["mask"][0, 16:, :16].sum() == 0 and item["mask"].sum() == 32 * 32 - 16 * 16
+    photo = torch.from_numpy(textured(3, size=(32, 32))).permute(2, 0, 1).float() / 127.5 - 1
+    small = torch.nn.functional.interpolate(photo[None], size=(16, 16), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(item["image"][:, 16:, :16], small, atol=1e-5, rtol=0)  # bottom left
+    assert item["image"][:, :16].abs().max() == 0  # a grey canvas elsewhere
+    module = VARModule(files[0], init_from=files[1]).eval()
+    predict(module, dm)
+    assert (tmp_path / "generated" / "photo.png").is_file()
+
+
+def test_editing_with_a_new_class_and_control_maps_need_a_control_model(files, tmp_path, capsys):
+    photos(tmp_path, n=1)
+    rows = [{"name": "as_star", "image": "images/photo_0.png", "mask": "masks/photo_0.png", "label": 3},
+            {"name": "edges_only", "edges": "masks/photo_0.png"}]  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    module = VARModule(files[0], init_from=files[1]).eval()
+    dm = GenerationJobs(list=str(tmp_path / "jobs.jsonl"))
+    predict(module, dm)
+    printed = capsys.readouterr().out
+    assert "skipped edges_only: " in printed and "control maps ['edges'] need a control model" in printed
+    assert "1 written, 0 skipped (existing), 1 failed" in printed
+    item = next(it for it in dm.dataset("predict") if it["name"] == "as_star")
+    known = Known.from_image(module.vae, item["image"][None], item["mask"][None])
+    kw = {**module.predictions.generate_kwargs(), "seed": [job_seed(0, "as_star")]}
+    with torch.no_grad():
+        want = module.var.generate(torch.tensor([3]), vae=module.vae, known=known, **kw)[0]
+    got = torch.from_numpy(read(tmp_path / "generated" / "as_star.png")).permute(2, 0, 1) / 255
+    assert (got - want).abs().max() <= 1 / 255 + 1e-6

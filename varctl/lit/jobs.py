@@ -1,0 +1,80 @@
+"""The predict step of generation jobs (``datamodules.jobs``), shared by the VAR and the control stage:
+control-to-image on the user's maps, in-painting, out-painting and editing (``Known``), one seed per image."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from varctl.callbacks.images import control_pictures
+from varctl.models.var_generate import Known
+
+
+def job_step(module, batch: dict, control: bool) -> dict:
+    """Images for the jobs of ``batch``; rows with the same overrides, modalities and kind are drawn
+    together, each with its own generator, so a job's image does not depend on its batch. A row that fails
+    (unreadable input, a setting this model cannot use) is returned in ``failed`` and the others go on."""
+    failed = [(n, e) for n, e in zip(batch["name"], batch["error"]) if e]
+    groups: dict[tuple, list[int]] = {}
+    for i, error in enumerate(batch["error"]):
+        if not error:
+            key = (json.dumps(batch["overrides"][i], sort_keys=True), batch["present"][i], batch["edit"][i])
+            groups.setdefault(key, []).append(i)
+    drawn: dict[int, torch.Tensor] = {}
+    for (overrides, present, edit), rows in groups.items():
+        try:
+            images = _draw(module, batch, rows, json.loads(overrides), present, edit, control)
+        except ValueError as err:
+            failed += [(batch["name"][i], str(err)) for i in rows]
+            continue
+        drawn.update(zip(rows, images.float().clamp(0, 1)))
+    order = sorted(drawn)
+    res = module.vae.config.resolution
+    images = torch.stack([drawn[i] for i in order]) if order else torch.zeros(0, 3, res, res)
+    out = {
+        "exact_names": True,
+        "images": images,
+        "names": [batch["name"][i] for i in order],
+        "failed": failed,
+    }
+    if getattr(module.trainer.datamodule, "sheets", False):
+        out["sheets"] = [_sheet(batch, i, drawn[i]) for i in order]
+    return out
+
+
+def _draw(module, batch, rows, overrides, present, edit, control: bool) -> torch.Tensor:
+    sampling = dataclasses.replace(module.predictions, **overrides)
+    kwargs = sampling.generate_kwargs(control=control)
+    kwargs["seed"] = [int(batch["seed"][i]) for i in rows]
+    idx = torch.tensor(rows, device=batch["image"].device)
+    if edit:
+        patch_nums = module.var.config.patch_nums
+        kwargs["known"] = Known.from_image(module.vae, batch["image"][idx], batch["mask"][idx], patch_nums)
+    if control:
+        kwargs["control_maps"] = {m: batch["control"][m][idx] for m in present}
+    if module.text_encoder is not None:
+        cond = module.text_encoder([batch["caption"][i] for i in rows])
+    else:  # label -1: unconditional (the null class)
+        labels = batch["label"][idx]
+        n = module.var.config.num_classes
+        if int(labels.max()) >= n:
+            raise ValueError(f"label {int(labels.max())} out of range: the model has {n} classes")
+        cond = torch.where(labels < 0, torch.full_like(labels, n), labels)
+    return module.eval_model.generate(cond, vae=module.vae, **kwargs)
+
+
+def _sheet(batch: dict, i: int, sample: torch.Tensor) -> torch.Tensor:
+    """controls | sample | input image (with the redrawn region darkened) side by side, (3, H, W')."""
+    tiles = [
+        p[0]
+        for p in control_pictures({m: batch["control"][m][i : i + 1] for m in batch["present"][i]}).values()
+    ]
+    tiles.append(sample)
+    if batch["has_image"][i]:
+        image = batch["image"][i].float().add(1).mul(0.5)
+        if batch["edit"][i]:
+            image = image * (1 - 0.6 * batch["mask"][i])
+        tiles.append(image)
+    return torch.cat([t.float().cpu() for t in tiles], dim=-1)
