@@ -158,7 +158,63 @@ def test_constructor_check_is_a_config_error(tmp_path, capsys):
     """A setting the model itself rejects (here the control stage without a VAR to control) is reported as
     a config error naming the key, not a traceback through Hydra."""
     conf = str(ROOT / "conf" / "control.yaml")
-    assert main(["fit", "-c", conf, "model.tokenizer=x.ckpt", f"run.root={tmp_path}"]) == 2
+    args = ["model.tokenizer=x.ckpt", "model.init_from=x.pt", "model.train_backbone=banana"]
+    assert main(["fit", "-c", conf, *args, f"run.root={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert "config error" in err and "model.init_from must name the VAR to control" in err
+    assert "config error" in err and "model.train_backbone must be true, false" in err
     assert not list(tmp_path.iterdir())  # nothing written for a run that never started
+
+
+# --- the main command on a fresh machine: the earlier stages' newest runs ------------------------------
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def fake_run(root: Path, stage: str, version: str, config: dict | None = None) -> Path:
+    ckpt = root / stage / version / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    if config is not None:
+        (ckpt.parent.parent / "config_fit.yaml").write_text(yaml.safe_dump(config))
+    return ckpt
+
+
+def test_control_stage_without_paths_uses_the_newest_earlier_runs(tmp_path):
+    from varctl.cli.config import compose
+    from varctl.cli.earlier import fill_earlier_stages
+
+    old_tok = fake_run(tmp_path, "tokenizer", "v1")
+    new_tok = fake_run(tmp_path, "tokenizer", "v2")
+    os.utime(old_tok, ns=(1, 1))
+    old_var = fake_run(tmp_path, "var", "v1", {"model": {"tokenizer": str(new_tok)}})
+    new_var = fake_run(tmp_path, "var", "v2", {"model": {"tokenizer": str(old_tok)}})
+    os.utime(old_var, ns=(1, 1))
+    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}"])
+    chosen = fill_earlier_stages(cfg, "conf/control.yaml")
+    # the newest VAR, and the tokenizer it was trained on (not the newest tokenizer)
+    assert cfg.model.init_from == str(new_var) and cfg.model.tokenizer == str(old_tok)
+    assert len(chosen) == 2 and "newest VAR run" in chosen[0] and "that VAR was trained on" in chosen[1]
+    cfg = compose(CONF / "var.yaml", [f"run.root={tmp_path}"])
+    fill_earlier_stages(cfg, "conf/var.yaml")
+    assert cfg.model.tokenizer == str(new_tok)
+    given = compose(CONF / "control.yaml", [f"run.root={tmp_path}", "model.init_from=mine.pt",
+                                            "model.tokenizer=tok.pt"])  # fmt: skip
+    assert fill_earlier_stages(given, "conf/control.yaml") == [] and given.model.init_from == "mine.pt"
+
+
+def test_control_stage_on_a_fresh_machine_names_the_commands_to_run_first(tmp_path, capsys):
+    start = time.perf_counter()
+    assert main(["fit", "-c", str(CONF / "control.yaml"), f"run.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.init_from is not set" in err and str(tmp_path / "var") in err
+    assert "`python -m varctl fit -c conf/tokenizer.yaml` then `python -m varctl fit -c conf/var.yaml`" in err
+    assert time.perf_counter() - start < 30  # stops before building anything
+    fake_run(tmp_path, "var", "v1")  # a VAR run without its config: the tokenizer is still missing
+    assert main(["fit", "-c", str(CONF / "control.yaml"), f"run.root={tmp_path}"]) == 2
+    assert "model.tokenizer is not set" in capsys.readouterr().err
+
+
+def test_print_config_marks_the_values_still_to_set(tmp_path, capsys):
+    assert main(["fit", "-c", str(CONF / "control.yaml"), "--print-config", f"run.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# still to set (key=VALUE on the command line): model.tokenizer, model.init_from")
+    assert "tokenizer: ???" in out and "injector: scalar" in out

@@ -57,16 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from varctl.cli.config import ConfigError, as_yaml, compose, validate
+    from varctl.cli.earlier import fill_earlier_stages, still_to_set
 
     try:
         cfg = compose(args.config, args.overrides)
+        if args.print_config:  # values still to set are shown as ??? (or null), not an error
+            chosen = fill_earlier_stages(cfg, args.config, strict=False)
+            unset = still_to_set(cfg)
+            print("".join(f"# {line}\n" for line in chosen), end="")
+            if unset:
+                print(f"# still to set (key=VALUE on the command line): {', '.join(unset)}")
+            print(as_yaml(cfg), end="")
+            return 0
+        for line in fill_earlier_stages(cfg, args.config):
+            print(f"varctl: using {line}", file=sys.stderr, flush=True)
         data = validate(cfg, args.config)
     except ConfigError as e:
         print(f"varctl: config error: {e}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(as_yaml(data), end="")
-        return 0
     try:
         run(args.command, data, args.config)
     except ConfigError as e:
