@@ -196,7 +196,7 @@ def test_control_stage_without_paths_uses_the_newest_earlier_runs(tmp_path):
     cfg = compose(CONF / "var.yaml", [f"run.root={tmp_path}"])
     fill_earlier_stages(cfg, "conf/var.yaml")
     assert cfg.model.tokenizer == str(new_tok)
-    given = compose(CONF / "control.yaml", [f"run.root={tmp_path}", "model.init_from=mine.pt",
+    given = compose(CONF / "control_d16.yaml", [f"run.root={tmp_path}", "model.init_from=mine.pt",
                                             "model.tokenizer=tok.pt"])  # fmt: skip
     assert fill_earlier_stages(given, "conf/control.yaml") == [] and given.model.init_from == "mine.pt"
 
@@ -205,16 +205,20 @@ def test_control_stage_on_a_fresh_machine_names_the_commands_to_run_first(tmp_pa
     start = time.perf_counter()
     assert main(["fit", "-c", str(CONF / "control.yaml"), f"run.root={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert "model.init_from is not set" in err and str(tmp_path / "var") in err
+    assert "model.init_from=auto but" in err and str(tmp_path / "var") in err
     assert "`python -m varctl fit -c conf/tokenizer.yaml` then `python -m varctl fit -c conf/var.yaml`" in err
     assert time.perf_counter() - start < 30  # stops before building anything
     fake_run(tmp_path, "var", "v1")  # a VAR run without its config: the tokenizer is still missing
     assert main(["fit", "-c", str(CONF / "control.yaml"), f"run.root={tmp_path}"]) == 2
-    assert "model.tokenizer is not set" in capsys.readouterr().err
+    assert "model.tokenizer=auto but" in capsys.readouterr().err
 
 
 def test_print_config_marks_the_values_still_to_set(tmp_path, capsys):
     assert main(["fit", "-c", str(CONF / "control.yaml"), "--print-config", f"run.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# still to set (key=VALUE on the command line): model.tokenizer, model.init_from")
-    assert "tokenizer: ???" in out and "injector: scalar" in out
+    assert "tokenizer: auto" in out and "injector: scalar" in out
+    assert main(["fit", "-c", str(CONF / "control_d16.yaml"), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# still to set (key=VALUE on the command line): data.root\n")
+    assert "tokenizer: vae_ch160v4096z32.pth" in out and "init_from: var_d16.pth" in out

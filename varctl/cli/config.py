@@ -124,7 +124,15 @@ def to_container(cfg: DictConfig, path: str | Path) -> dict:
 
 
 def validate(cfg: DictConfig | dict, path: str | Path) -> dict:
-    """Check the composed config; returns it as a plain resolved dict."""
+    """Check the composed config, with ``auto`` paths resolved to the earlier stages' newest runs (said on
+    stderr, see earlier.py); returns it as a plain resolved dict."""
+    if isinstance(cfg, DictConfig):
+        import sys
+
+        from varctl.cli.earlier import fill_earlier_stages
+
+        for line in fill_earlier_stages(cfg, path):
+            print(f"varctl: using {line}", file=sys.stderr, flush=True)
     data = to_container(cfg, path) if isinstance(cfg, DictConfig) else cfg
     for key in data:
         if key not in TOP_LEVEL_KEYS:

@@ -1,5 +1,10 @@
-"""The checkpoints of earlier stages, found when the command does not name them: ``python -m varctl fit -c
-conf/control.yaml`` on the runs that README command 1 (``make demo``) left under ``run.root``."""
+"""The checkpoints of earlier stages, found when the config says ``auto``: ``python -m varctl fit -c
+conf/control.yaml`` then trains on the runs that README command 1 (``make demo``) left under ``run.root``.
+
+``model.tokenizer: auto`` (conf/var.yaml, conf/control.yaml) is the newest ``<run.root>/tokenizer`` run, or
+for the control stage the tokenizer its VAR was trained on; ``model.init_from: auto`` (conf/control.yaml) is
+the newest ``<run.root>/var`` run. A path on the command line replaces ``auto``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from varctl.cli.config import ConfigError
 
-VAR_TARGET = "varctl.lit.var.VARModule"
-CONTROL_TARGET = "varctl.lit.control.ControlModule"
+AUTO = "auto"
 FIRST = {
     "tokenizer": "python -m varctl fit -c conf/tokenizer.yaml",
     "var": "python -m varctl fit -c conf/var.yaml",
@@ -23,13 +27,8 @@ def newest(root: str | Path, name: str) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
-def _unset(cfg: DictConfig, key: str) -> bool:
-    return OmegaConf.is_missing(cfg, key) or OmegaConf.select(cfg, key) is None
-
-
-def _from_scratch(cfg: DictConfig) -> bool:
-    """The control stage trains its VAR from scratch (``model.train_backbone=true``, no ``init_from``)."""
-    return OmegaConf.select(cfg, "model.train_backbone") is True
+def _auto(cfg: DictConfig, key: str) -> bool:
+    return not OmegaConf.is_missing(cfg, key) and OmegaConf.select(cfg, key) == AUTO
 
 
 def _run_tokenizer(var_ckpt: Path) -> str | None:
@@ -42,11 +41,10 @@ def _run_tokenizer(var_ckpt: Path) -> str | None:
 
 
 def fill_earlier_stages(cfg: DictConfig, config_file: str | Path, strict: bool = True) -> list[str]:
-    """Set ``model.tokenizer`` (VAR and control stage) and ``model.init_from`` (control stage) when unset,
-    from the newest runs under ``run.root``; returns what was chosen, one line each. With none there, a
-    ConfigError names the commands to run first (``strict``), or the keys stay unset."""
-    target = OmegaConf.select(cfg, "model._target_")
-    if target not in (VAR_TARGET, CONTROL_TARGET):
+    """Replace ``auto`` in ``model.init_from`` and ``model.tokenizer`` by the newest runs under ``run.root``;
+    returns what was chosen, one line each. With no run there, a ConfigError names the commands to run
+    first (``strict``), or the value stays ``auto``."""
+    if OmegaConf.select(cfg, "model") is None:
         return []
     root = OmegaConf.select(cfg, "run.root") or "runs"
     chosen: list[str] = []
@@ -56,27 +54,23 @@ def fill_earlier_stages(cfg: DictConfig, config_file: str | Path, strict: bool =
             return
         steps = [FIRST["tokenizer"]] + ([FIRST["var"]] if stage == "var" else [])
         raise ConfigError(
-            f"{config_file}: {key} is not set and {Path(root) / stage} holds no checkpoints/last.ckpt. "
+            f"{config_file}: {key}=auto but {Path(root) / stage} holds no <version>/checkpoints/last.ckpt. "
             f"Train the earlier stage{'s' if len(steps) > 1 else ''} first: "
             + " then ".join(f"`{s}`" for s in steps)
             + f" (or `make demo`, which runs them all), or set {key}=PATH"
         )
 
-    if (
-        target == CONTROL_TARGET
-        and _unset(cfg, "model.init_from")
-        and not OmegaConf.select(cfg, "model.train_backbone")
-    ):
+    if _auto(cfg, "model.init_from"):
         var = newest(root, "var")
         if var is None:
             missing("var", "model.init_from")
             return chosen
         cfg.model.init_from = str(var)
         chosen.append(f"model.init_from={var} (the newest VAR run under {root})")
-        if _unset(cfg, "model.tokenizer") and (tokenizer := _run_tokenizer(var)) is not None:
+        if _auto(cfg, "model.tokenizer") and (tokenizer := _run_tokenizer(var)) is not None:
             cfg.model.tokenizer = tokenizer
             chosen.append(f"model.tokenizer={tokenizer} (the tokenizer that VAR was trained on)")
-    if _unset(cfg, "model.tokenizer"):
+    if _auto(cfg, "model.tokenizer"):
         tokenizer = newest(root, "tokenizer")
         if tokenizer is None:
             missing("tokenizer", "model.tokenizer")
@@ -87,9 +81,6 @@ def fill_earlier_stages(cfg: DictConfig, config_file: str | Path, strict: bool =
 
 
 def still_to_set(cfg: DictConfig) -> list[str]:
-    """The keys a run needs that are unset: ``???`` values, and the control stage's ``model.init_from``."""
+    """The keys a run needs that are unset: ``???`` values and ``auto`` ones no run resolves."""
     unset = sorted(OmegaConf.missing_keys(cfg))
-    control = OmegaConf.select(cfg, "model._target_") == CONTROL_TARGET
-    if control and _unset(cfg, "model.init_from") and not _from_scratch(cfg):
-        unset.append("model.init_from")
-    return unset
+    return unset + [k for k in ("model.tokenizer", "model.init_from") if _auto(cfg, k)]

@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# still to set (key=VALUE on the command line): {', '.join(unset)}")
             print(as_yaml(cfg), end="")
             return 0
-        for line in fill_earlier_stages(cfg, args.config):
-            print(f"varctl: using {line}", file=sys.stderr, flush=True)
-        data = validate(cfg, args.config)
+        data = validate(cfg, args.config)  # with the earlier stages' runs where the config says auto
     except ConfigError as e:
         print(f"varctl: config error: {e}", file=sys.stderr)
         return 2

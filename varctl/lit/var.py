@@ -33,6 +33,16 @@ from varctl.models.var import VAR
 from varctl.models.vqvae import VQVAE
 
 
+def _named(load, path: str, key: str, **kwargs):
+    """``load(path)``, a missing file reported with the setting that names it."""
+    try:
+        return load(path, **kwargs)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{key}={path}: {err} (weights are never downloaded: name a local file)"
+        ) from None
+
+
 class VARModule(L.LightningModule):
     """Trains ``self.model`` (here the VAR) on dict batches; ``self.vae`` (frozen tokenizer) and
     ``self.text_encoder`` (frozen, text models only; rebuilt from ``text_encoder``, never stored in
@@ -73,7 +83,7 @@ class VARModule(L.LightningModule):
         plain_hparams(self.hparams)
         self.optimizer_settings = OptimizerSettings.of(optimizer)
         self.samples, self.predictions = Samples.of(samples), Predictions.of(predict)
-        self.vae = VQVAE.load(tokenizer).eval().requires_grad_(False)
+        self.vae = _named(VQVAE.load, tokenizer, "model.tokenizer").eval().requires_grad_(False)
         self.text_encoder = TextEncoder(**text_encoder) if text_encoder is not None else None
         self.model = self.build_model(self.build_var(var, init_from))
         if self.text_encoder is not None:
@@ -106,7 +116,7 @@ class VARModule(L.LightningModule):
             return VAR.build(var, **fixed)
         # the architecture comes from the file: explicit settings and the fixed fields must agree with it
         settings = {k: v for k, v in (var or {}).items() if k != "preset"}
-        return VAR.load(init_from, **{**settings, **fixed})
+        return _named(VAR.load, init_from, "model.init_from", **{**settings, **fixed})
 
     def build_model(self, var: VAR) -> nn.Module:
         """The network this stage trains around the VAR (the control stage adds its branch)."""
