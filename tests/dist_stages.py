@@ -126,6 +126,32 @@ if tr.global_rank == 0:
         "f1_shuffled": float(tr.callback_metrics["val_shuffled/edges_f1"]),
     }  # fmt: skip
 
+# ---------------------------------------------------------------------------------------------- jobs
+# a folder of 5 edge maps drawn by 2 processes: each map exactly once (Lightning's unrepeated sampler)
+if strategy_name == "ddp":
+    from PIL import Image
+
+    from datamodules.jobs import GenerationJobs
+    from varctl.callbacks import ImageWriter
+
+    maps = os.path.join(out, "maps")
+    if tr.global_rank == 0:
+        scenes = data(control, controls=["edges"]).dataset("val")
+        os.makedirs(os.path.join(maps, "edges"))
+        for i in range(5):
+            edges = (scenes[i]["control"]["edges"][0].numpy() * 255).astype("uint8")
+            Image.fromarray(edges).save(os.path.join(maps, "edges", f"map_{i}.png"))
+    tr.strategy.barrier()
+    jobs = GenerationJobs(root=maps, batch_size=2)
+    jobs.connect(**control.data_requirements())
+    writer = ImageWriter(jobs.output_dir)
+    trainer(1, callbacks=[writer]).predict(control, jobs, return_predictions=False)
+    counts = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
+    torch.distributed.all_gather(counts, torch.tensor(writer.written))
+    if tr.global_rank == 0:
+        result["jobs"] = {"written": [int(c) for c in counts], "maps": maps,
+                          "files": sorted(os.listdir(jobs.output_dir))}  # fmt: skip
+
 # ---------------------------------------------------------------------------------------------- injectors
 # the other injectors, 2 steps each; CAR fine-tunes the backbone too (side blocks + sharded backbone)
 result["injectors"] = {}

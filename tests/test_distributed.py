@@ -82,3 +82,29 @@ def test_every_injector_trains_under_the_strategy(strategy, request):
         assert r["branch_sums"][0] == r["branch_sums"][1] and r["var_sums"][0] == r["var_sums"][1], (name, r)
         assert r["injector"] == name and r["loaded"] == pytest.approx(r["branch_sums"][0], rel=1e-9), name
         assert r["backbone_moved"] == (name == "car") and 0.0 <= r["f1"] <= 1.0, name
+
+
+def test_generation_jobs_draw_every_input_exactly_once_under_ddp(ddp, tmp_path):
+    """5 edge maps over 2 processes: 5 images written in all (no padded duplicates), the same images as one
+    process draws (the seed of each comes from its name)."""
+    import lightning as L
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.jobs import GenerationJobs
+    from varctl.callbacks import ImageWriter
+    from varctl.lit.control import ControlModule
+
+    result, out = ddp
+    jobs = result["jobs"]
+    assert sum(jobs["written"]) == 5 and min(jobs["written"]) >= 2
+    assert jobs["files"] == [f"map_{i}.png" for i in range(5)]
+    module = ControlModule.load_from_checkpoint(out / "control.ckpt", map_location="cpu")
+    single = GenerationJobs(root=jobs["maps"], output=str(tmp_path), batch_size=5)
+    single.connect(**module.data_requirements())
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        callbacks=[ImageWriter(tmp_path)])  # fmt: skip
+    trainer.predict(module, single, return_predictions=False)
+    for name in jobs["files"]:
+        a = np.asarray(Image.open(Path(jobs["maps"]) / "generated" / name)).astype(int)
+        assert np.abs(a - np.asarray(Image.open(tmp_path / name))).max() <= 1, name
