@@ -77,12 +77,19 @@ def main() -> None:
         scoring = ["trainer.limit_val_batches=4", "model.scores.batches=4"]  # 64 val images
         scored = stage("validate", "control.yaml", [f"ckpt_path={ckpt}", *scoring, *control_overrides])
         m = scored.callback_metrics
+        guidance = float(scored.lightning_module.scoring.control_cfg)
         print(
-            f"[demo] control: edge F1 of samples vs. their real images {float(m['val/edges_f1']):.3f}; of "
+            f"[demo] control ({scored.lightning_module.control.config.injector}, control guidance "
+            f"{guidance:g}): edge F1 of samples vs. their real images {float(m['val/edges_f1']):.3f}; of "
             f"samples given other images' edges {float(m['val_shuffled/edges_f1']):.3f} (no control); of "
             f"the tokenizer's reconstructions {float(m['val_tokenizer/edges_f1']):.3f} (the ceiling)",
             flush=True,
         )
+        if guidance != 0:  # the same samples without control guidance, to show what it adds
+            plain = stage("validate", "control.yaml", [f"ckpt_path={ckpt}", *scoring, *control_overrides,
+                                                       "model.scores.control_cfg=0"])  # fmt: skip
+            f1 = float(plain.callback_metrics["val/edges_f1"])
+            print(f"[demo] control without control guidance: edge F1 {f1:.3f}", flush=True)
         stage("predict", "control.yaml", [f"ckpt_path={ckpt}", *control_overrides])
     print(f"[demo] done: tensorboard --logdir {args.root}", flush=True)
 
