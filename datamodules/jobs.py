@@ -38,7 +38,6 @@ from datamodules.transforms import (
     as_tv_tensor,
     batch_map,
     check_controls,
-    fit_to,
     image_to_tensor,
     load_image,
     load_map,
@@ -253,7 +252,14 @@ class JobDataset(Dataset):
         if job.mask is not None:
             files["mask"] = load_map(job.mask, "edges")  # white (>= half) = redraw
         reference = image if image is not None else next(iter(files.values()))
-        files = {k: fit_to(t, reference) for k, t in files.items()}
+        sizes = {k: tuple(t.shape[-2:]) for k, t in files.items()}
+        wrong = {k: v for k, v in sizes.items() if v != tuple(reference.shape[-2:])}
+        if wrong:  # one crop must fit all of a job's inputs: a map or mask of another size is refused
+            what = "image" if image is not None else next(iter(files))
+            raise ValueError(
+                f"the {what} is {tuple(reference.shape[-2:])} (H, W) but {wrong} differ: a job's maps and "
+                "mask must have its image's size"
+            )
         if image is None:
             _, files = self.geometry(as_tv_tensor(torch.zeros_like(reference[:1]), "depth"), files)
         else:

@@ -128,10 +128,13 @@ def test_a_bad_input_is_reported_by_name_and_the_job_goes_on(control, tmp_path, 
     for i in range(3):
         save(tmp_path / "edges" / f"ok_{i}.png", (np.eye(32)[::-1] * 255).astype(np.uint8))
     (tmp_path / "edges" / "broken.png").write_bytes(b"not a png")
+    save(tmp_path / "images" / "small_mask.png", textured(0, size=(32, 32)))
+    save(tmp_path / "masks" / "small_mask.png", np.full((16, 16), 255, np.uint8))  # not the image's size
     predict(control, GenerationJobs(root=str(tmp_path), batch_size=4))
     printed = capsys.readouterr().out
     assert "skipped broken" in printed and "broken.png" in printed
-    assert "3 written, 0 skipped (existing), 1 failed" in printed
+    assert "skipped small_mask" in printed and "{'mask': (16, 16)} differ" in printed
+    assert "3 written, 0 skipped (existing), 2 failed" in printed
     assert sorted(p.name for p in (tmp_path / "generated").glob("*.png")) == [f"ok_{i}.png" for i in range(3)]
 
 
