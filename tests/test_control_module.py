@@ -285,16 +285,18 @@ def test_text_conditioned_control(files, tmp_path):
 # ---------------------------------------------------------------------------------------------- injectors
 @pytest.mark.parametrize("injector", ["controlar", "car", "prefill", "ecm"])
 def test_every_injector_learns_to_use_the_controls(files, tmp_path, injector):
-    """150 steps of each injector (the backbone frozen, control dropout on): the val loss with the
+    """80 steps of each injector (the backbone frozen, control dropout on): the val loss with the
     matched controls beats the loss with another image's; samples under control guidance are finite and
     differ from samples without it."""
     torch.manual_seed(0)
-    # a prefix reaches a frozen backbone only through its fixed attention: it learns with a tuned one
+    # a prefix reaches a frozen backbone only through its fixed attention: it learns with a tuned one, and
+    # slower (150 steps at lr 1e-3: margin 0.033; 80 at 2e-3: 0.011, the others 0.018-0.026 there)
     tuned = injector == "prefill"
+    steps, lr = (150, 1e-3) if tuned else (80, 2e-3)
     branch = {**BRANCH, "injector": injector, "adapter_dim": 32, "control_drop_rate": 0.1}
-    m = make_control(files, control=branch, train_backbone=tuned)
+    m = make_control(files, control=branch, train_backbone=tuned, lr=lr)
     dm = make_data(m, num_train=4096)
-    make_trainer(tmp_path, max_steps=150).fit(m, dm)
+    make_trainer(tmp_path, max_steps=steps).fit(m, dm)
     losses = val_losses(m, dm, files[1])
     assert losses["rolled"] - losses["matched"] > 0.01, losses
     base = VAR.load(files[1])

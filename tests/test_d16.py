@@ -1,7 +1,7 @@
 """The real-data path at real shapes: conf/control_d16.yaml on an official-layout VAR-d16 and tokenizer
 (random weights saved as ``var_d16.pth`` and ``vae_ch160v4096z32.pth``) and a 256-px pairs folder with
-Canny on the fly: one training step, one validation step with its metrics, one control-to-image sample at
-256 px through ``predict`` with data=jobs, all on the CPU. Prints its time and peak memory."""
+Canny on the fly: one training step, one validation step (its loss; sample scoring is tested at small
+shapes), one control-to-image sample at 256 px through ``predict`` with data=jobs, all on the CPU. Prints its time and peak memory."""
 
 from __future__ import annotations
 
@@ -54,12 +54,11 @@ def test_control_d16_trains_validates_and_samples_at_256_px(tmp_path):
     built = time.perf_counter()
     fit = stage("fit", [*common, f"data.root={tmp_path / 'pairs'}", "data.val_fraction=0.5",
                         "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
-                        "model.optimizer.warmup_steps=0"])  # fmt: skip
+                        "model.optimizer.warmup_steps=0", "model.scores.batches=0"])  # fmt: skip
     trained = time.perf_counter()
     m = fit.callback_metrics
     assert np.isfinite(float(m["train/loss"])) and 6 < float(m["val/loss"]) < 10  # ~ln(4096) = 8.3
-    for key in ("val/edges_f1", "val_shuffled/edges_f1", "val_tokenizer/edges_f1"):
-        assert 0 <= float(m[key]) <= 1
+    assert "val/edges_f1" not in m  # sample scoring (tested at small shapes) is off: 2 samples less here
     module = fit.lightning_module
     assert module.var.config.depth == 16 and module.vae.config.resolution == 256
     assert module.control.config.injector == "scalar" and module.control.config.resolution == 256

@@ -3,7 +3,11 @@
 
     python tools/compare_injectors.py --tokenizer runs/tokenizer/<v>/checkpoints/last.ckpt \
         --var runs/var/<v>/checkpoints/last.ckpt [--steps 600] [--injectors scalar car ...] \
-        [--control-cfg 1.0] [--root runs/compare] [--val-batches 4]
+        [--control-cfg 1.0] [--root runs/compare] [--val-batches 4] [--tuned prefill]
+
+Every injector trains with the backbone frozen; those named by ``--tuned`` (default prefill, whose prefix
+reaches a frozen backbone only through its fixed attention) get a second row, "<name> tuned", trained with
+the backbone fine-tuned as well (``model.train_backbone=true``).
 
 Columns:
 - params: parameters the branch adds;
@@ -125,6 +129,11 @@ def table(rows: dict, args, cpu: str) -> str:
     )
 
 
+def names(args) -> list[str]:
+    """The rows: every injector with the backbone frozen, then those of ``--tuned`` with it fine-tuned."""
+    return [*args.injectors, *(f"{n} tuned" for n in args.tuned if n in args.injectors)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,6 +147,8 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=4, help="scored val batches (16 images each)")
     parser.add_argument("--root", default="runs/compare")
     parser.add_argument("--retime", action="store_true", help="measure the times again from the checkpoints")
+    parser.add_argument("--tuned", nargs="*", default=["prefill"], choices=INJECTORS,
+                        help="injectors also compared with the backbone fine-tuned (row '<name> tuned')")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for every injector")
     args = parser.parse_args()
 
@@ -146,21 +157,24 @@ def main() -> None:
     rows: dict = {}
     if results.exists():  # resume: keep the finished rows of the same comparison
         saved = json.loads(results.read_text())
-        same = {k: v for k, v in saved["args"].items() if k not in ("injectors", "retime")}
-        if same != {k: v for k, v in vars(args).items() if k not in ("injectors", "retime")}:
+        free = ("injectors", "retime", "tuned")
+        same = {k: v for k, v in saved["args"].items() if k not in free}
+        if same != {k: v for k, v in vars(args).items() if k not in free}:
             raise SystemExit(f"{results} holds a comparison with other arguments: {saved['args']}; "
                              "use another --root or remove it")  # fmt: skip
         rows = {k: v for k, v in saved["rows"].items() if Path(v["checkpoint"]).exists()}
 
     def save() -> None:
-        kept = {k: rows[k] for k in args.injectors if k in rows}
+        kept = {k: rows[k] for k in names(args) if k in rows}
         atomic_write_text(results, json.dumps({"args": vars(args), "rows": kept}, indent=1))
 
-    for name in args.injectors:
+    for name in names(args):
+        injector, tuned = name.removesuffix(" tuned"), name.endswith(" tuned")
         common = [
             f"model.tokenizer={args.tokenizer}", f"model.init_from={args.var}", f"run.root={root}",
-            f"run.name=control_{name}", f"model.control.injector={name}", "seed=0",
-            f"model.control.control_drop_rate={args.control_drop_rate}", *args.overrides,
+            f"run.name=control_{name.replace(' ', '_')}", f"model.control.injector={injector}", "seed=0",
+            f"model.control.control_drop_rate={args.control_drop_rate}", f"model.train_backbone={tuned}",
+            *args.overrides,
         ]  # fmt: skip
         if name in rows:
             if args.retime:
@@ -188,7 +202,7 @@ def main() -> None:
         save()
         print(f"[compare] {name}: {rows[name]}", flush=True)
 
-    text = table({k: rows[k] for k in args.injectors}, args, cpu_name())
+    text = table({k: rows[k] for k in names(args)}, args, cpu_name())
     print(text, flush=True)
     atomic_write_text(root / "comparison.md", text)
 
