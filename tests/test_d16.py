@@ -1,7 +1,8 @@
 """The real-data path at real shapes: conf/control_d16.yaml on an official-layout VAR-d16 and tokenizer
 (random weights saved as ``var_d16.pth`` and ``vae_ch160v4096z32.pth``) and a 256-px pairs folder with
 Canny on the fly: one training step, one validation step (its loss; sample scoring is tested at small
-shapes), one control-to-image sample at 256 px through ``predict`` with data=jobs, all on the CPU. Prints its time and peak memory."""
+shapes), one control-to-image sample at 256 px through ``predict`` with data=jobs, all on the CPU. Prints
+its time and peak memory."""
 
 from __future__ import annotations
 

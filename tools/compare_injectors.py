@@ -147,8 +147,8 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=4, help="scored val batches (16 images each)")
     parser.add_argument("--root", default="runs/compare")
     parser.add_argument("--retime", action="store_true", help="measure the times again from the checkpoints")
-    parser.add_argument("--tuned", nargs="*", default=["prefill"], choices=INJECTORS,
-                        help="injectors also compared with the backbone fine-tuned (row '<name> tuned')")  # fmt: skip
+    tuned = "injectors also compared with the backbone fine-tuned (row '<name> tuned')"
+    parser.add_argument("--tuned", nargs="*", default=["prefill"], choices=INJECTORS, help=tuned)
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for every injector")
     args = parser.parse_args()
 
