@@ -3,13 +3,19 @@
 - SyntheticDataModule: procedural shapes with labels, captions and exact control maps (no files).
 - ClassFolderDataModule: ImageFolder layout (root/<class>/*.jpg).
 - CaptionListDataModule: .jsonl / .csv lists of image, caption[, label].
-- ControlPairsDataModule: images with edges / depth / segmentation maps beside them (or annotators).
+- ControlPairsDataModule: images with edges / depth / segmentation / sketch maps beside them (or annotators).
 - GenerationJobs: predict-only inputs of generation jobs (maps, images + masks, out-painting; jobs.py).
 
 Annotators are named in configs as `_target_` nodes, e.g. `{_target_: datamodules.CannyAnnotator, low: 100}`.
 """
 
-from datamodules.annotators import Annotator, CannyAnnotator, TorchScriptAnnotator, annotate
+from datamodules.annotators import (
+    Annotator,
+    CannyAnnotator,
+    SketchAnnotator,
+    TorchScriptAnnotator,
+    annotate,
+)
 from datamodules.base import BATCH_KEYS, VarDataModule
 from datamodules.files import FileDataModule, FileDataset, Record
 from datamodules.folders import (
@@ -30,6 +36,7 @@ __all__ = [
     "MODALITIES",
     "Annotator",
     "CannyAnnotator",
+    "SketchAnnotator",
     "CaptionListDataModule",
     "ClassFolderDataModule",
     "ControlPairsDataModule",

@@ -4,11 +4,13 @@ An annotator is any callable `annotator(image) -> map` taking the uint8 (H, W, 3
 crop (so the map aligns with the pixels; flips are applied to both afterwards). Configs name it as a Hydra
 `_target_` node, which the CLI instantiates into the object the datamodule receives:
 `{_target_: datamodules.CannyAnnotator, low: 100, high: 200}` (the default for edges),
+`{_target_: datamodules.SketchAnnotator}` (the default for sketch),
 `{_target_: datamodules.TorchScriptAnnotator, path: dpt.pt, device: cpu}`, or any function with
 `{_target_: pkg.module.function, _partial_: true, ...keyword arguments}`. Depth and segmentation have no
 default.
 Outputs are normalized by `annotate`: edges -> {0,1}, depth -> [0,1] (min-max per image, larger = nearer,
-as MiDaS/DPT-style inverse depth), segmentation -> int64 ids (argmax when the model returns class scores).
+as MiDaS/DPT-style inverse depth), segmentation -> int64 ids (argmax when the model returns class scores),
+sketch -> [0,1] with strokes 1 (uint8 / 255; an HED or PiDiNet TorchScript model fits as it is).
 """
 
 from __future__ import annotations
@@ -42,6 +44,29 @@ class CannyAnnotator:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return cv2.Canny(np.ascontiguousarray(image), self.low, self.high)
+
+
+class SketchAnnotator:
+    """A sketch-like line drawing of the image: float32 (H, W) in [0, 1], strokes 1 on a 0 background.
+
+    The difference of Gaussians of the luminance (in [0, 1]) at ``sigma`` and ``k * sigma`` is positive on
+    the dark side of every edge and 0 on flat regions; XDoG's soft threshold (Winnemoeller et al. 2012)
+    ``tanh(phi * (dog - epsilon))``, clipped at 0, turns it into strokes whose darkness follows the contrast.
+    """
+
+    def __init__(self, sigma: float = 1.0, k: float = 1.6, epsilon: float = 0.01, phi: float = 100.0):
+        if not (sigma > 0 and k > 1 and phi > 0 and epsilon >= 0):
+            raise ValueError(
+                f"sketch annotator needs sigma > 0, k > 1, phi > 0, epsilon >= 0; got sigma={sigma}, k={k}, "
+                f"phi={phi}, epsilon={epsilon}"
+            )
+        self.sigma, self.k, self.epsilon, self.phi = float(sigma), float(k), float(epsilon), float(phi)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+        fine = cv2.GaussianBlur(grey, (0, 0), self.sigma, borderType=cv2.BORDER_REFLECT)
+        coarse = cv2.GaussianBlur(grey, (0, 0), self.k * self.sigma, borderType=cv2.BORDER_REFLECT)
+        return np.clip(np.tanh(self.phi * (coarse - fine - self.epsilon)), 0.0, 1.0).astype(np.float32)
 
 
 class TorchScriptAnnotator:
@@ -91,7 +116,14 @@ _EXAMPLE = {
     "edges": "{_target_: datamodules.CannyAnnotator, low: 100, high: 200}",
     "depth": "{_target_: datamodules.TorchScriptAnnotator, path: dpt.pt, device: cpu}",
     "segmentation": "{_target_: pkg.module.function, _partial_: true}",
+    "sketch": "{_target_: datamodules.SketchAnnotator, sigma: 1.0}",
 }
+
+
+def default_annotators() -> dict[str, Annotator]:
+    """The annotators used when `data.annotators` names none: Canny for edges, XDoG for sketch (depth and
+    segmentation need a user's model)."""
+    return {"edges": CannyAnnotator(), "sketch": SketchAnnotator()}
 
 
 def annotate(annotator: Annotator, image: np.ndarray, modality: str) -> np.ndarray:
@@ -120,12 +152,15 @@ def annotate(annotator: Annotator, image: np.ndarray, modality: str) -> np.ndarr
         return (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
     if modality == "segmentation":
         return np.rint(out).astype(np.int64)
+    if modality == "sketch":
+        scale = 255.0 if out.dtype == np.uint8 else 1.0
+        return np.clip(out.astype(np.float32) / scale, 0.0, 1.0)
     return out
 
 
 def _resize(out: np.ndarray, height: int, width: int, modality: str) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None, None]  # (1, 1, h, w)
-    if modality == "depth":
+    if modality in ("depth", "sketch"):
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     else:
         x = F.interpolate(x, size=(height, width), mode="nearest")

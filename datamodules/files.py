@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import Dataset
 
-from datamodules.annotators import Annotator, CannyAnnotator, annotate, check_annotators
+from datamodules.annotators import Annotator, annotate, check_annotators, default_annotators
 from datamodules.base import BATCH_KEYS, VarDataModule
 from datamodules.transforms import (
     as_tv_tensor,
@@ -148,8 +148,9 @@ class FileDataModule(VarDataModule):
 
     def build_datasets(self) -> dict[str, Dataset]:
         controls = self.controls if self.wants("control") else ()
-        # Canny for edges unless data.annotators.edges is set; depth and segmentation have no default.
-        annotators = {"edges": CannyAnnotator(), **self.annotators}
+        # Canny for edges and XDoG for sketch unless data.annotators sets them; depth and segmentation have
+        # no default.
+        annotators = {**default_annotators(), **self.annotators}
         annotators = {m: annotators.get(m) for m in controls}
         for split, records in self.splits.items():
             if not records:

@@ -224,7 +224,8 @@ class ControlPairsDataModule(FileDataModule):
     Args:
         root: a folder with `image_dir` and the map folders, or one holding train/ and val/ (and optionally
             test/) folders laid out that way.
-        controls: the modalities to load when the model asks for "control" (edges, depth, segmentation).
+        controls: the modalities to load when the model asks for "control"
+            (edges, depth, segmentation, sketch).
         image_dir: folder of the images inside root (or inside each split folder).
         control_dirs: modality -> folder of its maps (default: the modality's name).
         caption_dir: folder of <stem>.txt captions (a missing file gives the caption "").

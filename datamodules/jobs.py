@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.annotators import CannyAnnotator, annotate, check_annotators
+from datamodules.annotators import annotate, check_annotators, default_annotators
 from datamodules.base import VarDataModule
 from datamodules.files import list_images, stem
 from datamodules.transforms import (
@@ -376,7 +376,7 @@ class GenerationJobs(VarDataModule):
         self.controls = check_controls(controls)
         self.control_dirs = {m: m for m in MODALITIES} | {m: str(d) for m, d in (control_dirs or {}).items()}
         self.image_dir, self.mask_dir = str(image_dir), str(mask_dir)
-        self.annotators = {"edges": CannyAnnotator(), **check_annotators(annotators)}
+        self.annotators = {**default_annotators(), **check_annotators(annotators)}
         self.outpaint = check_outpaint(outpaint, "data.outpaint")
         self.samples_per_input, self.overwrite, self.sheets = int(samples_per_input), bool(overwrite), sheets
         where = root if root is not None else os.path.dirname(os.path.abspath(list))

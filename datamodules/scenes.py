@@ -228,6 +228,19 @@ def edges_from_layers(layers: np.ndarray) -> np.ndarray:
     return edge.astype(np.float32)
 
 
+def sketch_from_layers(layers: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1]: the outlines of `edges_from_layers` as soft strokes, the built-in sketch-like map.
+
+    The {0,1} outline blurred by [1, 2, 1] / 4 along each axis, doubled and clipped: 1 on a straight
+    outline, 0.5 beside it (and on an isolated outline pixel), 0 away from every outline.
+    """
+    edge = edges_from_layers(layers)
+    padded = np.pad(edge, 1)
+    rows = 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
+    blurred = 0.25 * rows[:, :-2] + 0.5 * rows[:, 1:-1] + 0.25 * rows[:, 2:]
+    return np.clip(2.0 * blurred, 0.0, 1.0).astype(np.float32)
+
+
 def depth_from_layers(layers: np.ndarray, num_shapes: int) -> np.ndarray:
     """float32 in [0,1]: background 0, k-th shape from the back k / num_shapes (nearest = 1)."""
     return layers.astype(np.float32) / max(num_shapes, 1)

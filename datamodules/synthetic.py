@@ -3,7 +3,8 @@
 Sample `index` of a split is drawn from `np.random.default_rng([seed, offset + index])`, so it is the same
 scene in every process and at every resolution (32..256). The label is the class of the main shape (largest,
 front-most, 55-85 % of the image side), the caption is written from the geometry, and the control maps
-(edges, depth, segmentation) are exact: computed from the shapes, not from the pixels (see scenes.py).
+(edges, depth, segmentation, sketch) are exact: computed from the shapes, not from the pixels (see
+scenes.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from datamodules.scenes import (
     render_image,
     segmentation_from_layers,
     shape_mask,
+    sketch_from_layers,
 )
 from datamodules.transforms import (
     MODALITIES,
@@ -289,6 +291,7 @@ class SyntheticShapes(Dataset):
                 "edges": lambda: edges_from_layers(layers),
                 "depth": lambda: depth_from_layers(layers, len(scene.shapes)),
                 "segmentation": lambda: segmentation_from_layers(layers, scene),
+                "sketch": lambda: sketch_from_layers(layers),
             }
             control = {m: map_to_tensor(maps[m](), m) for m in self.controls}
         image = image_to_tensor(render_image(scene, self.resolution))
@@ -311,7 +314,8 @@ class SyntheticDataModule(VarDataModule):
     Args:
         num_train: number of train scenes (indices 0..num_train-1).
         num_val: number of val scenes (indices VAL_OFFSET + i, disjoint from train); also test and predict.
-        controls: control maps produced when the model asks for "control" (edges, depth, segmentation).
+        controls: control maps produced when the model asks for "control" (edges, depth, segmentation,
+            sketch).
         max_distractors: at most this many small shapes behind the main one (0..max_distractors, uniform).
         backgrounds: background kinds to draw from (solid, gradient, stripes, checker); e.g. [solid] with
             max_distractors 0 gives the simplest images (one shape on a plain colour).

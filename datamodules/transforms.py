@@ -23,6 +23,7 @@ CROPS = ("center", "random", "none")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 BICUBIC, NEAREST_EXACT = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.NEAREST_EXACT
 
+SOFT = ("depth", "sketch")  # continuous maps in [0, 1]: resampled as images, clamped after
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16/32-bit greyscale PIL modes
 
 
@@ -64,7 +65,8 @@ def load_map(path: str, modality: str) -> torch.Tensor:
 
     edges: a pixel at half the full scale or more is an edge (files holding only 0/1 are read as is);
     depth: [0, 1] (8-bit / 255, 16-bit / 65535, float as is); segmentation: int64 ids (palette indices of a
-    "P" PNG or grey levels).
+    "P" PNG or grey levels); sketch: [0, 1] with strokes 1, scaled as depth, a drawing whose median is above
+    half the full scale (dark lines on light paper) inverted.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{modality} map file not found: {path}")
@@ -91,6 +93,12 @@ def _map_array(img: Image.Image, modality: str, path: str) -> np.ndarray:
         if img.mode == "F":
             return np.asarray(img, dtype=np.float32)
         return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if modality == "sketch":
+        # strokes are 1: a drawing on light paper (median above half the full scale) is inverted
+        full = 1.0 if img.mode == "F" else 65535.0 if img.mode in _WIDE_MODES else 255.0
+        wide = img.mode in _WIDE_MODES or img.mode == "F"
+        arr = np.clip(np.asarray(img if wide else img.convert("L"), dtype=np.float32) / full, 0.0, 1.0)
+        return 1.0 - arr if np.median(arr) > 0.5 else arr
     if modality == "segmentation":
         if img.mode not in ("P", "L", "1", *_WIDE_MODES):
             raise ValueError(
@@ -102,9 +110,9 @@ def _map_array(img: Image.Image, modality: str, path: str) -> np.ndarray:
 
 
 def as_tv_tensor(control: torch.Tensor, modality: str) -> torch.Tensor:
-    """A batch tensor (1, H, W) as the tv_tensor that tells v2 how to resample it: depth an Image (bicubic),
-    edges and segmentation a Mask (nearest)."""
-    return tv_tensors.Image(control) if modality == "depth" else tv_tensors.Mask(control)
+    """A batch tensor (1, H, W) as the tv_tensor that tells v2 how to resample it: depth and sketch an Image
+    (bicubic), edges and segmentation a Mask (nearest)."""
+    return tv_tensors.Image(control) if modality in SOFT else tv_tensors.Mask(control)
 
 
 class Resize(v2.Resize):
@@ -170,7 +178,8 @@ def image_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
 def map_to_tensor(arr: np.ndarray, modality: str) -> torch.Tensor:
     """A 2-D map (from a file, a scene or an annotator) -> its batch tensor (1, H, W).
 
-    edges -> float {0,1}; depth -> float [0,1]; segmentation -> int64 ids.
+    edges -> float {0,1}; depth -> float [0,1]; segmentation -> int64 ids; sketch -> float [0,1] (uint8 is
+    divided by 255).
     """
     arr = np.asarray(arr)
     if arr.ndim != 2:
@@ -182,13 +191,17 @@ def map_to_tensor(arr: np.ndarray, modality: str) -> torch.Tensor:
         return torch.from_numpy(np.clip(arr.astype(np.float32), 0.0, 1.0))[None]
     if modality == "segmentation":
         return torch.from_numpy(arr.astype(np.int64))[None]
+    if modality == "sketch":
+        scale = 255.0 if arr.dtype == np.uint8 else 1.0
+        return torch.from_numpy(np.clip(arr.astype(np.float32) / scale, 0.0, 1.0))[None]
     raise ValueError(f"unknown control modality {modality!r}; expected one of {MODALITIES}")
 
 
 def batch_map(control: torch.Tensor, modality: str) -> torch.Tensor:
-    """A transformed map back to a plain batch tensor; depth clamped to [0, 1] (bicubic overshoot)."""
+    """A transformed map back to a plain batch tensor; depth and sketch clamped to [0, 1] (bicubic
+    overshoot)."""
     control = control.as_subclass(torch.Tensor)
-    return control.clamp(0.0, 1.0) if modality == "depth" else control
+    return control.clamp(0.0, 1.0) if modality in SOFT else control
 
 
 def collate(samples: list[Mapping]) -> dict:

@@ -84,5 +84,5 @@ def test_build_control_metrics_only_what_can_be_computed():
         16,
     )
     assert set(built) == {"edges_f1", "depth_rmse", "segmentation_miou"}
-    with pytest.raises(ValueError, match=r"model\.metric_annotators takes depth and segmentation"):
+    with pytest.raises(ValueError, match=r"model\.metric_annotators takes depth, segmentation and sketch"):
         build_control_metrics(("edges",), {"edges": grey_depth}, 16)

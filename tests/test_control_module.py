@@ -358,6 +358,20 @@ def test_pretrained_encoder_trains_its_alignment(files, tmp_path):
     assert (m.control.encoder.align["edges"].weight - align).abs().max() > 0
 
 
+def test_control_branch_trains_and_scores_on_sketches(files, tmp_path):
+    torch.manual_seed(0)
+    m = make_control(files, control={"modalities": ["sketch"], "width": 8, "feature_dim": 32,
+                                                 "max_width": 32}, scores={"batches": 1})  # fmt: skip
+    dm = make_data(m, controls=["sketch"])
+    trainer = make_trainer(tmp_path, max_steps=3, limit_val_batches=1)
+    trainer.fit(m, dm)
+    metrics = trainer.validate(m, dm, verbose=False)[0]
+    for key in ("val/sketch_ssim", "val_shuffled/sketch_ssim", "val_tokenizer/sketch_ssim"):
+        assert -1.0 <= metrics[key] <= 1.0 and math.isfinite(metrics[key]), key
+    assert metrics["val_tokenizer/sketch_ssim"] > metrics["val/sketch_ssim"]  # reconstructions beat 3 steps
+    assert "val/edges_f1" not in metrics
+
+
 def test_control_fields_are_for_the_control_stage_only():
     with pytest.raises(ValueError, match=r"\['control_cfg'\] apply to the control stage only"):
         Sampling(control_cfg=1.0).generate_kwargs()

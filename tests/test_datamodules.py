@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RGB = {"cat": (200, 30, 30), "dog": (30, 30, 200), "eel": (30, 200, 30)}
 
 
-SYNTH_CONTROLS = {"edges": (1, torch.float32), "depth": (1, torch.float32), "segmentation": (1, torch.int64)}
+SYNTH_CONTROLS = {"edges": (1, torch.float32), "depth": (1, torch.float32), "segmentation": (1, torch.int64),
+                  "sketch": (1, torch.float32)}  # fmt: skip
 
 
 # --- base: connect, loaders ------------------------------------------------------------------------------

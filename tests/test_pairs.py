@@ -171,12 +171,14 @@ def test_flip_moves_controls_with_the_image(tmp_path):
 
 def ramp_record(root: Path) -> Record:
     """A 40 x 60 image whose red channel is 4 x column, with maps whose values name their pixels: a unique
-    segmentation id per pixel (60 x row + column), one edge column (17) and a depth step at column 30."""
+    segmentation id per pixel (60 x row + column), one edge column (17), a depth step at column 30 and a
+    sketch stroke at column 40."""
     rows, cols = np.mgrid[0:40, 0:60]
     save(root / "image.png", np.stack([4 * cols, 4 * rows, 0 * rows], -1).astype(np.uint8))
     save(root / "segmentation.png", (60 * rows + cols).astype(np.uint16))  # 16-bit: ids up to 2399
     save(root / "edges.png", np.where(cols == 17, 255, 0).astype(np.uint8))
     save(root / "depth.png", np.where(cols >= 30, 255, 0).astype(np.uint8))
+    save(root / "sketch.png", np.where(cols == 40, 255, 0).astype(np.uint8))  # one soft-resampled stroke
     return Record(str(root / "image.png"), maps={m: str(root / f"{m}.png") for m in MODALITIES})
 
 
@@ -204,6 +206,10 @@ def test_crop_and_flip_keep_maps_exact(crop, flip, tmp_path):
         assert np.abs(red - 4 * (cols - 0.5))[:, 1:-1].max() <= 1  # the frame's border columns aside
         depth = sample["control"]["depth"]  # bicubic overshoots at the step: clamped into [0, 1]
         assert depth.min() == 0 and depth.max() == 1
+        # the sketch is resampled as an image too (a soft stroke, clamped to [0, 1]), on the same grid
+        sketch = sample["control"]["sketch"][0].numpy()[:, unflip]
+        assert sketch.min() >= 0 and 0 < sketch.max() <= 1
+        assert abs(int(cols[sketch[0].argmax()]) - 40) <= 1 and np.allclose(sketch, sketch[:1], atol=1e-5)
     assert (offsets == {5}) if crop == "center" else (len(offsets) > 1 and min(offsets) <= 8)
 
 

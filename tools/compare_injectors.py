@@ -189,7 +189,7 @@ def main() -> None:
         params = sum(p.numel() for p in module.control.parameters() if p.requires_grad)
         scoring = [f"ckpt_path={ckpt}", f"trainer.limit_val_batches={args.val_batches}",
                    f"model.scores.batches={args.val_batches}"]  # fmt: skip
-        plain = stage("validate", [*common, *scoring]).callback_metrics
+        plain = stage("validate", [*common, *scoring, "model.scores.control_cfg=0"]).callback_metrics
         g = stage(
             "validate", [*common, *scoring, f"model.scores.control_cfg={args.control_cfg}"]
         ).callback_metrics

@@ -1,5 +1,5 @@
-"""Training stage 3: control maps (edges, depth, segmentation) -> images, with a scale-wise control branch
-on a VAR from stage 2 (SCALAR-style conditional decoding, arXiv 2507.19946; models/control.py).
+"""Training stage 3: control maps (edges, depth, segmentation, sketch) -> images, with a scale-wise control
+branch on a VAR from stage 2 (SCALAR-style conditional decoding, arXiv 2507.19946; models/control.py).
 
 The frozen tokenizer gives the target tokens as in stage 2; the VAR (``init_from``, usually the stage-2
 checkpoint) predicts them with the control residuals added to every block's input, trained with the same
@@ -192,11 +192,8 @@ class ControlModule(VARModule):
             (f"{stage}_shuffled", self.generate_for(batch, rolled, self.scoring, batch_idx)),
             (f"{stage}_tokenizer", recon),
         ):
-            for key, metric in self.control_metrics[name].items():
-                if key == "edges_f1":
-                    metric.update(images, real)
-                else:
-                    metric.update(images, maps["depth" if key == "depth_rmse" else "segmentation"])
+            for metric in self.control_metrics[name].values():
+                metric.update(images, real if metric.against == "image" else maps[metric.against])
 
     def _log_scores(self, stage: str) -> None:
         for name in (stage, f"{stage}_shuffled", f"{stage}_tokenizer"):

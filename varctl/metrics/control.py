@@ -6,6 +6,11 @@
   depth map (ControlAR), only with a depth annotator configured: there is no built-in depth model.
 - segmentation: mean IoU between the segmenter's ids on the generated image and the control ids, only with
   a segmentation annotator configured.
+- sketch: SSIM between the sketch annotator's maps of the generated and of the real image, the same
+  annotator on both (the built-in XDoG line drawing, or a user's HED / PiDiNet network).
+
+Each metric's ``against`` says what it compares the generated images with: "image" (the real image) or the
+name of the control modality whose map it reads.
 
 Every metric is a torchmetrics ``Metric`` (sums over batches and processes); an annotator is any callable
 from a uint8 (H, W, 3) image to a map, as the data layer's (``datamodules.annotators``).
@@ -22,8 +27,9 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_f1_score, multiclass_jaccard_index
+from torchmetrics.functional.image import structural_similarity_index_measure
 
-from datamodules.annotators import CannyAnnotator, annotate
+from datamodules.annotators import CannyAnnotator, SketchAnnotator, annotate
 
 
 def to_uint8(images_B3HW: torch.Tensor) -> list[np.ndarray]:
@@ -43,6 +49,7 @@ class EdgeF1(Metric):
 
     full_state_update = False
     higher_is_better = True
+    against = "image"
 
     def __init__(self, low: float = 100, high: float = 200):
         super().__init__()
@@ -68,6 +75,7 @@ class DepthRMSE(Metric):
 
     full_state_update = False
     higher_is_better = False
+    against = "depth"
 
     def __init__(self, annotator):
         super().__init__()
@@ -90,6 +98,7 @@ class SegmentationMIoU(Metric):
 
     full_state_update = False
     higher_is_better = True
+    against = "segmentation"
 
     def __init__(self, annotator, num_classes: int):
         super().__init__()
@@ -110,6 +119,31 @@ class SegmentationMIoU(Metric):
         return (self.iou_sum / self.count.clamp_min(1)).float()
 
 
+class SketchSSIM(Metric):
+    """Mean per-image SSIM (Gaussian window 11, sigma 1.5, data range 1) between sketch(generated) and
+    sketch(real), maps in [0, 1]."""
+
+    full_state_update = False
+    higher_is_better = True
+    against = "image"
+
+    def __init__(self, annotator=None):
+        super().__init__()
+        self.annotator = annotator if annotator is not None else SketchAnnotator()
+        self.add_state("ssim_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, generated_B3HW: torch.Tensor, real_B3HW: torch.Tensor) -> None:
+        pred = annotate_batch(self.annotator, generated_B3HW, "sketch").float()[:, None]
+        target = annotate_batch(self.annotator, real_B3HW, "sketch").float()[:, None]
+        ssim = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
+        self.ssim_sum += ssim.double().sum()
+        self.count += len(pred)
+
+    def compute(self) -> torch.Tensor:
+        return (self.ssim_sum / self.count.clamp_min(1)).float()
+
+
 def build_control_metrics(
     modalities: tuple[str, ...],
     annotators: Mapping[str, Any] | None,
@@ -117,14 +151,15 @@ def build_control_metrics(
     edge_thresholds: tuple[float, float] = (100, 200),
 ) -> dict[str, Metric]:
     """The metrics that can be computed for ``modalities``: edges always (Canny at ``edge_thresholds``),
-    depth and segmentation only with an annotator in ``annotators`` (``model.metric_annotators.<modality>``,
-    configured as ``data.annotators``: a ``_target_`` node, e.g. ``datamodules.TorchScriptAnnotator``)."""
+    sketch always (the XDoG annotator unless ``annotators`` names one), depth and segmentation only with an
+    annotator in ``annotators`` (``model.metric_annotators.<modality>``, configured as ``data.annotators``:
+    a ``_target_`` node, e.g. ``datamodules.TorchScriptAnnotator``)."""
     annotators = dict(annotators or {})
-    unknown = sorted(set(annotators) - {"depth", "segmentation"})
+    unknown = sorted(set(annotators) - {"depth", "segmentation", "sketch"})
     if unknown:
         raise ValueError(
-            f"model.metric_annotators takes depth and segmentation, found {unknown} (edges use Canny: "
-            "model.scores.edge_thresholds)"
+            f"model.metric_annotators takes depth, segmentation and sketch, found {unknown} (edges use "
+            "Canny: model.scores.edge_thresholds)"
         )
     metrics: dict[str, Metric] = {}
     if "edges" in modalities:
@@ -133,4 +168,6 @@ def build_control_metrics(
         metrics["depth_rmse"] = DepthRMSE(annotators["depth"])
     if "segmentation" in modalities and annotators.get("segmentation") is not None:
         metrics["segmentation_miou"] = SegmentationMIoU(annotators["segmentation"], num_segments)
+    if "sketch" in modalities:
+        metrics["sketch_ssim"] = SketchSSIM(annotators.get("sketch"))
     return metrics

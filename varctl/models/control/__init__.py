@@ -1,5 +1,5 @@
-"""Control of VAR by control maps (edges, depth, segmentation): the branch (encoder + injector) and the
-VAR with its branch. Files: config.py, encoders.py, branch.py, injectors/ (one file per injector)."""
+"""Control of VAR by control maps (edges, depth, segmentation, sketch): the branch (encoder + injector) and
+the VAR with its branch. Files: config.py, encoders.py, branch.py, injectors/ (one file per injector)."""
 
 from varctl.models.control.branch import ControlBranch, ControlledVAR, Controls
 from varctl.models.control.config import ENCODERS, INJECTORS, MODALITIES, ControlConfig, shape_of

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from varctl.models.lifecycle import OFFICIAL_PATCH_NUMS, ModelConfig
 
-MODALITIES = ("edges", "depth", "segmentation")  # the control maps every part of varctl knows
+MODALITIES = ("edges", "depth", "segmentation", "sketch")  # the control maps every part of varctl knows
 INJECTORS = ("scalar", "controlar", "car", "prefill", "ecm")  # models/control/injectors/<name>.py
 ENCODERS = ("conv", "pretrained")
 
