@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import save
+from helpers import ALL, save, textured
 from PIL import Image
 
-from datamodules import SketchAnnotator, SyntheticDataModule, annotate
+from datamodules import ControlPairsDataModule, SketchAnnotator, SyntheticDataModule, annotate
 from datamodules.scenes import edges_from_layers, sketch_from_layers
 from datamodules.transforms import load_map
 from varctl.metrics.control import SketchSSIM, build_control_metrics
@@ -101,3 +101,28 @@ def test_sketch_ssim_known_answers():
         metric.update(light, 1 - light)
     # the user's maps (opposite brightness) disagree; the XDoG strokes of the two images are 1 px apart
     assert built["sketch_ssim"].compute().item() < 0.25 and default.compute().item() > 0.4
+
+
+def test_pairs_compute_missing_sketches_with_xdog(tmp_path):
+    for i, name in enumerate(("a", "b", "c")):
+        save(tmp_path / "images" / f"{name}.png", textured(i))
+    drawn = np.zeros((40, 40), np.uint8)
+    drawn[:, 20] = 255
+    save(tmp_path / "sketch" / "a.png", 255 - drawn)  # a pen drawing on paper for "a"; "b", "c" annotated
+    dm = ControlPairsDataModule(
+        str(tmp_path), controls=["sketch"], val_fraction=0.34, batch_size=1, resolution=40
+    )
+    dm.connect(40, ALL)
+    seen = set()
+    for split in ("train", "val"):
+        for i, record in enumerate(dm.splits[split]):
+            got = dm.dataset(split)[i]["control"]["sketch"][0].numpy()
+            name = record.image.rsplit("/", 1)[-1][0]
+            seen.add(name)
+            if name == "a":
+                np.testing.assert_allclose(got, drawn / 255.0, atol=1e-6)
+            else:
+                expected = annotate(SketchAnnotator(), textured("abc".index(name)), "sketch")
+                np.testing.assert_allclose(got, expected, atol=1e-6)
+                assert got.max() > 0.5  # the blocks' boundaries are drawn
+    assert seen == {"a", "b", "c"}
