@@ -217,7 +217,7 @@ def test_print_config_marks_the_values_still_to_set(tmp_path, capsys):
     assert main(["fit", "-c", str(CONF / "control.yaml"), "--print-config", f"run.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# still to set (key=VALUE on the command line): model.tokenizer, model.init_from")
-    assert "tokenizer: auto" in out and "injector: scalar" in out
+    assert "tokenizer: auto" in out and "injector: car" in out
     assert main(["fit", "-c", str(CONF / "control_d16.yaml"), "--print-config"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# still to set (key=VALUE on the command line): data.root\n")
