@@ -356,6 +356,23 @@ def test_pretrained_encoder_trains_its_alignment(files, tmp_path):
     assert float(trainer.callback_metrics["train/align"]) > 0
     assert all(torch.equal(v, m.control.encoder.backbone.state_dict()[k]) for k, v in frozen.items())
     assert (m.control.encoder.align["edges"].weight - align).abs().max() > 0
+    # one training forward passes the frozen encoder once per map and once over the real images, and gives
+    # the logits and alignment loss of the separate encode + alignment_loss
+    batch = next(iter(make_data(m, controls=["edges", "depth"]).train_dataloader()))
+    _, x = m.tokenize(batch["image"])
+    enc, calls = m.control.encoder, []
+    original = enc.encode_image
+    enc.encode_image = lambda img: calls.append(len(img)) or original(img)
+    m.model.train()
+    torch.manual_seed(1)
+    logits = m.model(batch["label"], x, batch["control"], images=batch["image"])
+    assert calls == [16, 16, 16]  # edges, depth, the real images
+    torch.manual_seed(1)
+    controls = m.control.encode(batch["control"], drop=True)
+    alone = m.control.alignment_loss(batch["control"], batch["image"])
+    torch.testing.assert_close(m.model.alignment, alone)
+    torch.testing.assert_close(logits, m.var(batch["label"], x, control=controls))
+    enc.encode_image = original
 
 
 def test_control_branch_trains_and_scores_on_sketches(files, tmp_path):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from varctl.models.control.config import ControlConfig
-from varctl.models.control.encoders import build_encoder
+from varctl.models.control.encoders import PretrainedEncoder, build_encoder, check_maps
 from varctl.models.control.injectors import INJECTOR_CLASSES, Context, Session
 from varctl.models.lifecycle import Model
 
@@ -87,9 +87,10 @@ class ControlBranch(Model):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def features(self, maps, weights=None, allow_missing=False) -> torch.Tensor:
-        """F_c (B, F, pn_K, pn_K): the scale-independent feature map."""
-        return self.encoder.features(maps, weights, allow_missing)
+    def features(self, maps, weights=None, allow_missing=False, aligned=None) -> torch.Tensor:
+        """F_c (B, F, pn_K, pn_K): the scale-independent feature map (``aligned``: see `encode_and_align`)."""
+        extra = {} if aligned is None else {"aligned": aligned}
+        return self.encoder.features(maps, weights, allow_missing, **extra)
 
     def encode(
         self,
@@ -97,6 +98,7 @@ class ControlBranch(Model):
         modality_strength: Mapping[str, float | torch.Tensor] | None = None,
         allow_missing: bool = False,
         drop: bool = False,
+        aligned: dict[str, torch.Tensor] | None = None,
     ) -> Controls:
         """Control maps (modality -> (B, 1, H, W)) -> the Controls that the VAR takes.
 
@@ -115,7 +117,7 @@ class ControlBranch(Model):
                 w = w * (torch.rand(B, device=self.device) >= cfg.modality_drop_rate).float()
             weights[m] = w
         plain = modality_strength is None and not (drop and cfg.modality_drop_rate > 0)
-        f_BFhw = self.features(maps, None if plain else weights, allow_missing)
+        f_BFhw = self.features(maps, None if plain else weights, allow_missing, aligned)
         tokens = [
             F.interpolate(f_BFhw, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)  # (B, pn*pn, F)
             for pn in cfg.patch_nums
@@ -124,6 +126,16 @@ class ControlBranch(Model):
         if drop and cfg.control_drop_rate > 0:
             keep = (torch.rand(B, device=self.device) >= cfg.control_drop_rate).float()
         return Controls(self, f_BFhw, self.norm(torch.cat(tokens, dim=1)), keep)  # tokens (B, L, F)
+
+    def encode_and_align(self, maps, images: torch.Tensor, drop: bool = False):
+        """(`encode` of the maps, `alignment_loss` against ``images``) with one pass of the frozen encoder
+        over each map: a pretrained encoder's aligned features serve both. For the conv encoder the loss is
+        None."""
+        if not isinstance(self.encoder, PretrainedEncoder):
+            return self.encode(maps, drop=drop), None
+        aligned = self.encoder.aligned(maps, check_maps(self.config, maps, allow_missing=False))
+        controls = self.encode(maps, drop=drop, aligned=aligned)
+        return controls, self.encoder.alignment_loss(maps, images, aligned)
 
     def alignment_loss(self, maps, images: torch.Tensor) -> torch.Tensor | None:
         """SCALAR-Uni's L2 alignment of each modality to the frozen encoder's features of the real images
@@ -154,10 +166,11 @@ class ControlledVAR(nn.Module):
         """Teacher forcing under the control maps; in training with ``images`` (the real images) the
         branch's alignment loss is kept in ``self.alignment`` (computed here, where sharded strategies
         have gathered the branch's weights)."""
-        controls = self.control.encode(control_maps, drop=self.training)
         self.alignment = None
         if images is not None and self.training:
-            self.alignment = self.control.alignment_loss(control_maps, images)
+            controls, self.alignment = self.control.encode_and_align(control_maps, images, drop=True)
+        else:
+            controls = self.control.encode(control_maps, drop=self.training)
         return self.var(cond, x_BLCv_wo_first_l, control=controls)
 
     @torch.no_grad()

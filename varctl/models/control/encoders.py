@@ -206,9 +206,10 @@ class PretrainedEncoder(nn.Module):
     def aligned(self, maps, given) -> dict[str, torch.Tensor]:
         return {m: self.align[m](self.encode_image(self.rgb(m, maps[m]))) for m in given}
 
-    def features(self, maps, weights=None, allow_missing=False) -> torch.Tensor:
+    def features(self, maps, weights=None, allow_missing=False, aligned=None) -> torch.Tensor:
+        """``aligned``: the modalities' aligned features when already computed (`encode_and_align`)."""
         given = check_maps(self.config, maps, allow_missing)
-        aligned = self.aligned(maps, given)
+        aligned = self.aligned(maps, given) if aligned is None else aligned
         mixed = 0
         for m, f in aligned.items():
             w = weights[m].to(f.dtype).view(-1, 1, 1, 1) if weights is not None and m in weights else 1.0
@@ -216,12 +217,12 @@ class PretrainedEncoder(nn.Module):
         pn = self.config.patch_nums[-1]
         return self.proj(F.interpolate(mixed, size=(pn, pn), mode="bilinear", antialias=True))
 
-    def alignment_loss(self, maps, images) -> torch.Tensor:
+    def alignment_loss(self, maps, images, aligned=None) -> torch.Tensor:
         """Mean over modalities of the mean squared distance between a modality's aligned features and the
-        encoder's features of the real images (``images`` in [-1, 1])."""
+        encoder's features of the real images (``images`` in [-1, 1]); ``aligned`` as in `features`."""
         given = check_maps(self.config, maps, allow_missing=False)
         target = self.encode_image(self.normalise(images.float().add(1).mul(0.5)))
-        aligned = self.aligned(maps, given)
+        aligned = self.aligned(maps, given) if aligned is None else aligned
         return torch.stack([F.mse_loss(f, target) for f in aligned.values()]).mean()
 
 
