@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.transforms import check_modalities
+from datamodules.transforms import SOFT, check_modalities
 
 
 @runtime_checkable
@@ -160,7 +160,7 @@ def annotate(annotator: Annotator, image: np.ndarray, modality: str) -> np.ndarr
 
 def _resize(out: np.ndarray, height: int, width: int, modality: str) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None, None]  # (1, 1, h, w)
-    if modality in ("depth", "sketch"):
+    if modality in SOFT:
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     else:
         x = F.interpolate(x, size=(height, width), mode="nearest")

@@ -79,25 +79,29 @@ def load_map(path: str, modality: str) -> torch.Tensor:
     return as_tv_tensor(map_to_tensor(arr, modality), modality)
 
 
+def _grey(img: Image.Image) -> tuple[np.ndarray, float]:
+    """The file's grey levels as float32 and their full scale: 16/32-bit as is (65535), float as is (1),
+    anything else converted to 8-bit greyscale (255)."""
+    if img.mode == "F":
+        return np.asarray(img, dtype=np.float32), 1.0
+    if img.mode in _WIDE_MODES:
+        return np.asarray(img, dtype=np.float32), 65535.0
+    return np.asarray(img.convert("L"), dtype=np.float32), 255.0
+
+
 def _map_array(img: Image.Image, modality: str, path: str) -> np.ndarray:
     if modality == "edges":
-        wide = img.mode in _WIDE_MODES or img.mode == "F"
-        arr = np.asarray(img if wide else img.convert("L"), dtype=np.float32)
-        full = 1.0 if img.mode == "F" else 65535.0 if img.mode in _WIDE_MODES else 255.0
+        arr, full = _grey(img)
         # 0/1 files are read as is; otherwise an edge is a pixel at half the full scale or more.
         edge = arr > 0 if arr.max(initial=0) <= 1 else arr >= full / 2
         return edge.astype(np.float32)
     if modality == "depth":
-        if img.mode in _WIDE_MODES:
-            return np.asarray(img, dtype=np.float32) / 65535.0
-        if img.mode == "F":
-            return np.asarray(img, dtype=np.float32)
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        arr, full = _grey(img)
+        return arr / full
     if modality == "sketch":
         # strokes are 1: a drawing on light paper (median above half the full scale) is inverted
-        full = 1.0 if img.mode == "F" else 65535.0 if img.mode in _WIDE_MODES else 255.0
-        wide = img.mode in _WIDE_MODES or img.mode == "F"
-        arr = np.clip(np.asarray(img if wide else img.convert("L"), dtype=np.float32) / full, 0.0, 1.0)
+        arr, full = _grey(img)
+        arr = np.clip(arr / full, 0.0, 1.0)
         return 1.0 - arr if np.median(arr) > 0.5 else arr
     if modality == "segmentation":
         if img.mode not in ("P", "L", "1", *_WIDE_MODES):
