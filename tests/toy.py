@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,18 +28,37 @@ class ToyData(L.LightningDataModule):
 
 
 class ToyModule(L.LightningModule):
-    def __init__(self, resolution: int = 8, lr: float = 0.1, name: str = "toy"):
+    """One scale parameter fitted to 1. Faults for tests/test_faults.py: a NaN loss at the optimizer steps
+    ``nan_steps`` (counted from 1), weights made NaN after step ``poison_after``, SIGTERM sent to the process
+    during step ``sigterm_at``, ``big`` extra weights for slow saves, ``sleep`` seconds per step."""
+
+    def __init__(self, resolution: int = 8, lr: float = 0.1, name: str = "toy", nan_steps=(),
+                 poison_after: int | None = None, sigterm_at: int | None = None, big: int = 0,
+                 sleep: float = 0.0):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
         self.scale = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer("ballast", torch.zeros(int(big)))
 
     def data_requirements(self):
         return {"resolution": self.hparams.resolution, "keys": ("image",)}
 
     def training_step(self, batch, batch_idx):
+        hp, step = self.hparams, self.global_step + 1
         loss = ((batch[0] * self.scale - batch[0]) ** 2).mean()
+        if step in hp.nan_steps:
+            loss = loss * float("nan")
+        if step == hp.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(hp.sleep)
+        self.loss_terms = {"mse": loss.detach()}
         self.log("train/loss", loss)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step == self.hparams.poison_after:
+            with torch.no_grad():
+                self.scale.fill_(float("nan"))
 
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", ((batch[0] * self.scale - batch[0]) ** 2).mean())

@@ -73,12 +73,62 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"varctl: config error: {e}", file=sys.stderr)
         return 2
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from varctl.checkpoints import NonFiniteError
+
     try:
         run(args.command, data, args.config)
     except ConfigError as e:
         print(f"varctl: config error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"varctl: {e}", file=sys.stderr)
+        return 1
+    except SIGTERMException:  # preempted: last.ckpt is written (callbacks.preemption); not a success
+        print("varctl: stopped by SIGTERM; resume: ckpt_path=<run>/checkpoints/last.ckpt", file=sys.stderr)
+        return 128 + 15
     return 0
+
+
+def _check_run_root(root: str, config_file: str | Path) -> None:
+    """run.root must be a directory this process can write in (or create): probed with a temporary file in
+    its nearest existing folder, which is removed at once."""
+    import tempfile
+
+    from varctl.cli.config import ConfigError
+
+    path = Path(root)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{config_file}: run.root = {root!r}: {existing} is a file, expected a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"{config_file}: run.root = {root!r}: cannot write in {existing} ({e.strerror or e}); "
+            f"set run.root to a writable directory"
+        ) from None
+
+
+def _check_ckpt(ckpt: str | None, config_file: str | Path) -> None:
+    """ckpt_path must be a readable checkpoint; the message names the damaged file and a good one beside it.
+    Temporary files that a killed save left beside it are removed."""
+    from varctl.checkpoints import check_checkpoint, remove_stale_temporaries
+    from varctl.cli.config import ConfigError
+
+    if ckpt is None:
+        return
+    path = Path(ckpt)
+    if not path.exists():
+        raise ConfigError(f"{config_file}: ckpt_path = {ckpt!r}: file not found")
+    try:
+        check_checkpoint(path)
+    except ValueError as e:
+        raise ConfigError(f"{config_file}: ckpt_path: {e}") from None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        remove_stale_temporaries(path.parent)
 
 
 def _run_dir(command: str, data: dict) -> tuple[str, str, str]:
@@ -152,12 +202,13 @@ def _run(command: str, data: dict, config_file: str | Path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from varctl.callbacks import ImageWriter
+    from varctl.checkpoints import AtomicCheckpointIO
     from varctl.cli.config import ConfigError, as_yaml
     from varctl.files import atomic_write_text
 
     ckpt = data.get("ckpt_path")
-    if ckpt is not None and not Path(ckpt).is_file():
-        raise ConfigError(f"{config_file}: ckpt_path = {ckpt!r}: file not found")
+    _check_ckpt(ckpt, config_file)  # before anything is built or written: a failed start leaves no run
+    _check_run_root((data.get("run") or {}).get("root", "runs"), config_file)
     if data.get("seed") is not None:
         L.seed_everything(data["seed"], workers=True, verbose=False)
     root, name, version = _run_dir(command, data)
@@ -170,7 +221,11 @@ def _run(command: str, data: dict, config_file: str | Path):
         raise ConfigError(
             f"{config_file}: model must define data_requirements() and data must define connect()"
         )
-    datamodule.connect(**model.data_requirements())
+    try:
+        datamodule.connect(**model.data_requirements())
+        datamodule.setup("fit" if command == "fit" else command)  # scan the data now: errors before the run
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{config_file}: data: {e}") from e
 
     callbacks = [
         instantiate(node, _convert_="all") for node in (data.get("callbacks") or {}).values() if node
@@ -181,6 +236,7 @@ def _run(command: str, data: dict, config_file: str | Path):
     if command == "predict":
         callbacks.append(ImageWriter(out_dir))
     trainer = instantiate(data["trainer"], _convert_="all", logger=logger, callbacks=callbacks)
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic in their own folder, finite weights only
 
     if trainer.is_global_zero:
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,7 @@ class ControlModule(VARModule):
         align = self.model.alignment
         if align is not None:
             self.log("train/align", align, batch_size=len(batch["image"]))
+            self.loss_terms["align"] = align.detach()
             loss = loss + self.hparams.alignment_weight * align
         return loss
 

@@ -167,6 +167,9 @@ class TokenizerModule(L.LightningModule):
         else:
             loss_and_d = loss
 
+        # what callbacks.nonfinite checks before the update (and names when it stops the run)
+        self.loss_terms = {"nll": logs["nll"], "vq_loss": out.vq_loss}
+        self.loss_terms.update({k: logs[k] for k in ("g_loss", "d_loss") if k in logs})
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss_and_d)
         if self.discriminator is not None and not disc_on:
@@ -176,7 +179,8 @@ class TokenizerModule(L.LightningModule):
         optimizer.step()  # clips in on_before_optimizer_step, after 16-mixed has unscaled the gradients
         scheduler.step()
 
-        self._codebook_step(out.hits_SV, out.f_BChw, step + 1)
+        if not getattr(self, "step_skipped", False):  # a skipped step's features may be NaN: keep the codes
+            self._codebook_step(out.hits_SV, out.f_BChw, step + 1)
         mse = F.mse_loss(out.recon.detach().float().clamp(-1, 1), x.float())
         logs.update(loss=loss.detach(), vq_loss=out.vq_loss.detach(), psnr=10 * torch.log10(4.0 / mse))
         logs.pop("nll")

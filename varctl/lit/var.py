@@ -210,6 +210,7 @@ class VARModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_BL, correct_BL = self.token_losses(batch, self.model, self.hparams.label_smoothing)
         loss = self.training_loss(loss_BL)
+        self.loss_terms = {"tokens": loss.detach()}  # checked by callbacks.nonfinite before the update
         B = loss_BL.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log("train/acc", correct_BL.mean(), batch_size=B)

@@ -210,6 +210,8 @@ class GenerateMixin:
             if control_guided:
                 weights = [weights[0] + cs[si], *weights[1:], -cs[si]]
             logits_BlV = self._guided_logits(x_BlC, head_mod, B, weights)
+            if not bool(torch.isfinite(logits_BlV).all()):
+                raise _nonfinite_logits(self, si, pn, logits_BlV)
             sample_logits = logits_BlV if temps[si] == 1 else logits_BlV / temps[si]
             sample_logits = filter_logits(sample_logits, int(top_ks[si]), float(top_ps[si]))
             idx_Bl = _per_sample(sample_tokens, generator, sample_logits)
@@ -302,3 +304,22 @@ def _per_sample(fn, generator, logits_BlV: torch.Tensor) -> torch.Tensor:
     if isinstance(generator, torch.Generator):
         return fn(logits_BlV, generator)
     return torch.cat([fn(logits_BlV[i : i + 1], g) for i, g in enumerate(generator)])
+
+
+def _nonfinite_logits(model: nn.Module, si: int, pn: int, logits_BlV: torch.Tensor) -> Exception:
+    """The error for NaN/inf logits at scale ``si``, naming the cause: weights that are not finite (a diverged
+    run's checkpoint) or, with finite weights, the inputs or the guidance."""
+    from varctl.checkpoints import NonFiniteError, nonfinite_tensors, short_list
+
+    n = int((~torch.isfinite(logits_BlV)).sum())
+    where = f"sampling: {n} logits at scale {si} ({pn}x{pn}) are NaN or inf"
+    bad = nonfinite_tensors(dict(model.named_parameters()))  # buffers hold -inf masks on purpose
+    if bad:
+        return NonFiniteError(
+            f"{where}: the model's weights are not finite ({short_list(bad)}); the checkpoint comes from a "
+            f"diverged run, sample from an earlier checkpoint"
+        )
+    return NonFiniteError(
+        f"{where}, with finite weights: check the conditions and control maps given (NaN or inf values) and "
+        f"the guidance scales"
+    )

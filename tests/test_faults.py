@@ -1,0 +1,232 @@
+"""Fault injection: diverged runs, kills during a save, SIGTERM, damaged checkpoints and bad starts. Each case
+is produced for real (NaN losses, SIGKILL of a saving process with TMPDIR on another filesystem, truncated
+files) and the outcome is checked: what the run says, its exit status, and what is left on disk."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import ROOT, TOY
+
+from varctl.checkpoints import NonFiniteError, check_checkpoint
+from varctl.cli import main
+
+
+@pytest.fixture()
+def toy_conf(tmp_path: Path) -> Path:
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf" / "trainer", conf / "trainer")
+    shutil.copytree(ROOT / "conf" / "callbacks", conf / "callbacks")
+    (conf / "toy.yaml").write_text(TOY.format(root=tmp_path / "runs"))
+    return conf / "toy.yaml"
+
+
+EVERY_2 = ["callbacks.checkpoint.every_n_train_steps=2", "callbacks.images=null"]
+
+
+def _ckpts(toy_conf: Path) -> Path:
+    (run_dir,) = (toy_conf.parent.parent / "runs" / "toy").iterdir()
+    return run_dir / "checkpoints"
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def _cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "varctl", *args], env=env, cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+    )  # fmt: skip
+
+
+# --- 1. divergence --------------------------------------------------------------------------------------
+def test_nan_loss_stops_the_run_naming_the_step_and_terms(toy_conf, capsys):
+    assert main(["fit", "-c", str(toy_conf), "+model.nan_steps=[3]", *EVERY_2]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: non-finite loss (mse) at step 3: mse=nan" in err
+    assert "callbacks.nonfinite.action=skip" in err
+    last = _load(_ckpts(toy_conf) / "last.ckpt")
+    assert last["global_step"] == 2 and torch.isfinite(last["state_dict"]["scale"]).all()
+
+
+def test_skip_drops_the_update_of_a_nan_step_and_counts_it(toy_conf, capsys):
+    # 3 steps with the third skipped leave the weights of 2 clean steps (SGD, same batches)
+    args = ["fit", "-c", str(toy_conf), "callbacks.nonfinite.action=skip", "callbacks.images=null"]
+    assert main([*args, "+model.nan_steps=[3]", "trainer.max_steps=3", "run.version=skipped"]) == 0
+    assert "varctl: skipped step 3: non-finite loss (mse) at step 3" in capsys.readouterr().out
+    assert main([*args, "trainer.max_steps=2", "run.version=clean"]) == 0
+    runs = toy_conf.parent.parent / "runs" / "toy"
+    skipped = _load(runs / "skipped" / "checkpoints" / "last.ckpt")
+    clean = _load(runs / "clean" / "checkpoints" / "last.ckpt")
+    assert skipped["global_step"] == 3 and clean["global_step"] == 2
+    assert skipped["state_dict"]["scale"].item() != 0  # it trained before the skip
+    assert torch.equal(skipped["state_dict"]["scale"], clean["state_dict"]["scale"])
+    (guard,) = [v for k, v in skipped["callbacks"].items() if k.startswith("NonFiniteGuard")]
+    assert guard == {"skipped": 1, "consecutive": 1}
+
+
+def test_skipping_stops_after_max_consecutive_skips(toy_conf, capsys):
+    args = ["callbacks.nonfinite.action=skip", "callbacks.nonfinite.max_consecutive=2", *EVERY_2]
+    assert main(["fit", "-c", str(toy_conf), "+model.nan_steps=[2,4,5,6]", *args]) == 1
+    captured = capsys.readouterr()
+    assert "skipped step 2" in captured.out and "skipped step 4" in captured.out
+    assert "at step 5: mse=nan (2 steps in a row skipped, callbacks.nonfinite.max_consecutive)" in (
+        captured.err
+    )
+
+
+def test_nonfinite_weights_never_replace_a_good_last_checkpoint(toy_conf, capsys):
+    """With the guard off, weights made NaN after step 4 reach the save at step 6: it is refused."""
+    args = ["+model.poison_after=4", "callbacks.nonfinite=null", *EVERY_2]
+    assert main(["fit", "-c", str(toy_conf), *args]) == 1
+    assert "weights at step 6 are not finite (scale)" in capsys.readouterr().err
+    ckpts = _ckpts(toy_conf)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
+    last = _load(ckpts / "last.ckpt")
+    assert last["global_step"] == 4 and torch.isfinite(last["state_dict"]["scale"]).all()
+
+
+def test_the_tokenizer_stage_diverging_at_an_absurd_learning_rate_stops(tmp_path, capsys):
+    args = [f"run.root={tmp_path}", "model.vqvae.preset=tiny", "model.optimizer.lr=1e12",
+            "model.optimizer.warmup_steps=0", "model.gradient_clip_val=null", "data.batch_size=2",
+            "trainer.max_steps=6", "trainer.limit_val_batches=0", "callbacks.images=null",
+            "trainer.enable_progress_bar=false"]  # fmt: skip
+    assert main(["fit", "-c", str(ROOT / "conf" / "tokenizer.yaml"), *args]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: non-finite loss" in err and "nll=" in err and "vq_loss=" in err
+    assert not list(tmp_path.glob("tokenizer/*/checkpoints/*.ckpt"))  # nothing diverged was written
+
+
+def test_sampling_on_nonfinite_logits_names_the_cause(var):
+    """The tiny official VAR (conftest): a NaN weight is named; finite weights point at the inputs."""
+    broken = copy.deepcopy(var)
+    with torch.no_grad():
+        broken.blocks[1].ffn.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"logits at scale 0 \(1x1\) .* weights are not finite \(blocks"):
+        broken.generate(torch.tensor([1, 2]), top_k=1, seed=0)
+    with pytest.raises(NonFiniteError, match="with finite weights: check the conditions"):
+        var.generate(torch.tensor([1, 2]), cfg=float("inf"), top_k=1, seed=0)
+
+
+# --- 2. kills during a save, SIGTERM, damaged checkpoints ---------------------------------------------------
+def test_sigkill_during_a_save_keeps_the_old_checkpoint_and_no_orphan_in_tmpdir(toy_conf, tmp_path):
+    tmpdir = Path("/dev/shm") / f"varctl-{os.getpid()}" if Path("/dev/shm").is_dir() else tmp_path / "tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)  # /dev/shm: a tmpfs, another filesystem than the run's
+    try:
+        big = ["+model.big=40000000", "callbacks.checkpoint.every_n_train_steps=1", "callbacks.images=null",
+               "trainer.max_steps=50", "trainer.val_check_interval=1000",
+               "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
+        proc = _cli("fit", "-c", str(toy_conf), *big, env={"TMPDIR": str(tmpdir)})
+        runs = toy_conf.parent.parent / "runs" / "toy"
+        deadline, last, temp = time.time() + 120, None, []
+        while time.time() < deadline and proc.poll() is None:
+            found = list(runs.glob("*/checkpoints/last.ckpt"))
+            if found and check_ok(found[0]):
+                last = found[0]
+                temp = list(last.parent.glob(".last.ckpt.*.tmp"))
+                if temp:  # the next save is under way
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.01)
+        proc.wait(30)
+        assert temp, f"no save was caught in progress: {proc.stderr.read()[-2000:]}"
+        saved = _load(last)
+        assert saved["global_step"] >= 1 and saved["state_dict"]["ballast"].numel() == 40_000_000
+        assert not list(tmpdir.iterdir())  # nothing was written outside the run directory
+        # the resume removes the killed save's temporary file and continues from the old checkpoint
+        assert main(["fit", "-c", str(toy_conf), f"ckpt_path={last}", "+model.big=40000000",
+                     *big[1:4], f"trainer.max_steps={saved['global_step'] + 1}"]) == 0  # fmt: skip
+        assert not list(last.parent.glob(".*.tmp"))
+        assert _load(last)["global_step"] == saved["global_step"] + 1
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def check_ok(path: Path) -> bool:
+    try:
+        check_checkpoint(path)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def test_sigterm_writes_last_checkpoint_before_exit(toy_conf):
+    args = ["+model.sigterm_at=5", "callbacks.checkpoint.every_n_train_steps=100", "callbacks.images=null",
+            "trainer.max_steps=50"]  # fmt: skip
+    proc = _cli("fit", "-c", str(toy_conf), *args)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out  # a preempted run does not report success (128 + SIGTERM)
+    assert "varctl: SIGTERM at step 5: saved" in out, err[-2000:]
+    last = _load(_ckpts(toy_conf) / "last.ckpt")
+    assert last["global_step"] == 5
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "pickle", "directory"])
+def test_a_damaged_checkpoint_is_named_with_the_previous_good_one(toy_conf, capsys, damage):
+    assert main(["fit", "-c", str(toy_conf), *EVERY_2]) == 0
+    ckpts = _ckpts(toy_conf)
+    last = ckpts / "last.ckpt"
+    if damage == "empty":
+        last.write_bytes(b"")
+    elif damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "text":
+        last.write_text("not a checkpoint\n")
+    elif damage == "pickle":  # a payload that would run code: refused unread
+        last.write_bytes(pickle.dumps(_Payload()))
+    else:
+        last.unlink()
+        last.mkdir()
+    before = sorted(p.name for p in ckpts.parent.iterdir())
+    capsys.readouterr()
+    assert main(["fit", "-c", str(toy_conf), f"ckpt_path={last}", "trainer.max_steps=12"]) == 2
+    err = capsys.readouterr().err
+    assert f"varctl: config error: {toy_conf}: ckpt_path: checkpoint {last} " in err
+    expected = {"empty": "is empty (0 bytes)", "truncated": "is damaged or not a checkpoint",
+                "text": "is damaged or not a checkpoint", "pickle": "refused unread",
+                "directory": "is a directory, expected a checkpoint file"}[damage]  # fmt: skip
+    assert expected in err
+    assert f"the newest good one there is {ckpts / 'step0000008.ckpt'}" in err
+    assert not Path("/tmp/varctl-payload-ran").exists()
+    assert sorted(p.name for p in ckpts.parent.iterdir()) == before  # nothing written for a failed start
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/varctl-payload-ran",))
+
+
+# --- 6. bad starts: one line, exit 2, nothing written ----------------------------------------------------
+def test_bad_run_roots_are_config_errors(toy_conf, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(["fit", "-c", str(toy_conf), f"run.root={a_file}/runs"]) == 2
+    assert f"run.root = '{a_file}/runs': {a_file} is a file, expected a directory" in capsys.readouterr().err
+    if Path("/proc").is_dir():  # not writable even by root
+        assert main(["fit", "-c", str(toy_conf), "run.root=/proc/varctl-runs"]) == 2
+        assert "run.root = '/proc/varctl-runs': cannot write in /proc" in capsys.readouterr().err
+
+
+def test_resolution_conflict_and_missing_images_are_config_errors(tmp_path, capsys):
+    conf = str(ROOT / "conf" / "tokenizer.yaml")
+    args = [f"run.root={tmp_path}", "model.vqvae.preset=tiny"]
+    assert main(["fit", "-c", conf, *args, "data.resolution=48"]) == 2
+    err = capsys.readouterr().err
+    assert "varctl: config error:" in err and "data.resolution=48 conflicts with the model" in err
+    missing = tmp_path / "nowhere"
+    assert main(["fit", "-c", conf, *args, "data=folder", f"data.root={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert "varctl: config error:" in err and str(missing) in err and "Traceback" not in err
+    assert not list(tmp_path.glob("tokenizer/*"))  # no empty run directory

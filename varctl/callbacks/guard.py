@@ -1,0 +1,96 @@
+"""Runs that diverge or get preempted: catch the step, keep the checkpoints good.
+
+``NonFiniteGuard`` looks at every optimizer step, after the backward and before the update: when a loss term
+(the stage's ``loss_terms``) or a gradient is NaN or inf, it either stops the run with a message naming the
+step and the terms (``action: stop``) or drops the step's gradients so the optimizer leaves the weights as
+they were, and counts it (``action: skip``, ``train/skipped_steps``). ``max_consecutive`` skips in a row stop
+the run too: a run that only skips is not training. Ranks decide together, so DDP and FSDP stay in step.
+
+``PreemptionCheckpoint`` writes ``last.ckpt`` when the run receives SIGTERM (Lightning stops at the next
+batch boundary), so a preempted job resumes from where it was stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from varctl.checkpoints import NonFiniteError
+
+ACTIONS = ("stop", "skip")
+
+
+def _values(terms: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+
+
+class NonFiniteGuard(L.Callback):
+    def __init__(self, action: str = "stop", max_consecutive: int = 10):
+        if action not in ACTIONS:
+            raise ValueError(f"callbacks.nonfinite.action must be one of {ACTIONS}, got {action!r}")
+        if max_consecutive < 1:
+            raise ValueError(f"callbacks.nonfinite.max_consecutive must be >= 1, got {max_consecutive}")
+        self.action, self.max_consecutive = action, int(max_consecutive)
+        self.skipped, self.consecutive = 0, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        terms = {k: v.detach() for k, v in (getattr(pl_module, "loss_terms", None) or {}).items()}
+        bad_terms = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed skips inf gradients itself
+        bad_grads = False
+        if params and scaler is None:
+            norms = torch._foreach_norm([p.grad for p in params])
+            bad_grads = not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        local = bool(bad_terms) or bad_grads
+        diverged = trainer.strategy.reduce_boolean_decision(local, all=False)  # true on one rank: on all
+        pl_module.step_skipped = False
+        if not diverged:
+            self.consecutive = 0
+            return
+        step = trainer.global_step + 1  # the optimizer step being taken
+        what = (
+            f"non-finite loss ({', '.join(bad_terms)})" if bad_terms
+            else "non-finite gradients" if bad_grads else "a non-finite value on another rank"
+        )  # fmt: skip
+        detail = f"{what} at step {step}: {_values(terms)}" if terms else f"{what} at step {step}"
+        self.consecutive += 1
+        if self.action == "stop" or self.consecutive >= self.max_consecutive:
+            why = (
+                "" if self.action == "stop"
+                else f" ({self.consecutive} steps in a row skipped, callbacks.nonfinite.max_consecutive)"
+            )  # fmt: skip
+            raise NonFiniteError(
+                f"training diverged: {detail}{why}. The checkpoints written so far are kept; lower the "
+                f"learning rate, or set callbacks.nonfinite.action=skip to skip such steps"
+            )
+        for p in params:
+            p.grad = None  # AdamW leaves parameters without a gradient untouched: no update, no decay
+        pl_module.step_skipped = True
+        self.skipped += 1
+        pl_module.print(f"varctl: skipped step {step}: {detail} (skipped so far: {self.skipped})")
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped, self.consecutive = int(state_dict["skipped"]), int(state_dict["consecutive"])
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM, write ``last.ckpt`` in the checkpoint callback's folder before the run exits."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if folder is None:
+            return
+        path = Path(folder) / "last.ckpt"
+        trainer.save_checkpoint(path)  # every rank takes part (sharded strategies); rank 0 writes
+        if trainer.is_global_zero:
+            print(f"varctl: SIGTERM at step {trainer.global_step}: saved {path}", flush=True)

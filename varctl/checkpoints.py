@@ -1,0 +1,111 @@
+"""Lightning checkpoints that survive kills and divergence.
+
+``AtomicCheckpointIO`` (the trainer's checkpoint plugin, set by the CLI) writes every checkpoint to a
+temporary file in the checkpoint's own directory, fsyncs it and renames it over the target, whatever TMPDIR
+is: a kill at any moment leaves the old file or the new one. It refuses to write weights that are not
+finite, so a diverged run never replaces a good ``last.ckpt``. ``check_checkpoint`` reads a checkpoint
+before a run starts and names the damaged file and the newest good one beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from varctl.files import atomic_save
+
+TMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<random>.tmp beside the target
+
+
+class NonFiniteError(FloatingPointError):
+    """Training or sampling met NaN or inf values; the message names where."""
+
+
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold NaN or inf."""
+    return [
+        name
+        for name, t in state.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def short_list(names: list[str], limit: int = 4) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with saves atomic in the target's folder that refuse non-finite weights."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NonFiniteError(
+                f"not writing {path}: the weights at step {checkpoint.get('global_step')} are not finite "
+                f"({short_list(bad)}); the checkpoints already written are kept"
+            )
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        check_checkpoint(path)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def _problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable Lightning checkpoint, or None when it is one."""
+    if path.is_dir():
+        return "is a directory, expected a checkpoint file (a .ckpt under <run>/checkpoints/)"
+    if not path.exists():
+        return "does not exist"
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes): the save that wrote it was interrupted"
+    try:  # mmap (zip archives): the tensors are not read, only the archive's index and the pickled structure
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # truncated archives, other formats, pickles with code: never run
+        text = str(e)
+        detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip() else ""
+        detail = detail[:160] or type(e).__name__
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # a bare pickle (PROTO opcode), not a torch.save archive
+        if "Weights only load failed" in text and pickled:
+            return f"is a pickle of objects other than tensors and plain values, refused unread ({detail})"
+        return f"is damaged or not a checkpoint ({detail})"
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        return "is not a Lightning checkpoint (no 'state_dict' entry)"
+    return None
+
+
+def good_checkpoints(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """The readable ``.ckpt`` files of ``folder``, newest first."""
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p for p in found if p != exclude and _problem(p) is None]
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that a killed save left in ``folder`` (none is being written before a run
+    starts); returns them."""
+    stale = [p for p in folder.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` when ``path`` is not a readable checkpoint, naming the file, what is wrong and the
+    newest good checkpoint beside it (or inside it, for a run directory)."""
+    path = Path(path)
+    problem = _problem(path)
+    if problem is None:
+        return
+    folders = [path / "checkpoints", path, path.parent] if path.is_dir() else [path.parent]
+    others = next((found for f in folders if f.is_dir() and (found := good_checkpoints(f, exclude=path))), [])
+    offer = f"; the newest good one there is {others[0]} (ckpt_path={others[0]})" if others else ""
+    raise ValueError(f"checkpoint {path} {problem}{offer}")
