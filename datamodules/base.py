@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resume import ResumableLoader
 from datamodules.transforms import CROPS, collate
 
 BATCH_KEYS = ("image", "label", "caption", "control")
@@ -148,9 +149,15 @@ class VarDataModule(L.LightningDataModule, ABC):
             split = fallback[split]
         return self.datasets[split]
 
+    def _processed(self) -> int:
+        """Train batches of the current epoch that the training loop has processed (0 without a trainer)."""
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
-        return DataLoader(
+        kind, extra = (ResumableLoader, {"progress": self._processed}) if train else (DataLoader, {})
+        return kind(
             self.dataset(split),
             batch_size=self.batch_size,
             shuffle=train,
@@ -160,6 +167,7 @@ class VarDataModule(L.LightningDataModule, ABC):
             collate_fn=collate,
             # Seeds the shuffle and (through the worker base seed) the random crops and flips.
             generator=torch.Generator().manual_seed(self.seed) if train else None,
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -70,3 +70,17 @@ class ToyModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class KillAt(L.Callback):
+    """SIGKILL this process when optimizer step ``step`` (from 1) is about to run: no handler, no cleanup
+    (``crash=True``: raise a RuntimeError instead, a crash that tests can run in-process)."""
+
+    def __init__(self, step: int, crash: bool = False):
+        self.step, self.crash = step, crash
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            if self.crash:
+                raise RuntimeError(f"crashed before step {self.step}")
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -26,13 +26,16 @@ class NonFiniteError(FloatingPointError):
     """Training or sampling met NaN or inf values; the message names where."""
 
 
-def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
-    """The names of the floating-point tensors of ``state`` that hold NaN or inf."""
-    return [
-        name
-        for name, t in state.items()
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
+def nonfinite_tensors(state: dict[str, Any], masks: bool = False) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold NaN or inf. With ``masks``, -inf is
+    allowed (attention masks are buffers of 0 and -inf); NaN and +inf never are."""
+
+    def bad(t: torch.Tensor) -> bool:
+        if masks:
+            return bool(torch.isnan(t).any() or torch.isposinf(t).any())
+        return not bool(torch.isfinite(t).all())
+
+    return [n for n, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and bad(t)]
 
 
 def short_list(names: list[str], limit: int = 4) -> str:
@@ -46,7 +49,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
+        bad = nonfinite_tensors(checkpoint.get("state_dict", {}), masks=True)
         if bad:
             raise NonFiniteError(
                 f"not writing {path}: the weights at step {checkpoint.get('global_step')} are not finite "
