@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from datamodules.base import split_indices
-from datamodules.files import FileDataModule, Record, list_images, stem
+from datamodules.files import MAX_ASPECT, FileDataModule, Record, list_images, stem
 from datamodules.transforms import MODALITIES, check_modalities, is_image_file
 
 
@@ -58,6 +58,7 @@ class ClassFolderDataModule(FileDataModule):
         root: a folder of class folders, or one holding train/ and val/ (and optionally test/) class folders.
         controls, annotators: control maps computed with annotators (see ControlPairsDataModule).
         batch_size, num_workers, resolution, crop, flip, val_fraction, seed: see VarDataModule.
+        check_files, on_bad_file, max_aspect, report_file: the check of the files, see FileDataModule.
     """
 
     def __init__(
@@ -72,10 +73,15 @@ class ClassFolderDataModule(FileDataModule):
         flip: float = 0.0,
         val_fraction: float = 0.05,
         seed: int = 0,
+        check_files: str = "decode",
+        on_bad_file: str = "skip",
+        max_aspect: float | None = MAX_ASPECT,
+        report_file: str | None = None,
     ):
         super().__init__(
-            controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed
-        )
+            controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed,
+            check_files=check_files, on_bad_file=on_bad_file, max_aspect=max_aspect, report_file=report_file,
+        )  # fmt: skip
         self.save_settings(ignore=["annotators"])
         self.root = str(root)
         self._classes: list[str] | None = None
@@ -116,8 +122,10 @@ class ClassFolderDataModule(FileDataModule):
         return _scan_root(self.root, self._records, self.val_fraction, self.seed)
 
 
-def read_caption_list(path: str) -> list[Record]:
-    """Records of a .jsonl (one object per line) or .csv (header row) list with image, caption[, label]."""
+def read_caption_list(path: str, require_files: bool = True) -> list[Record]:
+    """Records of a .jsonl (one object per line) or .csv (header row) list with image, caption[, label];
+    a listed image that does not exist raises FileNotFoundError unless `require_files` is false (the
+    datamodule's check of the files skips or refuses it with the other bad files)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"caption list not found: {path}")
     if path.endswith(".jsonl"):
@@ -134,7 +142,7 @@ def read_caption_list(path: str) -> list[Record]:
             if row.get(key) in (None, ""):
                 raise ValueError(f"{where}: missing key {key!r}")
         image = os.path.join(base, str(row["image"]))
-        if not os.path.isfile(image):
+        if require_files and not os.path.isfile(image):
             raise FileNotFoundError(f"{where}: image file not found: {image}")
         label = row.get("label")
         try:
@@ -180,6 +188,7 @@ class CaptionListDataModule(FileDataModule):
         val_list: list file of the val split; None = hold out val_fraction of train_list.
         controls, annotators: control maps computed with annotators (see ControlPairsDataModule).
         batch_size, num_workers, resolution, crop, flip, val_fraction, seed: see VarDataModule.
+        check_files, on_bad_file, max_aspect, report_file: the check of the files, see FileDataModule.
     """
 
     def __init__(
@@ -195,17 +204,22 @@ class CaptionListDataModule(FileDataModule):
         flip: float = 0.0,
         val_fraction: float = 0.05,
         seed: int = 0,
+        check_files: str = "decode",
+        on_bad_file: str = "skip",
+        max_aspect: float | None = MAX_ASPECT,
+        report_file: str | None = None,
     ):
         super().__init__(
-            controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed
-        )
+            controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed,
+            check_files=check_files, on_bad_file=on_bad_file, max_aspect=max_aspect, report_file=report_file,
+        )  # fmt: skip
         self.save_settings(ignore=["annotators"])
         self.train_list, self.val_list = str(train_list), None if val_list is None else str(val_list)
 
     def scan(self) -> dict[str, list[Record]]:
-        records = read_caption_list(self.train_list)
+        records = read_caption_list(self.train_list, require_files=False)
         if self.val_list is not None:
-            return {"train": records, "val": read_caption_list(self.val_list)}
+            return {"train": records, "val": read_caption_list(self.val_list, require_files=False)}
         return _by_fraction(records, self.val_fraction, self.seed, f"data.train_list={self.train_list}")
 
     @property
@@ -234,6 +248,8 @@ class ControlPairsDataModule(FileDataModule):
             depth: {_target_: datamodules.TorchScriptAnnotator, path: dpt.pt},
             segmentation: {_target_: pkg.module.function, _partial_: true}}. Edges default to Canny.
         batch_size, num_workers, resolution, crop, flip, val_fraction, seed: see VarDataModule.
+        check_files, on_bad_file, max_aspect, on_size_mismatch, report_file: the check of the files (a map
+            of another size than its image: on_size_mismatch), see FileDataModule.
     """
 
     def __init__(
@@ -251,10 +267,17 @@ class ControlPairsDataModule(FileDataModule):
         flip: float = 0.0,
         val_fraction: float = 0.05,
         seed: int = 0,
+        check_files: str = "decode",
+        on_bad_file: str = "skip",
+        max_aspect: float | None = MAX_ASPECT,
+        on_size_mismatch: str = "resize",
+        report_file: str | None = None,
     ):
         super().__init__(
-            controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed
-        )
+            controls, annotators, batch_size, num_workers, resolution, crop, flip, val_fraction, seed,
+            check_files=check_files, on_bad_file=on_bad_file, max_aspect=max_aspect,
+            on_size_mismatch=on_size_mismatch, report_file=report_file,
+        )  # fmt: skip
         self.save_settings(ignore=["annotators"])
         self.root, self.image_dir, self.caption_dir = str(root), str(image_dir), str(caption_dir)
         self.control_dirs = {m: m for m in MODALITIES}

@@ -25,6 +25,8 @@ BICUBIC, NEAREST_EXACT = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.NEAR
 
 SOFT = ("depth", "sketch")  # continuous maps in [0, 1]: resampled as images, clamped after
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16/32-bit greyscale PIL modes
+UNREADABLE = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)  # what PIL raises for bad files
+_GREY_SPREAD = 8 / 255  # mean channel spread above which a depth file is colour (JPEG noise stays below)
 
 
 def check_controls(controls: Sequence[str]) -> tuple[str, ...]:
@@ -55,28 +57,84 @@ def load_image(path: str) -> tv_tensors.Image:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
-            return v2.functional.to_image(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise OSError(f"cannot read image file {path}: {err}") from err
+            return v2.functional.to_image(read_rgb(img))
+    except (*UNREADABLE, ValueError) as err:
+        raise OSError(f"cannot read image file {path}: {unreadable(err)}") from err
+
+
+def unreadable(err: BaseException) -> str:
+    """Why PIL could not read a file, in a few words (the path is the caller's to add)."""
+    if isinstance(err, UnidentifiedImageError):  # no format recognised it: empty, text, another kind of file
+        return "not an image file that PIL can identify"
+    if isinstance(err, Image.DecompressionBombError):
+        return f"too large: {err}"
+    return f"truncated or corrupt ({err})"
+
+
+def read_rgb(img: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB. 16-bit greyscale is scaled to 8 bits (v / 257, rounded) and float
+    greyscale read as [0, 1]: PIL's own convert("RGB") clips both, saturating them to white."""
+    if img.mode in _WIDE_MODES or img.mode == "F":
+        arr, full = _grey(img)
+        grey = np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return img.convert("RGB")
 
 
 def load_map(path: str, modality: str) -> torch.Tensor:
-    """Open a control-map file as the tv_tensor of its batch tensor (1, H, W), see `as_tv_tensor`.
-
-    edges: a pixel at half the full scale or more is an edge (files holding only 0/1 are read as is);
-    depth: [0, 1] (8-bit / 255, 16-bit / 65535, float as is); segmentation: int64 ids (palette indices of a
-    "P" PNG or grey levels); sketch: [0, 1] with strokes 1, scaled as depth, a drawing whose median is above
-    half the full scale (dark lines on light paper) inverted.
-    """
+    """Open a control-map file as the tv_tensor of its batch tensor (1, H, W), see `as_tv_tensor` and
+    `read_map`; a missing or unreadable file raises an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{modality} map file not found: {path}")
     try:
         with Image.open(path) as img:
-            img.load()
-            arr = _map_array(img, modality, path)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise OSError(f"cannot read {modality} map file {path}: {err}") from err
+            arr = read_map(img, modality)
+    except UNREADABLE as err:
+        raise OSError(f"cannot read {modality} map file {path}: {unreadable(err)}") from err
+    except ValueError as err:
+        raise ValueError(f"{modality} map file {path}: {err}") from err
     return as_tv_tensor(map_to_tensor(arr, modality), modality)
+
+
+def read_map(img: Image.Image, modality: str) -> np.ndarray:
+    """An opened map file as a 2-D array; a file whose content does not fit the modality raises ValueError.
+
+    edges: a pixel with any channel at half the full scale or more is an edge (files holding only 0/1 are
+    read as is), so red, green, blue or white lines on black all count; sketch: [0, 1] with strokes 1,
+    scaled as depth, from the brightest channel on a dark background or the darkest channel, inverted, on a
+    light one (median above half the full scale: a pen drawing on paper). A partly transparent edge or
+    sketch file is read from its alpha (the strokes opaque). depth: greyscale [0, 1] (8-bit / 255, 16-bit /
+    65535, float as is); a colour-mapped depth file is refused. segmentation: int64 ids (palette indices of
+    a "P" PNG or grey levels).
+    """
+    img.load()
+    if modality == "segmentation":
+        if img.mode not in ("P", "L", "1", *_WIDE_MODES):
+            raise ValueError(
+                f"mode {img.mode}: expected class ids as a palette (P) or greyscale (L / 16-bit) PNG"
+            )
+        return np.asarray(img).astype(np.int64)
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown control modality {modality!r}; expected one of {MODALITIES}")
+    arr, full = _channels(img, strokes=modality != "depth")  # (H, W, C)
+    if modality == "depth":
+        spread = arr.max(-1) - arr.min(-1)
+        if spread.mean() > _GREY_SPREAD * full:
+            raise ValueError(
+                f"a colour image (channels differ by {spread.mean() / full * 255:.0f} of 255 levels on "
+                "average): depth is read as grey levels, so save it as a greyscale (L or 16-bit) PNG"
+            )
+        return arr.mean(-1) / full
+    if modality == "edges":
+        # 0/1 files are read as is; otherwise an edge has a channel at half the full scale or more.
+        top = arr.max(-1)
+        edge = top > 0 if top.max(initial=0) <= 1 else top >= full / 2
+        return edge.astype(np.float32)
+    # sketch: strokes are 1; on light paper (median above half) the darkest channel marks them, inverted
+    arr = np.clip(arr / full, 0.0, 1.0)
+    if np.median(arr.mean(-1)) > 0.5:
+        return 1.0 - arr.min(-1)
+    return arr.max(-1)
 
 
 def _grey(img: Image.Image) -> tuple[np.ndarray, float]:
@@ -89,28 +147,17 @@ def _grey(img: Image.Image) -> tuple[np.ndarray, float]:
     return np.asarray(img.convert("L"), dtype=np.float32), 255.0
 
 
-def _map_array(img: Image.Image, modality: str, path: str) -> np.ndarray:
-    if modality == "edges":
+def _channels(img: Image.Image, strokes: bool) -> tuple[np.ndarray, float]:
+    """The file's channels as float32 (H, W, C) and their full scale: greyscale as in `_grey` (C = 1),
+    colour as RGB (C = 3); for `strokes` (edges, sketch) a partly transparent file gives its alpha (C = 1):
+    drawing apps export strokes on a transparent background that way, whatever their colour."""
+    if img.mode in ("F", "L", "1", *_WIDE_MODES):
         arr, full = _grey(img)
-        # 0/1 files are read as is; otherwise an edge is a pixel at half the full scale or more.
-        edge = arr > 0 if arr.max(initial=0) <= 1 else arr >= full / 2
-        return edge.astype(np.float32)
-    if modality == "depth":
-        arr, full = _grey(img)
-        return arr / full
-    if modality == "sketch":
-        # strokes are 1: a drawing on light paper (median above half the full scale) is inverted
-        arr, full = _grey(img)
-        arr = np.clip(arr / full, 0.0, 1.0)
-        return 1.0 - arr if np.median(arr) > 0.5 else arr
-    if modality == "segmentation":
-        if img.mode not in ("P", "L", "1", *_WIDE_MODES):
-            raise ValueError(
-                f"segmentation map {path} has mode {img.mode}; expected class ids as a palette (P) or "
-                "greyscale (L / 16-bit) PNG"
-            )
-        return np.asarray(img).astype(np.int64)
-    raise ValueError(f"unknown control modality {modality!r}; expected one of {MODALITIES}")
+        return arr[..., None], full
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+    if strokes and rgba[..., 3].min() < 255:
+        return rgba[..., 3:], 255.0
+    return rgba[..., :3], 255.0
 
 
 def as_tv_tensor(control: torch.Tensor, modality: str) -> torch.Tensor:
