@@ -70,6 +70,7 @@ class VarDataModule(L.LightningDataModule, ABC):
         self._config_resolution = None if resolution is None else int(resolution)
         self.resolution: int | None = self._config_resolution
         self.keys: tuple[str, ...] = BATCH_KEYS
+        self.num_segments: int | None = None  # set by connect() for a segmentation control
         self.datasets: dict[str, Dataset] | None = None
 
     def save_settings(self, ignore: Sequence[str] = ()) -> None:
@@ -84,8 +85,11 @@ class VarDataModule(L.LightningDataModule, ABC):
         self.save_hyperparameters(logger=False, ignore=list(ignore) or None, frame=caller)
 
     # --- what the model asks for -------------------------------------------------------------------------
-    def connect(self, resolution: int, keys: Sequence[str] = BATCH_KEYS) -> None:
-        """Receive the model's needs (called by the CLI once, before `setup`)."""
+    def connect(
+        self, resolution: int, keys: Sequence[str] = BATCH_KEYS, num_segments: int | None = None
+    ) -> None:
+        """Receive the model's needs (called by the CLI once, before `setup`): the resolution, the batch keys
+        and, for a segmentation control, how many ids it takes (ids 0..num_segments-1)."""
         resolution = int(resolution)
         if self._config_resolution is not None and resolution != self._config_resolution:
             raise ValueError(
@@ -98,6 +102,9 @@ class VarDataModule(L.LightningDataModule, ABC):
                 f"connect(keys=...) got unknown batch keys {unknown}; allowed: {list(BATCH_KEYS)}"
             )
         self.check_resolution(resolution)
+        self.num_segments = None if num_segments is None else int(num_segments)
+        if self.num_segments is not None:
+            self.check_segments(self.num_segments)
         if self.datasets is not None and (resolution != self.resolution or tuple(keys) != self.keys):
             self.datasets = None  # built for other needs: rebuild in setup()
         self.resolution = resolution
@@ -107,6 +114,9 @@ class VarDataModule(L.LightningDataModule, ABC):
         """Raise when this data cannot be produced at `resolution` (subclasses narrow the range)."""
         if resolution < 1:
             raise ValueError(f"data.resolution must be a positive number of pixels, got {resolution}")
+
+    def check_segments(self, num_segments: int) -> None:
+        """Raise when this data's segmentation ids can reach `num_segments` (subclasses that know them)."""
 
     def wants(self, key: str) -> bool:
         return key in self.keys

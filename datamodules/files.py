@@ -315,6 +315,7 @@ class FileDataModule(VarDataModule):
         keys += [(r.maps[m], m) for r in every for m in controls if m in r.maps]
         start = time.perf_counter()
         self._files.update(inspect_files([k for k in keys if k not in self._files], self.check_files))
+        self._check_segment_ids(every, controls)
         verdicts = sort_records(
             splits, self._files, controls, self.max_aspect, self.on_bad_file, self.on_size_mismatch
         )
@@ -349,6 +350,29 @@ class FileDataModule(VarDataModule):
             where = self.report_file or f"{REPORT_NAME} in the run directory"
             rank_zero_warn(summary(self.report, where), category=BadFileWarning)
         return verdicts.kept
+
+    def _check_segment_ids(self, records: Sequence[Record], controls: Sequence[str]) -> None:
+        """Segmentation map files with ids the model cannot take (connect's num_segments) refuse the run,
+        naming them: a setting to change, not files to skip."""
+        if self.num_segments is None or "segmentation" not in controls:
+            return
+        over = [
+            (r.maps["segmentation"], info.max_id)
+            for r in records
+            if "segmentation" in r.maps
+            and (info := self._files.get((r.maps["segmentation"], "segmentation"))) is not None
+            and info.max_id is not None
+            and info.max_id >= self.num_segments
+        ]
+        if over:
+            top = max(i for _, i in over)
+            listed = "; ".join(f"{path} (max id {i})" for path, i in over[:SHOWN])
+            more = f"; and {len(over) - SHOWN} more" if len(over) > SHOWN else ""
+            raise ValueError(
+                f"{len(over)} segmentation map file(s) hold ids the model cannot take, expected ids in "
+                f"[0, {self.num_segments}) (model.control.num_segments={self.num_segments}): {listed}{more}. "
+                f"Set model.control.num_segments={top + 1}"
+            )
 
     def _no_images(self, split: str) -> ValueError:
         lost = [e for e in self.report["skipped"] if e["split"] == split]

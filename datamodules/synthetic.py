@@ -367,6 +367,14 @@ class SyntheticDataModule(VarDataModule):
                 f"got {resolution}"
             )
 
+    def check_segments(self, num_segments: int) -> None:
+        needed = len(CLASS_NAMES) + 1  # 0 background, 1 + class id of a shape
+        if "segmentation" in self.controls and num_segments < needed:
+            raise ValueError(
+                f"the built-in scenes' segmentation ids run to {needed - 1} (0 background, 1..{needed - 1}: "
+                f"the shapes), the model takes {num_segments}: set model.control.num_segments={needed}"
+            )
+
     @property
     def class_names(self) -> list[str]:
         return list(CLASS_NAMES)

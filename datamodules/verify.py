@@ -59,6 +59,7 @@ class FileInfo:
     size: tuple[int, int] | None = None
     problem: str = ""
     unreadable: bool = False
+    max_id: int | None = None  # a segmentation map's largest id (when read through)
 
 
 def check_choice(value: str, choices: Sequence[str], key: str) -> str:
@@ -93,19 +94,20 @@ def inspect_file(path: str, modality: str | None, check: str) -> FileInfo:
         return FileInfo(problem="file not found", unreadable=True)
     if os.path.getsize(path) == 0:
         return FileInfo(problem="empty file (0 bytes)", unreadable=True)
-    size = None
+    size = max_id = None
     try:
         with Image.open(path) as img:
             size = img.size
             if check == "decode" and modality is not None:
-                read_map(img, modality)
+                values = read_map(img, modality)
+                max_id = int(values.max()) if modality == "segmentation" and values.size else None
             elif check == "decode":
                 _decode(img)
     except UNREADABLE as err:  # PIL's unidentified, truncated, broken-CRC and bad-chunk errors
         return FileInfo(problem=unreadable(err), unreadable=True)
     except ValueError as err:  # read_map: content that does not fit the modality
         return FileInfo(size=size, problem=str(err))
-    return FileInfo(size=size)
+    return FileInfo(size=size, max_id=max_id)
 
 
 def _decode(img: Image.Image) -> None:

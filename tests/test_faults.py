@@ -278,3 +278,34 @@ def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(tokenizer_file, tmp
         resumed = _losses(tmp_path / "var" / version)
         after = sorted(s for s in whole if s >= kill - 1)
         assert {s: resumed[s] for s in after} == {s: whole[s] for s in after}, kill  # exactly, step by step
+
+
+def test_segmentation_ids_beyond_the_model_are_refused_naming_the_files(tmp_path):
+    """Checked when the data is scanned (the CLI turns it into a config error before the run), not at the
+    first batch that holds such a map."""
+    import numpy as np
+    from helpers import save, textured
+
+    from datamodules import ControlPairsDataModule, SyntheticDataModule
+
+    for i, name in enumerate(("a", "b", "c")):
+        save(tmp_path / "images" / f"{name}.png", textured(i))
+        ids = np.full((40, 40), 3, dtype=np.uint8)
+        ids[:5, :5] = (7, 20, 19)[i]
+        save(tmp_path / "segmentation" / f"{name}.png", ids)
+    dm = ControlPairsDataModule(str(tmp_path), controls=["segmentation"], batch_size=1, val_fraction=0.34)
+    dm.connect(32, ("image", "control"), num_segments=16)
+    with pytest.raises(ValueError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    assert "2 segmentation map file(s) hold ids the model cannot take, expected ids in [0, 16)" in message
+    assert f"{tmp_path / 'segmentation' / 'b.png'} (max id 20)" in message and "a.png" not in message
+    assert "Set model.control.num_segments=21" in message
+    dm = ControlPairsDataModule(str(tmp_path), controls=["segmentation"], batch_size=1, val_fraction=0.34)
+    dm.connect(32, ("image", "control"), num_segments=21)
+    dm.setup("fit")  # ids up to 20 fit 21 segments
+    assert dm.dataset("train")[0]["control"]["segmentation"].max() <= 20
+
+    scenes = SyntheticDataModule(controls=["segmentation"], num_train=4, num_val=2, batch_size=2)
+    with pytest.raises(ValueError, match="set model.control.num_segments=11"):
+        scenes.connect(32, ("image", "control"), num_segments=8)

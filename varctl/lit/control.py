@@ -136,8 +136,11 @@ class ControlModule(VARModule):
         )
 
     def data_requirements(self) -> dict[str, Any]:
-        req = super().data_requirements()
-        return {**req, "keys": (*req["keys"], "control")}
+        req = {**super().data_requirements()}
+        req["keys"] = (*req["keys"], "control")
+        if "segmentation" in self.modalities:  # the data checks its ids against it before the run
+            req["num_segments"] = self.control.config.num_segments
+        return req
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
