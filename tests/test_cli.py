@@ -222,3 +222,13 @@ def test_print_config_marks_the_values_still_to_set(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("# still to set (key=VALUE on the command line): data.root\n")
     assert "tokenizer: vae_ch160v4096z32.pth" in out and "init_from: var_d16.pth" in out
+
+
+def test_a_dict_for_an_existing_section_names_the_keys_it_lacks(capsys):
+    conf = str(ROOT / "conf" / "tokenizer.yaml")
+    assert main(["fit", "-c", conf, "model.vqvae={preset: tiny, z_channels: 8}", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "existing section 'model.vqvae'" in err and "(z_channels not among them)" in err
+    assert "++model.vqvae={preset: tiny, z_channels: 8}" in err
+    assert main(["fit", "-c", conf, "--print-config", "++model.vqvae={preset: tiny, z_channels: 8}"]) == 0
+    assert "z_channels: 8" in capsys.readouterr().out

@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 TOP_LEVEL_KEYS = {
@@ -100,6 +101,8 @@ def _explain_compose_error(msg: str, path: Path, overrides: list[str], known: li
     first = msg.strip().splitlines()[0] if msg.strip() else msg
     if "Could not override" in msg or "not in struct" in msg:
         key = first.split("'")[1] if "'" in first else first
+        if key in known:  # an existing section given a dict with keys it does not have
+            return _explain_section_override(key, path, overrides, known)
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         return (
@@ -107,6 +110,21 @@ def _explain_compose_error(msg: str, path: Path, overrides: list[str], known: li
             f"  Use key=value for an existing key; add a new one with +key=value."
         )
     return f"could not compose {path} with overrides {overrides}: {first}"
+
+
+def _explain_section_override(key: str, path: Path, overrides: list[str], known: list[str]) -> str:
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = None
+    new = [k for k in parsed if f"{key}.{k}" not in known] if isinstance(parsed, dict) else []
+    which = f" ({', '.join(map(str, new))} not among them)" if new else ""
+    return (
+        f"{key}={value}: a value for the existing section '{key}' of {path} can only set the keys it "
+        f"already has{which}.\n  Set keys one by one ({key}.KEY=VALUE, +{key}.NEW=VALUE), or replace the "
+        f"whole section with ++{key}={value}"
+    )
 
 
 def to_container(cfg: DictConfig, path: str | Path) -> dict:
