@@ -13,6 +13,8 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from datamodules.synthetic import SyntheticDataModule  # noqa: E402
+from varctl.callbacks import NonFiniteGuard  # noqa: E402
+from varctl.checkpoints import AtomicCheckpointIO  # noqa: E402
 from varctl.lit.control import ControlModule  # noqa: E402
 from varctl.lit.tokenizer import TokenizerModule  # noqa: E402
 from varctl.lit.var import VARModule  # noqa: E402
@@ -84,7 +86,8 @@ if strategy_name == "ddp":
 torch.manual_seed(0)
 var = VARModule(vae_file, var={"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2},
                 optimizer={"lr": 1e-3, "lr_scale_by_batch": False}, ema_decay=0.9)  # fmt: skip
-tr = trainer(3, gradient_clip_val=2.0)
+tr = trainer(3, gradient_clip_val=2.0, callbacks=[NonFiniteGuard()])  # the guard decides on every rank
+tr.strategy.checkpoint_io = AtomicCheckpointIO()  # as the CLI sets it: the save below goes through it
 tr.fit(var, data(var))
 var_ckpt = os.path.join(out, "var.ckpt")
 tr.save_checkpoint(var_ckpt)

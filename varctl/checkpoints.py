@@ -65,6 +65,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _problem(path: Path) -> str | None:
     """Why ``path`` is not a readable Lightning checkpoint, or None when it is one."""
     if path.is_dir():
+        if (path / "meta.pt").is_file():  # a sharded checkpoint (FSDP, save_distributed_checkpoint=true)
+            return None
         return "is a directory, expected a checkpoint file (a .ckpt under <run>/checkpoints/)"
     if not path.exists():
         return "does not exist"

@@ -42,8 +42,9 @@ class NonFiniteGuard(L.Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed skips inf gradients itself
         bad_grads = False
-        if params and scaler is None:
-            norms = torch._foreach_norm([p.grad for p in params])
+        if params and scaler is None:  # each rank checks its own shard (FSDP: the local part of a DTensor)
+            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+            norms = torch._foreach_norm(grads)
             bad_grads = not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
         local = bool(bad_terms) or bad_grads
         diverged = trainer.strategy.reduce_boolean_decision(local, all=False)  # true on one rank: on all
