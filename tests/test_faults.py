@@ -309,3 +309,14 @@ def test_segmentation_ids_beyond_the_model_are_refused_naming_the_files(tmp_path
     scenes = SyntheticDataModule(controls=["segmentation"], num_train=4, num_val=2, batch_size=2)
     with pytest.raises(ValueError, match="set model.control.num_segments=11"):
         scenes.connect(32, ("image", "control"), num_segments=8)
+
+
+def test_a_sharded_checkpoint_folder_passes_the_resume_check(tmp_path):
+    """FSDP with save_distributed_checkpoint=true writes a folder with meta.pt: a checkpoint, not an error."""
+    sharded = tmp_path / "last.ckpt"
+    sharded.mkdir()
+    torch.save({"global_step": 3}, sharded / "meta.pt")
+    check_checkpoint(sharded)
+    (sharded / "meta.pt").unlink()
+    with pytest.raises(ValueError, match="is a directory, expected a checkpoint file"):
+        check_checkpoint(sharded)
