@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,3 +60,38 @@ def tokenizer_file(tmp_path_factory) -> str:
     config = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
                          patch_nums=(1, 2, 4))  # fmt: skip
     return str(VQVAE(config).save(tmp_path_factory.mktemp("tokenizer") / "vae.pt"))
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TOY = """
+defaults:
+  - trainer: cpu
+  - callbacks: default
+  - _self_
+run: {{name: toy, root: {root}, version: null}}
+seed: 0
+ckpt_path: null
+model:
+  _target_: toy.ToyModule
+  resolution: 8
+  lr: 0.5
+data:
+  _target_: toy.ToyData
+  batch_size: 4
+trainer:
+  max_steps: 8
+  val_check_interval: 4
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+
+
+@pytest.fixture()
+def toy_conf(tmp_path: Path) -> Path:
+    """conf/toy.yaml under tmp_path: the toy module and data of tests/toy.py with the real trainer and
+    callback groups, runs under tmp_path/runs (test_cli.py, test_faults.py)."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF / "trainer", conf / "trainer")
+    shutil.copytree(CONF / "callbacks", conf / "callbacks")
+    (conf / "toy.yaml").write_text(TOY.format(root=tmp_path / "runs"))
+    return conf / "toy.yaml"

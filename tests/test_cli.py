@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from PIL import Image
@@ -17,36 +15,6 @@ from PIL import Image
 from varctl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY = """
-defaults:
-  - trainer: cpu
-  - callbacks: default
-  - _self_
-run: {{name: toy, root: {root}, version: null}}
-seed: 0
-ckpt_path: null
-model:
-  _target_: toy.ToyModule
-  resolution: 8
-  lr: 0.5
-data:
-  _target_: toy.ToyData
-  batch_size: 4
-trainer:
-  max_steps: 8
-  val_check_interval: 4
-  enable_progress_bar: false
-  enable_model_summary: false
-"""
-
-
-@pytest.fixture()
-def toy_conf(tmp_path: Path) -> Path:
-    conf = tmp_path / "conf"
-    shutil.copytree(ROOT / "conf" / "trainer", conf / "trainer")
-    shutil.copytree(ROOT / "conf" / "callbacks", conf / "callbacks")
-    (conf / "toy.yaml").write_text(TOY.format(root=tmp_path / "runs"))
-    return conf / "toy.yaml"
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -16,20 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import ROOT, TOY
+from test_cli import ROOT
 
 from varctl.checkpoints import NonFiniteError, check_checkpoint
 from varctl.cli import main
-
-
-@pytest.fixture()
-def toy_conf(tmp_path: Path) -> Path:
-    conf = tmp_path / "conf"
-    shutil.copytree(ROOT / "conf" / "trainer", conf / "trainer")
-    shutil.copytree(ROOT / "conf" / "callbacks", conf / "callbacks")
-    (conf / "toy.yaml").write_text(TOY.format(root=tmp_path / "runs"))
-    return conf / "toy.yaml"
-
 
 EVERY_2 = ["callbacks.checkpoint.every_n_train_steps=2", "callbacks.images=null"]
 

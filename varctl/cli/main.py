@@ -121,8 +121,6 @@ def _check_ckpt(ckpt: str | None, config_file: str | Path) -> None:
     if ckpt is None:
         return
     path = Path(ckpt)
-    if not path.exists():
-        raise ConfigError(f"{config_file}: ckpt_path = {ckpt!r}: file not found")
     try:
         check_checkpoint(path)
     except ValueError as e:
