@@ -62,6 +62,44 @@ def tokenizer_file(tmp_path_factory) -> str:
     return str(VQVAE(config).save(tmp_path_factory.mktemp("tokenizer") / "vae.pt"))
 
 
+@pytest.fixture(scope="session")
+def judge_file(tmp_path_factory) -> str:
+    """A class judge file (varctl.metrics.classifier, 10 classes, 32 px) with random weights and the
+    BatchNorm statistics of real scenes, so its features are not ~0: a feature network for plumbing tests."""
+    from datamodules.synthetic import SyntheticShapes
+    from varctl.metrics.classifier import SmallClassifier, save_classifier
+
+    torch.manual_seed(0)
+    model = SmallClassifier(10, width=16)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average over the batch below
+    data = SyntheticShapes(64, 32, controls=())
+    with torch.no_grad():
+        model.train()(torch.stack([data[i]["image"] for i in range(64)]))
+    path = tmp_path_factory.mktemp("judge") / "judge.pt"
+    save_classifier(model.eval(), path, {"resolution": 32})
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> tuple[str, str]:
+    """(architecture, weights file) of a tiny random open_clip model, registered with open_clip."""
+    import json
+
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16,
+           "head_width": 32}, "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+           "layers": 1}}  # fmt: skip
+    (folder / "varctl-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(folder / "varctl-tiny-clip.json"))
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("varctl-tiny-clip").state_dict(), folder / "clip.pt")
+    return "varctl-tiny-clip", str(folder / "clip.pt")
+
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TOY = """
 defaults:
