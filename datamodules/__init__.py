@@ -14,6 +14,7 @@ from datamodules.annotators import (
     CannyAnnotator,
     SketchAnnotator,
     TorchScriptAnnotator,
+    TransformersDepthAnnotator,
     annotate,
 )
 from datamodules.base import BATCH_KEYS, VarDataModule
@@ -47,6 +48,7 @@ __all__ = [
     "SyntheticDataModule",
     "SyntheticShapes",
     "TorchScriptAnnotator",
+    "TransformersDepthAnnotator",
     "VarDataModule",
     "annotate",
     "collate",

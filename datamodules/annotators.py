@@ -5,9 +5,10 @@ crop (so the map aligns with the pixels; flips are applied to both afterwards). 
 `_target_` node, which the CLI instantiates into the object the datamodule receives:
 `{_target_: datamodules.CannyAnnotator, low: 100, high: 200}` (the default for edges),
 `{_target_: datamodules.SketchAnnotator}` (the default for sketch),
-`{_target_: datamodules.TorchScriptAnnotator, path: dpt.pt, device: cpu}`, or any function with
-`{_target_: pkg.module.function, _partial_: true, ...keyword arguments}`. Depth and segmentation have no
-default.
+`{_target_: datamodules.TorchScriptAnnotator, path: dpt.pt, device: cpu}`,
+`{_target_: datamodules.annotators.TransformersDepthAnnotator, path: dpt-large}` (a local Hugging Face
+folder), or any function with `{_target_: pkg.module.function, _partial_: true, ...keyword arguments}`.
+Depth and segmentation have no default.
 Outputs are normalized by `annotate`: edges -> {0,1}, depth -> [0,1] (min-max per image, larger = nearer,
 as MiDaS/DPT-style inverse depth), segmentation -> int64 ids (argmax when the model returns class scores),
 sketch -> [0,1] with strokes 1 (uint8 / 255; an HED or PiDiNet TorchScript model fits as it is).
@@ -90,6 +91,51 @@ class TorchScriptAnnotator:
             self._model = torch.jit.load(self.path, map_location=self.device).eval()
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(255.0)
         return self._model(x.to(self.device)).float().cpu()
+
+
+class TransformersDepthAnnotator:
+    """A Hugging Face transformers depth model (DPT, e.g. Intel/dpt-large) in a local folder written by
+    ``save_pretrained``: its image processor (resize, normalisation), then ``predicted_depth`` (1, h, w),
+    relative inverse depth, which ``annotate`` resizes to the image and min-max normalises.
+
+    Nothing is downloaded (``local_files_only``). The model is loaded on first use (in each DataLoader
+    worker), so the annotator stays picklable.
+    """
+
+    def __init__(self, path: str, device: str = "cpu"):
+        key = "data.annotators.depth.path or model.metric_annotators.depth.path"
+        try:
+            import transformers  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                f"datamodules.TransformersDepthAnnotator ({key}: {path}) needs the transformers package: "
+                "pip install transformers (or export the model for datamodules.TorchScriptAnnotator)"
+            ) from error
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{key}: no model folder {path} (nothing is downloaded)")
+        needed = ("config.json", "preprocessor_config.json")
+        missing = [name for name in needed if not os.path.isfile(os.path.join(path, name))]
+        if missing:
+            raise FileNotFoundError(
+                f"{key}: {path} lacks {', '.join(missing)}; save the model and its image processor there "
+                "with save_pretrained"
+            )
+        self.path, self.device = path, device
+        self._model = self._processor = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_model": None, "_processor": None}
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if self._model is None:
+            from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+            self._processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
+            model = AutoModelForDepthEstimation.from_pretrained(self.path, local_files_only=True)
+            self._model = model.to(self.device).eval()
+        pixels = self._processor(images=np.ascontiguousarray(image), return_tensors="pt")["pixel_values"]
+        return self._model(pixel_values=pixels.to(self.device)).predicted_depth.float().cpu()
 
 
 def check_annotators(annotators: Mapping[str, Any] | None) -> dict[str, Annotator]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from varctl.metrics.control import DepthRMSE, EdgeF1, SegmentationMIoU, build_control_metrics
+from datamodules import annotate
+from datamodules.annotators import TransformersDepthAnnotator
+from varctl.metrics.control import EDGE_PROTOCOLS, DepthRMSE, EdgeF1, SegmentationMIoU, build_control_metrics
 
 
 def squares(B: int = 2, size: int = 32, offset: int = 0) -> torch.Tensor:
@@ -26,23 +30,25 @@ def threshold_segmenter(image: np.ndarray) -> np.ndarray:
     return (image.mean(axis=2) > 127).astype(np.int64)
 
 
-def test_edge_f1_values():
-    same = EdgeF1()
+@pytest.mark.parametrize("protocol", EDGE_PROTOCOLS)
+def test_edge_f1_values(protocol):
+    same = EdgeF1(protocol)
     same.update(squares(), squares())
     assert same.compute().item() == pytest.approx(1.0)
-    blank = EdgeF1()
+    blank = EdgeF1(protocol)
     blank.update(torch.zeros(2, 3, 32, 32), squares())  # no edges predicted: F1 0
     assert blank.compute().item() == 0.0
-    empty = EdgeF1()
-    empty.update(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))  # nothing to find, nothing found
-    assert empty.compute().item() == 1.0
-    shifted = EdgeF1()
+    empty = EdgeF1(protocol)
+    empty.update(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))  # no edge in either map: 0 (sklearn)
+    assert empty.compute().item() == 0.0
+    shifted = EdgeF1(protocol)
     shifted.update(squares(offset=4), squares())  # vertical sides overlap in part, horizontal ones do not
     assert 0.2 < shifted.compute().item() < 0.8
 
 
-def test_edge_f1_averages_per_image():
-    metric = EdgeF1()
+@pytest.mark.parametrize("protocol", EDGE_PROTOCOLS)
+def test_edge_f1_averages_per_image(protocol):
+    metric = EdgeF1(protocol)
     metric.update(torch.cat([squares(1), torch.zeros(1, 3, 32, 32)]), squares(2))
     assert metric.compute().item() == pytest.approx(0.5)
 
@@ -74,7 +80,7 @@ def test_segmentation_miou_against_a_known_annotator():
 
 
 def test_build_control_metrics_only_what_can_be_computed():
-    assert set(build_control_metrics(("edges", "depth"), None, 16)) == {"edges_f1"}
+    assert set(build_control_metrics(("edges", "depth"), None, 16)) == {"edges_f1", "edges_f1_controlnetpp"}
     built = build_control_metrics(
         ("edges", "depth", "segmentation"),
         {
@@ -83,6 +89,46 @@ def test_build_control_metrics_only_what_can_be_computed():
         },
         16,
     )
-    assert set(built) == {"edges_f1", "depth_rmse", "segmentation_miou"}
+    assert set(built) == {"edges_f1", "edges_f1_controlnetpp", "depth_rmse", "segmentation_miou"}
     with pytest.raises(ValueError, match=r"model\.metric_annotators takes depth, segmentation and sketch"):
         build_control_metrics(("edges",), {"edges": grey_depth}, 16)
+
+
+def test_transformers_depth_annotator_on_a_tiny_random_dpt(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DPTConfig(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32,
+        patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8,
+        head_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5], initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.DPTForDepthEstimation(config).save_pretrained(tmp_path)
+    transformers.DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    annotator = TransformersDepthAnnotator(str(tmp_path))
+    image = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+    raw = annotator(image)  # the model's relative inverse depth at its own size (the head doubles 32 px)
+    assert raw.shape == (1, 64, 64) and float(raw.max()) > float(raw.min())
+    depth = annotate(annotator, image, "depth")
+    assert depth.shape == (40, 48) and depth.dtype == np.float32
+    assert depth.min() == 0.0 and depth.max() == pytest.approx(1.0)
+    # the convention of every depth annotator: bilinear to the image size, then min-max per image
+    resized = torch.nn.functional.interpolate(raw[None], size=(40, 48), mode="bilinear", align_corners=False)
+    resized = resized[0, 0].numpy()
+    expected = (resized - resized.min()) / (resized.max() - resized.min())
+    np.testing.assert_allclose(depth, expected, atol=1e-6)
+    metric = DepthRMSE(annotator)
+    batch = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    metric.update(batch, torch.from_numpy(depth)[None, None])
+    assert metric.compute().item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_transformers_depth_annotator_errors(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    key = r"data\.annotators\.depth\.path or model\.metric_annotators\.depth\.path"
+    with pytest.raises(FileNotFoundError, match=rf"{key}: no model folder {tmp_path}/dpt"):
+        TransformersDepthAnnotator(str(tmp_path / "dpt"))
+    with pytest.raises(FileNotFoundError, match=r"lacks config\.json, preprocessor_config\.json"):
+        TransformersDepthAnnotator(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(ImportError, match=rf"\({key}: .*\) needs the transformers package"):
+        TransformersDepthAnnotator(str(tmp_path))

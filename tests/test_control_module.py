@@ -199,7 +199,7 @@ def test_unlabelled_controls_sample_the_null_class(files):
 # ---------------------------------------------------------------------------------------------- evaluation
 def test_validation_scores_samples_and_logs_the_grid(trained, tmp_path):
     m, dm, _ = trained
-    m.scoring.batches = 1
+    m.scoring.batches = m.evaluation.batches = 1  # test draws what `evaluation` says, val what `scores` says
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     grids = ImageLogger(every_n_steps=1, max_images=3)
     trainer = make_trainer(tmp_path, limit_val_batches=1, logger=logger, callbacks=[grids])
@@ -393,3 +393,16 @@ def test_control_fields_are_for_the_control_stage_only():
     with pytest.raises(ValueError, match=r"\['control_cfg'\] apply to the control stage only"):
         Sampling(control_cfg=1.0).generate_kwargs()
     assert "control_cfg" in Sampling(control_cfg=1.0).generate_kwargs(control=True)
+
+
+def test_test_scores_generation_quality_with_its_two_references(files, judge_file, tmp_path):
+    """`test` scores the samples, the samples for other images' controls and the tokenizer's reconstructions
+    (the ceiling) with the feature networks, next to the control fidelity."""
+    torch.manual_seed(0)
+    evaluation = {"batches": 1, "networks": ["judge"], "judge_weights": judge_file, "kid_subsets": 5}
+    m = make_control(files, evaluation=evaluation)
+    out = make_trainer(tmp_path, limit_test_batches=1).test(m, make_data(m, num_train=16), verbose=False)[0]
+    for group in ("test", "test_shuffled", "test_tokenizer"):
+        assert out[f"{group}/num_generated_judge"] == 16 and math.isfinite(out[f"{group}/fd_judge"]), group
+        assert f"{group}/edges_f1" in out
+    assert out["test_tokenizer/fd_judge"] != out["test/fd_judge"]

@@ -278,3 +278,23 @@ def test_lpips_metric_only_with_real_weights(tmp_path, monkeypatch):
     assert result["val/perceptual_loss"] == pytest.approx(
         float(m.perceptual(m.vae(x).recon, x).mean()), rel=1e-4
     )
+
+
+def test_test_scores_reconstructions_with_the_feature_networks(judge_file):
+    """Reconstruction FD (rFID with the FID Inception) of the test images, next to PSNR and codebook use;
+    the value is the one computed by hand from the same reconstructions."""
+    from varctl.metrics.generation import GenerationMetrics, JudgeFeatures
+
+    torch.manual_seed(0)
+    m = make_module(evaluation={"batches": 1, "networks": ["judge"], "judge_weights": judge_file,
+                                "kid_subsets": 5})  # fmt: skip
+    dm = make_data(m, batch_size=8)
+    scores = make_trainer(limit_test_batches=2).test(m, dm, verbose=False)[0]
+    assert scores["test/num_generated_judge"] == 8 and "test/psnr" in scores
+    batch = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        recon = m.vae(batch["image"]).recon.float().clamp(-1, 1).add(1).mul(0.5)
+    by_hand = GenerationMetrics(JudgeFeatures(judge_file), kid_subsets=5)
+    by_hand.update(batch["image"].add(1).mul(0.5), real=True)
+    by_hand.update(recon, real=False)
+    assert scores["test/fd_judge"] == pytest.approx(by_hand.compute()["fd_judge"], rel=1e-4)

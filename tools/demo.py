@@ -7,9 +7,11 @@
 Each stage is the same as ``python -m varctl fit -c conf/....yaml`` (step counts from the config unless
 given); the VAR stage gets the tokenizer's last checkpoint as ``model.tokenizer``, ``predict`` writes sample
 PNGs under the VAR run directory, and ``tools/score_samples.py`` then reports how often a sample shows the
-class it was generated for. The control stage trains a branch on that VAR (``conf/control.yaml``), reports
-the edge F1 of its samples against the real images beside the F1, against the same images, of samples
-given other images' edges (what ignoring the control would give), and ``predict`` writes each sample beside
+class it was generated for. ``test`` then scores samples for the test images' classes in that judge's
+features (``fd_judge``, ``kd_judge``, ...; ``<run>/eval/test.json``). The control stage trains a branch on
+that VAR (``conf/control.yaml``), reports the edge F1 of its samples against the real images beside the F1,
+against the same images, of samples given other images' edges (what ignoring the control would give),
+``test`` scores it the same way with generation quality beside, and ``predict`` writes each sample beside
 its edge map and the real image.
 """
 
@@ -61,11 +63,15 @@ def main() -> None:
     var = stage("fit", "var.yaml", [*steps(args.var_steps), *var_overrides])
     last = var.checkpoint_callback.last_model_path
     pred = stage("predict", "var.yaml", [f"ckpt_path={last}", *var_overrides])
+    judge = []  # the class judge's features score generation quality in `test` (no FID weights here)
     if not args.no_score:
         out = next(c.output_dir for c in pred.callbacks if isinstance(c, ImageWriter))
         cache = Path(args.root) / "classifiers"
         tool = Path(__file__).with_name("score_samples.py")
         subprocess.run([sys.executable, str(tool), str(out), "--cache", str(cache)], check=True)
+        newest = max(cache.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+        judge = [f"model.evaluation.judge_weights={newest}"]
+        stage("test", "var.yaml", [f"ckpt_path={last}", *var_overrides, *judge])  # <run>/eval/test.json
     if not args.no_control:
         control_overrides = [
             f"model.tokenizer={tokenizer}",
@@ -90,6 +96,8 @@ def main() -> None:
                                                        "model.scores.control_cfg=0"])  # fmt: skip
             f1 = float(plain.callback_metrics["val/edges_f1"])
             print(f"[demo] control without control guidance: edge F1 {f1:.3f}", flush=True)
+        if judge:
+            stage("test", "control.yaml", [f"ckpt_path={ckpt}", *control_overrides, *judge])
         stage("predict", "control.yaml", [f"ckpt_path={ckpt}", *control_overrides])
     print(f"[demo] done: tensorboard --logdir {args.root}", flush=True)
 

@@ -199,7 +199,7 @@ def _run(command: str, data: dict, config_file: str | Path):
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from varctl.callbacks import ImageWriter
+    from varctl.callbacks import EvaluationWriter, ImageWriter
     from varctl.checkpoints import AtomicCheckpointIO
     from varctl.cli.config import ConfigError, as_yaml
     from varctl.files import atomic_write_text
@@ -233,6 +233,8 @@ def _run(command: str, data: dict, config_file: str | Path):
         out_dir = Path(datamodule.output_dir)
     if command == "predict":
         callbacks.append(ImageWriter(out_dir))
+    if command == "test":  # <run>/eval/test.json: the scores with what produced them
+        callbacks.append(EvaluationWriter(log_dir / "eval", data, ckpt))
     trainer = instantiate(data["trainer"], _convert_="all", logger=logger, callbacks=callbacks)
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic in their own folder, finite weights only
 

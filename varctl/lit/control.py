@@ -19,9 +19,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from varctl.callbacks.images import ImageGrid
+from varctl.lit.evaluation import start_evaluation
 from varctl.lit.jobs import job_step
 from varctl.lit.legacy import upgrade_control_keys
-from varctl.lit.settings import ControlScores, OptimizerSettings, Predictions, Samples
+from varctl.lit.settings import ControlScores, Evaluation, OptimizerSettings, Predictions, Samples
 from varctl.lit.var import VARModule
 from varctl.metrics.control import build_control_metrics
 from varctl.models.control import ControlBranch, ControlledVAR, shape_of
@@ -38,7 +39,11 @@ class ControlModule(VARModule):
         train_backbone: which backbone parameters train beside the branch: false none (default), true all,
             "norms" the biases and normalisation parameters only, or a list of block indices.
         alignment_weight: weight of SCALAR-Uni's alignment loss (``train/align``; pretrained encoders).
-        scores: how samples are scored against their controls (``settings.ControlScores``; batches 0: none).
+        scores: how validation scores samples against their controls (``settings.ControlScores``; batches
+            0: none); also the metrics' protocols in ``test``.
+        evaluation: what ``test`` draws (a sample per image of its first ``batches`` batches, for its own
+            and for another image's controls) and the networks that score generation quality beside the
+            control fidelity (``settings.Evaluation``).
         metric_annotators: depth / segmentation annotators to score samples with (no built-in models), e.g.
             ``{depth: {_target_: datamodules.TorchScriptAnnotator, path: dpt.pt}}``; never stored.
     """
@@ -60,6 +65,7 @@ class ControlModule(VARModule):
         samples: Samples | None = None,
         predict: Predictions | None = None,
         scores: ControlScores | None = None,
+        evaluation: Evaluation | None = None,
         metric_annotators: dict[str, Callable] | None = None,
         scale_loss_weights: list[float] | None = None,
         scale_sampling: Literal["all", "early"] = "all",
@@ -73,7 +79,7 @@ class ControlModule(VARModule):
             )
         super().__init__(
             tokenizer, var, init_from, text_encoder, label_smoothing, optimizer, ema_decay, ema_warmup,
-            samples, predict, scale_loss_weights, scale_sampling,
+            samples, predict, scale_loss_weights, scale_sampling, evaluation,
         )  # fmt: skip
         self.hparams.pop("metric_annotators", None)  # objects (models, functions): rebuilt from the config
         self.scoring = ControlScores.of(scores)
@@ -84,7 +90,12 @@ class ControlModule(VARModule):
             {
                 name: torch.nn.ModuleDict(
                     build_control_metrics(
-                        cc.modalities, metric_annotators, cc.num_segments, self.scoring.edge_thresholds
+                        cc.modalities,
+                        metric_annotators,
+                        cc.num_segments,
+                        edge_protocols=self.scoring.edge_protocols,
+                        ignore_index=self.scoring.ignore_index,
+                        ms_ssim=self.scoring.ms_ssim,
                     )
                 )
                 for stage in ("val", "test")
@@ -175,29 +186,33 @@ class ControlModule(VARModule):
         super().validation_step(batch, batch_idx)
         self._score(batch, batch_idx, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        super().test_step(batch, batch_idx)
-        self._score(batch, batch_idx, "test")
+    def evaluate_samples(self, batch: dict, batch_idx: int) -> None:
+        self._score(batch, batch_idx, "test")  # the test samples, scored for control and generation quality
 
     def _score(self, batch: dict, batch_idx: int, stage: str) -> None:
         """Score samples drawn for the batch's controls against the batch's images and maps; then score,
         against the same images and maps, samples drawn for the controls rolled by one image: a model that
         ignores its controls scores the same on both, one that follows them scores lower on the second. The
         tokenizer's reconstructions of the real images give the ceiling."""
-        if batch_idx >= self.scoring.batches or not len(self.control_metrics[stage]):
+        evaluator = self.evaluator if stage == "test" else None
+        sampling = self.evaluation if stage == "test" else self.scoring
+        if batch_idx >= sampling.batches or not (len(self.control_metrics[stage]) or evaluator):
             return
         maps = batch["control"]
         rolled = {m: t.roll(1, dims=0) for m, t in maps.items()}
+        seed_offset = batch_idx * self.trainer.world_size + self.trainer.global_rank
         real = batch["image"].float().add(1).mul(0.5)
         with torch.no_grad(), torch.autocast(real.device.type, enabled=False):
             recon = self.vae.idx_to_img(self.vae.img_to_idx(batch["image"].float())).add(1).mul(0.5)
         for name, images in (
-            (stage, self.generate_for(batch, maps, self.scoring, batch_idx)),
-            (f"{stage}_shuffled", self.generate_for(batch, rolled, self.scoring, batch_idx)),
+            (stage, self.generate_for(batch, maps, sampling, seed_offset)),
+            (f"{stage}_shuffled", self.generate_for(batch, rolled, sampling, seed_offset)),
             (f"{stage}_tokenizer", recon),
         ):
             for metric in self.control_metrics[name].values():
                 metric.update(images, real if metric.against == "image" else maps[metric.against])
+            if evaluator is not None:
+                evaluator.update(name, images.float().clamp(0, 1), real, batch.get("caption"))
 
     def _log_scores(self, stage: str) -> None:
         for name in (stage, f"{stage}_shuffled", f"{stage}_tokenizer"):
@@ -210,8 +225,11 @@ class ControlModule(VARModule):
         super().on_validation_epoch_end()
         self._log_scores("val")
 
+    def on_test_start(self) -> None:
+        self.evaluator = start_evaluation(self, self.evaluation, ("test", "test_shuffled", "test_tokenizer"))
+
     def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
+        super().on_test_epoch_end()  # logs the generation scores too
         self._log_scores("test")
 
     def val_images(self, batch: dict, max_images: int) -> dict[str, ImageGrid]:

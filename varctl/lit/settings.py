@@ -8,6 +8,7 @@ section's keys and types against the dataclass before anything runs, like every 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -109,12 +110,55 @@ class Predictions(Sampling):
 
 
 @dataclass
+class Evaluation(Sampling):
+    """What ``test`` measures on generated images (``varctl.metrics.generation``, ``varctl.lit.evaluation``).
+
+    One sample is drawn for the condition of each image of the first ``batches`` test batches (these
+    sampling settings; seed + batch index * world size + rank), and scored against those real images (or
+    the cached ``reference_stats``) with every feature network in ``networks`` whose weights are set:
+    ``inception`` (FID, KID, IS, precision/recall; ``inception_weights``: the local FID Inception file) and
+    ``judge`` (the demo's class judge, ``judge_weights``: a file from tools/score_samples.py). A network
+    without weights is skipped with a message. Text models add the CLIP score with the open_clip
+    architecture ``clip_model`` and the local weights ``clip_weights``. ``reference_stats``: a file for the
+    real images' features, one per network (``ref.safetensors`` -> ``ref.judge.safetensors``); computed
+    when absent, refused when computed for other images, weights or resolution (``refresh_reference``
+    recomputes it)."""
+
+    batches: int = 0
+    networks: tuple[str, ...] = ("inception", "judge")
+    inception_weights: str | None = None
+    judge_weights: str | None = None
+    clip_model: str | None = None
+    clip_weights: str | None = None
+    reference_stats: str | None = None
+    refresh_reference: bool = False
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    precision_recall_k: int = 3
+
+    WEIGHTS = ("inception_weights", "judge_weights", "clip_weights")
+
+    def __post_init__(self):
+        for key in self.WEIGHTS:  # a named file that is absent fails now, before a run starts
+            path = getattr(self, key)
+            if path is not None and not os.path.isfile(os.path.expanduser(str(path))):
+                raise FileNotFoundError(f"{key}={path}: no such file (weights are never downloaded)")
+        unknown = sorted(set(self.networks) - {"inception", "judge"})
+        if unknown:
+            raise ValueError(f"networks: unknown {unknown}; expected inception and/or judge")
+
+
+@dataclass
 class ControlScores(Sampling):
-    """How validation and test score control samples (``varctl.metrics.control``): the first ``batches``
-    batches, Canny at ``edge_thresholds`` for the edge F1."""
+    """How validation scores control samples (``varctl.metrics.control``): the first ``batches`` batches,
+    edge F1 under each of ``edge_protocols``, depth RMSE, segmentation mIoU without the ``ignore_index``
+    pixels, sketch SSIM or MS-SSIM. ``test`` scores the same metrics on the samples that ``evaluation``
+    draws, with generation quality beside them."""
 
     batches: int = 1
-    edge_thresholds: tuple[float, float] = (100.0, 200.0)
+    edge_protocols: tuple[str, ...] = ("controlar", "controlnetpp")
+    ignore_index: int | None = None
+    ms_ssim: bool = False
 
 
 @dataclass

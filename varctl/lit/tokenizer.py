@@ -20,9 +20,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from varctl.callbacks.images import ImageGrid
 from varctl.lit import losses, optim
+from varctl.lit.evaluation import log_evaluation, start_evaluation
 from varctl.lit.settings import (
     CodebookSettings,
     DiscriminatorSettings,
+    Evaluation,
     OptimizerSettings,
     PerceptualSettings,
     plain_hparams,
@@ -56,6 +58,7 @@ class TokenizerModule(L.LightningModule):
         codebook: CodebookSettings | None = None,
         optimizer: OptimizerSettings | None = None,
         gradient_clip_val: float | None = None,
+        evaluation: Evaluation | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -65,6 +68,8 @@ class TokenizerModule(L.LightningModule):
         self.gan = DiscriminatorSettings.of(discriminator)
         self.codes = CodebookSettings.of(codebook)
         self.optimizer_settings = OptimizerSettings.of(optimizer, **RECIPE)
+        self.evaluation = Evaluation.of(evaluation)  # test: reconstruction FID etc. (varctl.lit.evaluation)
+        self.evaluator, self.evaluation_record = None, None
         if init_from is not None:  # the architecture comes from the file; explicit fields must agree with it
             self.vae = VQVAE.load(init_from, **{k: v for k, v in (vqvae or {}).items() if k != "preset"})
         elif vqvae:
@@ -257,6 +262,8 @@ class TokenizerModule(L.LightningModule):
         if self.has_lpips_metric:
             m["lpips"].update(self.perceptual(recon, x.float()).float())
             self.log(f"{stage}/lpips", m["lpips"], batch_size=B)
+        if stage == "test" and self.evaluator is not None and batch_idx < self.evaluation.batches:
+            self.evaluator.update("test", r01.clamp(0, 1), x01)  # reconstruction FID (rFID) and the rest
 
     def _codebook_epoch_end(self, stage: str) -> None:
         stats = self.eval_metrics[stage]["codebook"]
@@ -284,8 +291,12 @@ class TokenizerModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._codebook_epoch_end("val")
 
+    def on_test_start(self) -> None:
+        self.evaluator = start_evaluation(self, self.evaluation, ("test",))
+
     def on_test_epoch_end(self) -> None:
         self._codebook_epoch_end("test")
+        log_evaluation(self, self.evaluator)
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> dict:

@@ -23,9 +23,10 @@ from torch import nn
 
 from varctl.callbacks.images import ImageGrid
 from varctl.lit import optim
+from varctl.lit.evaluation import log_evaluation, start_evaluation
 from varctl.lit.jobs import job_step
 from varctl.lit.legacy import is_legacy, legacy_state_dict
-from varctl.lit.settings import OptimizerSettings, Predictions, Samples, plain_hparams
+from varctl.lit.settings import Evaluation, OptimizerSettings, Predictions, Samples, plain_hparams
 from varctl.lit.sharding import ignore_in_fsdp1, shard_var
 from varctl.metrics.tokens import ScaleMetrics
 from varctl.models.text import TextEncoder
@@ -56,7 +57,8 @@ class VARModule(L.LightningModule):
             tokenizer, the text fields from the text encoder. Unused with ``init_from``.
         init_from: a VAR to fine-tune (a stage-2 checkpoint, a VAR file, ``var_d16.pth`` ...).
         text_encoder: ``TextEncoder`` arguments: makes a text-conditioned VAR (none: class-conditioned).
-        optimizer, samples, predict: the sections of ``varctl/lit/settings.py``.
+        optimizer, samples, predict, evaluation: the sections of ``varctl/lit/settings.py``; ``evaluation``
+            says which samples ``test`` draws and how it scores them (FID, KID, IS, CLIP score).
         scale_loss_weights: a training loss weight per scale (default: every token alike).
         scale_sampling: "early" trains each sample on its scales up to a random last one, early scales
             more often (ECM's early-centric sampling: the last scale k with probability proportional to
@@ -77,12 +79,16 @@ class VARModule(L.LightningModule):
         predict: Predictions | None = None,
         scale_loss_weights: list[float] | None = None,
         scale_sampling: Literal["all", "early"] = "all",
+        evaluation: Evaluation | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         plain_hparams(self.hparams)
         self.optimizer_settings = OptimizerSettings.of(optimizer)
         self.samples, self.predictions = Samples.of(samples), Predictions.of(predict)
+        self.evaluation = Evaluation.of(evaluation)
+        self.evaluator = None  # made for each test run (varctl.lit.evaluation): never part of the state
+        self.evaluation_record: dict | None = None
         self.vae = _named(VQVAE.load, tokenizer, "model.tokenizer").eval().requires_grad_(False)
         self.text_encoder = TextEncoder(**text_encoder) if text_encoder is not None else None
         self.model = self.build_model(self.build_var(var, init_from))
@@ -256,14 +262,27 @@ class VARModule(L.LightningModule):
         self.val_metrics.update(*self.token_losses(batch, self.eval_model))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Teacher-forcing cross-entropy and token accuracy (per scale too) on the test split."""
+        """Teacher-forcing cross-entropy and token accuracy (per scale too) on the test split; with
+        ``evaluation.batches``, a sample for each image's condition, scored against the real images."""
         self.test_metrics.update(*self.token_losses(batch, self.eval_model))
+        self.evaluate_samples(batch, batch_idx)
+
+    def evaluate_samples(self, batch: dict, batch_idx: int) -> None:
+        if self.evaluator is not None and batch_idx < self.evaluation.batches:
+            seed_offset = batch_idx * self.trainer.world_size + self.trainer.global_rank
+            images = self.generate(self.condition(batch), self.evaluation, seed_offset)
+            real = batch["image"].float().add(1).mul(0.5)
+            self.evaluator.update("test", images.float().clamp(0, 1), real, batch.get("caption"))
+
+    def on_test_start(self) -> None:
+        self.evaluator = start_evaluation(self, self.evaluation, ("test",))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
+        log_evaluation(self, self.evaluator)
 
     def _log_metrics(self, stage: str, metrics: ScaleMetrics) -> None:
         # the metric states are summed over processes in compute(), so no sync_dist here

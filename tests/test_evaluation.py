@@ -1,0 +1,153 @@
+"""Generation quality in `test` (varctl.lit.evaluation), the results file (varctl.callbacks.EvaluationWriter)
+and tools/evaluate.py. Feature network: the test judge (random weights, conftest.py): plumbing and values of
+the wiring, not quality."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.synthetic import SyntheticDataModule, SyntheticShapes
+from varctl.callbacks import EvaluationWriter
+from varctl.lit.var import VARModule
+from varctl.metrics.generation import GenerationMetrics, JudgeFeatures, StaleReference
+from varctl.metrics.results import load_results, table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import evaluate  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY_VAR = {"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2}
+
+
+def make(tokenizer_file, judge_file, **evaluation):
+    ev = {"batches": 2, "networks": ["judge", "inception"], "judge_weights": judge_file, "cfg": 1.0,
+          "kid_subsets": 10, "seed": 5, **evaluation}  # fmt: skip
+    m = VARModule(tokenizer_file, var=TINY_VAR, evaluation=ev)
+    dm = SyntheticDataModule(num_train=16, num_val=24, batch_size=8)
+    dm.connect(**m.data_requirements())
+    return m, dm
+
+
+def run_test(m, dm, tmp_path, **kw):
+    writer = EvaluationWriter(tmp_path / "eval", {"seed": 0, "model": {}}, None)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_test_batches=3, callbacks=[writer],
+                        **kw)  # fmt: skip
+    return trainer.test(m, dm, verbose=False)[0], writer.path
+
+
+def test_test_scores_samples_of_the_test_conditions_and_writes_the_results(
+    tokenizer_file, judge_file, tmp_path
+):
+    torch.manual_seed(0)
+    m, dm = make(tokenizer_file, judge_file)
+    scores, path = run_test(m, dm, tmp_path)
+    assert scores["test/num_generated_judge"] == 16 and scores["test/num_real_judge"] == 16  # 2 batches of 8
+    # the same numbers by hand: a sample per image of the first two test batches, seeded per batch
+    judge = JudgeFeatures(judge_file)
+    by_hand = GenerationMetrics(judge, kid_subsets=10, seed=5)
+    loader = dm.test_dataloader()
+    for i, batch in zip(range(2), loader):
+        by_hand.update(batch["image"].add(1).mul(0.5), real=True)
+        by_hand.update(m.generate(batch["label"], m.evaluation, seed_offset=i).clamp(0, 1), real=False)
+    expected = by_hand.compute()
+    for key in ("fd_judge", "kd_judge", "is_judge", "precision_judge", "recall_judge"):
+        assert scores[f"test/{key}"] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    assert scores["test/fd_judge"] > 0 and "test/loss" in scores
+    record = json.loads(path.read_text())
+    assert record["metrics"]["test/fd_judge"] == pytest.approx(scores["test/fd_judge"], rel=1e-6)
+    prov = record["provenance"]
+    ev = prov["evaluation"]
+    assert ev["networks"]["judge"]["sha256"] == judge.weights_sha256
+    assert any("inception metrics skipped" in s and "inception_weights" in s for s in ev["skipped"])
+    assert prov["sampling"]["cfg_per_scale"] == [0.0, 0.5, 1.0] and prov["sampling"]["seed"] == 5
+    assert prov["test_batches"] == [3] and prov["versions"]["torch"] == torch.__version__
+    assert ev["metric_settings"][0]["kid_subsets"] == 10
+
+
+def test_reference_statistics_are_cached_and_checked_in_test(tokenizer_file, judge_file, tmp_path):
+    torch.manual_seed(0)
+    cache = str(tmp_path / "ref.safetensors")  # one file per network: ref.judge.safetensors
+    m, dm = make(tokenizer_file, judge_file, reference_stats=cache)
+    first, _ = run_test(m, dm, tmp_path)
+    assert (tmp_path / "ref.judge.safetensors").exists()
+    again, path = run_test(m, dm, tmp_path)
+    assert again["test/fd_judge"] == pytest.approx(first["test/fd_judge"], rel=1e-6)
+    ref = json.loads(path.read_text())["provenance"]["evaluation"]["reference_stats"]["judge"]
+    assert ref["how"] == "cached" and ref["num_images"] == 16
+    # other test images (another data seed): the cache is refused, naming the field
+    m2, dm2 = make(tokenizer_file, judge_file, reference_stats=cache)
+    dm2.hparams["seed"] = 7
+    with pytest.raises(StaleReference, match="source_fingerprint"):
+        run_test(m2, dm2, tmp_path)
+
+
+def test_no_network_weights_means_no_sampling_in_test(tokenizer_file, tmp_path):
+    m, dm = make(tokenizer_file, None)
+    scores, path = run_test(m, dm, tmp_path)
+    assert not any("judge" in k or "fid" in k for k in scores) and "test/loss" in scores
+    assert json.loads(path.read_text())["provenance"]["evaluation"] is None
+
+
+def write_pngs(folder: Path, images: torch.Tensor, names=None) -> None:
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"{names[i] if names else i:03}.png")
+
+
+def test_evaluate_tool_scores_folders_caches_the_reference_and_tabulates(judge_file, tmp_path, capsys):
+    data = SyntheticShapes(24, 32, controls=())
+    real = torch.stack([data[i]["image"] for i in range(24)]).add(1).mul(0.5)
+    write_pngs(tmp_path / "run" / "ref", real)
+    write_pngs(tmp_path / "run" / "same", real)
+    write_pngs(tmp_path / "run" / "noisy", (real + 0.2 * torch.randn(real.shape)).clamp(0, 1))
+    common = ["--judge-weights", judge_file, "--kid-subsets", "5"]
+    cache = str(tmp_path / "ref_{network}.safetensors")
+    same = evaluate.main([str(tmp_path / "run/same"), str(tmp_path / "run/ref"), *common, "--paired",
+                          "--reference-stats", cache])  # fmt: skip
+    assert abs(same["fd_judge"]) < 1e-4 and same["paired/psnr"] > 80  # PSNR of identical images: inf, capped
+    # identical images: F1 1 for every image with edges, 0 (the protocols' value) for one without
+    import kornia
+
+    with_edges = [bool(kornia.filters.canny(x[None], 0.1, 0.2)[1].any()) for x in real]
+    assert same["paired/edges_f1"] == 1.0
+    assert same["paired/edges_f1_controlnetpp"] == pytest.approx(sum(with_edges) / len(real), abs=1e-6)
+    noisy = evaluate.main([str(tmp_path / "run/noisy"), "--reference-stats", cache, *common])
+    assert noisy["fd_judge"] > 100 * max(abs(same["fd_judge"]), 1e-6)
+    results = load_results(tmp_path / "run" / "eval")
+    assert len(results) == 2 and results[1][1]["provenance"]["reference_stats"]["judge"]["how"] == "cached"
+    # a changed reference folder: the cache is refused
+    (tmp_path / "run/ref/000.png").write_bytes((tmp_path / "run/ref/001.png").read_bytes())
+    with pytest.raises(SystemExit, match="source_fingerprint"):
+        evaluate.main(
+            [str(tmp_path / "run/same"), str(tmp_path / "run/ref"), *common, "--reference-stats", cache]
+        )
+    capsys.readouterr()
+    evaluate.main(["--table", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "fd_judge" in out and out.count("run/evaluate") == 2 and "paired/psnr" in out
+    assert table([]) == "(no results files)"
+
+
+def test_a_text_model_gets_the_clip_score_of_its_test_captions(tokenizer_file, tiny_clip, tmp_path):
+    torch.manual_seed(0)
+    name, weights = tiny_clip
+    text = {"name": "ViT-B-32", "pretrained": None, "model_cfg": {"embed_dim": 32, "text_cfg": {
+        "width": 32, "heads": 2, "layers": 1, "context_length": 24}}}  # fmt: skip
+    ev = {"batches": 1, "networks": [], "clip_model": name, "clip_weights": weights, "cfg": 1.0}
+    m = VARModule(tokenizer_file, var=TINY_VAR, text_encoder=text, evaluation=ev)
+    dm = SyntheticDataModule(num_train=16, num_val=8, batch_size=8)
+    dm.connect(**m.data_requirements())
+    scores, path = run_test(m, dm, tmp_path)
+    assert 0 <= scores["test/clip_score"] <= 100
+    record = json.loads(path.read_text())
+    assert record["provenance"]["evaluation"]["networks"]["clip"]["network"] == f"open_clip:{name}"
