@@ -151,3 +151,26 @@ def test_a_text_model_gets_the_clip_score_of_its_test_captions(tokenizer_file, t
     assert 0 <= scores["test/clip_score"] <= 100
     record = json.loads(path.read_text())
     assert record["provenance"]["evaluation"]["networks"]["clip"]["network"] == f"open_clip:{name}"
+
+
+def test_the_reference_fingerprint_follows_the_test_files(tmp_path):
+    """A datamodule that reads files is fingerprinted by its test files (names relative to their common
+    folder, sizes, times): an edited image changes it, and so does another number of images."""
+    from types import SimpleNamespace
+
+    from varctl.lit.evaluation import split_fingerprint
+
+    def datamodule(root: Path):
+        records = [SimpleNamespace(image=str(p)) for p in sorted(root.rglob("*.png"))]
+        split = SimpleNamespace(records=records)
+        return SimpleNamespace(hparams={"root": str(root)}, dataset=lambda name: split)
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "data" / cls / f"{i}.png").write_bytes(bytes([i]) * 10)
+    source, first = split_fingerprint(datamodule(tmp_path / "data"), "test", 4)
+    assert "4 files" in source
+    (tmp_path / "data" / "b" / "1.png").write_bytes(b"changed")
+    assert split_fingerprint(datamodule(tmp_path / "data"), "test", 4)[1] != first
+    assert split_fingerprint(datamodule(tmp_path / "data"), "test", 3)[1] != first  # fewer images

@@ -3,7 +3,7 @@
 
     python tools/compare_injectors.py --tokenizer runs/tokenizer/<v>/checkpoints/last.ckpt \
         --var runs/var/<v>/checkpoints/last.ckpt [--steps 600] [--injectors scalar car ...] \
-        [--control-cfg 1.0] [--root runs/compare] [--val-batches 4] [--tuned prefill]
+        [--control-cfg 1.0] [--root runs/compare] [--val-batches 4] [--tuned prefill] [--judge FILE]
 
 Every injector trains with the backbone frozen; those named by ``--tuned`` (default prefill, whose prefix
 reaches a frozen backbone only through its fixed attention) get a second row, "<name> tuned", trained with
@@ -14,10 +14,17 @@ Columns:
 - step: a training step's forward + backward relative to a stage-2 step of the VAR alone (same batch);
 - sample: ``generate`` (guidance, decode included) relative to the VAR's unconditioned-by-control sampling;
 - val loss: teacher-forcing cross-entropy on the val split;
-- F1 own / other / ceiling: edge F1 (the ControlNet++ protocol of ``varctl.metrics.control``) of samples
+- F1 own / other / ceiling: edge F1 (``controlar`` protocol: OpenCV Canny 100/200, per image) of samples
   against their own controls, of samples given other images' controls (what ignoring the control gives),
   and of the tokenizer's reconstructions (the ceiling), without control guidance;
-- F1 guided: the F1 own with control guidance ``--control-cfg``.
+- F1 guided: the F1 own with control guidance ``--control-cfg``; F1++ guided the same under the
+  ``controlnetpp`` protocol (kornia Canny 0.1/0.2);
+- FD judge guided (with ``--judge``, a class judge from tools/score_samples.py): the Frechet distance of the
+  guided samples to the real images in the judge's features (``fd_judge``; lower is better).
+
+The scores come from ``varctl test`` (the evaluation harness, ``varctl.lit.evaluation``) on the first
+``--val-batches`` batches of the test split (the built-in data's val scenes): each scoring writes
+``<run>/eval/test*.json`` with its provenance, so ``tools/evaluate.py --table <root>`` lists them too.
 
 Times are ratios measured side by side in this process (medians of interleaved repeats), so they hold on
 any CPU; the table names the CPU it ran on. Rows are written to ``<root>/comparison.json`` as each injector
@@ -114,19 +121,27 @@ def loaded(common: list[str], ckpt: str):
 def table(rows: dict, args, cpu: str) -> str:
     lines = [
         "| injector | params added | step vs VAR | sample vs VAR | val loss | F1 own | F1 other "
-        f"| F1 ceiling | F1 own, control cfg {args.control_cfg:g} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| F1 ceiling | F1 own, control cfg {args.control_cfg:g} | F1++ guided | FD judge guided |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['params'] / 1e6:.2f}M | {r['step']:.2f}x | {r['sample']:.2f}x "
             f"| {r['val_loss']:.3f} | {r['f1']:.3f} | {r['f1_other']:.3f} | {r['f1_ceiling']:.3f} "
-            f"| {r['f1_guided']:.3f} |"
+            f"| {r['f1_guided']:.3f} | {cell(r.get('f1pp_guided'))} | {cell(r.get('fd_judge_guided'))} |"
         )
     images = args.val_batches * 16
     return "\n".join(lines) + (
         f"\n\n{args.steps} steps each, seed 0, {images} val images, CPU {cpu}, torch {torch.__version__}\n"
     )
+
+
+def score(metrics: dict, key: str) -> float | None:
+    return float(metrics[key]) if key in metrics else None
 
 
 def names(args) -> list[str]:
@@ -146,6 +161,7 @@ def main() -> None:
     parser.add_argument("--control-drop-rate", type=float, default=0.1)
     parser.add_argument("--val-batches", type=int, default=4, help="scored val batches (16 images each)")
     parser.add_argument("--root", default="runs/compare")
+    parser.add_argument("--judge", default=None, help="class judge file: adds the FD in its features")
     parser.add_argument("--retime", action="store_true", help="measure the times again from the checkpoints")
     tuned = "injectors also compared with the backbone fine-tuned (row '<name> tuned')"
     parser.add_argument("--tuned", nargs="*", default=["prefill"], choices=INJECTORS, help=tuned)
@@ -187,17 +203,22 @@ def main() -> None:
         module = fitted.lightning_module
         times = timings(module, next(iter(fitted.datamodule.val_dataloader())))
         params = sum(p.numel() for p in module.control.parameters() if p.requires_grad)
-        scoring = [f"ckpt_path={ckpt}", f"trainer.limit_val_batches={args.val_batches}",
-                   f"model.scores.batches={args.val_batches}"]  # fmt: skip
-        plain = stage("validate", [*common, *scoring, "model.scores.control_cfg=0"]).callback_metrics
+        judge = [f"model.evaluation.judge_weights={args.judge}"] if args.judge else []
+        scoring = [f"ckpt_path={ckpt}", f"trainer.limit_test_batches={args.val_batches}",
+                   f"model.evaluation.batches={args.val_batches}", *judge]  # fmt: skip
+        plain = stage("test", [*common, *scoring, "model.evaluation.control_cfg=0"]).callback_metrics
         g = stage(
-            "validate", [*common, *scoring, f"model.scores.control_cfg={args.control_cfg}"]
+            "test", [*common, *scoring, f"model.evaluation.control_cfg={args.control_cfg}"]
         ).callback_metrics
         rows[name] = {
-            "params": params, **times, "val_loss": float(plain["val/loss"]),
-            "f1": float(plain["val/edges_f1"]), "f1_other": float(plain["val_shuffled/edges_f1"]),
-            "f1_ceiling": float(plain["val_tokenizer/edges_f1"]), "f1_guided": float(g["val/edges_f1"]),
-            "f1_other_guided": float(g["val_shuffled/edges_f1"]), "checkpoint": str(ckpt),
+            "params": params, **times, "val_loss": float(plain["test/loss"]),
+            "f1": float(plain["test/edges_f1"]), "f1_other": float(plain["test_shuffled/edges_f1"]),
+            "f1_ceiling": float(plain["test_tokenizer/edges_f1"]), "f1_guided": float(g["test/edges_f1"]),
+            "f1_other_guided": float(g["test_shuffled/edges_f1"]),
+            "f1pp_guided": float(g["test/edges_f1_controlnetpp"]),
+            "fd_judge_guided": score(g, "test/fd_judge"),
+            "fd_judge_ceiling": score(g, "test_tokenizer/fd_judge"),
+            "checkpoint": str(ckpt),
         }  # fmt: skip
         save()
         print(f"[compare] {name}: {rows[name]}", flush=True)

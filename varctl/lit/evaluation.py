@@ -9,8 +9,8 @@ in ``on_test_start`` for its groups of images ("test"; the control stage adds "t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -63,7 +63,9 @@ def split_fingerprint(datamodule, split: str, num_images: int) -> tuple[str, str
     }
     if records:
         files = [r.image for r in records[:num_images]]
-        return f"{split} split ({len(files)} files)", fingerprint_files(files, Path(files[0]).parent.parent)
+        root = os.path.commonpath([os.path.abspath(f) for f in files])
+        root = root if os.path.isdir(root) else os.path.dirname(root)
+        return f"{split} split ({len(files)} files under {root})", fingerprint_files(files, root)
     return f"{type(datamodule).__name__} {split} split", fingerprint_config(settings)
 
 

@@ -351,9 +351,9 @@ def fingerprint_files(paths: Iterable[str | os.PathLike], root: str | os.PathLik
     """sha256 over the files' names (relative to ``root``), sizes and modification times, in sorted order:
     changes when a file is added, removed, replaced or edited; a copy (new times) reads as changed too."""
     h = hashlib.sha256()
-    for p in sorted(Path(p) for p in paths):
+    for p in sorted(Path(p).absolute() for p in paths):
         st = p.stat()
-        name = p.relative_to(root) if root is not None else p.name
+        name = p.relative_to(Path(root).absolute()) if root is not None else p.name
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
