@@ -99,7 +99,8 @@ def test_fid_and_kid_are_zero_against_the_same_set_and_grow_with_noise(judge):
     assert scores[0]["precision_judge"] == 1.0 and scores[0]["recall_judge"] == 1.0
     assert set(scores[0]) == {"fd_judge", "kd_judge", "kd_judge_std", "is_judge", "is_judge_std",
                               "num_real_judge", "num_generated_judge", "precision_judge",
-                              "recall_judge"}  # fmt: skip
+                              "recall_judge", "kd_judge_subset_size"}  # fmt: skip
+    assert scores[0]["kd_judge_subset_size"] == 24  # 48 images: half of them, so that subsets differ
 
 
 def test_inception_score_of_hand_made_logits():

@@ -266,6 +266,9 @@ class GenerationMetrics(Metric):
             fid.update(fake, real=False)
             out[f"{fd}{s}"] = fid.compute().item()
             size = min(self.kid_subset_size, len(real), len(fake))
+            if size == min(len(real), len(fake)):  # every subset would be the whole set: no spread to report
+                size = max(2, size // 2)
+            out[f"{kd}{s}_subset_size"] = size
             kid = KernelInceptionDistance(feature=_Given(D), subsets=self.kid_subsets, subset_size=size)
             kid.update(real, real=True)
             kid.update(fake, real=False)
