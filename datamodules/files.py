@@ -110,7 +110,7 @@ class FileDataset(Dataset):
         resized: Iterable[str] = (),
     ):
         self.records = list(records)
-        self.train, self.flip = bool(train), float(flip)
+        self.train, self.flip, self.crop = bool(train), float(flip), crop
         self.geometry = resize_crop(int(resolution), crop, random=self.train)
         self.with_caption = "caption" in keys
         self.controls = tuple(controls) if "control" in keys else ()
@@ -200,13 +200,15 @@ class FileDataset(Dataset):
             # On the cropped image, before the flip: the map aligns with the pixels and flips with them.
             arr = annotate(annotator, pixels, modality)
             control[modality] = as_tv_tensor(map_to_tensor(arr, modality), modality)
+        flipped = False
         if self.train:
-            _, (image, control) = random_flip(self.flip, image, control)
+            flipped, (image, control) = random_flip(self.flip, image, control)
         return {
             "image": image_to_tensor(image),
             "label": record.label,
             "caption": record.caption if self.with_caption else "",
             "control": {m: batch_map(t, m) for m, t in control.items()},
+            "flipped": bool(flipped),  # which cached tokens belong to the image (datamodules.token_cache)
         }
 
 

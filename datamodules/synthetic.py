@@ -305,6 +305,7 @@ class SyntheticShapes(Dataset):
             # A mirrored scene swaps left and right in the caption.
             "caption": caption_of(scene.mirrored() if flipped else scene) if self.with_caption else "",
             "control": {m: batch_map(t, m) for m, t in control.items()},
+            "flipped": bool(flipped),  # which cached tokens belong to the image (datamodules.token_cache)
         }
 
 

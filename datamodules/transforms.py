@@ -263,9 +263,12 @@ def collate(samples: list[Mapping]) -> dict:
             raise ValueError(
                 f"samples disagree on control modalities: {control_keys} vs {list(s['control'])}"
             )
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.int64),
         "caption": [str(s["caption"]) for s in samples],
         "control": {m: torch.stack([s["control"][m] for s in samples]) for m in control_keys},
     }
+    if "tokens" in samples[0]:  # a token cache's indices (datamodules.token_cache)
+        batch["tokens"] = torch.stack([s["tokens"] for s in samples])
+    return batch

@@ -66,6 +66,7 @@ class ControlModule(VARModule):
         predict: Predictions | None = None,
         scores: ControlScores | None = None,
         evaluation: Evaluation | None = None,
+        token_cache: str | None = None,
         metric_annotators: dict[str, Callable] | None = None,
         scale_loss_weights: list[float] | None = None,
         scale_sampling: Literal["all", "early"] = "all",
@@ -79,7 +80,7 @@ class ControlModule(VARModule):
             )
         super().__init__(
             tokenizer, var, init_from, text_encoder, label_smoothing, optimizer, ema_decay, ema_warmup,
-            samples, predict, scale_loss_weights, scale_sampling, evaluation,
+            samples, predict, scale_loss_weights, scale_sampling, evaluation, token_cache,
         )  # fmt: skip
         self.hparams.pop("metric_annotators", None)  # objects (models, functions): rebuilt from the config
         self.scoring = ControlScores.of(scores)

@@ -12,18 +12,21 @@ Legend: B batch, L all tokens, V vocabulary, Cv code channels.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from datamodules.token_cache import CachedTokens, TokenCache
 from varctl.callbacks.images import ImageGrid
 from varctl.lit import optim
-from varctl.lit.evaluation import log_evaluation, start_evaluation
+from varctl.lit.evaluation import log_evaluation, split_fingerprint, start_evaluation
 from varctl.lit.jobs import job_step
 from varctl.lit.legacy import is_legacy, legacy_state_dict
 from varctl.lit.settings import Evaluation, OptimizerSettings, Predictions, Samples, plain_hparams
@@ -32,6 +35,16 @@ from varctl.metrics.tokens import ScaleMetrics
 from varctl.models.text import TextEncoder
 from varctl.models.var import VAR
 from varctl.models.vqvae import VQVAE
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's state (names, shapes, dtypes and values, in order): what a cache was made with."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _named(load, path: str, key: str, **kwargs):
@@ -60,6 +73,9 @@ class VARModule(L.LightningModule):
         optimizer, samples, predict, evaluation: the sections of ``varctl/lit/settings.py``; ``evaluation``
             says which samples ``test`` draws and how it scores them (FID, KID, IS, CLIP score).
         scale_loss_weights: a training loss weight per scale (default: every token alike).
+        token_cache: a folder for the train images' token indices (``datamodules.token_cache``): built on
+            the first ``fit`` (every image, and its mirror when the data flips), then the stage trains
+            without running the tokenizer's encoder; refused when made for another tokenizer or data.
         scale_sampling: "early" trains each sample on its scales up to a random last one, early scales
             more often (ECM's early-centric sampling: the last scale k with probability proportional to
             K - k); "all" every scale.
@@ -80,6 +96,7 @@ class VARModule(L.LightningModule):
         scale_loss_weights: list[float] | None = None,
         scale_sampling: Literal["all", "early"] = "all",
         evaluation: Evaluation | None = None,
+        token_cache: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -167,6 +184,32 @@ class VARModule(L.LightningModule):
                     "model.ema_decay=0"
                 )
             ignore_in_fsdp1(strategy, [self.vae, self.text_encoder])
+        if stage == "fit" and self.hparams.token_cache and dm is not None:
+            self._use_token_cache(dm, self.hparams.token_cache)
+
+    def _use_token_cache(self, dm, path: str) -> None:
+        """Train from cached token indices (datamodules.token_cache): built on the first process when
+        absent, checked against this tokenizer and data when present."""
+        train = dm.dataset("train")
+        if isinstance(train, CachedTokens):
+            return
+        source, fingerprint = split_fingerprint(dm, "train", len(train))
+        meta = {
+            "tokenizer_weights": weights_digest(self.vae),
+            "patch_nums": list(self.vae.config.patch_nums),
+            "vocab_size": self.vae.config.vocab_size,
+            "resolution": self.vae.config.resolution,
+            "data": source,
+            "data_fingerprint": fingerprint,
+            "flip": float(getattr(train, "flip", 0.0) or 0.0),
+        }
+        if self.trainer.is_global_zero and not (Path(path) / "meta.json").exists():
+            rank_zero_info(f"token cache: tokenizing the {len(train)} train images into {path}")
+            TokenCache.build(train, self.vae, path, meta, log_every=20)
+        self.trainer.strategy.barrier("token cache")
+        cache = TokenCache.load(path, meta)
+        dm.datasets["train"] = CachedTokens(train, cache)
+        rank_zero_info(f"token cache: training from {path} ({len(cache)} images, the encoder is not run)")
 
     def configure_model(self) -> None:
         strategy = self.trainer.strategy if self._trainer is not None else None
@@ -203,9 +246,23 @@ class VARModule(L.LightningModule):
             )
         return labels
 
+    @torch.no_grad()
+    def tokens_of(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokenize`` of the batch's images, or, when the batch carries cached ``tokens``, those with
+        their teacher-forcing input (no encoder pass)."""
+        if "tokens" not in batch:
+            return self.tokenize(batch["image"])
+        if self.vae.quant_conv.weight.device != batch["tokens"].device:
+            self.vae.to(batch["tokens"].device)
+        sizes = [pn * pn for pn in self.vae.config.patch_nums]
+        target_BL = batch["tokens"].long()
+        with torch.autocast(target_BL.device.type, enabled=False):
+            x_BLCv = self.vae.idx_to_var_input(list(target_BL.split(sizes, dim=1)))
+        return target_BL, x_BLCv
+
     def token_losses(self, batch: dict, model: nn.Module, smoothing: float = 0.0):
         """Per-token cross-entropy (B, L) and whether the argmax is the target (B, L)."""
-        target_BL, x_BLCv = self.tokenize(batch["image"])
+        target_BL, x_BLCv = self.tokens_of(batch)
         logits_BLV = model(self.condition(batch), x_BLCv, **self.model_inputs(batch))
         B, L, V = logits_BLV.shape
         loss_BL = F.cross_entropy(

@@ -1,0 +1,103 @@
+"""The token cache (datamodules.token_cache): stage 2 and the control stage train from cached token indices
+with the same losses as from images, flips included; a cache made for another tokenizer or data is refused."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from datamodules.synthetic import SyntheticDataModule
+from datamodules.token_cache import CachedTokens, StaleTokenCache, TokenCache
+from varctl.lit.control import ControlModule
+from varctl.lit.var import VARModule
+from varctl.models.vqvae import VQVAE, VQVAEConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY_VAR = {"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2, "cond_drop_rate": 0.3}
+FAST = {"lr": 2e-3, "lr_scale_by_batch": False, "warmup_steps": 0, "decay": "constant"}
+
+
+class Losses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
+
+
+def fit(module, tmp_path, steps=6, **data):
+    torch.manual_seed(0)
+    dm = SyntheticDataModule(num_train=24, num_val=8, batch_size=8, flip=0.5, **data)
+    dm.connect(**module.data_requirements())
+    rec = Losses()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, limit_val_batches=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[rec], default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.fit(module, dm)
+    return rec.losses, dm
+
+
+def var_module(tokenizer_file, **kw):
+    torch.manual_seed(0)
+    return VARModule(tokenizer_file, var=TINY_VAR, optimizer=FAST, **kw)
+
+
+def test_training_from_the_cache_gives_the_losses_of_training_from_images(tokenizer_file, tmp_path):
+    plain, _ = fit(var_module(tokenizer_file), tmp_path)
+    cache = tmp_path / "tokens"
+    cached, dm = fit(var_module(tokenizer_file, token_cache=str(cache)), tmp_path)
+    assert isinstance(dm.dataset("train"), CachedTokens)
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["num_images"] == 24 and meta["flipped"] and meta["tokens_per_image"] == 1 + 4 + 16
+    # 6 steps of 8 over 24 images: two epochs, flips and condition dropout drawn the same way
+    assert cached == plain and len(plain) == 6
+    # the cache is read, not rebuilt, by the next run: the same losses again
+    # and the encoder never runs in training
+    mtime = (cache / "tokens.npy").stat().st_mtime_ns
+    module = var_module(tokenizer_file, token_cache=str(cache))
+    module.vae.encode = lambda *a, **k: pytest.fail("the tokenizer's encoder ran with a token cache")
+    again, _ = fit(module, tmp_path)
+    assert again == plain and (cache / "tokens.npy").stat().st_mtime_ns == mtime
+
+
+def test_the_control_stage_trains_from_the_cache_with_the_same_losses(tokenizer_file, tmp_path):
+    def control(**kw):
+        torch.manual_seed(0)
+        branch = {"injector": "scalar", "modalities": ["edges"], "width": 8, "feature_dim": 32, "max_width": 32}
+        return ControlModule(tokenizer_file, var=TINY_VAR, control=branch, train_backbone=True, optimizer=FAST,
+                             scores={"batches": 0}, **kw)  # fmt: skip
+
+    plain, _ = fit(control(), tmp_path, steps=4, controls=["edges"])
+    cached, _ = fit(control(token_cache=str(tmp_path / "tokens")), tmp_path, steps=4, controls=["edges"])
+    assert cached == plain
+
+
+def test_a_cache_of_another_tokenizer_or_data_is_refused(tokenizer_file, tmp_path):
+    cache = str(tmp_path / "tokens")
+    fit(var_module(tokenizer_file, token_cache=cache), tmp_path, steps=1)
+    torch.manual_seed(1)
+    config = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
+                         patch_nums=(1, 2, 4))  # fmt: skip
+    other = str(VQVAE(config).save(tmp_path / "other.pt"))
+    with pytest.raises(StaleTokenCache, match="tokenizer_weights"):
+        fit(var_module(other, token_cache=cache), tmp_path, steps=1)
+    with pytest.raises(StaleTokenCache, match="data_fingerprint"):
+        fit(var_module(tokenizer_file, token_cache=cache), tmp_path, steps=1, seed=3)
+
+
+def test_random_crops_cannot_be_cached(tokenizer_file, tmp_path):
+    class Cropped(torch.utils.data.Dataset):
+        crop, train, flip = "random", True, 0.0
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"image": torch.zeros(3, 32, 32)}
+
+    with pytest.raises(ValueError, match="data.crop=random"):
+        TokenCache.build(Cropped(), VQVAE.load(tokenizer_file), tmp_path / "t", {})
