@@ -31,7 +31,7 @@ class Losses(Callback):
 
 def fit(module, tmp_path, steps=6, **data):
     torch.manual_seed(0)
-    dm = SyntheticDataModule(num_train=24, num_val=8, batch_size=8, flip=0.5, **data)
+    dm = SyntheticDataModule(**{"num_train": 24, "num_val": 8, "batch_size": 8, "flip": 0.5, **data})
     dm.connect(**module.data_requirements())
     rec = Losses()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, limit_val_batches=0,
@@ -67,9 +67,15 @@ def test_training_from_the_cache_gives_the_losses_of_training_from_images(tokeni
 def test_the_control_stage_trains_from_the_cache_with_the_same_losses(tokenizer_file, tmp_path):
     def control(**kw):
         torch.manual_seed(0)
-        branch = {"injector": "scalar", "modalities": ["edges"], "width": 8, "feature_dim": 32, "max_width": 32}
-        return ControlModule(tokenizer_file, var=TINY_VAR, control=branch, train_backbone=True, optimizer=FAST,
-                             scores={"batches": 0}, **kw)  # fmt: skip
+        branch = {
+            "injector": "scalar",
+            "modalities": ["edges"],
+            "width": 8,
+            "feature_dim": 32,
+            "max_width": 32,
+        }
+        return ControlModule(tokenizer_file, var=TINY_VAR, control=branch, train_backbone=True,
+                             optimizer=FAST, scores={"batches": 0}, **kw)  # fmt: skip
 
     plain, _ = fit(control(), tmp_path, steps=4, controls=["edges"])
     cached, _ = fit(control(token_cache=str(tmp_path / "tokens")), tmp_path, steps=4, controls=["edges"])
@@ -87,6 +93,8 @@ def test_a_cache_of_another_tokenizer_or_data_is_refused(tokenizer_file, tmp_pat
         fit(var_module(other, token_cache=cache), tmp_path, steps=1)
     with pytest.raises(StaleTokenCache, match="data_fingerprint"):
         fit(var_module(tokenizer_file, token_cache=cache), tmp_path, steps=1, seed=3)
+    # another batch size reads the same images: the cache is used
+    fit(var_module(tokenizer_file, token_cache=cache), tmp_path, steps=1, batch_size=4)
 
 
 def test_random_crops_cannot_be_cached(tokenizer_file, tmp_path):

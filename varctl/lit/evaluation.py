@@ -50,6 +50,9 @@ def sampler_settings(settings, num_scales: int, control: bool = False) -> dict:
     return out
 
 
+LOADING = ("batch_size", "num_workers")
+
+
 def split_fingerprint(datamodule, split: str, num_images: int) -> tuple[str, str]:
     """(source, fingerprint) of the first ``num_images`` images of a datamodule's split: its files' names,
     sizes and times when it reads files, else (built-in data) its settings."""
@@ -59,7 +62,10 @@ def split_fingerprint(datamodule, split: str, num_images: int) -> tuple[str, str
         "class": type(datamodule).__qualname__,
         "split": split,
         "num_images": num_images,
-        "settings": dict(getattr(datamodule, "hparams", {}) or {}),
+        # what the images are; how they are batched and loaded does not change them
+        "settings": {
+            k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in LOADING
+        },
     }
     if records:
         files = [r.image for r in records[:num_images]]
