@@ -14,10 +14,11 @@ gives it back before the resumed run iterates. The state is:
 - the generator after the epoch's draws, for a checkpoint taken at the last batch of an epoch.
 
 Passed-over batches are loaded and dropped (samplers in DDP are Lightning's, so skipping happens here, after
-them): a resume costs one pass over the epoch's earlier batches. Exact with ``num_workers=0``; with
-workers the position and shuffle are restored but the losses differ slightly from the first resumed step
-(tests/test_faults.py holds an expected-failure test of it). The global random state of the model's own
-draws is restored by ``varctl.callbacks.ResumeRandomState``.
+them): a resume costs one pass over the epoch's earlier batches. Exact with ``num_workers=0``. With workers
+the order, the position and the model's draws are exact (the workers' base seed has a generator of its
+own, see ``__init__``); the random crops and flips drawn inside workers are not: a resumed run starts a
+new pool, whose workers' generators are seeded afresh rather than continuing where the persistent pool's
+were. The global random state of the model's own draws is restored by ``varctl.callbacks.ResumeRandomState``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ class ResumableLoader(DataLoader):
     def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.progress = progress  # () -> batches of the current epoch that the training loop has processed
+        # Without workers every epoch makes a new iterator, which draws the base seed from the shuffle
+        # generator before the sampler draws the order. A persistent worker pool draws it once, and a
+        # resumed run's new pool once more, which would change the resumed epoch's order. So with workers
+        # the pool's base seed comes from a generator of its own, and every epoch draws one value from the
+        # shuffle generator in its place (``__iter__``): the order is that of num_workers=0, every epoch,
+        # resumed or not.
+        self._seed_generator = None
+        if self.num_workers > 0 and self.generator is not None:
+            self._seed_generator = torch.Generator().manual_seed(self.generator.initial_seed() + 1)
         self._resume: dict | None = None
         self._epoch_generator: torch.Tensor | None = None
         self._rng_before: dict[int, torch.Tensor] = {}  # global RNG before batch j + 1 was drawn
@@ -52,6 +62,15 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state)
 
+    def _get_iterator(self):
+        if self._seed_generator is None:
+            return super()._get_iterator()
+        shuffle, self.generator = self.generator, self._seed_generator  # the sampler keeps `shuffle`
+        try:
+            return super()._get_iterator()
+        finally:
+            self.generator = shuffle
+
     def __iter__(self) -> Iterator:
         resume, self._resume = self._resume, None
         skip = int(resume["batches"]) if resume else 0
@@ -62,6 +81,8 @@ class ResumableLoader(DataLoader):
             elif resume["generator"] is not None:
                 self.generator.set_state(resume["generator"])
         self._epoch_generator = None if self.generator is None else self.generator.get_state()
+        if self._seed_generator is not None:  # the base seed's draw of a new iterator (see __init__)
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         self._rng_before = {}
         return self._batches(super().__iter__(), skip, resume)
 

@@ -312,16 +312,12 @@ def test_a_sharded_checkpoint_folder_passes_the_resume_check(tmp_path):
         check_checkpoint(sharded)
 
 
-WORKERS_GAP = (
-    "known gap (issue 17): with DataLoader workers a resumed run continues from the same position "
-    "and shuffle, but its losses differ slightly from the first resumed step"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=WORKERS_GAP)
-def test_a_run_with_loader_workers_resumes_with_the_same_losses(tokenizer_file, tmp_path):
-    """Two DataLoader workers, no random crops or flips: a run crashed before step 4 and resumed should log
-    the uninterrupted run's losses. It does not yet (strict xfail: this test reports when it starts to)."""
+@pytest.mark.parametrize("crash_step", [4, 5], ids=["after-an-epoch", "mid-epoch"])
+def test_a_run_with_loader_workers_resumes_with_the_same_losses(tokenizer_file, tmp_path, crash_step):
+    """Two persistent DataLoader workers, no random crops or flips: a run crashed right after an epoch's last
+    batch (before step 4 of 3-batch epochs) or in the middle of one (before step 5) and resumed logs the
+    uninterrupted run's losses. (The resumed run's new worker pool draws a base seed the persistent pool did
+    not: it has a generator of its own, so the shuffle stays the same.)"""
     conf = str(ROOT / "conf" / "var.yaml")
     args = [f"model.tokenizer={tokenizer_file}", "model.var.depth=2", "+model.var.embed_dim=64",
             "+model.var.num_heads=2", "model.var.cond_drop_rate=0.3", "model.optimizer.warmup_steps=2",
@@ -331,11 +327,14 @@ def test_a_run_with_loader_workers_resumes_with_the_same_losses(tokenizer_file, 
             "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
     assert main(["fit", "-c", conf, *args, "+run.version=whole"]) == 0
     whole = _losses(tmp_path / "var" / "whole")
-    crash = ["+callbacks.kill={_target_: toy.KillAt, step: 4, crash: true}", "+run.version=crashed"]
-    with pytest.raises(RuntimeError, match="crashed before step 4"):
+    crash = [
+        f"+callbacks.kill={{_target_: toy.KillAt, step: {crash_step}, crash: true}}",
+        "+run.version=crashed",
+    ]
+    with pytest.raises(RuntimeError, match=f"crashed before step {crash_step}"):
         main(["fit", "-c", conf, *args, *crash])
     last = tmp_path / "var" / "crashed" / "checkpoints" / "last.ckpt"
     assert main(["fit", "-c", conf, *args, f"ckpt_path={last}"]) == 0
     resumed = _losses(tmp_path / "var" / "crashed")
-    after = sorted(s for s in whole if s >= 3)
-    assert len(after) == 3 and {s: resumed[s] for s in after} == {s: whole[s] for s in after}
+    after = sorted(s for s in whole if s >= crash_step - 1)
+    assert len(after) == 7 - crash_step and {s: resumed[s] for s in after} == {s: whole[s] for s in after}
