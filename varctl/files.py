@@ -1,4 +1,5 @@
-"""Files that are never left half-written: every writer in varctl goes through ``atomic_path``.
+"""Files that are never left half-written: every writer in varctl goes through ``atomic_path`` (a folder of
+files through ``atomic_dir``).
 
 A run killed while saving leaves the previous file in place (or no file), never a truncated one, so a
 checkpoint, a model file or a predicted image is either the old one or the complete new one.
@@ -7,6 +8,7 @@ checkpoint, a model file or a predicted image is either the old one or the compl
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,9 +26,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give the file the permissions open() would
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files: give the file the permissions open() would
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:  # the writer may have closed its own handle: sync through a new one
@@ -50,3 +50,40 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill: when the block succeeds its files are fsynced and it is
+    renamed to ``path``, when it fails it is deleted. An existing ``path`` is refused (FileExistsError) unless
+    ``overwrite``: then it is renamed aside, the new folder renamed in and the old one deleted, so ``path``
+    holds the old folder or the complete new one (for a moment between the two renames, nothing)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders: give it the permissions mkdir would
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        if path.exists() and not overwrite:  # made by someone else meanwhile
+            raise FileExistsError(f"{path} exists; pass overwrite to replace it")
+        old = path.with_name(f"{tmp.name}.old") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)  # a folder cannot be renamed over a non-empty one
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask

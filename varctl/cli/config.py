@@ -176,6 +176,15 @@ def validate(cfg: DictConfig | dict, path: str | Path) -> dict:
     return data
 
 
+def validate_section(data: dict, key: str, path: str | Path) -> dict:
+    """Check one section of a resolved config (``data``, a ``_target_`` node) as ``validate`` does, for a tool
+    that builds that part alone (tools/make_shards.py); returns it."""
+    if not isinstance(data.get(key), dict):
+        raise ConfigError(f"{path}: missing the '{key}' section ({TOP_LEVEL_KEYS.get(key, key)})")
+    _walk(data[key], f"{key}.", path)
+    return data[key]
+
+
 def _walk(node: Any, prefix: str, path: str | Path) -> None:
     if isinstance(node, dict):
         if "_target_" in node:
@@ -313,4 +322,4 @@ def as_yaml(cfg: DictConfig | dict) -> str:
     return OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg))
 
 
-__all__ = ["ConfigError", "compose", "validate", "as_yaml", "locate", "ListConfig"]
+__all__ = ["ConfigError", "compose", "validate", "validate_section", "as_yaml", "locate", "ListConfig"]
