@@ -4,6 +4,7 @@
 - ClassFolderDataModule: ImageFolder layout (root/<class>/*.jpg).
 - CaptionListDataModule: .jsonl / .csv lists of image, caption[, label].
 - ControlPairsDataModule: images with edges / depth / segmentation / sketch maps beside them (or annotators).
+- ShardDataModule: shards written by tools/make_shards.py, streamed with litdata (local folder or bucket).
 - GenerationJobs: predict-only inputs of generation jobs (maps, images + masks, out-painting; jobs.py).
 
 Annotators are named in configs as `_target_` nodes, e.g. `{_target_: datamodules.CannyAnnotator, low: 100}`.
@@ -27,6 +28,7 @@ from datamodules.folders import (
 )
 from datamodules.jobs import GenerationJobs
 from datamodules.scenes import CLASS_NAMES
+from datamodules.shards import ShardDataModule
 from datamodules.synthetic import SyntheticDataModule, SyntheticShapes
 from datamodules.transforms import collate
 from varctl.models.control import MODALITIES
@@ -45,6 +47,7 @@ __all__ = [
     "FileDataset",
     "GenerationJobs",
     "Record",
+    "ShardDataModule",
     "SyntheticDataModule",
     "SyntheticShapes",
     "TorchScriptAnnotator",

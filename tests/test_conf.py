@@ -102,7 +102,7 @@ def test_trainer_options_validate(option):
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
 def test_data_options_validate(option, tmp_path):
-    required = {"folder": "root", "pairs": "root", "captions": "train_list"}
+    required = {"folder": "root", "pairs": "root", "shards": "root", "captions": "train_list"}
     overrides = [f"data={option}"] + ([f"data.{required[option]}={tmp_path}"] if option in required else [])
     data = validate(compose(CONF / "tokenizer.yaml", overrides), "tokenizer.yaml")
     assert data["data"]["_target_"].startswith("datamodules.")
