@@ -23,9 +23,10 @@ def test_per_sample_seeds_do_not_depend_on_the_batch(var):
     together = var.generate(labels, cfg=2.0, top_k=50, seed=[11, 12, 13])
     alone = torch.cat([var.generate(labels[i : i + 1], cfg=2.0, top_k=50, seed=[s]) for i, s in
                        enumerate([11, 12, 13])])  # fmt: skip
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    # the same tokens; the images only within float rounding, which kernels may block by batch size
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
     reordered = var.generate(labels.flip(0), cfg=2.0, top_k=50, seed=[13, 12, 11])
-    torch.testing.assert_close(reordered.flip(0), together, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reordered.flip(0), together, atol=1e-4, rtol=0)
     other = var.generate(labels, cfg=2.0, top_k=50, seed=[11, 99, 13])
     assert (other[1] - together[1]).abs().max() > 1e-2 and torch.allclose(other[0], together[0], atol=1e-5)
     with pytest.raises(ValueError, match="per-sample list needs 3"):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varctl.models.kernels import Linear, linear
+
 MAX_SCALE_MUL = math.log(100.0)  # the learned attention temperature is clamped at 100
 
 
@@ -43,9 +45,9 @@ class FFN(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,11 +95,11 @@ class SelfAttention(nn.Module):
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
-        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.mat_qkv = Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))  # k needs no bias: softmax is shift-invariant
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
 
@@ -116,7 +118,7 @@ class SelfAttention(nn.Module):
             if cache.consts is None:
                 cache.consts = self.constants()
             bias, q_scale = cache.consts
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, c)
         if self.l2_norm:
             # F.normalize(q) * scale with one pass over q: q * (scale / |q|)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varctl.models.kernels import DecoderConv2d
+
 GROUPS = 32  # official GroupNorm groups; every channel count must be a multiple of the groups used
 GN_EPS = 1e-6
 
@@ -27,22 +29,27 @@ def group_norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
 class ResnetBlock(nn.Module):
     """norm -> SiLU -> conv3x3 -> norm -> SiLU -> (dropout) -> conv3x3, plus a (1x1 when needed) skip."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = GROUPS):
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = GROUPS, conv=nn.Conv2d
+    ):
         super().__init__()
         self.norm1 = group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
         else:
             self.nin_shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SiLU in place is safe: GroupNorm's backward needs its input, not its output
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
+        # SiLU in place is safe: GroupNorm's backward needs its input, not its output. One statement per step,
+        # so that at inference each intermediate is freed as soon as the next exists (3 maps alive, not 4)
+        h = F.silu(self.norm1(x), inplace=True)
+        h = self.conv1(h)
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(self.dropout(h))
         return self.nin_shortcut(x) + h
 
 
@@ -78,9 +85,9 @@ class Downsample2x(nn.Module):
 class Upsample2x(nn.Module):
     """Nearest-neighbour 2x, then a 3x3 conv."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, conv=nn.Conv2d):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = conv(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -115,11 +122,11 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     """res -> attention -> res at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float, groups: int = GROUPS):
+    def __init__(self, channels: int, dropout: float, groups: int = GROUPS, conv=nn.Conv2d):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups, conv)
         self.attn_1 = AttnBlock(channels, groups)
-        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups, conv)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -170,6 +177,7 @@ class Decoder(nn.Module):
     """(B, z_channels, h, w) latent -> (B, 3, h * 2^(levels-1), w * 2^(levels-1)) image, not clamped.
 
     ``up[i]`` is indexed by level like the encoder's ``down[i]``: ``up[-1]`` (lowest resolution) runs first.
+    Its 3x3 convolutions are ``DecoderConv2d``: Winograd on large CPU maps at inference (models/kernels.py).
     """
 
     def __init__(
@@ -182,26 +190,25 @@ class Decoder(nn.Module):
         groups: int = GROUPS,
     ):
         super().__init__()
-        n = len(ch_mult)
+        n, conv = len(ch_mult), DecoderConv2d
         c_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
-        self.mid = MidBlock(c_in, dropout, groups)
+        self.mid = MidBlock(c_in, dropout, groups, conv)
         levels = [None] * n
         for i in reversed(
             range(n)
         ):  # built from the lowest resolution up: each level's input is the one below
             c_out = ch * ch_mult[i]
             blocks = [
-                ResnetBlock(c_in if j == 0 else c_out, c_out, dropout, groups)
+                ResnetBlock(c_in if j == 0 else c_out, c_out, dropout, groups, conv)
                 for j in range(num_res_blocks + 1)
             ]
-            levels[i] = Level(
-                blocks, attention=i == n - 1, resample=Upsample2x(c_out) if i else None, name="upsample"
-            )
+            resample = Upsample2x(c_out, conv) if i else None
+            levels[i] = Level(blocks, attention=i == n - 1, resample=resample, name="upsample")
             c_in = c_out
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(c_in, groups)
-        self.conv_out = nn.Conv2d(c_in, 3, 3, padding=1)
+        self.conv_out = conv(c_in, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))

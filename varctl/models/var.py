@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from varctl.models.kernels import Linear
 from varctl.models.lifecycle import Model
 from varctl.models.text import TextCondition
 from varctl.models.transformer import AdaLNBlock, AdaLNHead, SharedAdaLin, key_padding_bias
@@ -70,7 +71,7 @@ class VAR(GenerateMixin, Model):
         mask_LL = torch.where(lvl_L1 >= lvl_L1.view(1, L), 0.0, -torch.inf)
         self.register_buffer("attn_bias_for_masking", mask_LL.view(1, 1, L, L).contiguous())
         self.head_nm = AdaLNHead(C, D, cfg.norm_eps)
-        self.head = nn.Linear(C, cfg.vocab_size)
+        self.head = Linear(C, cfg.vocab_size)
         if cfg.condition == "text":  # the empty caption's embedding; all-False mask = not set yet
             self.register_buffer("null_text_pooled", torch.zeros(1, cfg.pooled_dim))
             self.register_buffer("null_text_tokens", torch.zeros(1, cfg.text_len, cfg.text_dim))

@@ -239,6 +239,8 @@ class GenerateMixin:
             x_BlC = self.word_embed(next_BlCv.to(self.word_embed.weight.dtype)) + lvl_pos[:, begin:end]
             if len(parts) > 1:
                 x_BlC = torch.cat([x_BlC] * len(parts))  # every copy sees the same tokens
+        # the KV caches (the largest buffers of the loop) are freed before the decoder's activations exist
+        del caches, cache, session, x_BlC, logits_BlV, sample_logits
         images = vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5)
         if return_intermediates:
             return images, intermediates + [images]
