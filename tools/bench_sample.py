@@ -1,13 +1,17 @@
 """Time ``VAR.generate`` at the VAR-d16 shape (random weights, official-shape VQVAE) for batch 1 and 4.
 
 With ``--official PATH_TO_VAR_GIT_DIR`` the official ``autoregressive_infer_cfg`` runs on the same weights in
-the same process, interleaved with varctl's runs (so both see the same machine load), and the ratio and the
+the same process, interleaved with varctl's runs (so both see the same machine load): the speed-up (the
+official time over varctl's), the peak memory of each (one more call each, ``benchlib.PeakMemory``) and the
 largest image difference are printed. The official tree is exported with ``git archive`` to a temporary
 directory; a missing ``huggingface_hub`` (only imported for a Hub mixin) is stubbed in ``sys.modules`` here.
 With ``--bf16`` varctl also runs under ``torch.autocast(dtype=torch.bfloat16)`` on the same device (fast on
 CPUs with AVX512-BF16/AMX and on GPUs), interleaved too, with its image difference from float32 (the sampled
 tokens may differ). With ``--control`` it also times sampling under an edge control branch (random weights):
-the cost of control. Times are medians over ``--repeats`` runs after a warm-up; ratios are to varctl float32.
+the cost of control. Times are medians over ``--repeats`` runs after a warm-up.
+
+An image difference below 1e-3 means the same tokens were drawn (one other token moves pixels by ~0.1):
+what is left is float rounding, mostly the decoder's Winograd convolutions (varctl/models/kernels.py).
 
     python tools/bench_sample.py [--official PATH_TO_VAR_GIT_DIR] [--bf16] [--control]
 """
@@ -22,10 +26,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import types
 
 import torch
+from benchlib import PeakMemory, machine, timed
 
 from varctl.models.control import ControlBranch, shape_of
 from varctl.models.var import VAR
@@ -78,12 +82,6 @@ def load_official(git_dir: str, tmp: str, vae: VQVAE, var: VAR):
     return off_var.eval()
 
 
-def timed(fn) -> tuple[float, torch.Tensor]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     vae = VQVAE.build("vae_ch160v4096z32").eval().to(args.device)
     var = VAR.build(f"d{args.depth}").attach_vae(vae).eval().to(args.device)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, VAR-d{args.depth} "
+        f"{machine(args.device)}, torch {torch.__version__}, VAR-d{args.depth} "
         f"({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M), cfg={args.cfg}, top_k={args.top_k}, "
         f"top_p={args.top_p}",
         flush=True,
@@ -161,24 +159,37 @@ def main(argv: list[str] | None = None) -> None:
             for r in range(args.repeats):  # interleaved, so all see the same machine load
                 reference = None
                 for name, (fn, compare) in variants.items():
-                    t, img = timed(lambda fn=fn, B=B, r=r: fn(B, 100 + r))
+                    t, img = timed(lambda fn=fn, B=B, r=r: fn(B, 100 + r), args.device)
                     times[name].append(t)
                     reference = img if reference is None else reference
                     if compare == "max":
                         diffs[name] = max(diffs[name], (img - reference).abs().max().item())
                     elif compare == "mean":
                         diffs[name] = max(diffs[name], (img - reference).abs().mean().item())
+            peaks = {}
+            for name, (fn, _) in variants.items():
+                with PeakMemory(args.device) as mem:
+                    fn(B, 100)
+                peaks[name] = mem.peak
             base = statistics.median(times["varctl"])
             parts = []
             for name, (_, compare) in variants.items():
                 med = statistics.median(times[name])
                 part = f"{name} median {med:.2f}s min {min(times[name]):.2f}s"
+                part += f", peak +{peaks[name] / 2**20:.0f} MiB"
                 if name != "varctl":
-                    part += f" ({med / base:.2f}x varctl's time)"
+                    part += f" (time {med / base:.2f}x varctl's)"
                 if compare is not None:
                     part += f", {compare} |img diff| {diffs[name]:.2e}"
                 parts.append(part)
             print(f"B={B}: " + " | ".join(parts), flush=True)
+            if official is not None:
+                med = statistics.median(times["official"])
+                print(
+                    f"B={B}: varctl is {med / base:.2f}x the official speed, with "
+                    f"{peaks['varctl'] / max(peaks['official'], 1):.2f}x its peak memory",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
