@@ -1,14 +1,17 @@
 """AdamW groups, lr scaling and schedule, and the EMA of weights (varctl/lit/optim.py)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from varctl.lit.optim import (
+    adamw,
     averaged,
     clean_name,
+    clip_gradients,
     lr_factor,
     no_weight_decay_names,
     param_groups,
@@ -156,3 +159,39 @@ def test_ema_state_roundtrip_restores_average_and_count():
     assert int(other.ema.n_averaged) == 2
     with pytest.raises(ValueError, match="ema_decay"):
         averaged(parent.net, decay=1.0)
+
+
+def test_adamw_is_fused_on_plain_tensors_and_steps_like_the_loop():
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 4), nn.Linear(6, 4)
+    b.load_state_dict(a.state_dict())
+    fused = adamw(param_groups(a, 0.05), lr=1e-2)
+    loop = adamw(param_groups(b, 0.05), lr=1e-2, allow_fused=False)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        for model, opt in ((a, fused), (b, loop)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)  # the same AdamW, other rounding
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_clip_gradients_with_a_fused_optimizer(precision):
+    """Lightning refuses to clip for a fused optimizer under mixed precision; bf16 needs no unscaling, so the
+    stage clips itself (and leaves every other case to Lightning)."""
+    model = nn.Linear(4, 3)
+    opt = adamw(param_groups(model, 0.0), lr=1e-3)
+    model(torch.randn(5, 4)).mul(100).sum().backward()
+    calls = []
+    module = SimpleNamespace(
+        trainer=SimpleNamespace(precision=precision), clip_gradients=lambda *a, **k: calls.append(k)
+    )
+    clip_gradients(module, opt, 0.5, "norm")
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    if precision == "bf16-mixed":
+        assert calls == [] and norm.item() == pytest.approx(0.5, rel=1e-4)
+    else:
+        assert calls == [{"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"}] and norm > 1

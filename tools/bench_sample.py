@@ -19,67 +19,15 @@ what is left is float rounding, mostly the decoder's Winograd convolutions (varc
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import io
 import statistics
-import subprocess
-import sys
 import tempfile
-import types
 
 import torch
-from benchlib import PeakMemory, machine, timed
+from benchlib import PeakMemory, load_official, machine, timed
 
 from varctl.models.control import ControlBranch, shape_of
 from varctl.models.var import VAR
 from varctl.models.vqvae import VQVAE
-
-
-def load_official(git_dir: str, tmp: str, vae: VQVAE, var: VAR):
-    """Build the official VQVAE and VAR from the git dir and load varctl's weights into them strictly."""
-    archive = subprocess.run(
-        ["git", "-C", git_dir, "archive", "HEAD"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-    try:
-        importlib.import_module("huggingface_hub")
-    except ImportError:  # the official VAR file imports it for VARHF only
-        stub = types.ModuleType("huggingface_hub")
-        stub.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
-        sys.modules["huggingface_hub"] = stub
-    sys.path.insert(0, tmp)
-    from models.var import VAR as OfficialVAR  # noqa: E402  (from the exported tree)
-    from models.vqvae import VQVAE as OfficialVQVAE  # noqa: E402
-
-    vc, c = vae.config, var.config
-    with contextlib.redirect_stdout(io.StringIO()):  # the constructors print their settings
-        off_vae = OfficialVQVAE(
-            vocab_size=vc.vocab_size,
-            z_channels=vc.z_channels,
-            ch=vc.ch,
-            test_mode=True,
-            share_quant_resi=vc.share_quant_resi,
-            v_patch_nums=vc.patch_nums,
-        )
-        off_var = OfficialVAR(
-            vae_local=off_vae,
-            num_classes=c.num_classes,
-            depth=c.depth,
-            embed_dim=c.C,
-            num_heads=c.heads,
-            drop_path_rate=c.drop_path,
-            norm_eps=c.norm_eps,
-            shared_aln=c.shared_aln,
-            cond_drop_rate=c.cond_drop_rate,
-            attn_l2_norm=c.attn_l2_norm,
-            patch_nums=c.patch_nums,
-            flash_if_available=False,
-            fused_if_available=False,
-        )
-    off_vae.load_state_dict(vae.state_dict(), strict=True)
-    off_var.load_state_dict(var.state_dict(), strict=True)
-    return off_var.eval()
 
 
 def main(argv: list[str] | None = None) -> None:

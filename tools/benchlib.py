@@ -1,4 +1,5 @@
-"""What the ``tools/bench*.py`` scripts share: the machine's name, a timer, and the peak memory of one call.
+"""What the ``tools/bench*.py`` scripts share: the machine's name, a timer, the peak memory of one call, and
+the official VAR code built on varctl's weights.
 
 Peak memory on the CPU is the process's resident size sampled every millisecond during the call, minus its
 size before the call. glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, which
@@ -9,10 +10,16 @@ size or more is mapped and returned on free) and trims the heap before each call
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import importlib
+import io
 import os
+import subprocess
+import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -87,3 +94,49 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak = max(self._max, _rss()) - self._base
+
+
+def load_official(git_dir: str, tmp: str, vae, var):
+    """Build the official VQVAE and VAR from the git dir and load varctl's weights into them strictly."""
+    archive = subprocess.run(
+        ["git", "-C", git_dir, "archive", "HEAD"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+    try:
+        importlib.import_module("huggingface_hub")
+    except ImportError:  # the official VAR file imports it for VARHF only
+        stub = types.ModuleType("huggingface_hub")
+        stub.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
+        sys.modules["huggingface_hub"] = stub
+    sys.path.insert(0, tmp)
+    from models.var import VAR as OfficialVAR  # noqa: E402  (from the exported tree)
+    from models.vqvae import VQVAE as OfficialVQVAE  # noqa: E402
+
+    vc, c = vae.config, var.config
+    with contextlib.redirect_stdout(io.StringIO()):  # the constructors print their settings
+        off_vae = OfficialVQVAE(
+            vocab_size=vc.vocab_size,
+            z_channels=vc.z_channels,
+            ch=vc.ch,
+            test_mode=True,
+            share_quant_resi=vc.share_quant_resi,
+            v_patch_nums=vc.patch_nums,
+        )
+        off_var = OfficialVAR(
+            vae_local=off_vae,
+            num_classes=c.num_classes,
+            depth=c.depth,
+            embed_dim=c.C,
+            num_heads=c.heads,
+            drop_path_rate=c.drop_path,
+            norm_eps=c.norm_eps,
+            shared_aln=c.shared_aln,
+            cond_drop_rate=c.cond_drop_rate,
+            attn_l2_norm=c.attn_l2_norm,
+            patch_nums=c.patch_nums,
+            flash_if_available=False,
+            fused_if_available=False,
+        )
+    off_vae.load_state_dict(vae.state_dict(), strict=True)
+    off_var.load_state_dict(var.state_dict(), strict=True)
+    return off_var.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -115,6 +116,24 @@ def warmup_decay_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def adamw(
+    groups: list[dict], lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0, allow_fused: bool = True
+) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all parameters, as the official trainer's ``fused=True``) when every
+    parameter is a plain floating tensor on the CPU or a GPU; otherwise torch's default implementation (FSDP2
+    shards are DTensors). On the CPU the fused step is ~3x faster than the per-tensor loop it replaces.
+    ``allow_fused=False`` under fp16 loss scaling: a fused step unscales inside ``step``, after Lightning's
+    gradient clipping would have needed the unscaled gradients (``clip_gradients`` below)."""
+    params = [p for g in groups for p in g["params"]]
+    fused = allow_fused and all(
+        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None
+    )
+
+
 def configure_adamw(trainer, groups: list[dict], settings: OptimizerSettings) -> dict:
     """AdamW over ``groups`` with the warmup/decay schedule stepped per optimizer step, as
     ``configure_optimizers`` returns it; the lr is scaled to the global batch when the settings say so."""
@@ -129,9 +148,9 @@ def configure_adamw(trainer, groups: list[dict], settings: OptimizerSettings) ->
         lr = scaled_lr(settings.lr, batch_size, world, accumulate, settings.reference_batch)
         ref = settings.reference_batch
         rank_zero_info(f"lr = {settings.lr:g} * {batch_size} x {world} x {accumulate} / {ref} = {lr:.3g}")
-    optimizer = torch.optim.AdamW(
-        groups, lr=lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay
-    )
+    # fp16 loss scaling unscales inside a fused step, too late for clipping; FSDP1 clips its own flat shards
+    allow_fused = str(trainer.precision) != "16-mixed" and not isinstance(trainer.strategy, FSDPStrategy)
+    optimizer = adamw(groups, lr, settings.betas, settings.weight_decay, allow_fused)
     total = int(trainer.estimated_stepping_batches)
     scheduler = warmup_decay_scheduler(
         optimizer, settings.warmup_steps, total, settings.decay, settings.final_lr_fraction
@@ -169,3 +188,17 @@ def update_average(ema: AveragedModel, module: nn.Module) -> None:
         if isinstance(m, FSDPModule):
             m.reshard()
     ema.update_parameters(module)
+
+
+def clip_gradients(module, optimizer, clip_val, algorithm) -> None:
+    """``configure_gradient_clipping`` of the stages. Lightning's mixed-precision plugin refuses to clip for a
+    fused optimizer, as fp16 loss scaling would need it to; bf16 has no scaler, so its gradients are clipped
+    here, as Lightning clips them otherwise."""
+    if not clip_val or not optimizer.defaults.get("fused") or str(module.trainer.precision) != "bf16-mixed":
+        module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if algorithm in (None, "norm"):
+        torch.nn.utils.clip_grad_norm_(params, clip_val)
+    else:
+        torch.nn.utils.clip_grad_value_(params, clip_val)

@@ -222,6 +222,9 @@ class VARModule(L.LightningModule):
         groups = optim.param_groups(self.model, self.optimizer_settings.weight_decay, self._no_decay)
         return optim.configure_adamw(self.trainer, groups, self.optimizer_settings)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        optim.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # ------------------------------------------------------------------ training
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,132 @@
+"""Time one VAR training step at the VAR-d16 shape (random weights, 256 px, 680 tokens per image).
+
+A step is what the VAR stage does per batch once the tokens are known (from a token cache or the frozen
+tokenizer, the same for both codes and left out): teacher-forcing forward, cross-entropy, backward,
+gradient clipping at 2.0, AdamW (betas 0.9/0.95, weight decay 0.05 on matrices) as varctl's stage builds it
+(``varctl.lit.optim.adamw``). With ``--official PATH_TO_VAR_GIT_DIR`` the official VAR runs the same step on
+the same weights and batch with the official optimizer (fused AdamW), interleaved with varctl's steps, and the
+speed-up is printed. On a GPU (``--device cuda``) the step's model FLOPs utilisation is printed too: the
+FLOPs of one step counted by ``torch.utils.flop_counter`` (matmuls and attention, forward and backward) over
+its time, against ``--peak-tflops`` (default: dense bf16 of an H100/H200 SXM). ``--compile`` compiles each
+block (``torch.compile``; ``--compile-mode reduce-overhead`` adds CUDA graphs).
+
+    python tools/bench_train.py [--official PATH_TO_VAR_GIT_DIR] [--batch-size 2] [--device cpu|cuda]
+                                [--bf16] [--compile] [--peak-tflops 989]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from benchlib import PeakMemory, load_official, machine, timed
+from torch.utils.flop_counter import FlopCounterMode
+
+from varctl.lit.optim import adamw, no_weight_decay_names, param_groups
+from varctl.models.var import VAR
+from varctl.models.vqvae import VQVAE
+
+
+def make_step(model, optimizer, labels, x_BLCv, target_BL, device: str, bf16: bool):
+    def step():
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+            logits_BLV = model(labels, x_BLCv)
+        loss = F.cross_entropy(logits_BLV.float().flatten(0, 1), target_BL.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--official", default=None, help="git dir of FoundationVision/VAR to compare with")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps each (after 1 warm-up)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (both codes)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile varctl's blocks")
+    parser.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense peak for MFU")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = args.device
+
+    torch.manual_seed(0)
+    vae = VQVAE.build("vae_ch160v4096z32").eval()
+    var = VAR.build(f"d{args.depth}").attach_vae(vae)
+    c = var.config
+    B = args.batch_size
+    g = torch.Generator().manual_seed(1)
+    idx = [torch.randint(0, c.vocab_size, (B, pn * pn), generator=g) for pn in c.patch_nums]
+    x_BLCv = vae.quantize.idx_to_var_input(idx).to(dev)
+    target_BL = torch.cat(idx, dim=1).to(dev)
+    labels = torch.randint(0, c.num_classes, (B,), generator=g).to(dev)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        official = load_official(args.official, tmp, vae, var) if args.official else None
+        var = var.to(dev).train()
+        steps = {}
+        optimizer = adamw(param_groups(var, 0.05, no_weight_decay_names(var)), lr=1e-4, betas=(0.9, 0.95))
+        steps["varctl"] = make_step(var, optimizer, labels, x_BLCv, target_BL, dev, args.bf16)
+        if official is not None:
+            official = official.to(dev).train().requires_grad_(True)
+            off_opt = torch.optim.AdamW(
+                param_groups(official, 0.05, no_weight_decay_names(official)), lr=1e-4, betas=(0.9, 0.95),
+                fused=True,
+            )  # fmt: skip
+            steps["official"] = make_step(official, off_opt, labels, x_BLCv, target_BL, dev, args.bf16)
+        if args.compile:
+            for block in var.blocks:
+                block.compile(mode=args.compile_mode)
+        print(
+            f"{machine(dev)}, torch {torch.__version__}, VAR-d{args.depth} "
+            f"({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M), batch {B}, "
+            f"{'bf16 autocast' if args.bf16 else 'float32'}{', compiled blocks' if args.compile else ''}",
+            flush=True,
+        )
+        for step in steps.values():
+            for _ in range(2 if args.compile else 1):  # warm-up (compilation, allocator, oneDNN primitives)
+                timed(step, dev)
+        times = {name: [] for name in steps}
+        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+            for name, step in steps.items():
+                times[name].append(timed(step, dev)[0])
+        base = statistics.median(times["varctl"])
+        with FlopCounterMode(display=False) as counter:
+            steps["varctl"]()
+        flops = counter.get_total_flops()
+        peaks = {}
+        for name, step in steps.items():
+            with PeakMemory(dev) as mem:
+                step()
+            peaks[name] = mem.peak
+        for name in steps:
+            med = statistics.median(times[name])
+            line = f"{name}: median {med:.3f}s min {min(times[name]):.3f}s, {B * c.L / med:.0f} tokens/s"
+            line += f", peak +{peaks[name] / 2**20:.0f} MiB"
+            if dev.startswith("cuda"):
+                line += (
+                    f", MFU {flops / med / (args.peak_tflops * 1e12):.1%} ({flops / med / 1e12:.0f} TFLOP/s)"
+                )
+            print(line, flush=True)
+        if official is not None:
+            print(
+                f"varctl's step is {statistics.median(times['official']) / base:.2f}x the official speed",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
