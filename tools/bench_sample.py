@@ -23,7 +23,7 @@ import statistics
 import tempfile
 
 import torch
-from benchlib import PeakMemory, load_official, machine, timed
+from benchlib import PeakMemory, interleaved, load_official, machine, steady_allocator, timed
 
 from varctl.models.control import ControlBranch, shape_of
 from varctl.models.var import VAR
@@ -99,21 +99,25 @@ def main(argv: list[str] | None = None) -> None:
             variants["varctl bf16"] = (lambda B, seed: ours(B, seed, bf16=True), "mean")
         if branch is not None:
             variants["varctl + control"] = (lambda B, seed: ours(B, seed, control=True), None)
+        steady_allocator()
         for fn, _ in variants.values():
             timed(lambda fn=fn: fn(1, 0))  # warm-up (allocator, oneDNN primitives)
         for B in args.batch_sizes:
             times = {name: [] for name in variants}
             diffs = dict.fromkeys(variants, 0.0)
-            for r in range(args.repeats):  # interleaved, so all see the same machine load
-                reference = None
-                for name, (fn, compare) in variants.items():
-                    t, img = timed(lambda fn=fn, B=B, r=r: fn(B, 100 + r), args.device)
+            for r, order in enumerate(interleaved(list(variants), args.repeats)):  # the same machine load
+                images = {}
+                for name in order:
+                    t, images[name] = timed(
+                        lambda fn=variants[name][0], B=B, r=r: fn(B, 100 + r), args.device
+                    )
                     times[name].append(t)
-                    reference = img if reference is None else reference
+                for name, (_, compare) in variants.items():
+                    diff = (images[name] - images["varctl"]).abs()
                     if compare == "max":
-                        diffs[name] = max(diffs[name], (img - reference).abs().max().item())
+                        diffs[name] = max(diffs[name], diff.max().item())
                     elif compare == "mean":
-                        diffs[name] = max(diffs[name], (img - reference).abs().mean().item())
+                        diffs[name] = max(diffs[name], diff.mean().item())
             peaks = {}
             for name, (fn, _) in variants.items():
                 with PeakMemory(args.device) as mem:

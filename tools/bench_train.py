@@ -22,7 +22,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from benchlib import PeakMemory, load_official, machine, timed
+from benchlib import PeakMemory, interleaved, load_official, machine, steady_allocator, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from varctl.lit.optim import adamw, no_weight_decay_names, param_groups
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     B = args.batch_size
     g = torch.Generator().manual_seed(1)
     idx = [torch.randint(0, c.vocab_size, (B, pn * pn), generator=g) for pn in c.patch_nums]
-    x_BLCv = vae.quantize.idx_to_var_input(idx).to(dev)
+    with torch.no_grad():
+        x_BLCv = vae.quantize.idx_to_var_input(idx).to(dev)
     target_BL = torch.cat(idx, dim=1).to(dev)
     labels = torch.randint(0, c.num_classes, (B,), generator=g).to(dev)
 
@@ -96,13 +97,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{'bf16 autocast' if args.bf16 else 'float32'}{', compiled blocks' if args.compile else ''}",
             flush=True,
         )
+        steady_allocator()
         for step in steps.values():
             for _ in range(2 if args.compile else 1):  # warm-up (compilation, allocator, oneDNN primitives)
                 timed(step, dev)
         times = {name: [] for name in steps}
-        for _ in range(args.repeats):  # interleaved, so both see the same machine load
-            for name, step in steps.items():
-                times[name].append(timed(step, dev)[0])
+        for order in interleaved(list(steps), args.repeats):  # so both see the same machine load
+            for name in order:
+                times[name].append(timed(steps[name], dev)[0])
         base = statistics.median(times["varctl"])
         with FlopCounterMode(display=False) as counter:
             steps["varctl"]()

@@ -4,8 +4,9 @@ the official VAR code built on varctl's weights.
 Peak memory on the CPU is the process's resident size sampled every millisecond during the call, minus its
 size before the call. glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, which
 would hide later calls' peaks, so ``PeakMemory`` first fixes the threshold at 64 KiB (every tensor of that
-size or more is mapped and returned on free) and trims the heap before each call. On CUDA it is
-``torch.cuda.max_memory_allocated`` over the call.
+size or more is mapped and returned on free) and trims the heap before each call: measure memory after the
+timing, which wants the opposite (``steady_allocator``). On CUDA it is ``torch.cuda.max_memory_allocated``
+over the call.
 """
 
 from __future__ import annotations
@@ -25,7 +26,30 @@ from pathlib import Path
 import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6") if Path("/proc/self/statm").exists() else None
+    except OSError:  # not glibc
+        return None
+
+
+def steady_allocator() -> None:
+    """Fix glibc's allocator in the steady state a long run reaches, before timing. Its mmap threshold starts
+    at 128 KiB and rises as mapped blocks are freed, so whichever code runs first in a process pays page
+    faults for fresh mappings that the code run after it does not (seen: the same training step 25 % slower
+    when run first). At the threshold's ceiling (32 MiB) and without trimming, both codes reuse the heap."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def interleaved(names: list[str], repeats: int) -> list[list[str]]:
+    """The order of each round: ABBA..., so neither code always runs right after the other."""
+    return [names if r % 2 == 0 else names[::-1] for r in range(repeats)]
 
 
 def cpu_name() -> str:
@@ -59,12 +83,7 @@ class PeakMemory:
 
     def __init__(self, device: str = "cpu", interval: float = 1e-3):
         self.device, self.interval, self.peak = device, interval, 0
-        self._libc = None
-        if not device.startswith("cuda") and Path("/proc/self/statm").exists():
-            try:
-                self._libc = ctypes.CDLL("libc.so.6")
-            except OSError:  # not glibc: sampling still works, with the allocator's caching
-                self._libc = None
+        self._libc = None if device.startswith("cuda") else _glibc()
 
     def __enter__(self) -> PeakMemory:
         if self.device.startswith("cuda"):
