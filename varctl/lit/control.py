@@ -144,7 +144,7 @@ class ControlModule(VARModule):
     def generate(self, cond, sampling, seed_offset: int = 0, **kwargs):
         """``VARModule.generate`` with the control fields of ``sampling`` (guidance, strengths)."""
         return self.eval_model.generate(
-            cond, vae=self.vae, **sampling.generate_kwargs(seed_offset, control=True), **kwargs
+            cond, vae=self.vae, **self.sampling_kwargs(sampling, seed_offset, control=True), **kwargs
         )
 
     def data_requirements(self) -> dict[str, Any]:

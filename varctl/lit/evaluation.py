@@ -47,6 +47,11 @@ def sampler_settings(settings, num_scales: int, control: bool = False) -> dict:
             settings.control_strength, num_scales, "control_strength"
         )
         out["modality_strength"] = settings.modality_strength
+    fast = {"token_pruning": settings.token_pruning, "skip_guidance_from": settings.skip_guidance_from}
+    if settings.refiner is not None:
+        fast.update(refiner=settings.refiner, refiner_sha256=file_sha256(settings.refiner))
+        fast["draft_scales"] = settings.draft_scales
+    out["fast_samplers"] = fast  # each changes the samples: part of what a score depends on
     return out
 
 

@@ -46,7 +46,7 @@ def job_step(module, batch: dict, control: bool) -> dict:
 
 def _draw(module, batch, rows, overrides, present, edit, control: bool) -> torch.Tensor:
     sampling = dataclasses.replace(module.predictions, **overrides)
-    kwargs = sampling.generate_kwargs(control=control)
+    kwargs = module.sampling_kwargs(sampling, control=control)
     kwargs["seed"] = [int(batch["seed"][i]) for i in rows]
     idx = torch.tensor(rows, device=batch["image"].device)
     if edit:

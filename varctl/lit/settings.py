@@ -64,8 +64,22 @@ class Sampling(Settings):
     control_cfg: float | list[float] = 0.0
     control_strength: float | list[float] = 1.0
     modality_strength: dict[str, float] | None = None
+    # the fast samplers, each off by default (README, "Fast sampling"): FastVAR's token pruning (the share
+    # of tokens left out at the last two scales), guidance skipped from a scale on, and a smaller VAR file
+    # (same tokenizer and classes) that draws the scales from ``draft_scales`` on (CoDe)
+    token_pruning: float = 0.0
+    skip_guidance_from: int | None = None
+    refiner: str | None = None
+    draft_scales: int | None = None
 
     CONTROL_FIELDS = ("control_cfg", "control_strength", "modality_strength")
+
+    def __post_init__(self):
+        if self.refiner is not None:
+            if not os.path.isfile(os.path.expanduser(str(self.refiner))):
+                raise FileNotFoundError(f"refiner={self.refiner}: no such VAR file or checkpoint")
+            if self.draft_scales is None:
+                raise ValueError("refiner needs draft_scales: the scale from which the refiner draws")
 
     def generate_kwargs(self, seed_offset: int = 0, control: bool = False) -> dict[str, Any]:
         """The arguments of ``generate``; the control fields only for a controlled VAR (``control``)."""
@@ -139,6 +153,7 @@ class Evaluation(Sampling):
     WEIGHTS = ("inception_weights", "judge_weights", "clip_weights")
 
     def __post_init__(self):
+        super().__post_init__()
         for key in self.WEIGHTS:  # a named file that is absent fails now, before a run starts
             path = getattr(self, key)
             if path is not None and not os.path.isfile(os.path.expanduser(str(path))):

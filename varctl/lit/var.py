@@ -113,6 +113,7 @@ class VARModule(L.LightningModule):
             self.var.set_null_text(self.text_encoder.empty())
         # decided on the plain model: FSDP1 flattens parameters, hiding which are matrices
         self._no_decay = optim.no_weight_decay_names(self.model)
+        self._refiners: dict[str, VAR] = {}  # sampling's refiner files, loaded once, never in the checkpoint
         self.ema = optim.averaged(self.model, ema_decay, ema_warmup) if ema_decay > 0 else None
         K = self.var.config.num_scales
         if scale_loss_weights is not None and (
@@ -351,7 +352,19 @@ class VARModule(L.LightningModule):
 
     def generate(self, cond, sampling, seed_offset: int = 0, **kwargs):
         """Images (B, 3, H, W) in [0, 1] from the evaluated weights (``sampling``: a settings.Sampling)."""
-        return self.eval_model.generate(cond, vae=self.vae, **sampling.generate_kwargs(seed_offset), **kwargs)
+        return self.eval_model.generate(
+            cond, vae=self.vae, **self.sampling_kwargs(sampling, seed_offset), **kwargs
+        )
+
+    def sampling_kwargs(self, sampling, seed_offset: int = 0, control: bool = False) -> dict:
+        """``sampling.generate_kwargs`` with its refiner file loaded as a VAR on this device."""
+        kwargs = sampling.generate_kwargs(seed_offset, control)
+        path = kwargs.get("refiner")
+        if path is not None:
+            if path not in self._refiners:
+                self._refiners[path] = VAR.load(path, vae=self.vae).eval().requires_grad_(False)
+            kwargs["refiner"] = self._refiners[path].to(self.device)
+        return kwargs
 
     def val_images(self, batch: dict, max_images: int) -> dict[str, ImageGrid]:
         """The sample grid (``ImageLogger``): a row per class or caption, coarse to fine left to right."""

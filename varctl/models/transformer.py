@@ -80,6 +80,11 @@ class KVCache:
         self.len = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def keep_rows(self, n: int) -> None:
+        """Keep the first ``n`` rows (a view: the first rows of a contiguous tensor stay contiguous)."""
+        if self.k is not None:
+            self.k, self.v = self.k[:n], self.v[:n]
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with L2-normalised q/k, learned per-head scale and a zero k bias."""
@@ -240,19 +245,32 @@ class AdaLNBlock(nn.Module):
         attn_bias: torch.Tensor | None = None,
         cache: KVCache | None = None,
         text: tuple | None = None,
+        prune=None,
     ) -> torch.Tensor:
-        """``text``: (kv, bias_B11T, gate_B11) from ``CrossAttention.context`` and ``key_padding_bias``."""
+        """``text``: (kv, bias_B11T, gate_B11) from ``CrossAttention.context`` and ``key_padding_bias``.
+        ``prune``: sampling's token pruning at this block and scale (token_pruning.py), or None."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(
             2
         )  # 6 x (B, 1, C), scales hold 1 + s
-        h = torch.addcmul(shift1, self.ln_wo_grad(x_BLC), scale1)
-        x_BLC = self._residual(x_BLC, self.attn(h, attn_bias=attn_bias, cache=cache), gamma1)
+
+        def attn(x):
+            return self.attn(
+                torch.addcmul(shift1, self.ln_wo_grad(x), scale1), attn_bias=attn_bias, cache=cache
+            )
+
+        def ffn(x):
+            return self.ffn(torch.addcmul(shift2, self.ln_wo_grad(x), scale2))
+
+        x_BLC = self._residual(x_BLC, attn(x_BLC) if prune is None else prune(attn, x_BLC, "attn"), gamma1)
         if self.cross_attn is not None:
             kv, bias_B11T, gate_B11 = text
-            out = self.cross_attn(self.ln_cross(x_BLC), kv, bias_B11T)
+
+            def cross(x):
+                return self.cross_attn(self.ln_cross(x), kv, bias_B11T)
+
+            out = cross(x_BLC) if prune is None else prune(cross, x_BLC, "cross")
             x_BLC = x_BLC + self.drop_path(out * gate_B11.to(out.dtype))
-        h = torch.addcmul(shift2, self.ln_wo_grad(x_BLC), scale2)
-        return self._residual(x_BLC, self.ffn(h), gamma2)
+        return self._residual(x_BLC, ffn(x_BLC) if prune is None else prune(ffn, x_BLC, "ffn"), gamma2)
 
 
 class AdaLNHead(nn.Module):

@@ -28,8 +28,9 @@ from varctl.models.sampling import (
     smooth_embedding,
 )
 from varctl.models.text import TextCondition
-from varctl.models.transformer import KVCache
+from varctl.models.token_pruning import PruningPlan, TokenPruning
 from varctl.models.var_config import check_vae_fits
+from varctl.models.var_runner import ScaleRunner, check_refiner
 
 
 @dataclass
@@ -98,6 +99,10 @@ class GenerateMixin:
         control_cfg=0.0,
         control_strength=1.0,
         known: Known | None = None,
+        token_pruning=None,
+        skip_guidance_from: int | None = None,
+        refiner: nn.Module | None = None,
+        draft_scales: int | None = None,
     ):
         """Sample images scale by scale with a KV cache and classifier-free guidance.
 
@@ -126,6 +131,15 @@ class GenerateMixin:
                 (1 + t + c) * full - t * null class - c * control dropped.
             control_strength: the control's strength (scalar or per scale; 0 switches it off at a scale).
             known: the region kept from an input image (in-painting, out-painting, editing; ``Known``).
+
+            Fast samplers, each off by default and each changing the samples on purpose (README, "Fast
+            sampling"):
+            token_pruning: FastVAR's cached token pruning: the share of tokens left out of the middle blocks'
+                layers at the last two scales (e.g. 0.5), or a ``TokenPruning`` / dict of its fields.
+            skip_guidance_from: a scale index from which the guidance copies are dropped and the conditional
+                rows run alone (guidance and control guidance off there, half the rows).
+            refiner: a smaller VAR (same tokenizer, scales and conditions) that draws the scales from
+                ``draft_scales`` on, after teacher-forcing the drawn ones (CoDe's drafter and refiner).
         Returns:
             images (B, 3, H, W) in [0, 1], and the list of per-scale images if ``return_intermediates``.
         """
@@ -161,57 +175,60 @@ class GenerateMixin:
                 f"known: expected {K} f_hats and a mask for {B} samples, found {len(known.fhats)} f_hats and "
                 f"{known.keep.shape[0]} masks"
             )
+        pruning = TokenPruning.of(token_pruning)
+        skip_from = K if skip_guidance_from is None else int(skip_guidance_from)
+        if not 0 <= skip_from <= K:
+            raise ValueError(
+                f"skip_guidance_from must be a scale index in [0, {K}], found {skip_guidance_from}"
+            )
+        if refiner is not None:
+            check_refiner(self, refiner, draft_scales)
+            if control is not None:
+                raise ValueError("a refiner cannot take over a controlled sample (it has no control branch)")
+            if pruning is not None and draft_scales > K - pruning.scales - 1:
+                raise ValueError(
+                    f"token_pruning with a refiner: draft_scales={draft_scales} must be <= "
+                    f"{K - pruning.scales - 1}, so that the refiner runs the reference scale"
+                )
 
         # everything that depends only on the condition is computed once per call, not once per scale
-        cond_BD, text = self._embed_condition(cond, drop=False)
-        shared = self.shared_ada_lin(cond_BD)
-        mods = [block.modulation(shared) for block in self.blocks]
-        head_mod = self.head_nm.modulation(cond_BD)
-        texts = [None if text is None else (b.cross_attn.context(text[0]), *text[1:]) for b in self.blocks]
-        session, P = None, 0
+        rows = None
         if control is not None:
             index = torch.arange(B, device=device).repeat(len(parts))
             keep = torch.ones(len(parts) * B, device=device)
             if control_guided:
                 keep[-B:] = 0
             strength = per_scale(control_strength, K, "control_strength")
-            rows = control.with_strength(None if all(v == 1 for v in strength) else strength)
-            session = rows.rows(index, keep).session(self, shared, text, cached=True)
-        caches = [KVCache(c.L) for _ in self.blocks]
-        if session is not None and (prefix := session.prefix()) is not None:  # fill the caches once
-            P = prefix.shape[1]
-            caches = [KVCache(c.L + P) for _ in self.blocks]
-            x_BPC = prefix
-            for block, mod, cache, block_text in zip(self.blocks, mods, caches, texts):
-                x_BPC = block(x_BPC, mod, cache=cache, text=block_text)
-        lvl_pos = self._lvl_pos()
+            rows = control.with_strength(None if all(v == 1 for v in strength) else strength).rows(
+                index, keep
+            )
+        runner = ScaleRunner(self, cond, B, rows, _plan(pruning, self))
         codebook_VC = vae.quantize.embedding.weight
-        B2 = cond_BD.shape[0]
-        x_BlC = (
-            cond_BD.unsqueeze(1).expand(B2, c.first_l, -1)
-            + self.pos_start.expand(B2, -1, -1)
-            + lvl_pos[:, : c.first_l]
-        )
+        x_RlC = runner.start()
+        codes = []  # each later scale's (B, l, Cv) input, for a refiner's prefill
         f_hat = codebook_VC.new_zeros(B, c.z_channels, c.patch_nums[-1], c.patch_nums[-1])
         intermediates = []
         for si, pn in enumerate(c.patch_nums):
             ratio = si / (K - 1) if K > 1 else 0.0
-            begin, end = c.begin_ends[si]
-            bias = None if session is None else session.attention_bias(None, begin, end)
-            for i, (block, mod, cache, block_text) in enumerate(zip(self.blocks, mods, caches, texts)):
-                if session is not None:
-                    x_BlC = session.block_input(i, x_BlC, begin, end)
-                x_BlC = block(x_BlC, mod, bias, cache=cache, text=block_text)
-                if session is not None:
-                    x_BlC = session.block_output(i, x_BlC, begin, end)
+            if si == skip_from and runner.R > B:  # guidance skipped from here on: the copies' rows go
+                runner.keep_rows(B)
+                x_RlC = x_RlC[:B]
+            if refiner is not None and si == draft_scales:  # the refiner takes over, after a prefill
+                runner = ScaleRunner(refiner, cond, B, None, _plan(pruning, refiner))
+                if si >= skip_from:
+                    runner.keep_rows(B)
+                runner.prefill([runner.start()] + [runner.embed(k + 1, x) for k, x in enumerate(codes[:-1])])
+                x_RlC = runner.embed(si, codes[-1])
+            x_RlC = runner.run(si, x_RlC)
             weights = [1.0]  # the mix of the parts' head inputs: full, null class, control dropped
-            if guided:
-                weights = [1.0 + ts[si], -ts[si]]
-            if control_guided:
-                weights = [weights[0] + cs[si], *weights[1:], -cs[si]]
-            logits_BlV = self._guided_logits(x_BlC, head_mod, B, weights)
+            if runner.R > B:
+                if guided:
+                    weights = [1.0 + ts[si], -ts[si]]
+                if control_guided:
+                    weights = [weights[0] + cs[si], *weights[1:], -cs[si]]
+            logits_BlV = runner.logits(x_RlC, weights)
             if not bool(torch.isfinite(logits_BlV).all()):
-                raise _nonfinite_logits(self, si, pn, logits_BlV)
+                raise _nonfinite_logits(runner.var, si, pn, logits_BlV)
             sample_logits = logits_BlV if temps[si] == 1 else logits_BlV / temps[si]
             sample_logits = filter_logits(sample_logits, int(top_ks[si]), float(top_ps[si]))
             idx_Bl = _per_sample(sample_tokens, generator, sample_logits)
@@ -234,13 +251,12 @@ class GenerateMixin:
                 break
             if return_intermediates:
                 intermediates.append(vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5))
-            begin, end = c.begin_ends[si + 1]
             next_BlCv = next_BChw.reshape(B, c.z_channels, -1).transpose(1, 2)  # (B, l, Cv)
-            x_BlC = self.word_embed(next_BlCv.to(self.word_embed.weight.dtype)) + lvl_pos[:, begin:end]
-            if len(parts) > 1:
-                x_BlC = torch.cat([x_BlC] * len(parts))  # every copy sees the same tokens
+            if refiner is not None and si < draft_scales:
+                codes.append(next_BlCv)
+            x_RlC = runner.embed(si + 1, next_BlCv)
         # the KV caches (the largest buffers of the loop) are freed before the decoder's activations exist
-        del caches, cache, session, x_BlC, logits_BlV, sample_logits
+        del runner, x_RlC, logits_BlV, sample_logits
         images = vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5)
         if return_intermediates:
             return images, intermediates + [images]
@@ -299,6 +315,10 @@ class GenerateMixin:
         if vae is not self.vae:
             check_vae_fits(self.config, vae)
         return vae
+
+
+def _plan(pruning: TokenPruning | None, var) -> PruningPlan | None:
+    return None if pruning is None else PruningPlan(pruning, var.config.patch_nums, var.config.depth)
 
 
 def _per_sample(fn, generator, logits_BlV: torch.Tensor) -> torch.Tensor:

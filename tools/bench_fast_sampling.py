@@ -1,0 +1,172 @@
+"""The fast samplers of ``VAR.generate`` against exact sampling, side by side in one run: speed, and what each
+costs in quality.
+
+    python tools/bench_fast_sampling.py speed [--batch-sizes 1 4] [--device cpu]
+    python tools/bench_fast_sampling.py quality --var VAR_CKPT --refiner SMALL_VAR_CKPT --judge JUDGE.pt
+                                                [--control CONTROL_CKPT] [--per-class 20]
+
+Variants (each one switch of ``generate``, then all three): ``prune`` (FastVAR token pruning, half the
+tokens of the last two scales), ``skip`` (guidance skipped at the last two scales), ``refine`` (a smaller
+VAR draws the last scales, CoDe), ``all``. Their settings follow the number of scales K: pruning at the last
+two, guidance skipped from K - 2, the refiner from K - 3 (it must run the pruning's reference scale).
+
+``speed``: VAR-d16 with random weights (a d8 refiner), cfg 1.5, top-k 900, top-p 0.96, VQVAE decode
+included; times are medians over ``--repeats`` interleaved runs and each is printed as a speed-up over exact.
+
+``quality``: the demo's models on the built-in scenes (the data settings come from the VAR run's config):
+``--per-class`` samples of every class at the run's predict settings, each variant with the same seeds. The
+class judge (tools/score_samples.py) gives the share of samples judged as their class and ``fd_judge``, the
+Frechet distance in its features to real validation images; the mean absolute pixel difference from the
+exact samples says how far a variant moves them. With ``--control`` the control model's samples of
+validation edge maps are also drawn exactly and with pruning (the one fast sampler that works under a
+control branch) and scored by edge F1 against their real images (the ``controlar`` protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from benchlib import interleaved, machine, steady_allocator, timed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.synthetic import VAL_OFFSET, SyntheticShapes  # noqa: E402
+from varctl.metrics.generation import GenerationMetrics, JudgeFeatures  # noqa: E402
+from varctl.models.var import VAR  # noqa: E402
+from varctl.models.vqvae import VQVAE  # noqa: E402
+
+
+def variants(K: int, refiner) -> dict[str, dict]:
+    prune = {"token_pruning": {"ratio": 0.5, "scales": 2}}
+    skip = {"skip_guidance_from": K - 2}
+    refine = {"refiner": refiner, "draft_scales": K - 3}
+    return {"exact": {}, "prune": prune, "skip": skip, "refine": refine, "all": {**prune, **skip, **refine}}
+
+
+def speed(args) -> None:
+    torch.manual_seed(0)
+    dev = args.device
+    vae = VQVAE.build("vae_ch160v4096z32").eval().to(dev)
+    var = VAR.build("d16").attach_vae(vae).eval().to(dev)
+    small = VAR.build("d8").attach_vae(vae).eval().to(dev)
+    runs = variants(var.config.num_scales, small)
+    sample = dict(cfg=1.5, top_k=900, top_p=0.96)
+    print(f"{machine(dev)}, torch {torch.__version__}, VAR-d16 (refiner d8), {sample}", flush=True)
+
+    def draw(name: str, B: int, seed: int):
+        images = var.generate(torch.arange(B) * 7, seed=seed, **sample, **runs[name])
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        return images
+
+    steady_allocator()
+    for name in runs:
+        draw(name, 1, 0)  # warm-up
+    for B in args.batch_sizes:
+        times = {name: [] for name in runs}
+        for r, order in enumerate(interleaved(list(runs), args.repeats)):
+            for name in order:
+                times[name].append(timed(lambda n=name, r=r, B=B: draw(n, B, 100 + r), dev)[0])
+        exact = statistics.median(times["exact"])
+        row = ", ".join(f"{n} {exact / statistics.median(t):.2f}x" for n, t in times.items() if n != "exact")
+        print(f"B={B}: exact {exact:.2f}s; speed-up: {row}", flush=True)
+
+
+def quality(args) -> None:
+    torch.manual_seed(0)
+    run_dir = Path(args.var).resolve().parents[1]
+    config = yaml.safe_load((run_dir / "config_fit.yaml").read_text())
+    vae = VQVAE.load(config["model"]["tokenizer"]).eval()
+    var = VAR.load(args.var, vae=vae).eval()
+    refiner = VAR.load(args.refiner, vae=vae).eval()
+    predict = config["model"].get("predict") or {}
+    sample = {k: predict[k] for k in ("cfg", "top_k", "top_p") if k in predict}
+    data = config["data"]
+    scenes = {k: data[k] for k in ("backgrounds", "max_distractors", "shape_colours", "background_colours")}
+    res = vae.config.resolution
+    val = SyntheticShapes(args.num_real, res, offset=VAL_OFFSET, keys=("image", "label"), **scenes)
+    real = torch.stack([val[i]["image"] for i in range(len(val))]).add(1).div(2)
+    judge = JudgeFeatures(args.judge)
+    n = var.config.num_classes
+    labels = torch.arange(n).repeat_interleave(args.per_class)
+    runs = variants(var.config.num_scales, refiner)
+    print(f"{machine('cpu')}; {len(labels)} samples per variant at {sample}, {len(real)} real images")
+
+    exact = None
+    for name, fast in runs.items():
+        with torch.no_grad():
+            t, images = timed(lambda fast=fast: torch.cat([
+                var.generate(lab, seed=args.seed + i, **sample, **fast)
+                for i, lab in enumerate(labels.split(args.batch_size))
+            ]))  # fmt: skip
+        exact = images if exact is None else exact
+        metrics = GenerationMetrics(judge, kid_subsets=10, kid_subset_size=min(len(labels), len(real)) // 2)
+        metrics.update(real, real=True)
+        metrics.update(images, real=False)
+        scores = metrics.compute()
+        judged = judge(images)[1].argmax(-1)
+        print(
+            f"{name:<7} judged as their class {(judged == labels).float().mean():6.1%}, "
+            f"fd_judge {scores['fd_judge']:.3f}, |img - exact| {(images - exact).abs().mean():.4f}, "
+            f"{t:.1f} s",
+            flush=True,
+        )
+    if args.control:
+        control_quality(args, vae, scenes, runs["prune"])
+
+
+def control_quality(args, vae, scenes, pruning: dict) -> None:
+    from varctl.lit.control import ControlModule
+    from varctl.metrics.control import EdgeF1
+
+    module = ControlModule.load_from_checkpoint(args.control, map_location="cpu").eval()
+    res = vae.config.resolution
+    val = SyntheticShapes(args.num_control, res, offset=VAL_OFFSET, keys=("image", "label", "control"),
+                          controls=("edges",), **scenes)  # fmt: skip
+    items = [val[i] for i in range(len(val))]
+    images = torch.stack([it["image"] for it in items]).add(1).div(2)
+    labels = torch.tensor([it["label"] for it in items])
+    edges = torch.stack([it["control"]["edges"] for it in items])
+    guided = module.scoring.control_cfg
+    batches = list(zip(labels.split(args.batch_size), edges.split(args.batch_size)))
+    for name, fast in (("exact", {}), ("prune", pruning)):
+        f1 = EdgeF1("controlar")
+        with torch.no_grad():
+            samples = torch.cat([
+                module.eval_model.generate(lab, control_maps={"edges": e}, control_cfg=guided,
+                                           seed=args.seed + i, vae=module.vae, **fast)
+                for i, (lab, e) in enumerate(batches)
+            ])  # fmt: skip
+        f1.update(samples, images)
+        print(f"control {name:<5} edge F1 {float(f1.compute()):.3f} (control guidance {guided:g})")
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--device", default="cpu")
+    q = sub.add_parser("quality")
+    q.add_argument("--var", required=True, help="the demo's VAR checkpoint (its run's config names the data)")
+    q.add_argument("--refiner", required=True, help="a smaller VAR on the same tokenizer")
+    q.add_argument("--judge", required=True, help="the class judge of tools/score_samples.py")
+    q.add_argument("--control", default=None, help="a control checkpoint on the same VAR (edge F1)")
+    q.add_argument("--per-class", type=int, default=20)
+    q.add_argument("--num-real", type=int, default=512)
+    q.add_argument("--num-control", type=int, default=64)
+    q.add_argument("--batch-size", type=int, default=50)
+    q.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    speed(args) if args.mode == "speed" else quality(args)
+
+
+if __name__ == "__main__":
+    main()
