@@ -28,7 +28,6 @@ from datamodules.folders import (
 )
 from datamodules.jobs import GenerationJobs
 from datamodules.scenes import CLASS_NAMES
-from datamodules.shards import ShardDataModule
 from datamodules.synthetic import SyntheticDataModule, SyntheticShapes
 from datamodules.transforms import collate
 from varctl.models.control import MODALITIES
@@ -57,3 +56,12 @@ __all__ = [
     "collate",
     "read_caption_list",
 ]
+
+
+def __getattr__(name):
+    # litdata (and the boto3 stack it imports) loads only when shards are asked for
+    if name == "ShardDataModule":
+        from datamodules.shards import ShardDataModule
+
+        return ShardDataModule
+    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
