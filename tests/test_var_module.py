@@ -386,3 +386,16 @@ def test_init_from_fine_tunes_a_saved_var(vae_file, tmp_path):
         ValueError, match=r"var\.pt: condition='text' conflicts with the file, which has condition='class'"
     ):
         make_module(vae_file, "text", init_from=str(path))
+
+
+def test_compile_blocks_compiles_each_block_in_place(vae_file):
+    """The option's effect (the compiled forward's values are checked on a GPU, tests/test_gpu.py: compiling
+    on a 2-core CPU takes a minute)."""
+    m = make_module(vae_file, compile_blocks="reduce-overhead")
+    keys = list(m.var.state_dict())
+    assert all(block._compiled_call_impl is None for block in m.var.blocks)
+    m.configure_model()
+    assert all(block._compiled_call_impl is not None for block in m.var.blocks)
+    assert list(m.var.state_dict()) == keys  # in place: no _orig_mod. in the checkpoint's names
+    with pytest.raises(ValueError, match="compile_blocks='fast'"):
+        make_module(vae_file, compile_blocks="fast").configure_model()

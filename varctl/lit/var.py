@@ -57,6 +57,9 @@ def _named(load, path: str, key: str, **kwargs):
         ) from None
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class VARModule(L.LightningModule):
     """Trains ``self.model`` (here the VAR) on dict batches; ``self.vae`` (frozen tokenizer) and
     ``self.text_encoder`` (frozen, text models only; rebuilt from ``text_encoder``, never stored in
@@ -79,6 +82,9 @@ class VARModule(L.LightningModule):
         scale_sampling: "early" trains each sample on its scales up to a random last one, early scales
             more often (ECM's early-centric sampling: the last scale k with probability proportional to
             K - k); "all" every scale.
+        compile_blocks: ``torch.compile`` each transformer block with this mode ("default",
+            "reduce-overhead" for CUDA graphs, "max-autotune"); null (default) runs eagerly. The blocks are
+            compiled in place (``nn.Module.compile``: the state_dict keys stay), after FSDP2 sharding.
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class VARModule(L.LightningModule):
         scale_sampling: Literal["all", "early"] = "all",
         evaluation: Evaluation | None = None,
         token_cache: str | None = None,
+        compile_blocks: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -218,6 +225,13 @@ class VARModule(L.LightningModule):
             for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
                 shard_var(model, self.device_mesh["data_parallel"])
             self._sharded = True
+        mode = self.hparams.get("compile_blocks")
+        if mode and not getattr(self, "_compiled", False):
+            if mode not in COMPILE_MODES:
+                raise ValueError(f"model.compile_blocks={mode!r}: expected one of {COMPILE_MODES} or null")
+            for block in self.var.blocks:
+                block.compile(mode=None if mode == "default" else mode)
+            self._compiled = True
 
     def configure_optimizers(self):
         groups = optim.param_groups(self.model, self.optimizer_settings.weight_decay, self._no_decay)

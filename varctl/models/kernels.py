@@ -8,8 +8,9 @@ the official code beside). Both compute the same products and sums; only the sum
 results agree to float32 rounding (relative ~1e-6): the parity tests hold either way.
 
 The oneDNN op is the one TorchInductor emits for CPU linear layers (``torch.ops.mkldnn._linear_pointwise``);
-it has no backward, so it is used only where no gradient is needed, and never under autocast (whose casts
-belong to ``F.linear``). ``torch.backends.mkldnn.flags(enabled=False)`` switches it off.
+it has no backward, so it is used only where no gradient is needed, never under autocast (whose casts
+belong to ``F.linear``) and never inside ``torch.compile`` (inductor chooses its own kernels).
+``torch.backends.mkldnn.flags(enabled=False)`` switches it off.
 
 The VQVAE decoder's 3x3 convolutions on large maps (64 x 64 and up: 90 % of a 256 px decode) run through
 NNPACK's Winograd convolution, one image at a time, which PyTorch ships but picks only for batches of 16 and
@@ -40,6 +41,7 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()  # inductor picks its own kernels (this op wants frozen weights)
     )
 
 
@@ -76,6 +78,7 @@ def _winograd(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.padding_mode == "zeros"
         and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
     )
 
 
