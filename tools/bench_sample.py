@@ -8,7 +8,8 @@ directory; a missing ``huggingface_hub`` (only imported for a Hub mixin) is stub
 With ``--bf16`` varctl also runs under ``torch.autocast(dtype=torch.bfloat16)`` on the same device (fast on
 CPUs with AVX512-BF16/AMX and on GPUs), interleaved too, with its image difference from float32 (the sampled
 tokens may differ). With ``--control`` it also times sampling under an edge control branch (random weights):
-the cost of control. Times are medians over ``--repeats`` runs after a warm-up.
+the cost of control. With ``--compile MODE`` a copy whose blocks are compiled (``torch.compile``) runs too.
+Times are medians over ``--repeats`` runs after a warm-up.
 
 An image difference below 1e-3 means the same tokens were drawn (one other token moves pixels by ~0.1):
 what is left is float rounding, mostly the decoder's Winograd convolutions (varctl/models/kernels.py).
@@ -19,6 +20,7 @@ what is left is float rounding, mostly the decoder's Winograd convolutions (varc
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="also time varctl under bf16 autocast")
     parser.add_argument("--control", action="store_true", help="also time varctl with an edge control branch")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the official code: CPU only)")
+    parser.add_argument(
+        "--compile", default=None, help="also time a copy with compiled blocks (a torch.compile mode)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +76,13 @@ def main(argv: list[str] | None = None) -> None:
                 for p in branch.parameters():
                     p.normal_(0, 0.02)
 
-        def ours(B: int, seed: int, bf16: bool = False, control: bool = False):
+        compiled = None
+        if args.compile:  # a copy whose blocks are compiled (the sampler's shapes change per scale)
+            compiled = copy.deepcopy(var).attach_vae(vae)
+            for block in compiled.blocks:
+                block.compile(mode=None if args.compile == "default" else args.compile)
+
+        def ours(B: int, seed: int, bf16: bool = False, control: bool = False, model=var):
             kwargs = {}
             if control:
                 res = vae.config.resolution
@@ -80,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 ).float()
                 kwargs["control"] = branch.encode({"edges": edges.to(args.device)})
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
-                images = var.generate(torch.arange(B) * 7, seed=seed, **sample, **kwargs)
+                images = model.generate(torch.arange(B) * 7, seed=seed, **sample, **kwargs)
             if args.device == "cuda":
                 torch.cuda.synchronize()
             return images.cpu()
@@ -99,9 +110,20 @@ def main(argv: list[str] | None = None) -> None:
             variants["varctl bf16"] = (lambda B, seed: ours(B, seed, bf16=True), "mean")
         if branch is not None:
             variants["varctl + control"] = (lambda B, seed: ours(B, seed, control=True), None)
+        if compiled is not None:
+            variants[f"varctl compiled ({args.compile})"] = (
+                lambda B, seed: ours(B, seed, model=compiled),
+                "max",
+            )
+            if args.bf16:
+                variants["varctl compiled bf16"] = (
+                    lambda B, seed: ours(B, seed, True, model=compiled),
+                    "mean",
+                )
         steady_allocator()
         for fn, _ in variants.values():
-            timed(lambda fn=fn: fn(1, 0))  # warm-up (allocator, oneDNN primitives)
+            for B in args.batch_sizes if compiled is not None else [1]:  # compiled: every shape compiles once
+                timed(lambda fn=fn, B=B: fn(B, 0))  # warm-up (allocator, oneDNN primitives, compilation)
         for B in args.batch_sizes:
             times = {name: [] for name in variants}
             diffs = dict.fromkeys(variants, 0.0)

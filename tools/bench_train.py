@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
                 fused=True,
             )  # fmt: skip
             steps["official"] = make_step(official, off_opt, labels, x_BLCv, target_BL, dev, args.bf16)
+        with FlopCounterMode(display=False) as counter:  # eager, before any compilation
+            steps["varctl"]()
+        flops = counter.get_total_flops()
         if args.compile:
             for block in var.blocks:
                 block.compile(mode=args.compile_mode)
@@ -106,9 +109,6 @@ def main(argv: list[str] | None = None) -> None:
             for name in order:
                 times[name].append(timed(steps[name], dev)[0])
         base = statistics.median(times["varctl"])
-        with FlopCounterMode(display=False) as counter:
-            steps["varctl"]()
-        flops = counter.get_total_flops()
         peaks = {}
         for name, step in steps.items():
             with PeakMemory(dev) as mem:
