@@ -79,13 +79,13 @@ def test_mixed_precision_fit_on_gpu(tmp_path, precision):
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_blocks_match_eager(tmp_path, mode):
-    """``model.compile_blocks``: the compiled blocks (CUDA graphs with reduce-overhead) give the eager logits
-    in teacher forcing, train a few steps, and sample (varying shapes per scale, KV caches)."""
+    """``model.compile_mode``: the compiled blocks (with reduce-overhead the whole forward, CUDA graphs) give
+    the eager logits in teacher forcing, and the model still samples (varying shapes per scale, KV caches)."""
     torch.manual_seed(0)
     cfg = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
                       patch_nums=(1, 2, 4))  # fmt: skip
     vae_file = VQVAE(cfg).save(tmp_path / "vae.pt")
-    m = VARModule(str(vae_file), var=TINY_VAR, compile_blocks=mode).cuda().eval()
+    m = VARModule(str(vae_file), var=TINY_VAR, compile_mode=mode).cuda().eval()
     labels = torch.tensor([0, 3, 7, 9], device="cuda")
     x = torch.randn(4, m.var.config.L - 1, 8, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():

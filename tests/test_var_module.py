@@ -388,14 +388,17 @@ def test_init_from_fine_tunes_a_saved_var(vae_file, tmp_path):
         make_module(vae_file, "text", init_from=str(path))
 
 
-def test_compile_blocks_compiles_each_block_in_place(vae_file):
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_mode_compiles_in_place(vae_file, mode):
     """The option's effect (the compiled forward's values are checked on a GPU, tests/test_gpu.py: compiling
-    on a 2-core CPU takes a minute)."""
-    m = make_module(vae_file, compile_blocks="reduce-overhead")
+    on a 2-core CPU takes a minute): each block, or for CUDA graphs the whole forward, compiled in place."""
+    m = make_module(vae_file, compile_mode=mode)
     keys = list(m.var.state_dict())
-    assert all(block._compiled_call_impl is None for block in m.var.blocks)
     m.configure_model()
-    assert all(block._compiled_call_impl is not None for block in m.var.blocks)
+    per_block = mode != "reduce-overhead"
+    assert all((block._compiled_call_impl is not None) == per_block for block in m.var.blocks)
+    assert (m.var._compiled_call_impl is not None) != per_block
     assert list(m.var.state_dict()) == keys  # in place: no _orig_mod. in the checkpoint's names
-    with pytest.raises(ValueError, match="compile_blocks='fast'"):
-        make_module(vae_file, compile_blocks="fast").configure_model()
+    assert torch._dynamo.config.recompile_limit >= 2 * len(m.var.blocks) or not per_block
+    with pytest.raises(ValueError, match="compile_mode='fast'"):
+        make_module(vae_file, compile_mode="fast").configure_model()

@@ -27,6 +27,7 @@ import tempfile
 import torch
 from benchlib import PeakMemory, interleaved, load_official, machine, steady_allocator, timed
 
+from varctl.lit.compiling import compile_var
 from varctl.models.control import ControlBranch, shape_of
 from varctl.models.var import VAR
 from varctl.models.vqvae import VQVAE
@@ -78,9 +79,12 @@ def main(argv: list[str] | None = None) -> None:
 
         compiled = None
         if args.compile:  # a copy whose blocks are compiled (the sampler's shapes change per scale)
+            if args.compile == "reduce-overhead":
+                parser.error(
+                    "--compile reduce-overhead compiles the teacher-forcing forward, not the sampler"
+                )
             compiled = copy.deepcopy(var).attach_vae(vae)
-            for block in compiled.blocks:
-                block.compile(mode=None if args.compile == "default" else args.compile)
+            compile_var(compiled, args.compile)
 
         def ours(B: int, seed: int, bf16: bool = False, control: bool = False, model=var):
             kwargs = {}

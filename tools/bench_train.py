@@ -7,11 +7,11 @@ gradient clipping at 2.0, AdamW (betas 0.9/0.95, weight decay 0.05 on matrices) 
 the same weights and batch with the official optimizer (fused AdamW), interleaved with varctl's steps, and the
 speed-up is printed. On a GPU (``--device cuda``) the step's model FLOPs utilisation is printed too: the
 FLOPs of one step counted by ``torch.utils.flop_counter`` (matmuls and attention, forward and backward) over
-its time, against ``--peak-tflops`` (default: dense bf16 of an H100/H200 SXM). ``--compile`` compiles each
-block (``torch.compile``; ``--compile-mode reduce-overhead`` adds CUDA graphs).
+its time, against ``--peak-tflops`` (default: dense bf16 of an H100/H200 SXM). ``--compile MODE`` compiles as
+``model.compile_mode`` does (varctl/lit/compiling.py; reduce-overhead: the whole forward, CUDA graphs).
 
     python tools/bench_train.py [--official PATH_TO_VAR_GIT_DIR] [--batch-size 2] [--device cpu|cuda]
-                                [--bf16] [--compile] [--peak-tflops 989]
+                                [--bf16] [--compile MODE] [--peak-tflops 989]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from benchlib import PeakMemory, interleaved, load_official, machine, steady_allocator, timed
 from torch.utils.flop_counter import FlopCounterMode
 
+from varctl.lit.compiling import compile_var
 from varctl.lit.optim import adamw, no_weight_decay_names, param_groups
 from varctl.models.var import VAR
 from varctl.models.vqvae import VQVAE
@@ -54,8 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps each (after 1 warm-up)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (both codes)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile varctl's blocks")
-    parser.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument(
+        "--compile", default=None, help="model.compile_mode: default, max-autotune, reduce-overhead"
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense peak for MFU")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -92,12 +94,11 @@ def main(argv: list[str] | None = None) -> None:
             steps["varctl"]()
         flops = counter.get_total_flops()
         if args.compile:
-            for block in var.blocks:
-                block.compile(mode=args.compile_mode)
+            compile_var(var, args.compile)
         print(
             f"{machine(dev)}, torch {torch.__version__}, VAR-d{args.depth} "
             f"({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M), batch {B}, "
-            f"{'bf16 autocast' if args.bf16 else 'float32'}{', compiled blocks' if args.compile else ''}",
+            f"{'bf16 autocast' if args.bf16 else 'float32'}, compiled: {args.compile}",
             flush=True,
         )
         steady_allocator()

@@ -35,7 +35,7 @@ step 120 $PY tools/bench_sample.py --device cuda --batch-sizes 1 16 64 --bf16 --
 step 90 $PY tools/bench_train.py --device cuda --bf16 --batch-size 32 --repeats 5
 step 90 $PY tools/bench_fast_sampling.py speed --device cuda --batch-sizes 1 16 64 --repeats 3
 step 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step 150 $PY tools/bench_train.py --device cuda --bf16 --batch-size 32 --repeats 5 --compile
+step 150 $PY tools/bench_train.py --device cuda --bf16 --batch-size 32 --repeats 5 --compile default
 step 150 $PY tools/bench_sample.py --device cuda --batch-sizes 1 16 64 --bf16 --repeats 3 --compile default
-step 150 $PY tools/bench_train.py --device cuda --bf16 --batch-size 32 --repeats 5 --compile --compile-mode reduce-overhead
+step 150 $PY tools/bench_train.py --device cuda --bf16 --batch-size 32 --repeats 5 --compile reduce-overhead
 echo "== done in $(($(date +%s) - start))s" | tee -a "$LOG"

@@ -70,7 +70,7 @@ class ControlModule(VARModule):
         metric_annotators: dict[str, Callable] | None = None,
         scale_loss_weights: list[float] | None = None,
         scale_sampling: Literal["all", "early"] = "all",
-        compile_blocks: str | None = None,
+        compile_mode: str | None = None,
     ):
         check_tuning(train_backbone)
         if train_backbone is not True and init_from is None:
@@ -81,7 +81,7 @@ class ControlModule(VARModule):
             )
         super().__init__(
             tokenizer, var, init_from, text_encoder, label_smoothing, optimizer, ema_decay, ema_warmup,
-            samples, predict, scale_loss_weights, scale_sampling, evaluation, token_cache, compile_blocks,
+            samples, predict, scale_loss_weights, scale_sampling, evaluation, token_cache, compile_mode,
         )  # fmt: skip
         self.hparams.pop("metric_annotators", None)  # objects (models, functions): rebuilt from the config
         self.scoring = ControlScores.of(scores)

@@ -26,6 +26,7 @@ from torch import nn
 from datamodules.token_cache import CachedTokens, TokenCache
 from varctl.callbacks.images import ImageGrid
 from varctl.lit import optim
+from varctl.lit.compiling import compile_var
 from varctl.lit.evaluation import log_evaluation, split_fingerprint, start_evaluation
 from varctl.lit.jobs import job_step
 from varctl.lit.legacy import is_legacy, legacy_state_dict
@@ -57,9 +58,6 @@ def _named(load, path: str, key: str, **kwargs):
         ) from None
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 class VARModule(L.LightningModule):
     """Trains ``self.model`` (here the VAR) on dict batches; ``self.vae`` (frozen tokenizer) and
     ``self.text_encoder`` (frozen, text models only; rebuilt from ``text_encoder``, never stored in
@@ -82,9 +80,9 @@ class VARModule(L.LightningModule):
         scale_sampling: "early" trains each sample on its scales up to a random last one, early scales
             more often (ECM's early-centric sampling: the last scale k with probability proportional to
             K - k); "all" every scale.
-        compile_blocks: ``torch.compile`` each transformer block with this mode ("default",
-            "reduce-overhead" for CUDA graphs, "max-autotune"); null (default) runs eagerly. The blocks are
-            compiled in place (``nn.Module.compile``: the state_dict keys stay), after FSDP2 sharding.
+        compile_mode: ``torch.compile`` the VAR (``varctl.lit.compiling``): "default" or "max-autotune"
+            compile each block in place after FSDP2 sharding, "reduce-overhead" the whole teacher-forcing
+            forward with CUDA graphs; null (default) runs eagerly.
     """
 
     def __init__(
@@ -103,7 +101,7 @@ class VARModule(L.LightningModule):
         scale_sampling: Literal["all", "early"] = "all",
         evaluation: Evaluation | None = None,
         token_cache: str | None = None,
-        compile_blocks: str | None = None,
+        compile_mode: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -225,12 +223,14 @@ class VARModule(L.LightningModule):
             for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
                 shard_var(model, self.device_mesh["data_parallel"])
             self._sharded = True
-        mode = self.hparams.get("compile_blocks")
+        mode = self.hparams.get("compile_mode")
         if mode and not getattr(self, "_compiled", False):
-            if mode not in COMPILE_MODES:
-                raise ValueError(f"model.compile_blocks={mode!r}: expected one of {COMPILE_MODES} or null")
-            for block in self.var.blocks:
-                block.compile(mode=None if mode == "default" else mode)
+            if mode == "reduce-overhead" and isinstance(strategy, ModelParallelStrategy):
+                raise ValueError(
+                    "model.compile_mode=reduce-overhead (CUDA graphs of the whole forward) does not combine "
+                    "with FSDP2's per-block collectives; use default or max-autotune"
+                )
+            compile_var(self.var, mode)
             self._compiled = True
 
     def configure_optimizers(self):
