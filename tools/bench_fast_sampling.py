@@ -6,9 +6,10 @@ costs in quality.
                                                 [--control CONTROL_CKPT] [--per-class 20]
 
 Variants (each one switch of ``generate``, then all three): ``prune`` (FastVAR token pruning, half the
-tokens of the last two scales), ``skip`` (guidance skipped at the last two scales), ``refine`` (a smaller
-VAR draws the last scales, CoDe), ``all``. Their settings follow the number of scales K: pruning at the last
-two, guidance skipped from K - 2, the refiner from K - 3 (it must run the pruning's reference scale).
+tokens of the last scales), ``skip`` (guidance skipped at the last two scales), ``refine`` (a smaller VAR
+draws the last scales, CoDe), ``all``. Their settings follow the number of scales K: the refiner from
+round(0.6 K) (CoDe's 6 of 10), pruning at the last two scales or fewer (the refiner must run the pruning's
+reference scale: the last one at K = 6), guidance skipped from K - 2.
 
 ``speed``: VAR-d16 with random weights (a d8 refiner), cfg 1.5, top-k 900, top-p 0.96, VQVAE decode
 included; times are medians over ``--repeats`` interleaved runs and each is printed as a speed-up over exact.
@@ -42,9 +43,12 @@ from varctl.models.vqvae import VQVAE  # noqa: E402
 
 
 def variants(K: int, refiner) -> dict[str, dict]:
-    prune = {"token_pruning": {"ratio": 0.5, "scales": 2}}
+    draft = round(0.6 * K)  # CoDe's split: the drafter draws 6 of VAR's 10 scales
+    prune = {
+        "token_pruning": {"ratio": 0.5, "scales": min(2, K - 1 - draft)}
+    }  # the refiner runs the reference
     skip = {"skip_guidance_from": K - 2}
-    refine = {"refiner": refiner, "draft_scales": K - 3}
+    refine = {"refiner": refiner, "draft_scales": draft}
     return {"exact": {}, "prune": prune, "skip": skip, "refine": refine, "all": {**prune, **skip, **refine}}
 
 
