@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             parts = []
             for name, (_, compare) in variants.items():
                 med = statistics.median(times[name])
-                part = f"{name} median {med:.2f}s min {min(times[name]):.2f}s"
+                part = f"{name} median {med:.2f}s ({B / med:.1f} images/s) min {min(times[name]):.2f}s"
                 part += f", peak +{peaks[name] / 2**20:.0f} MiB"
                 if name != "varctl":
                     part += f" (time {med / base:.2f}x varctl's)"
