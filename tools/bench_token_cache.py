@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import cpu_name, steady_allocator
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,13 +34,6 @@ from varctl.lit.var import VARModule  # noqa: E402
 from varctl.models.vqvae import VQVAE  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main() -> None:
@@ -92,6 +86,7 @@ def main() -> None:
                 opt.step()
             return args.steps / (time.perf_counter() - t0)
 
+        steady_allocator()
         run("images"), run("cache")  # warm-up
         iters = {k: iter(v) for k, v in loaders.items()}
         rates: dict[str, list[float]] = {"images": [], "cache": []}
