@@ -182,3 +182,4 @@ for name in ("controlar", "car", "prefill", "ecm"):
 if tr.global_rank == 0:
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f)
+torch.distributed.destroy_process_group()  # gloo's threads left to interpreter shutdown can abort

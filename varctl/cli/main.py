@@ -88,7 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     except SIGTERMException:  # preempted: last.ckpt is written (callbacks.preemption); not a success
         print("varctl: stopped by SIGTERM; resume: ckpt_path=<run>/checkpoints/last.ckpt", file=sys.stderr)
         return 128 + 15
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Destroy the process group a distributed run set up, while the interpreter is whole: gloo's worker
+    threads left to interpreter shutdown can abort the process (SIGABRT, "terminate called without an active
+    exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _check_run_root(root: str, config_file: str | Path) -> None:
