@@ -271,3 +271,46 @@ def test_features_are_computed_once_per_generate(var):
     ControlledVAR(var, branch).generate(torch.tensor([1, 2]), control_maps=_maps(2), cfg=2.0, control_cfg=1.0)
     handle.remove()
     assert len(calls) == 1
+
+
+def test_prefix_overlap_is_the_share_of_each_tokens_cell_under_each_prefix_cell():
+    from varctl.models.control.injectors.prefill import overlap
+
+    o = overlap((1, 2, 3, 4), 2)  # rows: 1 + 4 + 9 + 16 tokens; columns: the 2x2 prefix cells
+    assert o.shape == (30, 4) and torch.allclose(o.sum(1), torch.ones(30))
+    assert torch.allclose(o[0], torch.full((4,), 0.25))  # the 1x1 token covers the four cells equally
+    assert torch.equal(o[1:5], torch.eye(4))  # the 2x2 scale: one cell each
+    # 3x3: the centre token is a quarter in each cell; the top-middle token half in each top cell
+    assert torch.allclose(o[5 + 4], torch.full((4,), 0.25))
+    assert torch.allclose(o[5 + 1], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    assert torch.equal(o[14 + 4 * 3 + 3], torch.tensor([0.0, 0.0, 0.0, 1.0]))  # 4x4, bottom right
+
+
+def test_prefix_locality_makes_tokens_read_the_control_under_them(var, golden):
+    """With a strong locality bias, moving the control's content from one corner to the other changes the
+    last scale's logits mostly under the corners where it moved; with beta 0 (the plain prefix) the change
+    is the same everywhere."""
+    labels, x = golden["labels"][:1], golden["x_BLCv_wo_first_l"][:1]
+    pn = var.config.patch_nums[-1]
+    begin, end = var.config.begin_ends[-1]
+    corner = torch.zeros(1, 1, 64, 64)
+    corner[..., :16, :16] = 1.0
+    spread = []
+    for beta in (0.0, 12.0):
+        branch = perturbed(make_branch(var, "prefill", prefix_locality=beta))
+        with torch.no_grad():
+            a = var(labels, x, control=branch.encode({"edges": corner}))
+            b = var(labels, x, control=branch.encode({"edges": corner.flip(-1)}))
+        change = (a - b)[0, begin:end].abs().mean(-1).view(pn, pn)  # per token of the last scale
+        corners = torch.stack((change[: pn // 2, : pn // 2], change[: pn // 2, pn // 2 :])).mean()
+        spread.append((corners / change[pn // 2 :].mean()).item())  # top half (moved) vs bottom half
+    assert spread[1] > 2 * spread[0] and spread[1] > 2
+
+
+def test_a_prefill_branch_saved_before_the_locality_bias_loads_as_the_plain_prefix(var, golden, tmp_path):
+    branch = perturbed(make_branch(var, "prefill"))
+    state = {k: v for k, v in branch.state_dict().items() if not k.endswith("locality")}
+    old = make_branch(var, "prefill")
+    old.load_state_dict(state)
+    assert torch.equal(old.injector.locality, torch.zeros_like(old.injector.locality))
+    assert all(torch.equal(old.state_dict()[k], v) for k, v in state.items())

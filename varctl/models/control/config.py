@@ -29,7 +29,8 @@ class ControlConfig(ModelConfig):
     blocks that receive control (scalar: default all; controlar: default 0, depth/3, 2 depth/3; ecm: default
     every second block). ``car_blocks``: CAR's side branch copies the first N blocks (default depth / 2).
     ``prefix_side``: prefill's prefix is the control features of the scale of that side (default: the
-    largest scale at most half the last). ``adapter_dim``: ECM's adapter width.
+    largest scale at most half the last); ``prefix_locality``: the initial per-head bias of a token's
+    attention on the prefix cells under it (0: the plain baseline). ``adapter_dim``: ECM's adapter width.
 
     Training (free on load): ``control_drop_rate`` replaces a sample's control by the null control (zero
     features) for control guidance; ``modality_drop_rate`` drops each modality of a sample independently.
@@ -53,6 +54,7 @@ class ControlConfig(ModelConfig):
     blocks: tuple[int, ...] | None = None
     car_blocks: int | None = None
     prefix_side: int | None = None
+    prefix_locality: float = 4.0
     adapter_dim: int = 64
     control_drop_rate: float = 0.0
     modality_drop_rate: float = 0.0
