@@ -307,7 +307,7 @@ def test_prefix_locality_makes_tokens_read_the_control_under_them(var, golden):
     assert spread[1] > 2 * spread[0] and spread[1] > 2
 
 
-def test_a_prefill_branch_saved_before_the_locality_bias_loads_as_the_plain_prefix(var, golden, tmp_path):
+def test_a_prefill_branch_saved_before_the_locality_bias_loads_as_the_plain_prefix(var):
     branch = perturbed(make_branch(var, "prefill"))
     state = {k: v for k, v in branch.state_dict().items() if not k.endswith("locality")}
     old = make_branch(var, "prefill")

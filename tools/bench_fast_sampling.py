@@ -44,9 +44,8 @@ from varctl.models.vqvae import VQVAE  # noqa: E402
 
 def variants(K: int, refiner) -> dict[str, dict]:
     draft = round(0.6 * K)  # CoDe's split: the drafter draws 6 of VAR's 10 scales
-    prune = {
-        "token_pruning": {"ratio": 0.5, "scales": min(2, K - 1 - draft)}
-    }  # the refiner runs the reference
+    # pruning stops short of the drafter's scales: the refiner must run the pruning's reference scale
+    prune = {"token_pruning": {"ratio": 0.5, "scales": min(2, K - 1 - draft)}}
     skip = {"skip_guidance_from": K - 2}
     refine = {"refiner": refiner, "draft_scales": draft}
     return {"exact": {}, "prune": prune, "skip": skip, "refine": refine, "all": {**prune, **skip, **refine}}
