@@ -100,6 +100,40 @@ def test_kv_cache_sampling_equals_teacher_forcing(var, vae, golden, injector, t,
     assert (full - nocontrol).abs().amax() > 1e-3  # the control did act
 
 
+@pytest.mark.parametrize("injector", ["car", "ecm", "scalar"])
+def test_switched_off_scales_cost_nothing_and_change_nothing(var, golden, injector, monkeypatch):
+    """With the control strength 0 from some scale on, the injector's work stops there (CAR's side blocks,
+    ECM's adapters, scalar's projections are not run), and the samples are those of computing it all."""
+    from varctl.models.control.injectors.base import Session
+
+    labels = golden["labels"][:2]
+    branch = perturbed(make_branch(var, injector))
+    controls = branch.encode(maps_for(2, seed=3))
+    strength = [1.0, 0.5, 0.0, 0.0]
+    calls = []
+    inj = branch.injector
+    if injector == "scalar":  # its projections are parameters, applied in ``residual``
+        residual = inj.residual
+        monkeypatch.setattr(inj, "residual", lambda *a: calls.append(1) or residual(*a))
+    parts = {"car": lambda: inj.blocks, "ecm": lambda: [a.down for a in inj.adapters]}.get(injector, list)()
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in parts]
+
+    def sample():
+        calls.clear()
+        out = var.generate(labels, cfg=2.0, top_k=0, seed=4, control=controls, control_strength=strength)
+        return out, len(calls)
+
+    images, skipping = sample()
+    with monkeypatch.context() as m:
+        m.setattr(Session, "off", lambda self, begin, end: False)
+        reference, computing = sample()
+    for h in hooks:
+        h.remove()
+    assert torch.equal(images, reference)  # the skipped work only ever added zeros
+    assert (var.generate(labels, cfg=2.0, top_k=0, seed=4) - images).abs().amax() > 1e-3  # control acted
+    assert skipping > 0 and 2 * skipping == computing  # run at the first two of the 4 scales only
+
+
 def test_control_guidance_pushes_samples_toward_their_control(var, vae, golden):
     """control_cfg moves the logits away from the control-dropped prediction, and changes the samples."""
     labels = golden["labels"][:2]

@@ -105,6 +105,17 @@ class Session:
         s = self.strength(begin, end, r)
         return r if s is None else r * s
 
+    def off(self, begin: int, end: int) -> bool:
+        """Whether the control strength is 0 at every scale of [begin, end): its residuals need not be
+        computed (a switched-off scale costs nothing)."""
+        s = self.ctx.strength_K
+        return s is not None and all(s[k] == 0 for k in self.scales(begin, end))
+
+    def off_from(self, begin: int) -> bool:
+        """Whether the strength is 0 at the scale starting at ``begin`` and at every later one: then an
+        injector with state carried across scales (side branches' and adapters' KV caches) can stop."""
+        return self.off(begin, self.begin_ends[-1][1])
+
 
 class BlockInputSession(Session):
     """Adds ``injector.residual(session, j, begin, end)`` (R, l, C) to the input of each injected block
@@ -112,6 +123,6 @@ class BlockInputSession(Session):
 
     def block_input(self, i, x, begin, end):
         j = self.injector.slot.get(i)
-        if j is None:
+        if j is None or self.off(begin, end):
             return x
         return x + self.scaled(self.injector.residual(self, j, begin, end).to(x.dtype), begin, end)

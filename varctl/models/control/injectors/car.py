@@ -1,7 +1,9 @@
 """``car`` (after CAR, Yao et al. 2024): a side branch of copies of the backbone's first N blocks,
 initialised from the backbone, is fed the block-0 input tokens plus the encoded control. The output of side
 block j enters backbone block depth - N + j (the later blocks) through a zero-initialised linear layer, scale
-by scale; the side branch keeps its own KV caches while sampling. ``car_blocks`` is N (default depth / 2)."""
+by scale; the side branch keeps its own KV caches while sampling. ``car_blocks`` is N (default depth / 2).
+While sampling, the side branch stops at the first scale from which the control strength is 0 throughout
+(``control_strength``), so control on the early scales only costs less."""
 
 from __future__ import annotations
 
@@ -55,7 +57,9 @@ class CARSession(Session):
 
     def block_input(self, i, x, begin, end):
         inj = self.injector
-        if i == 0:  # run the side branch on this call's input tokens, once per scale
+        if i == 0 and self.off_from(begin):  # switched off from here on: nothing to run or to cache
+            self.outputs = []
+        elif i == 0:  # run the side branch on this call's input tokens, once per scale
             mask = None if self.ctx.cached else self.ctx.var.attn_bias_for_masking
             f = self.features(begin, end)
             h = x + inj.fuse_in(f.to(inj.fuse_in.weight.dtype)).to(x.dtype)

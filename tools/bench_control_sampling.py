@@ -1,0 +1,102 @@
+"""Controlled sampling time relative to the VAR's own sampling, per injector, side by side in one process.
+
+    python tools/bench_control_sampling.py [--injectors scalar,car,...] [--batch-size 16] [--repeats 5]
+                                           [--var-depth 4] [--car-blocks 2] [--off-from 5]
+
+The demo's shapes (``conf/tokenizer.yaml``'s tokenizer at 64 px, a class VAR of ``--var-depth``, the
+control branch of ``conf/control.yaml``) with random weights: the time of a call does not depend on the
+weights (``top_k`` 0, the decoder included). For each injector the controlled ``generate`` (class guidance 3,
+no control guidance, as ``tools/compare_injectors.py`` times it) and the plain ``VAR.generate`` run
+alternately; the medians' ratio is printed, then the same with the control switched off from scale
+``--off-from`` on (``control_strength`` 1 before, 0 after: the injectors with state across scales stop
+there, the others skip those scales). The quality side of that trade-off needs a trained branch: README,
+"Stages".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from benchlib import interleaved, machine, steady_allocator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from varctl.cli.config import compose, validate  # noqa: E402
+from varctl.models.control import INJECTORS, ControlBranch, ControlConfig, ControlledVAR  # noqa: E402
+from varctl.models.var import VAR, VARConfig  # noqa: E402
+from varctl.models.vqvae import VQVAE  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def ratio(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each call, run in alternating order after one warm-up each."""
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for order in interleaved(list(calls), repeats):
+        for name in order:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--injectors", default=",".join(INJECTORS))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--var-depth", type=int, default=4)
+    parser.add_argument("--car-blocks", type=int, default=None, help="CAR's side blocks (default depth / 2)")
+    parser.add_argument("--off-from", type=int, default=None, help="default: the last scale")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    tok = validate(compose(CONF / "tokenizer.yaml", []), CONF / "tokenizer.yaml")
+    control_conf = compose(CONF / "control.yaml", ["model.tokenizer=unused"])["model"]["control"]
+    vae = VQVAE.build(tok["model"]["vqvae"]).eval()
+    vc = vae.config
+    var = VAR(
+        VARConfig(depth=args.var_depth, vocab_size=vc.vocab_size, z_channels=vc.z_channels,
+                  patch_nums=vc.patch_nums, num_classes=5)
+    ).eval()  # fmt: skip
+    K = len(vc.patch_nums)
+    off_from = K - 1 if args.off_from is None else args.off_from
+    if not 0 < off_from < K:
+        raise SystemExit(f"--off-from must be a scale index in [1, {K - 1}], found {off_from}")
+    strength = [1.0] * off_from + [0.0] * (K - off_from)
+    B = args.batch_size
+    cond = torch.arange(B) % 5
+    maps = {"edges": (torch.rand(B, 1, vc.resolution, vc.resolution) > 0.9).float()}
+    kw = dict(cfg=3.0, top_k=0, top_p=0.0, seed=0, vae=vae)
+    fields = {k: control_conf[k] for k in ("width", "max_width", "feature_dim")}
+    steady_allocator()
+    print(f"{machine('cpu')}, torch {torch.__version__}; VAR d{args.var_depth}, {vc.resolution} px, "
+          f"batch {B}, guidance 3, decode included; medians of {args.repeats} alternating calls")  # fmt: skip
+    print(f"{'injector':<10} {'control':>9} {'off from scale ' + str(off_from):>20}")
+    for name in args.injectors.split(","):
+        extra = {"car_blocks": args.car_blocks} if name == "car" and args.car_blocks else {}
+        config = ControlConfig.for_var(var.config, resolution=vc.resolution, injector=name,
+                                       modalities=["edges"], **fields, **extra)  # fmt: skip
+        model = ControlledVAR(var, ControlBranch.build(config).init_from_backbone(var)).eval()
+        t = ratio(
+            {
+                "plain": lambda: var.generate(cond, **kw),
+                "control": lambda m=model: m.generate(cond, control_maps=maps, **kw),
+                "early": lambda m=model: m.generate(cond, control_maps=maps, control_strength=strength, **kw),
+            },
+            args.repeats,
+        )
+        label = name + (f" N={args.car_blocks}" if extra else "")
+        print(f"{label:<10} {t['control'] / t['plain']:>8.2f}x {t['early'] / t['plain']:>19.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
