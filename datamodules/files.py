@@ -34,6 +34,7 @@ from datamodules.transforms import (
     load_image,
     load_map,
     map_to_tensor,
+    no_pixels,
     random_flip,
     resize_crop,
 )
@@ -93,7 +94,14 @@ class FileDataset(Dataset):
     cannot be used. Neither can one whose image is beyond `max_aspect` or whose files cannot be read: sample
     i is then replaced by the next one that can, (i + 1) mod len, ..., the same one every time, with a
     warning naming the file (and a line in `events_file`), and is passed over for the rest of the process.
+
+    With ``pixels`` False and no control maps asked for, no file is read (a token cache's training items,
+    datamodules.token_cache): the sample is the record's label, caption and flip draw with ``no_pixels()``,
+    and the samples in ``cached_unusable`` (found unusable when the cache was built) are replaced as then.
     """
+
+    pixels = True
+    cached_unusable: frozenset[int] = frozenset()
 
     def __init__(
         self,
@@ -128,6 +136,8 @@ class FileDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} of {len(self)}")  # ends iteration: replacements wrap around
         index %= len(self)
+        if not self.pixels and not self.controls:
+            return self._without_pixels(index)
         failed = []
         for step in range(min(len(self), MAX_REPLACEMENTS)):
             i = (index + step) % len(self)
@@ -147,6 +157,22 @@ class FileDataset(Dataset):
             f"none of the {tried} samples from {index} on can be used (was the data moved or deleted during "
             f"the run?); sample {index}: {self._unusable.get(index, '')}"
         )
+
+    def _without_pixels(self, index: int) -> dict:
+        i = index
+        for _ in range(min(len(self), MAX_REPLACEMENTS)):
+            if i not in self.cached_unusable:
+                break
+            i = (i + 1) % len(self)
+        record = self.records[i]
+        flipped = self.train and random_flip(self.flip, no_pixels())[0]  # the draw of the full path
+        return {
+            "image": no_pixels(),
+            "label": record.label,
+            "caption": record.caption if self.with_caption else "",
+            "control": {},
+            "flipped": bool(flipped),
+        }
 
     def _load(self, record: Record) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The image and map files of `record`; OSError or ValueError naming a file that cannot be used."""

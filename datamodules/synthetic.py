@@ -43,6 +43,7 @@ from datamodules.transforms import (
     check_controls,
     image_to_tensor,
     map_to_tensor,
+    no_pixels,
     random_flip,
 )
 
@@ -238,7 +239,10 @@ def check_palette(
 
 
 class SyntheticShapes(Dataset):
-    """Map-style dataset of `num` procedural scenes; sample i is scene (seed, offset + i)."""
+    """Map-style dataset of `num` procedural scenes; sample i is scene (seed, offset + i). With ``pixels``
+    False the image is not drawn (``no_pixels``; a token cache's training items), all else is the same."""
+
+    pixels = True
 
     def __init__(
         self,
@@ -294,7 +298,7 @@ class SyntheticShapes(Dataset):
                 "sketch": lambda: sketch_from_layers(layers),
             }
             control = {m: map_to_tensor(maps[m](), m) for m in self.controls}
-        image = image_to_tensor(render_image(scene, self.resolution))
+        image = image_to_tensor(render_image(scene, self.resolution)) if self.pixels else no_pixels()
         # The flip of the file datasets; with flip 0 (the default) the tensors above are returned untouched.
         flipped, (image, control) = random_flip(
             self.flip, tv_tensors.Image(image), {m: as_tv_tensor(t, m) for m, t in control.items()}

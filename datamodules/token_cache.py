@@ -9,7 +9,9 @@ dataset (its files, or the built-in data's settings). ``TokenCache.load`` refuse
 differs, naming the field. ``CachedTokens`` wraps the dataset: each item keeps everything the dataset
 gives (labels, captions, control maps: the dataset still loads them, with the same random draws, so a run
 is the same batch for batch) and gains ``tokens``, those of the image or of its mirror as the item was
-flipped (``flipped``, which the datasets report). A random crop cannot be cached and is refused.
+flipped (``flipped``, which the datasets report). A stage that needs no pixels (the VAR stage) reads
+the items without them where the dataset can: no image is decoded or drawn. A random crop cannot be cached
+and is refused.
 
 The folder is written atomically (a temporary folder, renamed), and the arrays are memory-mapped when read,
 so a cache larger than memory works.
@@ -87,6 +89,10 @@ class TokenCache:
                     mirrored.append(torch.cat(idx, dim=1).cpu().numpy().astype(dtype))
             if log_every and (start // batch_size + 1) % log_every == 0:
                 print(f"[token cache] {start + len(images)}/{len(plain)} images", flush=True)
+        # samples that could not be read were replaced by the next usable one (files.FileDataset): a
+        # dataset read without pixels replaces them the same way
+        unusable = sorted(int(i) for i in getattr(plain, "_unusable", {}))
+        meta = {**meta, "unusable": unusable} if unusable else meta
         cache = cls(np.concatenate(tokens), np.concatenate(mirrored) if flip else None, meta)
         cache.save(path)
         return cls.load(path, meta)
@@ -140,13 +146,19 @@ class TokenCache:
 
 class CachedTokens(Dataset):
     """``dataset``'s items with ``tokens`` (L,) int64 from ``cache``: the image's, or its mirror's when the
-    item was flipped."""
+    item was flipped. With ``pixels`` False (a stage that trains from the tokens alone) a dataset that can
+    skip its images (``pixels`` attribute: the built-in scenes, image folders without control maps) neither
+    decodes nor draws them; the items' image is then ``transforms.no_pixels()``, the rest unchanged."""
 
-    def __init__(self, dataset: Dataset, cache: TokenCache):
+    def __init__(self, dataset: Dataset, cache: TokenCache, pixels: bool = True):
         if len(cache) != len(dataset):
             raise StaleTokenCache(f"token cache of {len(cache)} images for a dataset of {len(dataset)}")
         if float(getattr(dataset, "flip", 0.0) or 0.0) and cache.flipped is None:
             raise StaleTokenCache("the dataset flips but the token cache holds no mirrored images")
+        if not pixels and hasattr(dataset, "pixels"):
+            dataset = copy.copy(dataset)  # the caller's dataset keeps its pixels
+            dataset.pixels = False
+            dataset.cached_unusable = frozenset(cache.meta.get("unusable", ()))
         self.dataset, self.cache = dataset, cache
 
     def __len__(self) -> int:

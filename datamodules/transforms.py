@@ -219,6 +219,12 @@ def random_flip(probability: float, *inputs):
     return outputs[0] is not inputs[0], outputs
 
 
+def no_pixels() -> torch.Tensor:
+    """The image of a sample read without its pixels, (3, 0, 0): a token cache's training items when the
+    stage needs no pixels (datamodules.token_cache). Any use of it as an image fails on its shape."""
+    return torch.empty(3, 0, 0)
+
+
 def image_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 RGB, numpy (H, W, 3) or tensor (3, H, W) -> float32 (3, H, W) in [-1, 1]."""
     if isinstance(image, np.ndarray):

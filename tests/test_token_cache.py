@@ -4,12 +4,16 @@ with the same losses as from images, flips included; a cache made for another to
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from helpers import save
 from lightning.pytorch.callbacks import Callback
 
+from datamodules import synthetic
 from datamodules.synthetic import SyntheticDataModule
 from datamodules.token_cache import CachedTokens, StaleTokenCache, TokenCache
 from varctl.lit.control import ControlModule
@@ -46,7 +50,9 @@ def var_module(tokenizer_file, **kw):
     return VARModule(tokenizer_file, var=TINY_VAR, optimizer=FAST, **kw)
 
 
-def test_training_from_the_cache_gives_the_losses_of_training_from_images(tokenizer_file, tmp_path):
+def test_training_from_the_cache_gives_the_losses_of_training_from_images(
+    tokenizer_file, tmp_path, monkeypatch
+):
     plain, _ = fit(var_module(tokenizer_file), tmp_path)
     cache = tmp_path / "tokens"
     cached, dm = fit(var_module(tokenizer_file, token_cache=str(cache)), tmp_path)
@@ -56,10 +62,11 @@ def test_training_from_the_cache_gives_the_losses_of_training_from_images(tokeni
     # 6 steps of 8 over 24 images: two epochs, flips and condition dropout drawn the same way
     assert cached == plain and len(plain) == 6
     # the cache is read, not rebuilt, by the next run: the same losses again
-    # and the encoder never runs in training
+    # and neither the encoder runs in training nor are the scenes drawn
     mtime = (cache / "tokens.npy").stat().st_mtime_ns
     module = var_module(tokenizer_file, token_cache=str(cache))
     module.vae.encode = lambda *a, **k: pytest.fail("the tokenizer's encoder ran with a token cache")
+    monkeypatch.setattr(synthetic, "render_image", lambda *a: pytest.fail("a train scene was drawn"))
     again, _ = fit(module, tmp_path)
     assert again == plain and (cache / "tokens.npy").stat().st_mtime_ns == mtime
 
@@ -109,3 +116,53 @@ def test_random_crops_cannot_be_cached(tokenizer_file, tmp_path):
 
     with pytest.raises(ValueError, match="data.crop=random"):
         TokenCache.build(Cropped(), VQVAE.load(tokenizer_file), tmp_path / "t", {})
+
+
+def _items(dataset, seed: int) -> list[dict]:
+    torch.manual_seed(seed)  # the flips' draws
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def _same_but_the_image(full: list[dict], lean: list[dict]) -> None:
+    for a, b in zip(full, lean, strict=True):
+        assert a["image"].shape[-1] > 0 and b["image"].shape == (3, 0, 0)
+        assert (a["label"], a["caption"], a["flipped"]) == (b["label"], b["caption"], b["flipped"])
+        assert torch.equal(a["tokens"], b["tokens"])
+    assert {a["flipped"] for a in full} == {True, False}
+
+
+def test_a_stage_without_pixels_reads_no_image(tokenizer_file, tmp_path, monkeypatch):
+    """The VAR stage's cached items skip the images (the scenes are not drawn, the files not decoded) and
+    are otherwise the items with them: labels, captions, flip draws, tokens; the caller's dataset keeps its
+    pixels. An image folder's unreadable files are replaced as when the cache was built."""
+    from datamodules import ClassFolderDataModule
+    from datamodules import files as file_data
+    from datamodules.verify import BadFileWarning
+
+    vae = VQVAE.load(tokenizer_file)
+    scenes = SyntheticDataModule(num_train=12, num_val=4, batch_size=4, flip=0.5, resolution=32)
+    scenes.setup("fit")
+    train = scenes.dataset("train")
+    cache = TokenCache.build(train, vae, tmp_path / "scenes", {})
+    full = _items(CachedTokens(train, cache), seed=5)
+    monkeypatch.setattr(synthetic, "render_image", lambda *a: pytest.fail("a scene was drawn"))
+    lean = CachedTokens(train, cache, pixels=False)
+    _same_but_the_image(full, _items(lean, seed=5))
+    assert train.pixels and not lean.dataset.pixels
+    monkeypatch.undo()
+
+    for i in range(6):
+        save(tmp_path / "data" / "train" / "ab"[i % 2] / f"{i}.png", np.full((40, 40, 3), 30 * i, np.uint8))
+        save(tmp_path / "data" / "val" / "ab"[i % 2] / f"{i}.png", np.full((40, 40, 3), 30 * i, np.uint8))
+    folders = ClassFolderDataModule(str(tmp_path / "data"), resolution=32, batch_size=2, flip=0.5,
+                                    check_files="trust")  # fmt: skip
+    folders.setup("fit")
+    train = folders.dataset("train")
+    Path(train.records[2].image).write_bytes(b"broken")  # found when the cache is built: 3 stands in
+    with pytest.warns(BadFileWarning, match="Sample 2 is skipped"):
+        cache = TokenCache.build(train, vae, tmp_path / "folders", {})
+    assert cache.meta["unusable"] == [2]
+    full = _items(CachedTokens(train, cache), seed=5)
+    assert full[2]["label"] == full[3]["label"] == train.records[3].label != train.records[2].label
+    monkeypatch.setattr(file_data, "load_image", lambda *a: pytest.fail("an image file was read"))
+    _same_but_the_image(full, _items(CachedTokens(train, cache, pixels=False), seed=5))

@@ -5,10 +5,10 @@ cache (``model.token_cache``, datamodules/token_cache.py), side by side in one p
 
 The demo's shapes: ``conf/var.yaml`` (VAR d4 at 64 px on the built-in synthetic_simple scenes) on a tokenizer
 of ``conf/tokenizer.yaml``'s architecture with random weights (speed does not depend on the weights). A step
-is what ``fit`` does per batch: load the batch (the scenes are rendered, control maps none), tokenize it or
-read its cached tokens, forward, backward, AdamW. The two loops alternate for ``--rounds`` rounds of
-``--steps`` steps; the medians' ratio is printed. (That the cached run's losses equal the uncached run's is
-tested: tests/test_token_cache.py.)
+is what ``fit`` does per batch: load the batch (control maps none; the scenes are drawn, except from the
+cache, where the VAR stage reads no pixels), tokenize it or read its cached tokens, forward, backward,
+AdamW. The two loops alternate for ``--rounds`` rounds of ``--steps`` steps; the medians' ratio is printed.
+(That the cached run's losses equal the uncached run's is tested: tests/test_token_cache.py.)
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def main() -> None:
         loaders = {
             "images": DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                  generator=torch.Generator().manual_seed(0)),
-            "cache": DataLoader(CachedTokens(train, cache), batch_size=args.batch_size, shuffle=True,
-                                collate_fn=collate, generator=torch.Generator().manual_seed(0)),
+            "cache": DataLoader(CachedTokens(train, cache, pixels=False), batch_size=args.batch_size,
+                                shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0)),
         }  # fmt: skip
         opt = torch.optim.AdamW(module.model.parameters(), lr=1e-4)
         module.train()

@@ -127,9 +127,13 @@ class ControlModule(VARModule):
     def modalities(self) -> tuple[str, ...]:
         return self.control.config.modalities
 
+    @property
+    def train_needs_pixels(self) -> bool:
+        return self.hparams.alignment_weight > 0 and self.control.config.encoder == "pretrained"
+
     def model_inputs(self, batch: dict) -> dict[str, Any]:
         inputs = {"control_maps": batch["control"]}
-        if self.hparams.alignment_weight > 0 and self.control.config.encoder == "pretrained":
+        if self.train_needs_pixels:
             inputs["images"] = batch["image"]  # SCALAR-Uni's alignment loss, computed in training
         return inputs
 

@@ -193,6 +193,11 @@ class VARModule(L.LightningModule):
         if stage == "fit" and self.hparams.token_cache and dm is not None:
             self._use_token_cache(dm, self.hparams.token_cache)
 
+    @property
+    def train_needs_pixels(self) -> bool:
+        """Whether training reads the images beside cached tokens (a token cache then skips them when not)."""
+        return False
+
     def _use_token_cache(self, dm, path: str) -> None:
         """Train from cached token indices (datamodules.token_cache): built on the first process when
         absent, checked against this tokenizer and data when present."""
@@ -214,7 +219,7 @@ class VARModule(L.LightningModule):
             TokenCache.build(train, self.vae, path, meta, log_every=20)
         self.trainer.strategy.barrier("token cache")
         cache = TokenCache.load(path, meta)
-        dm.datasets["train"] = CachedTokens(train, cache)
+        dm.datasets["train"] = CachedTokens(train, cache, pixels=self.train_needs_pixels)
         rank_zero_info(f"token cache: training from {path} ({len(cache)} images, the encoder is not run)")
 
     def configure_model(self) -> None:
