@@ -4,6 +4,7 @@
     python tools/compare_injectors.py --tokenizer runs/tokenizer/<v>/checkpoints/last.ckpt \
         --var runs/var/<v>/checkpoints/last.ckpt [--steps 600] [--injectors scalar car ...] \
         [--control-cfg 1.0] [--root runs/compare] [--val-batches 4] [--tuned prefill] [--judge FILE]
+        [--strength 1,1,1,1,1.5,2]
 
 Every injector trains with the backbone frozen; those named by ``--tuned`` (default prefill, whose prefix
 reaches a frozen backbone only through its fixed attention) get a second row, "<name> tuned", trained with
@@ -20,7 +21,10 @@ Columns:
 - F1 guided: the F1 own with control guidance ``--control-cfg``; F1++ guided the same under the
   ``controlnetpp`` protocol (kornia Canny 0.1/0.2);
 - FD judge guided (with ``--judge``, a class judge from tools/score_samples.py): the Frechet distance of the
-  guided samples to the real images in the judge's features (``fd_judge``; lower is better).
+  guided samples to the real images in the judge's features (``fd_judge``; lower is better);
+- with ``--strength``, a per-scale control strength (the demo's: 1, then 1.5 and 2 at the last two scales):
+  F1 own and FD judge of the guided samples drawn with it. Rows kept from an earlier run are scored with it
+  from their checkpoints.
 
 The scores come from ``varctl test`` (the evaluation harness, ``varctl.lit.evaluation``) on the first
 ``--val-batches`` batches of the test split (the built-in data's val scenes): each scoring writes
@@ -29,7 +33,8 @@ The scores come from ``varctl test`` (the evaluation harness, ``varctl.lit.evalu
 Times are ratios measured side by side in this process (medians of interleaved repeats), so they hold on
 any CPU; the table names the CPU it ran on. Rows are written to ``<root>/comparison.json`` as each injector
 finishes, and a rerun with the same arguments keeps the rows whose checkpoint exists (an interrupted
-comparison resumes); ``--retime`` measures the times again from those checkpoints, on a quiet machine.
+comparison resumes; a run with other ``--injectors`` adds its rows to the others, which the table lists
+after its own); ``--retime`` measures the times again from those checkpoints, on a quiet machine.
 """
 
 from __future__ import annotations
@@ -119,10 +124,12 @@ def loaded(common: list[str], ckpt: str):
 
 
 def table(rows: dict, args, cpu: str) -> str:
+    strength = f", strength [{args.strength}]" if args.strength else ""
     lines = [
         "| injector | params added | step vs VAR | sample vs VAR | val loss | F1 own | F1 other "
-        f"| F1 ceiling | F1 own, control cfg {args.control_cfg:g} | F1++ guided | FD judge guided |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| F1 ceiling | F1 own, control cfg {args.control_cfg:g} | F1++ guided | FD judge guided |"
+        + (f" F1 own, guided{strength} | FD judge, guided{strength} |" if strength else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if strength else ""),
     ]
 
     def cell(value) -> str:
@@ -133,6 +140,7 @@ def table(rows: dict, args, cpu: str) -> str:
             f"| {name} | {r['params'] / 1e6:.2f}M | {r['step']:.2f}x | {r['sample']:.2f}x "
             f"| {r['val_loss']:.3f} | {r['f1']:.3f} | {r['f1_other']:.3f} | {r['f1_ceiling']:.3f} "
             f"| {r['f1_guided']:.3f} | {cell(r.get('f1pp_guided'))} | {cell(r.get('fd_judge_guided'))} |"
+            + (f" {cell(r.get('f1_strength'))} | {cell(r.get('fd_judge_strength'))} |" if strength else "")
         )
     images = args.val_batches * 16
     return "\n".join(lines) + (
@@ -163,6 +171,8 @@ def main() -> None:
     parser.add_argument("--root", default="runs/compare")
     parser.add_argument("--judge", default=None, help="class judge file: adds the FD in its features")
     parser.add_argument("--retime", action="store_true", help="measure the times again from the checkpoints")
+    parser.add_argument("--strength", default=None, help="a control strength per scale also scored, e.g. "
+                        "1,1,1,1,1.5,2 (the demo's)")  # fmt: skip
     tuned = "injectors also compared with the backbone fine-tuned (row '<name> tuned')"
     parser.add_argument("--tuned", nargs="*", default=["prefill"], choices=INJECTORS, help=tuned)
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for every injector")
@@ -173,16 +183,34 @@ def main() -> None:
     rows: dict = {}
     if results.exists():  # resume: keep the finished rows of the same comparison
         saved = json.loads(results.read_text())
-        free = ("injectors", "retime", "tuned")
+        free = ("injectors", "retime", "tuned", "strength")
         same = {k: v for k, v in saved["args"].items() if k not in free}
         if same != {k: v for k, v in vars(args).items() if k not in free}:
             raise SystemExit(f"{results} holds a comparison with other arguments: {saved['args']}; "
                              "use another --root or remove it")  # fmt: skip
         rows = {k: v for k, v in saved["rows"].items() if Path(v["checkpoint"]).exists()}
 
+    def ordered() -> dict:
+        """This run's rows in its order, then the rows of earlier runs with other ``--injectors``."""
+        ours = names(args)
+        return {k: rows[k] for k in [*ours, *sorted(set(rows) - set(ours))] if k in rows}
+
     def save() -> None:
-        kept = {k: rows[k] for k in names(args) if k in rows}
-        atomic_write_text(results, json.dumps({"args": vars(args), "rows": kept}, indent=1))
+        atomic_write_text(results, json.dumps({"args": vars(args), "rows": ordered()}, indent=1))
+
+    judge = [f"model.evaluation.judge_weights={args.judge}"] if args.judge else []
+
+    def scoring(ckpt) -> list[str]:
+        return [f"ckpt_path={ckpt}", f"trainer.limit_test_batches={args.val_batches}",
+                f"model.evaluation.batches={args.val_batches}", *judge]  # fmt: skip
+
+    def with_strength(common: list[str], ckpt) -> dict:
+        """F1 own and FD judge of the guided samples drawn with ``--strength``."""
+        sampling = [f"model.evaluation.control_cfg={args.control_cfg}",
+                    f"model.evaluation.control_strength=[{args.strength}]"]  # fmt: skip
+        m = stage("test", [*common, *scoring(ckpt), *sampling]).callback_metrics
+        return {"strength": args.strength, "f1_strength": float(m["test/edges_f1"]),
+                "fd_judge_strength": score(m, "test/fd_judge")}  # fmt: skip
 
     for name in names(args):
         injector, tuned = name.removesuffix(" tuned"), name.endswith(" tuned")
@@ -196,6 +224,9 @@ def main() -> None:
             if args.retime:
                 rows[name].update(timings(*loaded(common, rows[name]["checkpoint"])))
                 save()
+            if args.strength and rows[name].get("strength") != args.strength:
+                rows[name].update(with_strength(common, rows[name]["checkpoint"]))
+                save()
             print(f"[compare] {name} (kept): {rows[name]}", flush=True)
             continue
         fitted = stage("fit", [*common, f"trainer.max_steps={args.steps}"])
@@ -203,12 +234,9 @@ def main() -> None:
         module = fitted.lightning_module
         times = timings(module, next(iter(fitted.datamodule.val_dataloader())))
         params = sum(p.numel() for p in module.control.parameters() if p.requires_grad)
-        judge = [f"model.evaluation.judge_weights={args.judge}"] if args.judge else []
-        scoring = [f"ckpt_path={ckpt}", f"trainer.limit_test_batches={args.val_batches}",
-                   f"model.evaluation.batches={args.val_batches}", *judge]  # fmt: skip
-        plain = stage("test", [*common, *scoring, "model.evaluation.control_cfg=0"]).callback_metrics
+        plain = stage("test", [*common, *scoring(ckpt), "model.evaluation.control_cfg=0"]).callback_metrics
         g = stage(
-            "test", [*common, *scoring, f"model.evaluation.control_cfg={args.control_cfg}"]
+            "test", [*common, *scoring(ckpt), f"model.evaluation.control_cfg={args.control_cfg}"]
         ).callback_metrics
         rows[name] = {
             "params": params, **times, "val_loss": float(plain["test/loss"]),
@@ -220,10 +248,12 @@ def main() -> None:
             "fd_judge_ceiling": score(g, "test_tokenizer/fd_judge"),
             "checkpoint": str(ckpt),
         }  # fmt: skip
+        if args.strength:
+            rows[name].update(with_strength(common, ckpt))
         save()
         print(f"[compare] {name}: {rows[name]}", flush=True)
 
-    text = table({k: rows[k] for k in names(args)}, args, cpu_name())
+    text = table(ordered(), args, cpu_name())
     print(text, flush=True)
     atomic_write_text(root / "comparison.md", text)
 
