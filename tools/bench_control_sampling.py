@@ -16,13 +16,11 @@ there, the others skip those scales). The quality side of that trade-off needs a
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from benchlib import interleaved, machine, steady_allocator
+from benchlib import interleaved_medians, machine, steady_allocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,19 +30,6 @@ from varctl.models.var import VAR, VARConfig  # noqa: E402
 from varctl.models.vqvae import VQVAE  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def ratio(calls: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each call, run in alternating order after one warm-up each."""
-    for fn in calls.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for order in interleaved(list(calls), repeats):
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -86,7 +71,7 @@ def main() -> None:
         config = ControlConfig.for_var(var.config, resolution=vc.resolution, injector=name,
                                        modalities=["edges"], **fields, **extra)  # fmt: skip
         model = ControlledVAR(var, ControlBranch.build(config).init_from_backbone(var)).eval()
-        t = ratio(
+        t = interleaved_medians(
             {
                 "plain": lambda: var.generate(cond, **kw),
                 "control": lambda m=model: m.generate(cond, control_maps=maps, **kw),

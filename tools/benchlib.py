@@ -16,6 +16,8 @@ import ctypes
 import importlib
 import io
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -52,11 +54,29 @@ def interleaved(names: list[str], repeats: int) -> list[list[str]]:
     return [names if r % 2 == 0 else names[::-1] for r in range(repeats)]
 
 
+def interleaved_medians(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each of ``calls`` (name -> function), one warm-up each, then ``repeats`` rounds in
+    the order of ``interleaved``."""
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for order in interleaved(list(calls), repeats):
+        for name in order:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine(device: str) -> str:

@@ -41,12 +41,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from benchlib import cpu_name, interleaved_medians
 
 from varctl.cli import run
 from varctl.cli.config import compose, validate
@@ -61,15 +59,9 @@ def stage(command: str, overrides: list[str]):
 
 
 def interleaved_ratio(a, b, repeats: int = 5) -> float:
-    """median(time of a) / median(time of b), a and b run alternately after one warm-up each."""
-    a(), b()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, times in ((a, ta), (b, tb)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(ta) / statistics.median(tb)
+    """median(time of a) / median(time of b), run alternately (``benchlib.interleaved_medians``)."""
+    t = interleaved_medians({"a": a, "b": b}, repeats)
+    return t["a"] / t["b"]
 
 
 def timings(module, batch) -> dict[str, float]:
@@ -103,17 +95,6 @@ def timings(module, batch) -> dict[str, float]:
         lambda: model.generate(cond, control_maps=maps, **kw), lambda: var.generate(cond, **kw), repeats=3
     )
     return {"step": step_ratio, "sample": sample_ratio}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def loaded(common: list[str], ckpt: str):
