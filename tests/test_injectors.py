@@ -320,25 +320,43 @@ def test_prefix_overlap_is_the_share_of_each_tokens_cell_under_each_prefix_cell(
     assert torch.equal(o[14 + 4 * 3 + 3], torch.tensor([0.0, 0.0, 0.0, 1.0]))  # 4x4, bottom right
 
 
+def test_prefill_trains_after_sampling_under_inference_mode(var, golden):
+    """The cached overlap matrix first built under inference mode (a validate or predict run) still serves
+    a training step in the same process."""
+    from varctl.models.control.injectors.prefill import overlap
+
+    overlap.cache_clear()
+    branch = perturbed(make_branch(var, "prefill"))
+    with torch.inference_mode():
+        var.generate(golden["labels"][:2], cfg=0.0, top_k=0, seed=0, control=branch.encode(maps_for(2)))
+    logits = var(golden["labels"], golden["x_BLCv_wo_first_l"], control=branch.encode(maps_for(4)))
+    logits.float().logsumexp(-1).mean().backward()
+    assert branch.injector.locality.grad.abs().sum() > 0
+    var.zero_grad(set_to_none=True)
+
+
 def test_prefix_locality_makes_tokens_read_the_control_under_them(var, golden):
     """With a strong locality bias, moving the control's content from one corner to the other changes the
     last scale's logits mostly under the corners where it moved; with beta 0 (the plain prefix) the change
-    is the same everywhere."""
+    is the same everywhere. Averaged over 5 seeded branches: one random branch's ratio ranges 1.3-4.2."""
     labels, x = golden["labels"][:1], golden["x_BLCv_wo_first_l"][:1]
     pn = var.config.patch_nums[-1]
     begin, end = var.config.begin_ends[-1]
     corner = torch.zeros(1, 1, 64, 64)
     corner[..., :16, :16] = 1.0
-    spread = []
-    for beta in (0.0, 12.0):
-        branch = perturbed(make_branch(var, "prefill", prefix_locality=beta))
-        with torch.no_grad():
-            a = var(labels, x, control=branch.encode({"edges": corner}))
-            b = var(labels, x, control=branch.encode({"edges": corner.flip(-1)}))
-        change = (a - b)[0, begin:end].abs().mean(-1).view(pn, pn)  # per token of the last scale
-        corners = torch.stack((change[: pn // 2, : pn // 2], change[: pn // 2, pn // 2 :])).mean()
-        spread.append((corners / change[pn // 2 :].mean()).item())  # top half (moved) vs bottom half
-    assert spread[1] > 2 * spread[0] and spread[1] > 2
+    spread = {0.0: [], 12.0: []}
+    for seed in range(5):
+        torch.manual_seed(seed)  # the branches' initial weights, whatever ran before
+        for beta in spread:
+            branch = perturbed(make_branch(var, "prefill", prefix_locality=beta))
+            with torch.no_grad():
+                a = var(labels, x, control=branch.encode({"edges": corner}))
+                b = var(labels, x, control=branch.encode({"edges": corner.flip(-1)}))
+            change = (a - b)[0, begin:end].abs().mean(-1).view(pn, pn)  # per token of the last scale
+            corners = torch.stack((change[: pn // 2, : pn // 2], change[: pn // 2, pn // 2 :])).mean()
+            spread[beta].append((corners / change[pn // 2 :].mean()).item())  # top half (moved) vs bottom
+    plain, local = (sum(v) / len(v) for v in spread.values())
+    assert local > 2 * plain and local > 2 and 0.8 < plain < 1.2
 
 
 def test_a_prefill_branch_saved_before_the_locality_bias_loads_as_the_plain_prefix(var):

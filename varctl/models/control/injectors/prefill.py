@@ -62,6 +62,7 @@ class PrefillInjector(Injector):
 
 
 @functools.cache
+@torch.inference_mode(False)  # cached: a first call under inference mode (sampling) must not break training
 def overlap(patch_nums: tuple[int, ...], side: int) -> torch.Tensor:
     """(L, side^2): the fraction of each token's cell (scale by scale, row-major) covered by each cell of
     the side x side prefix grid; rows sum to 1."""
