@@ -100,6 +100,29 @@ def test_kv_cache_sampling_equals_teacher_forcing(var, vae, golden, injector, t,
     assert (full - nocontrol).abs().amax() > 1e-3  # the control did act
 
 
+@pytest.mark.parametrize("injector", INJECTORS)
+def test_skipped_guidance_runs_the_controlled_samples_alone(var, vae, golden, injector):
+    """``skip_guidance_from`` under control: the guidance copies' rows (null class, control dropped) go, the
+    session's per-row state (side branch and adapter caches, modulations, features) follows, and from that
+    scale on the logits are the controlled conditional ones of teacher forcing; before it, the guided mix."""
+    labels = golden["labels"][:2]
+    branch = perturbed(make_branch(var, injector))
+    strength = [1.0, 0.5, 2.0, 1.5]
+    controls = branch.encode(maps_for(2, seed=4))
+    rec = []
+    var.generate(
+        labels, cfg=1.5, cfg_schedule="constant", top_k=0, seed=12, control=controls, control_cfg=1.0,
+        control_strength=strength, skip_guidance_from=2,
+        callback=lambda si, logits, idx, f: rec.append((logits, idx)),
+    )  # fmt: skip
+    x = vae.idx_to_var_input([r[1] for r in rec])
+    mixed, full, _ = teacher_forced(var, labels, x, controls.with_strength(strength), 1.5, 1.0)
+    for si, ((logits, _), (b, e)) in enumerate(zip(rec, var.config.begin_ends)):
+        expected = mixed if si < 2 else full
+        assert (logits - expected[:, b:e]).abs().max() < 1e-4, si
+    assert (mixed - full).abs().amax() > 1e-3  # the guidance did act before the skip
+
+
 @pytest.mark.parametrize("injector", ["car", "ecm", "scalar"])
 def test_switched_off_scales_cost_nothing_and_change_nothing(var, golden, injector, monkeypatch):
     """With the control strength 0 from some scale on, the injector's work stops there (CAR's side blocks,
@@ -160,8 +183,10 @@ def _maps(B):
 
 
 @pytest.mark.parametrize("injector", INJECTORS)
-def test_text_var_samples_as_it_teacher_forces(vae, injector):
-    """A text VAR (cross-attention; CAR's side blocks copy it) with each injector."""
+@pytest.mark.parametrize("skip_from", [None, 2])
+def test_text_var_samples_as_it_teacher_forces(vae, injector, skip_from):
+    """A text VAR (cross-attention; CAR's side blocks copy it) with each injector, with guidance, and with
+    guidance skipped from scale 2 (the rows of the text keys, values and masks follow)."""
     torch.manual_seed(0)
     cfg = VARConfig.from_name("tiny", condition="text", text_dim=16, text_len=4, embed_dim=64, num_heads=2)
     var = perturbed(VAR(cfg, vae).eval())
@@ -172,13 +197,17 @@ def test_text_var_samples_as_it_teacher_forces(vae, injector):
     branch = perturbed(make_branch(var, injector))
     controls = branch.encode(maps_for(2, seed=2))
     rec = []
-    var.generate(text, cfg=0.0, top_k=0, seed=3, control=controls,
+    var.generate(text, cfg=1.5, cfg_schedule="constant", top_k=0, seed=3, control=controls,
+                 skip_guidance_from=skip_from,
                  callback=lambda si, logits, idx, f: rec.append((logits, idx)))  # fmt: skip
     x = vae.idx_to_var_input([r[1] for r in rec])
     with torch.no_grad():
         tf = var(text, x, control=controls)
-    for (logits, _), (b, e) in zip(rec, var.config.begin_ends):
-        assert (logits - tf[:, b:e]).abs().max() < 1e-4
+        null = var(var.null_condition(2), x, control=controls)
+    guided = 2.5 * tf - 1.5 * null
+    for si, ((logits, _), (b, e)) in enumerate(zip(rec, var.config.begin_ends)):
+        expected = tf if skip_from is not None and si >= skip_from else guided
+        assert (logits - expected[:, b:e]).abs().max() < 1e-4, si
 
 
 @pytest.mark.parametrize("injector", INJECTORS)

@@ -4,6 +4,7 @@ costs in quality.
     python tools/bench_fast_sampling.py speed [--batch-sizes 1 4] [--device cpu]
     python tools/bench_fast_sampling.py quality --var VAR_CKPT --refiner SMALL_VAR_CKPT --judge JUDGE.pt
                                                 [--control CONTROL_CKPT] [--per-class 20]
+    python tools/bench_fast_sampling.py control --control CONTROL_CKPT [--control-strength 1,1,1,1,1.5,2]
 
 Variants (each one switch of ``generate``, then all three): ``prune`` (FastVAR token pruning, half the
 tokens of the last scales), ``skip`` (guidance skipped at the last two scales), ``refine`` (a smaller VAR
@@ -19,13 +20,15 @@ included; times are medians over ``--repeats`` interleaved runs and each is prin
 class judge (tools/score_samples.py) gives the share of samples judged as their class and ``fd_judge``, the
 Frechet distance in its features to real validation images; the mean absolute pixel difference from the
 exact samples says how far a variant moves them. With ``--control`` the control model's samples of
-validation edge maps are also drawn exactly and with pruning (the one fast sampler that works under a
-control branch) and scored by edge F1 against their real images (the ``controlar`` protocol).
+validation edge maps (at its scoring settings; ``--control-strength`` sets the strength) are also drawn
+exactly, with pruning, with guidance skipped and with both (a refiner has no control branch), and scored
+by edge F1 against their real images (the ``controlar`` protocol).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -49,6 +52,12 @@ def variants(K: int, refiner) -> dict[str, dict]:
     skip = {"skip_guidance_from": K - 2}
     refine = {"refiner": refiner, "draft_scales": draft}
     return {"exact": {}, "prune": prune, "skip": skip, "refine": refine, "all": {**prune, **skip, **refine}}
+
+
+def scene_settings(config: dict) -> dict:
+    """The built-in scenes' settings of a run (its config_fit.yaml)."""
+    data = config["data"]
+    return {k: data[k] for k in ("backgrounds", "max_distractors", "shape_colours", "background_colours")}
 
 
 def speed(args) -> None:
@@ -84,13 +93,12 @@ def quality(args) -> None:
     torch.manual_seed(0)
     run_dir = Path(args.var).resolve().parents[1]
     config = yaml.safe_load((run_dir / "config_fit.yaml").read_text())
+    scenes = scene_settings(config)
     vae = VQVAE.load(config["model"]["tokenizer"]).eval()
     var = VAR.load(args.var, vae=vae).eval()
     refiner = VAR.load(args.refiner, vae=vae).eval()
     predict = config["model"].get("predict") or {}
     sample = {k: predict[k] for k in ("cfg", "top_k", "top_p") if k in predict}
-    data = config["data"]
-    scenes = {k: data[k] for k in ("backgrounds", "max_distractors", "shape_colours", "background_colours")}
     res = vae.config.resolution
     val = SyntheticShapes(args.num_real, res, offset=VAL_OFFSET, keys=("image", "label"), **scenes)
     real = torch.stack([val[i]["image"] for i in range(len(val))]).add(1).div(2)
@@ -120,14 +128,30 @@ def quality(args) -> None:
             flush=True,
         )
     if args.control:
-        control_quality(args, vae, scenes, runs["prune"])
+        control_quality(args, vae, scenes, runs)
 
 
-def control_quality(args, vae, scenes, pruning: dict) -> None:
+def control_only(args) -> None:
+    """``control``: the control checkpoint's VAR run gives the data settings."""
+    from varctl.lit.control import ControlModule
+
+    module = ControlModule.load_from_checkpoint(args.control, map_location="cpu")
+    config = yaml.safe_load((Path(args.control).resolve().parents[1] / "config_fit.yaml").read_text())
+    scenes = scene_settings(config)
+    print(machine("cpu"))
+    control_quality(args, module.vae, scenes, variants(module.var.config.num_scales, None), module)
+
+
+def control_quality(args, vae, scenes, runs: dict, module=None) -> None:
+    """Edge F1 of the control model's samples of validation edge maps, exact and with the fast samplers that
+    work under a control branch (pruning, guidance skipped, both; a refiner has no control branch), at the
+    model's scoring settings (``--control-strength`` overrides its strength)."""
     from varctl.lit.control import ControlModule
     from varctl.metrics.control import EdgeF1
 
-    module = ControlModule.load_from_checkpoint(args.control, map_location="cpu").eval()
+    if module is None:
+        module = ControlModule.load_from_checkpoint(args.control, map_location="cpu")
+    module.eval()
     res = vae.config.resolution
     val = SyntheticShapes(args.num_control, res, offset=VAL_OFFSET, keys=("image", "label", "control"),
                           controls=("edges",), **scenes)  # fmt: skip
@@ -135,18 +159,34 @@ def control_quality(args, vae, scenes, pruning: dict) -> None:
     images = torch.stack([it["image"] for it in items]).add(1).div(2)
     labels = torch.tensor([it["label"] for it in items])
     edges = torch.stack([it["control"]["edges"] for it in items])
-    guided = module.scoring.control_cfg
+    sampling = module.scoring
+    if args.control_strength is not None:
+        strength = [float(v) for v in args.control_strength.split(",")]
+        strength = strength[0] if len(strength) == 1 else strength
+        sampling = dataclasses.replace(sampling, control_strength=strength)
+    settings = {k: getattr(sampling, k) for k in ("cfg", "control_cfg", "control_strength", "top_k", "top_p")}
+    print(f"control: {len(labels)} validation edge maps at {settings}")
     batches = list(zip(labels.split(args.batch_size), edges.split(args.batch_size)))
-    for name, fast in (("exact", {}), ("prune", pruning)):
+    exact = exact_s = None
+    runs = {**runs, "both": {**runs["prune"], **runs["skip"]}}  # the two that work under control
+    for name in ("exact", "prune", "skip", "both"):
         f1 = EdgeF1("controlar")
         with torch.no_grad():
-            samples = torch.cat([
-                module.eval_model.generate(lab, control_maps={"edges": e}, control_cfg=guided,
-                                           seed=args.seed + i, vae=module.vae, **fast)
+            t, samples = timed(lambda name=name: torch.cat([
+                module.eval_model.generate(
+                    lab, control_maps={"edges": e}, vae=module.vae,
+                    **{**module.sampling_kwargs(sampling, args.seed + i, control=True), **runs[name]},
+                )
                 for i, (lab, e) in enumerate(batches)
-            ])  # fmt: skip
+            ]))  # fmt: skip
+        if exact is None:
+            exact, exact_s = samples, t
         f1.update(samples, images)
-        print(f"control {name:<5} edge F1 {float(f1.compute()):.3f} (control guidance {guided:g})")
+        print(
+            f"control {name:<5} edge F1 {float(f1.compute()):.3f}, |img - exact| "
+            f"{(samples - exact).abs().mean():.4f}, {t:.1f} s ({exact_s / t:.2f}x, one run)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -164,11 +204,15 @@ def main() -> None:
     q.add_argument("--control", default=None, help="a control checkpoint on the same VAR (edge F1)")
     q.add_argument("--per-class", type=int, default=20)
     q.add_argument("--num-real", type=int, default=512)
-    q.add_argument("--num-control", type=int, default=64)
-    q.add_argument("--batch-size", type=int, default=50)
-    q.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("control", help="the control part of quality alone")
+    c.add_argument("--control", required=True, help="the demo's control checkpoint")
+    for p in (q, c):
+        p.add_argument("--num-control", type=int, default=64)
+        p.add_argument("--control-strength", help="one strength, or one per scale: 1,1,1,1,1.5,2")
+        p.add_argument("--batch-size", type=int, default=50)
+        p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    speed(args) if args.mode == "speed" else quality(args)
+    {"speed": speed, "quality": quality, "control": control_only}[args.mode](args)
 
 
 if __name__ == "__main__":

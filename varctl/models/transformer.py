@@ -192,6 +192,15 @@ def key_padding_bias(mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return bias[:, None, None, :], has_any.float()[:, None, None]
 
 
+def text_rows(text, n: int):
+    """A block's sampling text ``((k, v), bias, gate)`` (``CrossAttention.context`` of the tokens and
+    ``key_padding_bias``) for its first ``n`` rows; None stays None."""
+    if text is None:
+        return None
+    (k, v), bias, gate = text
+    return (k[:n], v[:n]), bias[:n], gate[:n]
+
+
 class AdaLNBlock(nn.Module):
     """x += gamma1 * Attn(LN(x)(1+scale1)+shift1); [x += CrossAttn(LN(x), text)]; x += gamma2 * FFN(...)."""
 

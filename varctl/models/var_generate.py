@@ -137,7 +137,7 @@ class GenerateMixin:
             token_pruning: FastVAR's cached token pruning: the share of tokens left out of the middle blocks'
                 layers at the last two scales (e.g. 0.5), or a ``TokenPruning`` / dict of its fields.
             skip_guidance_from: a scale index from which the guidance copies are dropped and the conditional
-                rows run alone (guidance and control guidance off there, half the rows).
+                rows run alone (guidance and control guidance off there; a control session keeps those rows).
             refiner: a smaller VAR (same tokenizer, scales and conditions) that draws the scales from
                 ``draft_scales`` on, after teacher-forcing the drawn ones (CoDe's drafter and refiner).
         Returns:

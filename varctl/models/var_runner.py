@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from varctl.models.token_pruning import PruningPlan
-from varctl.models.transformer import KVCache
+from varctl.models.transformer import KVCache, text_rows
 
 
 class ScaleRunner:
@@ -87,15 +87,11 @@ class ScaleRunner:
     def keep_rows(self, n: int) -> None:
         """Only the first ``n`` rows (the samples, without their guidance copies) go on."""
         if self.session is not None:
-            raise ValueError(
-                "skip_guidance_from is not supported with a control branch (its session keeps rows)"
-            )
+            self.session.keep_rows(n)
         self.R = n
         self.cond_BD, self.head_mod = self.cond_BD[:n], self.head_mod[:n]
         self.mods = [m[:n] for m in self.mods]
-        self.texts = [
-            None if t is None else ((t[0][0][:n], t[0][1][:n]), t[1][:n], t[2][:n]) for t in self.texts
-        ]
+        self.texts = [text_rows(t, n) for t in self.texts]
         for cache in self.caches:
             cache.keep_rows(n)
         if self.pruning is not None:

@@ -17,6 +17,7 @@ Legend: R rows, L all tokens, l tokens of one scale, C VAR width, F control feat
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,19 @@ class Session:
 
     def prefix(self) -> torch.Tensor | None:
         return None
+
+    def keep_rows(self, n: int) -> None:
+        """Only the first ``n`` rows (the samples, with their control) go on: ``generate``'s
+        ``skip_guidance_from`` drops the guidance copies. The per-row inputs are cut here; a session with
+        per-row state of its own (modulations, KV caches) cuts it too."""
+        ctx, text = self.ctx, self.ctx.text
+        self.ctx = dataclasses.replace(
+            ctx,
+            tokens_RLF=ctx.tokens_RLF[:n],
+            grid_RFhw=ctx.grid_RFhw[:n],
+            shared=ctx.shared[:n],
+            text=None if text is None else tuple(t[:n] for t in text),
+        )
 
     def attention_bias(self, mask: torch.Tensor | None, begin: int, end: int) -> torch.Tensor | None:
         return mask

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from varctl.models.control.injectors.base import Injector, Session
-from varctl.models.transformer import AdaLNBlock, KVCache
+from varctl.models.transformer import AdaLNBlock, KVCache, text_rows
 
 
 class CARInjector(Injector):
@@ -54,6 +54,13 @@ class CARSession(Session):
         L = inj.config.L
         self.caches = [KVCache(L) for _ in inj.blocks] if ctx.cached else [None] * len(inj.blocks)
         self.outputs: list[torch.Tensor] = []
+
+    def keep_rows(self, n):
+        super().keep_rows(n)
+        self.mods = [m[:n] for m in self.mods]
+        self.texts = [text_rows(t, n) for t in self.texts]
+        for cache in self.caches:
+            cache.keep_rows(n)
 
     def block_input(self, i, x, begin, end):
         inj = self.injector

@@ -77,6 +77,11 @@ class ECMSession(Session):
             [KVCache(L) for _ in injector.adapters] if ctx.cached else [None] * len(injector.adapters)
         )
 
+    def keep_rows(self, n):
+        super().keep_rows(n)
+        for cache in self.caches:
+            cache.keep_rows(n)
+
     def block_output(self, i, x, begin, end):
         j = self.injector.slot.get(i)
         if j is None or self.off_from(begin):  # the adapters' caches are read only by later scales
