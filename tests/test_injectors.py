@@ -67,6 +67,14 @@ def test_car_side_branch_starts_as_the_backbone_blocks(var):
     assert branch.injector.first_target == 1  # the later backbone block receives it
 
 
+def sampled(var, vae, cond, **kw):
+    """Each scale's guided logits of ``var.generate(cond, top_k=0, **kw)``, and the teacher-forcing input of
+    the drawn tokens."""
+    rec = []
+    var.generate(cond, top_k=0, callback=lambda si, logits, idx, f: rec.append((logits, idx)), **kw)
+    return [r[0] for r in rec], vae.idx_to_var_input([r[1] for r in rec])
+
+
 def teacher_forced(var, labels, x, controls, t, c):
     """(1 + t + c) * full - t * null class - c * control dropped, by teacher forcing."""
     B = labels.shape[0]
@@ -88,14 +96,10 @@ def test_kv_cache_sampling_equals_teacher_forcing(var, vae, golden, injector, t,
     branch = perturbed(make_branch(var, injector))
     strength = [1.0, 0.5, 1.0, 2.0]
     controls = branch.encode(maps_for(2, seed=3))
-    rec = []
-    var.generate(
-        labels, cfg=t, cfg_schedule="constant", top_k=0, seed=11, control=controls, control_cfg=c,
-        control_strength=strength, callback=lambda si, logits, idx, f: rec.append((logits, idx)),
-    )  # fmt: skip
-    x = vae.idx_to_var_input([r[1] for r in rec])
+    rec, x = sampled(var, vae, labels, cfg=t, cfg_schedule="constant", seed=11, control=controls,
+                     control_cfg=c, control_strength=strength)  # fmt: skip
     mixed, full, nocontrol = teacher_forced(var, labels, x, controls.with_strength(strength), t, c)
-    for (logits, _), (b, e) in zip(rec, var.config.begin_ends):
+    for logits, (b, e) in zip(rec, var.config.begin_ends):
         assert (logits - mixed[:, b:e]).abs().max() < 1e-4
     assert (full - nocontrol).abs().amax() > 1e-3  # the control did act
 
@@ -109,15 +113,10 @@ def test_skipped_guidance_runs_the_controlled_samples_alone(var, vae, golden, in
     branch = perturbed(make_branch(var, injector))
     strength = [1.0, 0.5, 2.0, 1.5]
     controls = branch.encode(maps_for(2, seed=4))
-    rec = []
-    var.generate(
-        labels, cfg=1.5, cfg_schedule="constant", top_k=0, seed=12, control=controls, control_cfg=1.0,
-        control_strength=strength, skip_guidance_from=2,
-        callback=lambda si, logits, idx, f: rec.append((logits, idx)),
-    )  # fmt: skip
-    x = vae.idx_to_var_input([r[1] for r in rec])
+    rec, x = sampled(var, vae, labels, cfg=1.5, cfg_schedule="constant", seed=12, control=controls,
+                     control_cfg=1.0, control_strength=strength, skip_guidance_from=2)  # fmt: skip
     mixed, full, _ = teacher_forced(var, labels, x, controls.with_strength(strength), 1.5, 1.0)
-    for si, ((logits, _), (b, e)) in enumerate(zip(rec, var.config.begin_ends)):
+    for si, (logits, (b, e)) in enumerate(zip(rec, var.config.begin_ends)):
         expected = mixed if si < 2 else full
         assert (logits - expected[:, b:e]).abs().max() < 1e-4, si
     assert (mixed - full).abs().amax() > 1e-3  # the guidance did act before the skip
@@ -196,16 +195,13 @@ def test_text_var_samples_as_it_teacher_forces(vae, injector, skip_from):
     var.set_null_text(TextCondition(torch.zeros(1, 16), torch.zeros(1, 4, 16), torch.ones(1, 4, dtype=bool)))
     branch = perturbed(make_branch(var, injector))
     controls = branch.encode(maps_for(2, seed=2))
-    rec = []
-    var.generate(text, cfg=1.5, cfg_schedule="constant", top_k=0, seed=3, control=controls,
-                 skip_guidance_from=skip_from,
-                 callback=lambda si, logits, idx, f: rec.append((logits, idx)))  # fmt: skip
-    x = vae.idx_to_var_input([r[1] for r in rec])
+    rec, x = sampled(var, vae, text, cfg=1.5, cfg_schedule="constant", seed=3, control=controls,
+                     skip_guidance_from=skip_from)  # fmt: skip
     with torch.no_grad():
         tf = var(text, x, control=controls)
         null = var(var.null_condition(2), x, control=controls)
     guided = 2.5 * tf - 1.5 * null
-    for si, ((logits, _), (b, e)) in enumerate(zip(rec, var.config.begin_ends)):
+    for si, (logits, (b, e)) in enumerate(zip(rec, var.config.begin_ends)):
         expected = tf if skip_from is not None and si >= skip_from else guided
         assert (logits - expected[:, b:e]).abs().max() < 1e-4, si
 
