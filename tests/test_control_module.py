@@ -219,6 +219,26 @@ def test_validation_scores_samples_and_logs_the_grid(trained, tmp_path):
     assert (image.width, image.height) == (5 * 33 + 1, 3 * 33 + 1)
 
 
+def test_fast_samplers_under_control_from_the_settings(trained, files):
+    """A sampling section's fast samplers under control: a control checkpoint as its own refiner draws what
+    the model draws (its branch is loaded with its VAR), guidance skipping runs; a VAR file is refused as
+    a controlled refiner, naming the setting."""
+    m, dm, ckpt = trained
+    m.eval()
+    items = [dm.dataset("val")[i] for i in range(4)]
+    batch = {"label": torch.tensor([it["label"] for it in items])}
+    maps = {"edges": torch.stack([it["control"]["edges"] for it in items])}
+    base = dict(cfg=2.0, control_cfg=1.0, control_strength=[1.0, 1.5, 2.0], seed=3)
+    with torch.no_grad():
+        exact = m.generate_for(batch, maps, Sampling(**base))
+        refined = m.generate_for(batch, maps, Sampling(**base, refiner=str(ckpt), draft_scales=1))
+        skipped = m.generate_for(batch, maps, Sampling(**base, skip_guidance_from=2))
+    assert (refined - exact).abs().max() < 1e-4
+    assert skipped.shape == exact.shape and (skipped - exact).abs().amax() > 1e-3
+    with pytest.raises(ValueError, match="refiner: a control stage's refiner is a control checkpoint"):
+        m.generate_for(batch, maps, Sampling(**base, refiner=files[1], draft_scales=1))
+
+
 def test_predict_writes_each_sample_beside_its_controls(trained, tmp_path):
     m, dm, _ = trained
     out = tmp_path / "pred"

@@ -11,7 +11,7 @@ import timm
 import torch
 from helpers import perturbed
 
-from varctl.models.control import INJECTORS, ControlBranch, ControlConfig
+from varctl.models.control import INJECTORS, ControlBranch, ControlConfig, ControlledVAR
 from varctl.models.text import TextCondition
 from varctl.models.var import VAR, VARConfig
 
@@ -122,6 +122,49 @@ def test_skipped_guidance_runs_the_controlled_samples_alone(var, vae, golden, in
     assert (mixed - full).abs().amax() > 1e-3  # the guidance did act before the skip
 
 
+@pytest.mark.parametrize("injector", INJECTORS)
+def test_a_controlled_refiner_draws_the_last_scales_under_its_own_control(var, vae, golden, injector):
+    """CoDe under control: the refiner is a smaller ControlledVAR. Its caches and its injector's state (side
+    branch and adapter caches, prefix) are filled by teacher-forcing the drawn scales under its own
+    control: with the model as its own refiner sampling is unchanged, and a smaller refiner's logits are its
+    teacher forcing under its control (guided, per-scale strength)."""
+    labels = golden["labels"][:2]
+    maps = maps_for(2, seed=5)
+    strength = [1.0, 0.5, 2.0, 1.5]
+    fields = {"blocks": [0, 1]} if injector == "ecm" else {}  # an adapter before a block's keys are cached
+    model = ControlledVAR(var, perturbed(make_branch(var, injector, **fields)))
+    kw = dict(cfg=1.5, cfg_schedule="constant", seed=13, control_maps=maps, control_cfg=1.0,
+              control_strength=strength)  # fmt: skip
+    plain, _ = sampled(model, vae, labels, **kw)
+    itself, _ = sampled(model, vae, labels, refiner=model, draft_scales=2, **kw)
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(plain, itself))
+
+    torch.manual_seed(1)
+    small = perturbed(VAR(VARConfig.from_name("tiny", embed_dim=64, num_heads=2), vae).eval())
+    refiner = ControlledVAR(small, perturbed(make_branch(small, injector, **fields)))
+    rec, x = sampled(model, vae, labels, refiner=refiner, draft_scales=2, **kw)
+    controls = refiner.control.encode(maps).with_strength(strength)
+    mixed, full, nocontrol = teacher_forced(small, labels, x, controls, 1.5, 1.0)
+    for si, (b, e) in enumerate(var.config.begin_ends):
+        if si < 2:  # drawn by the model
+            assert (rec[si] - plain[si]).abs().max() < 1e-4, si
+        else:
+            assert (rec[si] - mixed[:, b:e]).abs().max() < 1e-4, si
+    assert (full - nocontrol).abs().amax() > 1e-3  # the refiner's control did act
+
+
+def test_refiner_under_control_errors(var, vae):
+    branch = make_branch(var)
+    model = ControlledVAR(var, branch)
+    labels = torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="a ControlledVAR"):
+        model.generate(labels, control_maps=_maps(2), refiner=var, draft_scales=2)
+    with pytest.raises(ValueError, match="a control branch of its own"):
+        var.generate(labels, control=branch.encode(_maps(2)), refiner=var, draft_scales=2)
+    with pytest.raises(ValueError, match="refiner_control needs"):
+        var.generate(labels, refiner_control=branch.encode(_maps(2)))
+
+
 @pytest.mark.parametrize("injector", ["car", "ecm", "scalar"])
 def test_switched_off_scales_cost_nothing_and_change_nothing(var, golden, injector, monkeypatch):
     """With the control strength 0 from some scale on, the injector's work stops there (CAR's side blocks,
@@ -129,7 +172,9 @@ def test_switched_off_scales_cost_nothing_and_change_nothing(var, golden, inject
     from varctl.models.control.injectors.base import Session
 
     labels = golden["labels"][:2]
-    branch = perturbed(make_branch(var, injector))
+    torch.manual_seed(0)  # the branch's initial weights: not those the tests before left to draw
+    fields = {"blocks": [0, 1]} if injector == "ecm" else {}  # an adapter whose output later scales read
+    branch = perturbed(make_branch(var, injector, **fields))
     controls = branch.encode(maps_for(2, seed=3))
     strength = [1.0, 0.5, 0.0, 0.0]
     calls = []

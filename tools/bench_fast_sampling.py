@@ -4,7 +4,8 @@ costs in quality.
     python tools/bench_fast_sampling.py speed [--batch-sizes 1 4] [--device cpu]
     python tools/bench_fast_sampling.py quality --var VAR_CKPT --refiner SMALL_VAR_CKPT --judge JUDGE.pt
                                                 [--control CONTROL_CKPT] [--per-class 20]
-    python tools/bench_fast_sampling.py control --control CONTROL_CKPT [--control-strength 1,1,1,1,1.5,2]
+    python tools/bench_fast_sampling.py control --control CONTROL_CKPT [--control-refiner SMALL_CONTROL_CKPT]
+                                                [--control-strength 1,1,1,1,1.5,2]
 
 Variants (each one switch of ``generate``, then all three): ``prune`` (FastVAR token pruning, half the
 tokens of the last scales), ``skip`` (guidance skipped at the last two scales), ``refine`` (a smaller VAR
@@ -21,8 +22,9 @@ class judge (tools/score_samples.py) gives the share of samples judged as their 
 Frechet distance in its features to real validation images; the mean absolute pixel difference from the
 exact samples says how far a variant moves them. With ``--control`` the control model's samples of
 validation edge maps (at its scoring settings; ``--control-strength`` sets the strength) are also drawn
-exactly, with pruning, with guidance skipped and with both (a refiner has no control branch), and scored
-by edge F1 against their real images (the ``controlar`` protocol).
+exactly and with each fast sampler (the refiner: ``--control-refiner``, a control checkpoint on a smaller
+VAR, its own branch; without it ``all`` is pruning and skipping) and scored by edge F1 against their real
+images (the ``controlar`` protocol).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def quality(args) -> None:
             flush=True,
         )
     if args.control:
-        control_quality(args, vae, scenes, runs)
+        control_quality(args, scenes)
 
 
 def control_only(args) -> None:
@@ -139,20 +141,26 @@ def control_only(args) -> None:
     config = yaml.safe_load((Path(args.control).resolve().parents[1] / "config_fit.yaml").read_text())
     scenes = scene_settings(config)
     print(machine("cpu"))
-    control_quality(args, module.vae, scenes, variants(module.var.config.num_scales, None), module)
+    control_quality(args, scenes, module)
 
 
-def control_quality(args, vae, scenes, runs: dict, module=None) -> None:
-    """Edge F1 of the control model's samples of validation edge maps, exact and with the fast samplers that
-    work under a control branch (pruning, guidance skipped, both; a refiner has no control branch), at the
-    model's scoring settings (``--control-strength`` overrides its strength)."""
+def control_quality(args, scenes: dict, module=None) -> None:
+    """Edge F1 of the control model's samples of validation edge maps, exact and with each fast sampler, at
+    the model's scoring settings (``--control-strength`` overrides its strength). The refiner is a smaller
+    control model (``--control-refiner``, a control checkpoint on a smaller VAR); without one, ``all`` is
+    pruning and skipping."""
     from varctl.lit.control import ControlModule
     from varctl.metrics.control import EdgeF1
 
     if module is None:
         module = ControlModule.load_from_checkpoint(args.control, map_location="cpu")
     module.eval()
-    res = vae.config.resolution
+    refiner = None if args.control_refiner is None else module.load_refiner(args.control_refiner).eval()
+    runs = variants(module.var.config.num_scales, refiner)
+    if refiner is None:
+        del runs["refine"]
+        runs["all"] = {k: v for k, v in runs["all"].items() if k not in ("refiner", "draft_scales")}
+    res = module.vae.config.resolution
     val = SyntheticShapes(args.num_control, res, offset=VAL_OFFSET, keys=("image", "label", "control"),
                           controls=("edges",), **scenes)  # fmt: skip
     items = [val[i] for i in range(len(val))]
@@ -168,8 +176,7 @@ def control_quality(args, vae, scenes, runs: dict, module=None) -> None:
     print(f"control: {len(labels)} validation edge maps at {settings}")
     batches = list(zip(labels.split(args.batch_size), edges.split(args.batch_size)))
     exact = exact_s = None
-    runs = {**runs, "both": {**runs["prune"], **runs["skip"]}}  # the two that work under control
-    for name in ("exact", "prune", "skip", "both"):
+    for name in runs:
         f1 = EdgeF1("controlar")
         with torch.no_grad():
             t, samples = timed(lambda name=name: torch.cat([
@@ -183,7 +190,7 @@ def control_quality(args, vae, scenes, runs: dict, module=None) -> None:
             exact, exact_s = samples, t
         f1.update(samples, images)
         print(
-            f"control {name:<5} edge F1 {float(f1.compute()):.3f}, |img - exact| "
+            f"control {name:<6} edge F1 {float(f1.compute()):.3f}, |img - exact| "
             f"{(samples - exact).abs().mean():.4f}, {t:.1f} s ({exact_s / t:.2f}x, one run)",
             flush=True,
         )
@@ -209,6 +216,7 @@ def main() -> None:
     for p in (q, c):
         p.add_argument("--num-control", type=int, default=64)
         p.add_argument("--control-strength", help="one strength, or one per scale: 1,1,1,1,1.5,2")
+        p.add_argument("--control-refiner", help="a control checkpoint on a smaller VAR (the refiner)")
         p.add_argument("--batch-size", type=int, default=50)
         p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

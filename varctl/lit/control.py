@@ -152,6 +152,17 @@ class ControlModule(VARModule):
             cond, vae=self.vae, **self.sampling_kwargs(sampling, seed_offset, control=True), **kwargs
         )
 
+    def load_refiner(self, path: str) -> ControlledVAR:
+        """A controlled sample's refiner: a smaller VAR with a control branch of its own, both from one
+        control-stage checkpoint."""
+        try:
+            branch = ControlBranch.load(path)
+        except ValueError as err:
+            raise ValueError(
+                f"refiner: a control stage's refiner is a control checkpoint of a smaller VAR; {err}"
+            ) from err
+        return ControlledVAR(VAR.load(path, vae=self.vae), branch)
+
     def data_requirements(self) -> dict[str, Any]:
         req = {**super().data_requirements()}
         req["keys"] = (*req["keys"], "control")

@@ -66,7 +66,8 @@ class Sampling(Settings):
     modality_strength: dict[str, float] | None = None
     # the fast samplers, each off by default (README, "Fast sampling"): FastVAR's token pruning (the share
     # of tokens left out at the last two scales), guidance skipped from a scale on, and a smaller VAR file
-    # (same tokenizer and classes) that draws the scales from ``draft_scales`` on (CoDe)
+    # (same tokenizer and classes; the control stage: a control checkpoint of a smaller VAR, its own branch)
+    # that draws the scales from ``draft_scales`` on (CoDe)
     token_pruning: float = 0.0
     skip_guidance_from: int | None = None
     refiner: str | None = None

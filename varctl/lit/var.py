@@ -118,7 +118,9 @@ class VARModule(L.LightningModule):
             self.var.set_null_text(self.text_encoder.empty())
         # decided on the plain model: FSDP1 flattens parameters, hiding which are matrices
         self._no_decay = optim.no_weight_decay_names(self.model)
-        self._refiners: dict[str, VAR] = {}  # sampling's refiner files, loaded once, never in the checkpoint
+        self._refiners: dict[
+            str, torch.nn.Module
+        ] = {}  # sampling's refiner files, loaded once, never in the checkpoint
         self.ema = optim.averaged(self.model, ema_decay, ema_warmup) if ema_decay > 0 else None
         K = self.var.config.num_scales
         if scale_loss_weights is not None and (
@@ -376,14 +378,18 @@ class VARModule(L.LightningModule):
         )
 
     def sampling_kwargs(self, sampling, seed_offset: int = 0, control: bool = False) -> dict:
-        """``sampling.generate_kwargs`` with its refiner file loaded as a VAR on this device."""
+        """``sampling.generate_kwargs`` with its refiner file loaded (``load_refiner``) on this device."""
         kwargs = sampling.generate_kwargs(seed_offset, control)
         path = kwargs.get("refiner")
         if path is not None:
             if path not in self._refiners:
-                self._refiners[path] = VAR.load(path, vae=self.vae).eval().requires_grad_(False)
+                self._refiners[path] = self.load_refiner(path).eval().requires_grad_(False)
             kwargs["refiner"] = self._refiners[path].to(self.device)
         return kwargs
+
+    def load_refiner(self, path: str) -> torch.nn.Module:
+        """A sampling section's refiner file (CoDe), the kind of model the stage samples: a VAR here."""
+        return VAR.load(path, vae=self.vae)
 
     def val_images(self, batch: dict, max_images: int) -> dict[str, ImageGrid]:
         """The sample grid (``ImageLogger``): a row per class or caption, coarse to fine left to right."""

@@ -103,6 +103,7 @@ class GenerateMixin:
         skip_guidance_from: int | None = None,
         refiner: nn.Module | None = None,
         draft_scales: int | None = None,
+        refiner_control=None,
     ):
         """Sample images scale by scale with a KV cache and classifier-free guidance.
 
@@ -140,6 +141,8 @@ class GenerateMixin:
                 rows run alone (guidance and control guidance off there; a control session keeps those rows).
             refiner: a smaller VAR (same tokenizer, scales and conditions) that draws the scales from
                 ``draft_scales`` on, after teacher-forcing the drawn ones (CoDe's drafter and refiner).
+            refiner_control: under ``control``, the refiner's own control branch's ``encode`` of the same maps
+                (``ControlledVAR.generate`` makes it when its refiner is a ControlledVAR).
         Returns:
             images (B, 3, H, W) in [0, 1], and the list of per-scale images if ``return_intermediates``.
         """
@@ -183,25 +186,32 @@ class GenerateMixin:
             )
         if refiner is not None:
             check_refiner(self, refiner, draft_scales)
-            if control is not None:
-                raise ValueError("a refiner cannot take over a controlled sample (it has no control branch)")
+            if control is not None and refiner_control is None:
+                raise ValueError(
+                    "a refiner under control needs a control branch of its own: refiner_control= (a "
+                    "ControlledVAR as ControlledVAR.generate's refiner)"
+                )
+            refiner._check_control(refiner_control, B)
             if pruning is not None and draft_scales > K - pruning.scales - 1:
                 raise ValueError(
                     f"token_pruning with a refiner: draft_scales={draft_scales} must be <= "
                     f"{K - pruning.scales - 1}, so that the refiner runs the reference scale"
                 )
+        if refiner_control is not None and (control is None or refiner is None):
+            raise ValueError("refiner_control needs control= and refiner=")
 
         # everything that depends only on the condition is computed once per call, not once per scale
-        rows = None
-        if control is not None:
+        rows = refiner_rows = None
+        if control is not None:  # the rows' control: each part's copy of its sample's, dropped in the last
             index = torch.arange(B, device=device).repeat(len(parts))
             keep = torch.ones(len(parts) * B, device=device)
             if control_guided:
                 keep[-B:] = 0
             strength = per_scale(control_strength, K, "control_strength")
-            rows = control.with_strength(None if all(v == 1 for v in strength) else strength).rows(
-                index, keep
-            )
+            strength = None if all(v == 1 for v in strength) else strength
+            rows = control.with_strength(strength).rows(index, keep)
+            if refiner_control is not None:
+                refiner_rows = refiner_control.with_strength(strength).rows(index, keep)
         runner = ScaleRunner(self, cond, B, rows, _plan(pruning, self))
         codebook_VC = vae.quantize.embedding.weight
         x_RlC = runner.start()
@@ -214,7 +224,7 @@ class GenerateMixin:
                 runner.keep_rows(B)
                 x_RlC = x_RlC[:B]
             if refiner is not None and si == draft_scales:  # the refiner takes over, after a prefill
-                runner = ScaleRunner(refiner, cond, B, None, _plan(pruning, refiner))
+                runner = ScaleRunner(refiner, cond, B, refiner_rows, _plan(pruning, refiner))
                 if si >= skip_from:
                     runner.keep_rows(B)
                 runner.prefill([runner.start()] + [runner.embed(k + 1, x) for k, x in enumerate(codes[:-1])])

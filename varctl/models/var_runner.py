@@ -74,11 +74,15 @@ class ScaleRunner:
 
     def prefill(self, inputs: list[torch.Tensor]) -> None:
         """Teacher-force the scales already drawn by another model (``inputs``: each scale's (R, l, C) input,
-        smallest first) through the blocks with the block-causal mask, filling the KV caches."""
+        smallest first) through the blocks with the block-causal mask, filling the KV caches (and the
+        control session's: its injector acts on those scales as in teacher forcing)."""
         x = torch.cat(inputs, dim=1)  # (R, end, C)
         end = x.shape[1]
         mask = self.var.attn_bias_for_masking[:, :, :end, :end]
-        self._blocks(x, mask, None, None)
+        if self.session is None:
+            self._blocks(x, mask, None, None)
+        else:
+            self._blocks(x, self.session.attention_bias(mask, 0, end), (0, end), None)
 
     def logits(self, x_RlC: torch.Tensor, weights: list[float]) -> torch.Tensor:
         """The guided logits (B, l, V): sum_j w_j * logits of part j (``GenerateMixin._guided_logits``)."""

@@ -182,12 +182,25 @@ class ControlledVAR(nn.Module):
         modality_strength: Mapping[str, float] | None = None,
         control_cfg=0.0,
         control_strength=1.0,
+        refiner=None,
         **kwargs,
     ):
         """``VAR.generate`` (same arguments) under the control of ``control_maps`` (any subset of the
         branch's modalities), each modality weighted by ``modality_strength``; ``control_cfg`` and
-        ``control_strength`` as in ``VAR.generate``."""
+        ``control_strength`` as in ``VAR.generate``. A ``refiner`` (CoDe: it draws the scales from
+        ``draft_scales`` on) is a smaller ControlledVAR, whose own branch encodes the same maps."""
         controls = self.control.encode(control_maps, modality_strength, allow_missing=True)
+        if refiner is not None:
+            if not isinstance(refiner, ControlledVAR):
+                raise TypeError(
+                    f"the refiner of a controlled VAR is a ControlledVAR (a smaller VAR and its control "
+                    f"branch), found {type(refiner).__name__}"
+                )
+            kwargs["refiner_control"] = refiner.control.encode(
+                control_maps, modality_strength, allow_missing=True
+            )
+            refiner = refiner.var
         return self.var.generate(
-            cond, control=controls, control_cfg=control_cfg, control_strength=control_strength, **kwargs
-        )
+            cond, control=controls, control_cfg=control_cfg, control_strength=control_strength,
+            refiner=refiner, **kwargs,
+        )  # fmt: skip

@@ -9,8 +9,9 @@ VAR calls the session only at these points:
 - ``block_input(i, x, begin, end)``: the hidden states of tokens [begin, end) (whole scales) entering
   block i; ``block_output(i, x, begin, end)``: leaving it.
 
-[begin, end) is [0, L) in teacher forcing and one scale while sampling. R rows: the batch, or while sampling
-with guidance its conditional, null-class and control-dropped copies (``Controls.rows``).
+[begin, end) is [0, L) in teacher forcing and one scale while sampling, or the scales [0, end) at once when a
+refiner's KV caches are filled from the scales drawn before it. R rows: the batch, or while sampling with
+guidance its conditional, null-class and control-dropped copies (``Controls.rows``).
 
 Legend: R rows, L all tokens, l tokens of one scale, C VAR width, F control feature width, P prefix tokens.
 """
@@ -118,6 +119,13 @@ class Session:
     def scaled(self, r: torch.Tensor, begin: int, end: int) -> torch.Tensor:
         s = self.strength(begin, end, r)
         return r if s is None else r * s
+
+    def mask(self, begin: int, end: int) -> torch.Tensor | None:
+        """The block-causal attention bias of tokens [begin, end) on tokens [0, end) (the KV caches, or the
+        whole sequence in teacher forcing); None while sampling one scale, which sees all of them."""
+        if self.ctx.cached and len(self.scales(begin, end)) == 1:
+            return None
+        return self.ctx.var.attn_bias_for_masking[:, :, begin:end, :end]
 
     def off(self, begin: int, end: int) -> bool:
         """Whether the control strength is 0 at every scale of [begin, end): its residuals need not be

@@ -90,7 +90,7 @@ class ECMSession(Session):
         dtype = ad.down.weight.dtype
         h = F.layer_norm(x.to(dtype), x.shape[-1:])
         u = ad.down(h) + ad.control(self.features(begin, end).to(dtype))
-        mask = None if self.ctx.cached else self.ctx.var.attn_bias_for_masking
+        mask = self.mask(begin, end)
         u = u + ad.attend(u, mask, self.caches[j])
         u = u + self.injector.ffn(u)
         return x + self.scaled(ad.up(u).to(x.dtype), begin, end)

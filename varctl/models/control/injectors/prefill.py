@@ -96,10 +96,11 @@ class PrefillSession(Session):
 
     def attention_bias(self, mask, begin, end):
         """Teacher forcing (``mask`` the (1, 1, L, L) block-causal mask): the (1, H, P + L, P + L) mask of
-        prefix + tokens. Sampling (``mask`` None): the (1, H, l, P + end) bias of one scale."""
+        prefix + tokens. Sampling: the (1, H, l, P + end) bias of tokens [begin, end) on the cached prefix
+        and tokens, ``mask`` their block-causal mask on tokens [0, end) (None for one scale)."""
         P = self.injector.prefix_len
         H = self.injector.locality.shape[1]
-        if mask is not None:
+        if not self.ctx.cached:
             L = mask.shape[-1]
             full = mask.new_zeros(1, H, P + L, P + L)
             full[..., :P, P:] = -torch.inf  # the prefix sees only itself
@@ -109,4 +110,6 @@ class PrefillSession(Session):
         like = self.ctx.tokens_RLF
         bias = like.new_zeros(1, H, end - begin, P + end)
         bias[..., :P] = self._prefix_bias(begin, end, like)
+        if mask is not None:
+            bias[..., P:] = mask
         return bias
