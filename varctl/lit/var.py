@@ -118,9 +118,8 @@ class VARModule(L.LightningModule):
             self.var.set_null_text(self.text_encoder.empty())
         # decided on the plain model: FSDP1 flattens parameters, hiding which are matrices
         self._no_decay = optim.no_weight_decay_names(self.model)
-        self._refiners: dict[
-            str, torch.nn.Module
-        ] = {}  # sampling's refiner files, loaded once, never in the checkpoint
+        # sampling's refiner files, loaded once, never in the checkpoint
+        self._refiners: dict[str, torch.nn.Module] = {}
         self.ema = optim.averaged(self.model, ema_decay, ema_warmup) if ema_decay > 0 else None
         K = self.var.config.num_scales
         if scale_loss_weights is not None and (

@@ -18,8 +18,7 @@ Legend: R rows, L all tokens, l tokens of one scale, C VAR width, F control feat
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -73,7 +72,7 @@ class Session:
         ``skip_guidance_from`` drops the guidance copies. The per-row inputs are cut here; a session with
         per-row state of its own (modulations, KV caches) cuts it too."""
         ctx, text = self.ctx, self.ctx.text
-        self.ctx = dataclasses.replace(
+        self.ctx = replace(
             ctx,
             tokens_RLF=ctx.tokens_RLF[:n],
             grid_RFhw=ctx.grid_RFhw[:n],
