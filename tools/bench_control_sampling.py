@@ -1,7 +1,7 @@
 """Controlled sampling time relative to the VAR's own sampling, per injector, side by side in one process.
 
     python tools/bench_control_sampling.py [--injectors scalar,car,...] [--batch-size 16] [--repeats 5]
-                                           [--var-depth 4] [--car-blocks 2] [--off-from 5]
+                                           [--var-depth 4] [--car-blocks 2] [--off-from 5] [--device cpu]
 
 The demo's shapes (``conf/tokenizer.yaml``'s tokenizer at 64 px, a class VAR of ``--var-depth``, the
 control branch of ``conf/control.yaml``) with random weights: the time of a call does not depend on the
@@ -41,36 +41,38 @@ def main() -> None:
     parser.add_argument("--var-depth", type=int, default=4)
     parser.add_argument("--car-blocks", type=int, default=None, help="CAR's side blocks (default depth / 2)")
     parser.add_argument("--off-from", type=int, default=None, help="default: the last scale")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     tok = validate(compose(CONF / "tokenizer.yaml", []), CONF / "tokenizer.yaml")
     control_conf = compose(CONF / "control.yaml", ["model.tokenizer=unused"])["model"]["control"]
-    vae = VQVAE.build(tok["model"]["vqvae"]).eval()
+    dev = args.device
+    vae = VQVAE.build(tok["model"]["vqvae"]).eval().to(dev)
     vc = vae.config
     var = VAR(
         VARConfig(depth=args.var_depth, vocab_size=vc.vocab_size, z_channels=vc.z_channels,
                   patch_nums=vc.patch_nums, num_classes=5)
-    ).eval()  # fmt: skip
+    ).eval().to(dev)  # fmt: skip
     K = len(vc.patch_nums)
     off_from = K - 1 if args.off_from is None else args.off_from
     if not 0 < off_from < K:
         raise SystemExit(f"--off-from must be a scale index in [1, {K - 1}], found {off_from}")
     strength = [1.0] * off_from + [0.0] * (K - off_from)
     B = args.batch_size
-    cond = torch.arange(B) % 5
-    maps = {"edges": (torch.rand(B, 1, vc.resolution, vc.resolution) > 0.9).float()}
+    cond = (torch.arange(B) % 5).to(dev)
+    maps = {"edges": (torch.rand(B, 1, vc.resolution, vc.resolution) > 0.9).float().to(dev)}
     kw = dict(cfg=3.0, top_k=0, top_p=0.0, seed=0, vae=vae)
     fields = {k: control_conf[k] for k in ("width", "max_width", "feature_dim")}
     steady_allocator()
-    print(f"{machine('cpu')}, torch {torch.__version__}; VAR d{args.var_depth}, {vc.resolution} px, "
+    print(f"{machine(dev)}, torch {torch.__version__}; VAR d{args.var_depth}, {vc.resolution} px, "
           f"batch {B}, guidance 3, decode included; medians of {args.repeats} alternating calls")  # fmt: skip
     print(f"{'injector':<10} {'control':>9} {'off from scale ' + str(off_from):>20}")
     for name in args.injectors.split(","):
         extra = {"car_blocks": args.car_blocks} if name == "car" and args.car_blocks else {}
         config = ControlConfig.for_var(var.config, resolution=vc.resolution, injector=name,
                                        modalities=["edges"], **fields, **extra)  # fmt: skip
-        model = ControlledVAR(var, ControlBranch.build(config).init_from_backbone(var)).eval()
+        model = ControlledVAR(var, ControlBranch.build(config).init_from_backbone(var)).eval().to(dev)
         t = interleaved_medians(
             {
                 "plain": lambda: var.generate(cond, **kw),
@@ -78,6 +80,7 @@ def main() -> None:
                 "early": lambda m=model: m.generate(cond, control_maps=maps, control_strength=strength, **kw),
             },
             args.repeats,
+            dev,
         )
         label = name + (f" N={args.car_blocks}" if extra else "")
         print(f"{label:<10} {t['control'] / t['plain']:>8.2f}x {t['early'] / t['plain']:>19.2f}x", flush=True)
