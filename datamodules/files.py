@@ -10,6 +10,7 @@ A sample whose file fails during the run (deleted or changed after the scan) is 
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -95,13 +96,12 @@ class FileDataset(Dataset):
     i is then replaced by the next one that can, (i + 1) mod len, ..., the same one every time, with a
     warning naming the file (and a line in `events_file`), and is passed over for the rest of the process.
 
-    With ``pixels`` False and no control maps asked for, no file is read (a token cache's training items,
-    datamodules.token_cache): the sample is the record's label, caption and flip draw with ``no_pixels()``,
-    and the samples in ``cached_unusable`` (found unusable when the cache was built) are replaced as then.
+    ``without_pixels`` gives a copy that reads no file when no control map is asked for (a token cache's
+    training items, datamodules.token_cache): the sample is the record's label, caption and flip draw with
+    ``no_pixels()``, and the samples found unusable when the cache was built are replaced as then.
     """
 
     pixels = True
-    cached_unusable: frozenset[int] = frozenset()
 
     def __init__(
         self,
@@ -136,13 +136,13 @@ class FileDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} of {len(self)}")  # ends iteration: replacements wrap around
         index %= len(self)
-        if not self.pixels and not self.controls:
-            return self._without_pixels(index)
         failed = []
         for step in range(min(len(self), MAX_REPLACEMENTS)):
             i = (index + step) % len(self)
             if i in self._unusable:
                 continue
+            if not self.pixels:
+                return self._without_pixels(self.records[i])
             try:
                 image, files = self._load(self.records[i])
             except (OSError, ValueError) as err:
@@ -158,13 +158,20 @@ class FileDataset(Dataset):
             f"the run?); sample {index}: {self._unusable.get(index, '')}"
         )
 
-    def _without_pixels(self, index: int) -> dict:
-        i = index
-        for _ in range(min(len(self), MAX_REPLACEMENTS)):
-            if i not in self.cached_unusable:
-                break
-            i = (i + 1) % len(self)
-        record = self.records[i]
+    def without_pixels(self, unusable: Iterable[int] = ()) -> FileDataset:
+        """A copy that reads no file (this one is unchanged), with the samples ``unusable`` (found so when
+        a token cache was built) replaced as then; itself when control maps are read, which need the files."""
+        if self.controls:
+            return self
+        lean = copy.copy(self)
+        lean.pixels = False
+        lean._unusable = {
+            **self._unusable,
+            **dict.fromkeys(unusable, "unusable when the token cache was built"),
+        }
+        return lean
+
+    def _without_pixels(self, record: Record) -> dict:
         flipped = self.train and random_flip(self.flip, no_pixels())[0]  # the draw of the full path
         return {
             "image": no_pixels(),

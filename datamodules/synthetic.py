@@ -9,8 +9,9 @@ scenes.py).
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -239,8 +240,9 @@ def check_palette(
 
 
 class SyntheticShapes(Dataset):
-    """Map-style dataset of `num` procedural scenes; sample i is scene (seed, offset + i). With ``pixels``
-    False the image is not drawn (``no_pixels``; a token cache's training items), all else is the same."""
+    """Map-style dataset of `num` procedural scenes; sample i is scene (seed, offset + i). ``without_pixels``
+    gives a copy that does not draw the image (``no_pixels``; a token cache's training items), all else the
+    same."""
 
     pixels = True
 
@@ -277,6 +279,13 @@ class SyntheticShapes(Dataset):
 
     def __len__(self) -> int:
         return self.num
+
+    def without_pixels(self, unusable: Iterable[int] = ()) -> SyntheticShapes:
+        """A copy that draws no image (this one is unchanged); every scene is usable (``unusable`` is
+        empty)."""
+        lean = copy.copy(self)
+        lean.pixels = False
+        return lean
 
     def scene(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, self.offset + int(index)])

@@ -147,7 +147,7 @@ class TokenCache:
 class CachedTokens(Dataset):
     """``dataset``'s items with ``tokens`` (L,) int64 from ``cache``: the image's, or its mirror's when the
     item was flipped. With ``pixels`` False (a stage that trains from the tokens alone) a dataset that can
-    skip its images (``pixels`` attribute: the built-in scenes, image folders without control maps) neither
+    skip its images (``without_pixels``: the built-in scenes, image folders without control maps) neither
     decodes nor draws them; the items' image is then ``transforms.no_pixels()``, the rest unchanged."""
 
     def __init__(self, dataset: Dataset, cache: TokenCache, pixels: bool = True):
@@ -155,10 +155,8 @@ class CachedTokens(Dataset):
             raise StaleTokenCache(f"token cache of {len(cache)} images for a dataset of {len(dataset)}")
         if float(getattr(dataset, "flip", 0.0) or 0.0) and cache.flipped is None:
             raise StaleTokenCache("the dataset flips but the token cache holds no mirrored images")
-        if not pixels and hasattr(dataset, "pixels"):
-            dataset = copy.copy(dataset)  # the caller's dataset keeps its pixels
-            dataset.pixels = False
-            dataset.cached_unusable = frozenset(cache.meta.get("unusable", ()))
+        if not pixels and hasattr(dataset, "without_pixels"):  # the caller's dataset keeps its pixels
+            dataset = dataset.without_pixels(cache.meta.get("unusable", ()))
         self.dataset, self.cache = dataset, cache
 
     def __len__(self) -> int:
