@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from PIL import Image
@@ -167,6 +168,66 @@ def test_control_stage_without_paths_uses_the_newest_earlier_runs(tmp_path):
     given = compose(CONF / "control_d16.yaml", [f"run.root={tmp_path}", "model.init_from=mine.pt",
                                             "model.tokenizer=tok.pt"])  # fmt: skip
     assert fill_earlier_stages(given, "conf/control.yaml") == [] and given.model.init_from == "mine.pt"
+
+
+LEGACY = ROOT / "tests" / "fixtures" / "legacy"
+
+
+def test_a_checkpoint_names_the_earlier_stages_it_was_trained_on(tmp_path):
+    """With ckpt_path, ``auto`` is what that run was trained on (its hyper-parameters), where those files
+    exist, else the checkpoint itself; never the newest runs under run.root. A file that is no varctl
+    checkpoint leaves the newest runs (and the ckpt_path check names it later)."""
+    from varctl.cli.config import compose
+    from varctl.cli.earlier import fill_earlier_stages
+
+    newer_tok = fake_run(tmp_path, "tokenizer", "v9")
+    newer_var = fake_run(tmp_path, "var", "v9", {"model": {"tokenizer": str(newer_tok)}})
+    ckpt = LEGACY / "control.ckpt"  # its recorded tokenizer and VAR (tests/data/legacy/...) are gone
+    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={ckpt}"])
+    chosen = fill_earlier_stages(cfg, "conf/control.yaml")
+    assert cfg.model.init_from == str(ckpt) and cfg.model.tokenizer == str(ckpt)
+    assert len(chosen) == 2 and all("ckpt_path holds the" in line for line in chosen)
+
+    obj = torch.load(ckpt, weights_only=True)
+    tok, var = tmp_path / "trained_on" / "tok.pt", tmp_path / "trained_on" / "var.pt"
+    tok.parent.mkdir()
+    tok.write_bytes(b""), var.write_bytes(b"")
+    obj["hyper_parameters"].update(tokenizer=str(tok), init_from=str(var))
+    torch.save(obj, tmp_path / "moved.ckpt")
+    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={tmp_path / 'moved.ckpt'}"])
+    chosen = fill_earlier_stages(cfg, "conf/control.yaml")
+    assert cfg.model.init_from == str(var) and cfg.model.tokenizer == str(tok)
+    assert all("that ckpt_path's run was trained on" in line for line in chosen)
+    cfg = compose(CONF / "var.yaml", [f"run.root={tmp_path}", f"ckpt_path={tmp_path / 'moved.ckpt'}"])
+    fill_earlier_stages(cfg, "conf/var.yaml")
+    assert cfg.model.tokenizer == str(tok)
+
+    (tmp_path / "not_a.ckpt").write_bytes(b"damaged")
+    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={tmp_path / 'not_a.ckpt'}"])
+    fill_earlier_stages(cfg, "conf/control.yaml")
+    assert cfg.model.init_from == str(newer_var) and cfg.model.tokenizer == str(newer_tok)
+
+
+def test_a_control_checkpoint_alone_draws_a_job(tmp_path, capsys):
+    """A control checkpoint copied to a machine without its earlier runs runs predict by itself."""
+    ckpt = tmp_path / "copied" / "control.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((LEGACY / "control.ckpt").read_bytes())
+    edges = tmp_path / "maps" / "edges"
+    edges.mkdir(parents=True)
+    for i in range(2):
+        img = torch.zeros(16, 16, dtype=torch.uint8)
+        img[2 + 3 * i, :] = img[:, 12 - 4 * i] = 255
+        Image.fromarray(img.numpy()).save(edges / f"e{i}.png")
+    branch = ["model.control.injector=scalar", "model.control.width=4", "model.control.feature_dim=8",
+              "model.control.max_width=8", "model.ema_decay=0.5"]  # the legacy run's settings  # fmt: skip
+    args = ["predict", "-c", str(CONF / "control.yaml"), "data=jobs", f"data.root={tmp_path / 'maps'}",
+            f"ckpt_path={ckpt}", f"run.root={tmp_path / 'runs'}", *branch]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"model.init_from={ckpt} (ckpt_path holds the VAR's weights)" in err
+    written = [np.array(Image.open(tmp_path / "maps" / "generated" / f"e{i}.png")) for i in range(2)]
+    assert all(w.std() > 0 for w in written) and not np.array_equal(*written)
 
 
 def test_control_stage_on_a_fresh_machine_names_the_commands_to_run_first(tmp_path, capsys):

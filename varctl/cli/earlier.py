@@ -4,10 +4,16 @@ conf/control.yaml`` then trains on the runs that README command 1 (``make demo``
 ``model.tokenizer: auto`` (conf/var.yaml, conf/control.yaml) is the newest ``<run.root>/tokenizer`` run, or
 for the control stage the tokenizer its VAR was trained on; ``model.init_from: auto`` (conf/control.yaml) is
 the newest ``<run.root>/var`` run. A path on the command line replaces ``auto``.
+
+With ``ckpt_path`` (resuming, or validate / test / predict of a trained run), ``auto`` is what that run was
+trained on, as its checkpoint records it, and where that file is gone the checkpoint itself, which holds the
+tokenizer's and the VAR's weights: a checkpoint copied to another machine runs alone, and a newer run under
+``run.root`` is never taken for the one the checkpoint was trained on.
 """
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +46,45 @@ def _run_tokenizer(var_ckpt: Path) -> str | None:
     return str(tokenizer) if tokenizer and Path(tokenizer).is_file() else None
 
 
+def _saved_with(ckpt: str) -> tuple[dict, set[str]] | None:
+    """(hyper-parameters, model kinds held) of a varctl Lightning checkpoint, or None when it is not one (a
+    damaged file is named later, by the ckpt_path check)."""
+    import torch
+
+    path = Path(ckpt)
+    if not path.is_file():
+        return None
+    try:  # mmap: only the archive's index and the pickled structure are read
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("varctl"), dict):
+        return None
+    return dict(obj.get("hyper_parameters") or {}), set(obj["varctl"])
+
+
+def _fill_from_checkpoint(cfg: DictConfig, ckpt: str) -> list[str]:
+    """``auto`` keys from the run that wrote ``ckpt`` (module docstring)."""
+    saved = _saved_with(ckpt)
+    if saved is None:
+        return []
+    hparams, kinds = saved
+    chosen = []
+    for key, kind, what in (("model.init_from", "var", "VAR"), ("model.tokenizer", "vqvae", "tokenizer")):
+        if not _auto(cfg, key):
+            continue
+        recorded = hparams.get(key.split(".")[1])
+        if isinstance(recorded, str) and recorded != AUTO and Path(recorded).is_file():
+            value, why = recorded, f"the {what} that ckpt_path's run was trained on"
+        elif kind in kinds:
+            value, why = ckpt, f"ckpt_path holds the {what}'s weights"
+        else:
+            continue
+        OmegaConf.update(cfg, key, value)
+        chosen.append(f"{key}={value} ({why})")
+    return chosen
+
+
 def fill_earlier_stages(cfg: DictConfig, config_file: str | Path, strict: bool = True) -> list[str]:
     """Replace ``auto`` in ``model.init_from`` and ``model.tokenizer`` by the newest runs under ``run.root``;
     returns what was chosen, one line each. With no run there, a ConfigError names the commands to run
@@ -47,7 +92,8 @@ def fill_earlier_stages(cfg: DictConfig, config_file: str | Path, strict: bool =
     if OmegaConf.select(cfg, "model") is None:
         return []
     root = OmegaConf.select(cfg, "run.root") or "runs"
-    chosen: list[str] = []
+    ckpt = OmegaConf.select(cfg, "ckpt_path", default=None)
+    chosen = _fill_from_checkpoint(cfg, str(ckpt)) if ckpt else []
 
     def missing(stage: str, key: str) -> None:
         if not strict:
