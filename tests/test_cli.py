@@ -230,6 +230,49 @@ def test_a_control_checkpoint_alone_draws_a_job(tmp_path, capsys):
     assert all(w.std() > 0 for w in written) and not np.array_equal(*written)
 
 
+def test_a_checkpoint_that_does_not_fit_the_config_names_the_settings_of_its_run(tmp_path, capsys):
+    """Settings that shape other weights than the checkpoint's stop the run with the settings to give, not
+    torch's list of keys: another injector, another width, no EMA where the run kept one."""
+    obj = torch.load(LEGACY / "control.ckpt", weights_only=True)
+    obj["hyper_parameters"]["control"]["injector"] = "scalar"  # as today's files record it
+    ckpt = tmp_path / "control.ckpt"
+    torch.save(obj, ckpt)
+    (tmp_path / "maps" / "edges").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "maps" / "edges" / "e.png")
+    args = ["predict", "-c", str(CONF / "control.yaml"), "data=jobs", f"data.root={tmp_path / 'maps'}",
+            f"ckpt_path={ckpt}", f"run.root={tmp_path / 'runs'}", "model.control.width=4",
+            "model.control.max_width=8"]  # fmt: skip
+    cases = {
+        ("model.control.injector=ecm", "model.control.feature_dim=8", "model.ema_decay=0.5"): (
+            "of its weights have no place here (model.control.injector.proj_weight",
+            "Its run was trained with model.control.injector=scalar (here ecm): give those settings",
+        ),
+        ("model.control.injector=scalar", "model.control.feature_dim=16", "model.ema_decay=0.5"): (
+            "weights have other shapes (model.control.injector.proj_weight (1, 3, 8, 32) in the file, "
+            "(1, 3, 16, 32) here",
+            "Its run was trained with model.control.feature_dim=8 (here 16)",
+        ),
+        ("model.control.injector=scalar", "model.control.feature_dim=8"): (
+            "of its weights have no place here (ema.n_averaged",
+            "Its run was trained with model.ema_decay=0.5 (here 0.0)",
+        ),
+    }
+    for overrides, (weights, setting) in cases.items():
+        assert main([*args, *overrides]) == 2
+        err = capsys.readouterr().err
+        assert f"config error: {ckpt} does not fit the model this config builds" in err
+        assert weights in err and setting in err and "RuntimeError" not in err
+    assert not (tmp_path / "maps" / "generated").exists()
+    # the first version's file records no injector: the message says so instead of guessing
+    assert main([*args, "model.control.injector=ecm", "model.control.feature_dim=8", "model.ema_decay=0.5",
+                 f"ckpt_path={LEGACY / 'control.ckpt'}"]) == 2  # fmt: skip
+    assert "None of the settings its run recorded differs" in capsys.readouterr().err
+    # the settings it names are the ones that load it
+    fitting = ["model.control.injector=scalar", "model.control.feature_dim=8", "model.ema_decay=0.5"]
+    assert main([*args, *fitting]) == 0
+    assert (tmp_path / "maps" / "generated" / "e.png").is_file()
+
+
 def test_control_stage_on_a_fresh_machine_names_the_commands_to_run_first(tmp_path, capsys):
     start = time.perf_counter()
     assert main(["fit", "-c", str(CONF / "control.yaml"), f"run.root={tmp_path}"]) == 2

@@ -4,12 +4,15 @@
 temporary file in the checkpoint's own directory, fsyncs it and renames it over the target, whatever TMPDIR
 is: a kill at any moment leaves the old file or the new one. It refuses to write weights that are not
 finite, so a diverged run never replaces a good ``last.ckpt``. ``check_checkpoint`` reads a checkpoint
-before a run starts and names the damaged file and the newest good one beside it.
+before a run starts and names the damaged file and the newest good one beside it. ``FitsCheckpoint`` (a base
+of the stages' LightningModules) turns a checkpoint that does not fit the model a config built into an error
+that names the settings in which the checkpoint's run differs.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from varctl.files import atomic_save
 
 TMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<random>.tmp beside the target
+
+
+# hyper-parameters that do not shape the weights: left out when a checkpoint does not fit (files and sampling)
+NOT_SHAPING = frozenset(
+    {"tokenizer", "init_from", "control_init_from", "token_cache", "compile_mode", "optimizer", "samples",
+     "predict", "scores", "evaluation", "metric_annotators", "label_smoothing"}
+)  # fmt: skip
 
 
 class NonFiniteError(FloatingPointError):
@@ -114,3 +124,78 @@ def check_checkpoint(path: str | os.PathLike) -> None:
     others = next((found for f in folders if f.is_dir() and (found := good_checkpoints(f, exclude=path))), [])
     offer = f"; the newest good one there is {others[0]} (ckpt_path={others[0]})" if others else ""
     raise ValueError(f"checkpoint {path} {problem}{offer}")
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint whose weights do not fit the model that this run's config built."""
+
+
+def _flat(d, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_differing(saved: dict | None, here: dict) -> list[str]:
+    """``model.KEY=<checkpoint's value> (here <this run's>)`` for each hyper-parameter that may shape the
+    weights and differs between a checkpoint's run (``saved``) and this one, both having it."""
+    if not saved:
+        return []
+    keep = lambda flat: {k: v for k, v in flat.items() if k.split(".")[0] not in NOT_SHAPING}  # noqa: E731
+    a, b = keep(_flat(dict(saved))), keep(_flat(dict(here)))
+    # a key only one side has is a setting of another version (its default there is not recorded)
+    return [f"model.{k}={a[k]} (here {b[k]})" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+
+
+def _shape_line(line: str) -> str:
+    """torch's "size mismatch for K: copying a param with shape torch.Size([a, b]) from checkpoint, the shape
+    in current model is torch.Size([c, d])." as "K (a, b) in the file, (c, d) here"."""
+    m = re.search(r"size mismatch for (\S+): .*?Size\(\[(.*?)\]\).*?Size\(\[(.*?)\]\)", line)
+    return f"{m[1]} ({m[2]}) in the file, ({m[3]}) here" if m else line.strip()
+
+
+class FitsCheckpoint:
+    """Mixed into the stages' LightningModules: a checkpoint whose state_dict does not fit (strict loading,
+    as Lightning restores) raises ``CheckpointMismatch`` naming the file, the weights that differ and the
+    settings of the checkpoint's run that differ from this config's, instead of torch's list of keys."""
+
+    _saved_hparams: dict | None = None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._saved_hparams = checkpoint.get("hyper_parameters")
+        super().on_load_checkpoint(checkpoint)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not strict:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        try:
+            result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        except RuntimeError as e:  # tensors of other shapes: torch names them, one line each
+            shapes = [_shape_line(line) for line in str(e).splitlines() if "size mismatch" in line]
+            raise CheckpointMismatch(self._mismatch(shapes=shapes)) from None
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointMismatch(self._mismatch(result.missing_keys, result.unexpected_keys))
+        return result
+
+    def _mismatch(self, missing=(), unexpected=(), shapes=()) -> str:
+        trainer = getattr(self, "_trainer", None)
+        path = getattr(trainer, "ckpt_path", None) or "the checkpoint"
+        more = " ..." if len(shapes) > 2 else ""
+        parts = [
+            f"{len(unexpected)} of its weights have no place here ({short_list(list(unexpected), 3)})",
+            f"{len(missing)} weights of this model are not in it ({short_list(list(missing), 3)})",
+            f"{len(shapes)} weights have other shapes ({'; '.join(shapes[:2])}{more})",
+        ]
+        parts = [part for part, n in zip(parts, (unexpected, missing, shapes)) if n]
+        differ = settings_differing(self._saved_hparams, dict(self.hparams))
+        hint = (
+            f". Its run was trained with {short_list(differ, 6)}: give those settings on the command line"
+            if differ
+            else ". None of the settings its run recorded differs from this config's (a file of an earlier "
+            "version records fewer): compare with the run's config_fit.yaml"
+        )
+        return f"{path} does not fit the model this config builds: " + "; ".join(parts) + hint

@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from varctl.checkpoints import NonFiniteError
+    from varctl.checkpoints import CheckpointMismatch, NonFiniteError
 
     try:
         run(args.command, data, args.config)
-    except ConfigError as e:
+    except (ConfigError, CheckpointMismatch) as e:
         print(f"varctl: config error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from varctl.callbacks.images import ImageGrid
+from varctl.checkpoints import FitsCheckpoint
 from varctl.lit import losses, optim
 from varctl.lit.evaluation import log_evaluation, start_evaluation
 from varctl.lit.settings import (
@@ -38,7 +39,7 @@ from varctl.models.vqvae import VQVAE
 RECIPE = {"lr_scale_by_batch": False, "betas": (0.5, 0.9), "weight_decay": 0.0, "decay": "constant"}
 
 
-class TokenizerModule(L.LightningModule):
+class TokenizerModule(FitsCheckpoint, L.LightningModule):
     """Trains ``self.vae`` (a VQVAE) on dict batches ``{"image": (B, 3, H, W) in [-1, 1], ...}``.
 
     The generator and the discriminator are two parameter groups of one AdamW (``optimizer.lr`` and
@@ -332,6 +333,7 @@ class TokenizerModule(L.LightningModule):
             hp["init_from"], hp["vqvae"] = None, self.vae.config.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.perceptual is not None:
             sd = checkpoint["state_dict"]
             for key, value in self.perceptual.state_dict(prefix="perceptual.").items():

@@ -25,6 +25,7 @@ from torch import nn
 
 from datamodules.token_cache import CachedTokens, TokenCache
 from varctl.callbacks.images import ImageGrid
+from varctl.checkpoints import FitsCheckpoint
 from varctl.lit import optim
 from varctl.lit.compiling import compile_var
 from varctl.lit.evaluation import log_evaluation, split_fingerprint, start_evaluation
@@ -58,7 +59,7 @@ def _named(load, path: str, key: str, **kwargs):
         ) from None
 
 
-class VARModule(L.LightningModule):
+class VARModule(FitsCheckpoint, L.LightningModule):
     """Trains ``self.model`` (here the VAR) on dict batches; ``self.vae`` (frozen tokenizer) and
     ``self.text_encoder`` (frozen, text models only; rebuilt from ``text_encoder``, never stored in
     checkpoints) are not trained. With ``ema_decay > 0``, ``self.ema`` holds the float32 average that
@@ -453,6 +454,7 @@ class VARModule(L.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("state_dict")
         if state is None:
             return
