@@ -44,7 +44,10 @@ class ImageWriter(BasePredictionWriter):
         self.written, self.failed = 0, []
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        """Warn when the predict loader has fewer slots than the images the stage is configured to draw."""
+        """Warn when the predict loader has fewer slots than the images the stage is configured to draw (not
+        for generation jobs, whose data says what to draw and where: ``output_dir``)."""
+        if getattr(trainer.datamodule, "output_dir", None) is not None:
+            return
         jobs = pl_module.predict_jobs() if hasattr(pl_module, "predict_jobs") else []
         loaders = trainer.predict_dataloaders
         loader = (loaders[0] if loaders else None) if isinstance(loaders, (list, tuple)) else loaders
