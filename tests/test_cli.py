@@ -134,6 +134,26 @@ def test_constructor_check_is_a_config_error(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing written for a run that never started
 
 
+def test_sampling_values_generate_refuses_stop_the_run_before_it_starts(tokenizer_file, tmp_path, capsys):
+    """A sampling value that ``generate`` refuses (or a label the VAR lacks) is a config error naming its
+    section before anything runs, not a traceback at the first validation or predict step."""
+    conf = str(ROOT / "conf" / "var.yaml")
+    cases = {
+        "model.predict.top_p=2": "model: predict.top_p must be in [0, 1] (0 = off), found 2",
+        "model.samples.top_k=[0,0,0,-3]": "model: samples.top_k must be an integer >= 0 (0 = off), found -3",
+        "+model.evaluation.temperature=0": "model: evaluation.temperature must be > 0, found 0",
+        "+model.predict.token_pruning=1.0": "model: predict.token_pruning: ratio must be in [0, 1)",
+        "model.predict.labels=[3,10]": "model: predict.labels holds [10], expected labels in [0, 10)",
+        "model.predict.num_per_condition=0": "model: predict.num_per_condition must be >= 1, found 0",
+    }
+    for override, message in cases.items():
+        args = [f"model.tokenizer={tokenizer_file}", override, f"run.root={tmp_path}"]
+        assert main(["fit", "-c", conf, *args]) == 2
+        err = capsys.readouterr().err
+        assert "config error" in err and message in err, (override, err)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 # --- the main command on a fresh machine: the earlier stages' newest runs ------------------------------
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -354,8 +354,8 @@ def test_predict_generates_configured_labels(vae_file, tmp_path):
             tmp_path, limit_predict_batches=1, callbacks=[ImageWriter(tmp_path / "out")]
         ).predict(m, dm)
     assert torch.equal(short[0]["images"], images[:4])
-    with pytest.raises(ValueError, match=r"model\.predict\.labels holds \[12\]"):
-        make_module(vae_file, predict={"labels": [12]}).predict_jobs()
+    with pytest.raises(ValueError, match=r"predict\.labels holds \[12\], expected labels in \[0, 10\)"):
+        make_module(vae_file, predict={"labels": [12]})  # refused when the module is built
 
 
 def test_predict_generates_configured_captions(vae_file, tmp_path):

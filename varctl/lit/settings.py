@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from varctl.models.sampling import check_sampling_args
+from varctl.models.token_pruning import TokenPruning
+
 S = TypeVar("S", bound="Settings")
 
 
@@ -74,8 +77,19 @@ class Sampling(Settings):
     draft_scales: int | None = None
 
     CONTROL_FIELDS = ("control_cfg", "control_strength", "modality_strength")
+    section = "sampling"  # the section under ``model`` that error messages name
 
     def __post_init__(self):
+        """The values ``generate`` would refuse, refused now (before a run starts), naming the section."""
+        listed = lambda v: list(v) if isinstance(v, (list, tuple)) else [v]  # noqa: E731 (scalar or per scale)
+        try:
+            check_sampling_args(listed(self.top_k), listed(self.top_p), listed(self.temperature))
+            TokenPruning.of(self.token_pruning)
+            for key in ("skip_guidance_from", "draft_scales"):
+                if getattr(self, key) is not None and getattr(self, key) < 0:
+                    raise ValueError(f"{key} must be a scale index >= 0, found {getattr(self, key)}")
+        except ValueError as e:
+            raise ValueError(f"{self.section}.{e}") from None
         if self.refiner is not None:
             if not os.path.isfile(os.path.expanduser(str(self.refiner))):
                 raise FileNotFoundError(f"refiner={self.refiner}: no such VAR file or checkpoint")
@@ -101,6 +115,8 @@ class Samples(Sampling):
     """The TensorBoard sample grid at validation (``varctl.callbacks.ImageLogger``): class models draw one
     row per class (the first ``callbacks.images.max_images``), text models one per caption."""
 
+    section = "samples"
+
     captions: list[str] | None = None
 
 
@@ -109,9 +125,16 @@ class Predictions(Sampling):
     """What ``predict`` draws: each label (class models) or caption (text models) ``num_per_condition``
     times; with neither, one image per predict-split sample, for its own label or caption."""
 
+    section = "predict"
+
     labels: list[int] | None = None
     captions: list[str] | None = None
     num_per_condition: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_per_condition < 1:
+            raise ValueError(f"predict.num_per_condition must be >= 1, found {self.num_per_condition}")
 
     def jobs(self, text: bool, num_classes: int, class_name: Callable[[int], str]) -> list[tuple[Any, str]]:
         """(condition, file name) of every image to draw, for a text or a class model."""
@@ -120,7 +143,7 @@ class Predictions(Sampling):
             return [(c, f"caption{j}_{i}_{c}") for j, c in enumerate(self.captions or []) for i in repeats]
         bad = [label for label in self.labels or [] if not 0 <= int(label) < num_classes]
         if bad:
-            raise ValueError(f"model.predict.labels holds {bad}, expected labels in [0, {num_classes})")
+            raise ValueError(f"predict.labels holds {bad}, expected labels in [0, {num_classes})")
         return [(int(c), f"class_{class_name(int(c))}_{i}") for c in self.labels or [] for i in repeats]
 
 
@@ -138,6 +161,8 @@ class Evaluation(Sampling):
     real images' features, one per network (``ref.safetensors`` -> ``ref.judge.safetensors``); computed
     when absent, refused when computed for other images, weights or resolution (``refresh_reference``
     recomputes it)."""
+
+    section = "evaluation"
 
     batches: int = 0
     networks: tuple[str, ...] = ("inception", "judge")
@@ -170,6 +195,8 @@ class ControlScores(Sampling):
     edge F1 under each of ``edge_protocols``, depth RMSE, segmentation mIoU without the ``ignore_index``
     pixels, sketch SSIM or MS-SSIM. ``test`` scores the same metrics on the samples that ``evaluation``
     draws, with generation quality beside them."""
+
+    section = "scores"
 
     batches: int = 1
     edge_protocols: tuple[str, ...] = ("controlar", "controlnetpp")

@@ -130,6 +130,8 @@ class VARModule(FitsCheckpoint, L.LightningModule):
                 f"model.scale_loss_weights must hold {K} non-negative weights (one per scale), not all 0; "
                 f"found {list(scale_loss_weights)}"
             )
+        # predict's labels checked against the VAR now, before a run starts
+        self.predictions.jobs(self.text_encoder is not None, self.var.config.num_classes, str)
         self.val_metrics = ScaleMetrics(self.var.config.begin_ends)
         self.test_metrics = ScaleMetrics(self.var.config.begin_ends)
 
