@@ -222,6 +222,18 @@ def test_a_checkpoint_names_the_earlier_stages_it_was_trained_on(tmp_path):
     fill_earlier_stages(cfg, "conf/var.yaml")
     assert cfg.model.tokenizer == str(tok)
 
+    # a sharded checkpoint (a folder) records its run's settings in meta.pt; its weights are no one file
+    sharded = tmp_path / "sharded.ckpt"
+    sharded.mkdir()
+    torch.save({"hyper_parameters": obj["hyper_parameters"], "varctl": obj["varctl"]}, sharded / "meta.pt")
+    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={sharded}"])
+    fill_earlier_stages(cfg, "conf/control.yaml")
+    assert cfg.model.init_from == str(var) and cfg.model.tokenizer == str(tok)
+    var.unlink()
+    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={sharded}"])
+    fill_earlier_stages(cfg, "conf/control.yaml")
+    assert cfg.model.init_from == str(newer_var) and cfg.model.tokenizer == str(tok)
+
     (tmp_path / "not_a.ckpt").write_bytes(b"damaged")
     cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={tmp_path / 'not_a.ckpt'}"])
     fill_earlier_stages(cfg, "conf/control.yaml")

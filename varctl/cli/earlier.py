@@ -47,20 +47,22 @@ def _run_tokenizer(var_ckpt: Path) -> str | None:
 
 
 def _saved_with(ckpt: str) -> tuple[dict, set[str]] | None:
-    """(hyper-parameters, model kinds held) of a varctl Lightning checkpoint, or None when it is not one (a
-    damaged file is named later, by the ckpt_path check)."""
+    """(hyper-parameters, model kinds whose weights the file holds) of a varctl Lightning checkpoint, or
+    None when it is not one (a damaged file is named later, by the ckpt_path check). A sharded checkpoint
+    (a directory) records its hyper-parameters in ``meta.pt``; its weights are not read as one file."""
     import torch
 
-    path = Path(ckpt)
-    if not path.is_file():
+    path, sharded = Path(ckpt), Path(ckpt, "meta.pt")
+    if not (path.is_file() or sharded.is_file()):
         return None
+    file = path if path.is_file() else sharded
     try:  # mmap: only the archive's index and the pickled structure are read
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("varctl"), dict):
         return None
-    return dict(obj.get("hyper_parameters") or {}), set(obj["varctl"])
+    return dict(obj.get("hyper_parameters") or {}), set(obj["varctl"]) if file == path else set()
 
 
 def _fill_from_checkpoint(cfg: DictConfig, ckpt: str) -> list[str]:
