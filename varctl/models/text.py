@@ -129,9 +129,9 @@ def _load_clip(
             require_pretrained=pretrained is not None,
             **kwargs,
         )
-    except RuntimeError as e:
+    except RuntimeError as e:  # offline, the weights are a file missing from the cache (a config error)
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        raise RuntimeError(
+        raise (FileNotFoundError if offline else RuntimeError)(
             f"{PRETRAINED_KEY}={pretrained!r}: could not load open_clip weights for {name!r}"
             f"{' (HF_HUB_OFFLINE is set and they are not in the cache)' if offline else ''}. Download them "
             f"once on a machine with network into open_clip's cache (cache_dir={cache_dir!r}, default the "
