@@ -148,3 +148,20 @@ def test_text_demo_captions_describe_the_demo_scenes():
         words = caption.split()
         assert words[words.index(CLASS_NAMES[label]) - 1] in data["shape_colours"], caption
         assert words[words.index("background") - 1] in data["background_colours"], caption
+
+
+def test_data_that_cannot_feed_the_model_stops_before_the_run(tokenizer_file, var_file, tmp_path, capsys):
+    """The data's classes and controls are checked against the model right after the data's scan: a config
+    error naming both settings, and no run directory, not a traceback from the trainer's setup."""
+    from varctl.cli import main
+
+    cases = {
+        "control.yaml": (["data.controls=[depth]"], "model.control.modalities=['edges'] but data.controls=["),
+        "var.yaml": (["model.var.num_classes=5", "model.predict.labels=[0]"], "model.var.num_classes=5 but"),
+    }
+    for name, (overrides, message) in cases.items():
+        args = [*_overrides(name, tokenizer_file, var_file), *overrides, f"run.root={tmp_path}"]
+        assert main(["fit", "-c", str(CONF / name), *args]) == 2
+        err = capsys.readouterr().err
+        assert "config error" in err and message in err
+    assert not list(tmp_path.iterdir())

@@ -234,6 +234,8 @@ def _run(command: str, data: dict, config_file: str | Path):
     try:
         datamodule.connect(**model.data_requirements())
         datamodule.setup("fit" if command == "fit" else command)  # scan the data now: errors before the run
+        if hasattr(model, "check_data"):
+            model.check_data(datamodule)  # the data's classes and controls against the model
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{config_file}: data: {e}") from e
 

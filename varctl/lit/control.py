@@ -170,9 +170,9 @@ class ControlModule(VARModule):
             req["num_segments"] = self.control.config.num_segments
         return req
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        have = getattr(self.trainer.datamodule, "controls", None)
+    def check_data(self, dm) -> None:
+        super().check_data(dm)
+        have = getattr(dm, "controls", None)
         missing = [m for m in self.modalities if have is not None and m not in have]
         if missing:
             raise ValueError(

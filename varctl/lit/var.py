@@ -177,14 +177,20 @@ class VARModule(FitsCheckpoint, L.LightningModule):
         self.vae.eval()  # frozen: its dropout stays off
         return self
 
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
+    def check_data(self, dm) -> None:
+        """Raise ValueError when the datamodule cannot feed this model; the command line calls it after the
+        data's setup, before a run starts (then a config error), and ``setup`` for any other trainer."""
         n_data, n_model = getattr(dm, "num_classes", None), self.var.config.num_classes
         if self.text_encoder is None and n_data is not None and n_data != n_model:
             if n_data > n_model or self.hparams.init_from is None:
                 raise ValueError(f"model.var.num_classes={n_model} but the data ({type(dm).__name__}) has "
                                  f"{n_data} classes; set model.var.num_classes={n_data}")  # fmt: skip
             rank_zero_warn(f"the data has {n_data} classes, the VAR from model.init_from has {n_model}")
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None:
+            self.check_data(dm)
         strategy = self.trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, FSDPStrategy):
             if self.ema is not None:
