@@ -145,8 +145,11 @@ def settings_differing(saved: dict | None, here: dict) -> list[str]:
     weights and differs between a checkpoint's run (``saved``) and this one, both having it."""
     if not saved:
         return []
-    keep = lambda flat: {k: v for k, v in flat.items() if k.split(".")[0] not in NOT_SHAPING}  # noqa: E731
-    a, b = keep(_flat(dict(saved))), keep(_flat(dict(here)))
+
+    def shaping(hparams: dict) -> dict[str, Any]:
+        return {k: v for k, v in _flat(dict(hparams)).items() if k.split(".")[0] not in NOT_SHAPING}
+
+    a, b = shaping(saved), shaping(here)
     # a key only one side has is a setting of another version (its default there is not recorded)
     return [f"model.{k}={a[k]} (here {b[k]})" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
 

@@ -62,7 +62,8 @@ def _saved_with(ckpt: str) -> tuple[dict, set[str]] | None:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("varctl"), dict):
         return None
-    return dict(obj.get("hyper_parameters") or {}), set(obj["varctl"]) if file == path else set()
+    kinds = set(obj["varctl"]) if file == path else set()
+    return dict(obj.get("hyper_parameters") or {}), kinds
 
 
 def _fill_from_checkpoint(cfg: DictConfig, ckpt: str) -> list[str]:

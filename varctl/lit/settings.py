@@ -53,6 +53,11 @@ class OptimizerSettings(Settings):
     final_lr_fraction: float = 0.0
 
 
+def _values(value) -> list:
+    """A setting given as a number or one per scale, as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 @dataclass
 class Sampling(Settings):
     """Arguments of ``VAR.generate``: guidance and filtering (scalars or one value per scale) and a seed."""
@@ -81,9 +86,8 @@ class Sampling(Settings):
 
     def __post_init__(self):
         """The values ``generate`` would refuse, refused now (before a run starts), naming the section."""
-        listed = lambda v: list(v) if isinstance(v, (list, tuple)) else [v]  # noqa: E731 (scalar or per scale)
         try:
-            check_sampling_args(listed(self.top_k), listed(self.top_p), listed(self.temperature))
+            check_sampling_args(*(_values(v) for v in (self.top_k, self.top_p, self.temperature)))
             TokenPruning.of(self.token_pruning)
             for key in ("skip_guidance_from", "draft_scales"):
                 if getattr(self, key) is not None and getattr(self, key) < 0:
