@@ -11,6 +11,7 @@ Legend: B batch, C latent channels, h w latent size, pn side of one scale, S sca
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -34,6 +35,11 @@ from varctl.metrics import codebook
 from varctl.metrics.reconstruction import reconstruction_metrics
 from varctl.models.discriminator import PatchDiscriminator
 from varctl.models.vqvae import VQVAE
+
+# Lightning warns that with manual optimization ModelCheckpoint saves the weights after the step's update:
+# that is the state at global_step, which a resume continues from, as under automatic optimization; the
+# warning's 15 lines of example code were noise on every tokenizer run
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 # the tokenizer's default recipe (VQGAN's optimiser): no lr scaling, no weight decay, a constant lr
 RECIPE = {"lr_scale_by_batch": False, "betas": (0.5, 0.9), "weight_decay": 0.0, "decay": "constant"}
