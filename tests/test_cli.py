@@ -295,9 +295,18 @@ def test_a_checkpoint_that_does_not_fit_the_config_names_the_settings_of_its_run
         assert f"config error: {ckpt} does not fit the model this config builds" in err
         assert weights in err and setting in err and "RuntimeError" not in err
     assert not (tmp_path / "maps" / "generated").exists()
+    assert not (tmp_path / "runs").exists()  # the run directory it made is gone: nothing written
+    # in the checkpoint's own run directory, only what the failed start wrote is taken back
+    run_dir = tmp_path / "own" / "control" / "v1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(ckpt.read_bytes())
+    (run_dir / "config_predict.yaml").write_text("an earlier predict's config")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    mismatched = ["model.control.injector=ecm", "model.control.feature_dim=8", "model.ema_decay=0.5"]
+    assert main([*args, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", *mismatched]) == 2
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
     # the first version's file records no injector: the message says so instead of guessing
-    assert main([*args, "model.control.injector=ecm", "model.control.feature_dim=8", "model.ema_decay=0.5",
-                 f"ckpt_path={LEGACY / 'control.ckpt'}"]) == 2  # fmt: skip
+    assert main([*args, *mismatched, f"ckpt_path={LEGACY / 'control.ckpt'}"]) == 2
     assert "None of the settings its run recorded differs" in capsys.readouterr().err
     # the settings it names are the ones that load it
     fitting = ["model.control.injector=scalar", "model.control.feature_dim=8", "model.ema_decay=0.5"]

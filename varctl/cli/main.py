@@ -212,7 +212,7 @@ def _run(command: str, data: dict, config_file: str | Path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from varctl.callbacks import EvaluationWriter, ImageWriter
-    from varctl.checkpoints import AtomicCheckpointIO
+    from varctl.checkpoints import AtomicCheckpointIO, CheckpointMismatch
     from varctl.cli.config import ConfigError, as_yaml
     from varctl.files import atomic_write_text
 
@@ -252,6 +252,8 @@ def _run(command: str, data: dict, config_file: str | Path):
     trainer = instantiate(data["trainer"], _convert_="all", logger=logger, callbacks=callbacks)
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic in their own folder, finite weights only
 
+    existing = set(log_dir.iterdir()) if log_dir.is_dir() else set()
+    made = [d for d in (log_dir, log_dir.parent, log_dir.parent.parent) if not d.exists()]  # run, name, root
     if trainer.is_global_zero:
         log_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(_fresh(log_dir / f"config_{command}.yaml"), as_yaml(data))
@@ -260,17 +262,34 @@ def _run(command: str, data: dict, config_file: str | Path):
             flush=True,
         )
 
-    if command == "fit":
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
-    elif command == "validate":
-        trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)
-    elif command == "test":
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
-    else:
-        trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt, return_predictions=False)
+    try:
+        if command == "fit":
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+        elif command == "validate":
+            trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)
+        elif command == "test":
+            trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
+        else:
+            trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt, return_predictions=False)
+            if trainer.is_global_zero:
+                print(f"varctl predict: images written to {out_dir}", flush=True)
+    except CheckpointMismatch:  # the run never started: take back its config and logger files
         if trainer.is_global_zero:
-            print(f"varctl predict: images written to {out_dir}", flush=True)
+            _remove_new_files(log_dir, existing, made)
+        raise
     return trainer
+
+
+def _remove_new_files(log_dir: Path, existing: set[Path], made: list[Path]) -> None:
+    """Delete what a run that never started wrote: the files of ``log_dir`` that were not there before it
+    (its config, the logger's empty event file), then the directories it made, where they are empty."""
+    if log_dir.is_dir():
+        for path in log_dir.iterdir():
+            if path not in existing and path.is_file():
+                path.unlink()
+    for folder in made:  # the run directory first, then its parents
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 if __name__ == "__main__":
