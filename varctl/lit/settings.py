@@ -90,8 +90,9 @@ class Sampling(Settings):
             check_sampling_args(*(_values(v) for v in (self.top_k, self.top_p, self.temperature)))
             TokenPruning.of(self.token_pruning)
             for key in ("skip_guidance_from", "draft_scales"):
-                if getattr(self, key) is not None and getattr(self, key) < 0:
-                    raise ValueError(f"{key} must be a scale index >= 0, found {getattr(self, key)}")
+                value = getattr(self, key)
+                if value is not None and value < 0:
+                    raise ValueError(f"{key} must be a scale index >= 0, found {value}")
         except ValueError as e:
             raise ValueError(f"{self.section}.{e}") from None
         if self.refiner is not None:
@@ -138,7 +139,7 @@ class Predictions(Sampling):
     def __post_init__(self):
         super().__post_init__()
         if self.num_per_condition < 1:
-            raise ValueError(f"predict.num_per_condition must be >= 1, found {self.num_per_condition}")
+            raise ValueError(f"{self.section}.num_per_condition must be >= 1, found {self.num_per_condition}")
 
     def jobs(self, text: bool, num_classes: int, class_name: Callable[[int], str]) -> list[tuple[Any, str]]:
         """(condition, file name) of every image to draw, for a text or a class model."""
