@@ -167,6 +167,32 @@ def fake_run(root: Path, stage: str, version: str, config: dict | None = None) -
     return ckpt
 
 
+def test_a_run_prints_what_concerns_it(toy_conf):
+    """Not Lightning's tips, its own deprecation warning or its note on the trainer's default test limit."""
+    out = _cli("fit", "-c", str(toy_conf), "trainer.max_steps=1", "trainer.val_check_interval=1")
+    assert out.returncode == 0, out.stderr
+    printed = out.stdout + out.stderr
+    assert "run directory" in printed
+    for noise in ("Tip:", "LeafSpec", "limit_test_batches"):
+        assert noise not in printed
+
+
+def test_only_frozen_modules_in_eval_mode_silence_lightnings_warning():
+    from varctl.cli.main import _eval_modules_frozen
+
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert _eval_modules_frozen(model)  # all in train mode
+    model[1].eval()
+    assert not _eval_modules_frozen(model)  # a module that trains, in eval mode: Lightning's warning stays
+    model[1].requires_grad_(False)
+    assert _eval_modules_frozen(model)  # frozen and in eval mode, as the stages' tokenizer
+    model[0].weight.requires_grad_(False)
+    model.eval()
+    assert not _eval_modules_frozen(model)  # the bias of model[0] still trains
+    assert not _eval_modules_frozen(object())
+
+
 def test_control_stage_without_paths_uses_the_newest_earlier_runs(tmp_path):
     from varctl.cli.config import compose
     from varctl.cli.earlier import fill_earlier_stages

@@ -169,7 +169,7 @@ def test_two_ddp_processes_read_disjoint_samples_and_resume(scenes, tmp_path):
     assert [rank[stopped:] for rank in whole] == resumed
 
 
-def test_the_var_stage_fits_on_shards_through_the_cli(scenes, tokenizer_file, tmp_path):
+def test_the_var_stage_fits_on_shards_through_the_cli(scenes, tokenizer_file, tmp_path, recwarn):
     args = ["fit", "-c", str(ROOT / "conf" / "var.yaml"), f"model.tokenizer={tokenizer_file}",
             "model.var.depth=2", "+model.var.embed_dim=64", "+model.var.num_heads=2", "data=shards",
             f"data.root={scenes}", "data.batch_size=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
@@ -177,6 +177,9 @@ def test_the_var_stage_fits_on_shards_through_the_cli(scenes, tokenizer_file, tm
             f"run.root={tmp_path}"]  # fmt: skip
     assert varctl(args) == 0
     assert (next((tmp_path / "var").iterdir()) / "checkpoints" / "last.ckpt").is_file()
+    # no warning from Lightning about the frozen tokenizer's eval mode, or its own deprecated call into torch
+    warned = [str(w.message) for w in recwarn]
+    assert not [w for w in warned if "eval mode" in w or "LeafSpec" in w], warned
 
 
 def test_the_converter_writes_atomically_and_refuses_to_overwrite(scenes, tmp_path, capsys, monkeypatch):

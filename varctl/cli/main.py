@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 SUBCOMMANDS = {
@@ -216,6 +218,7 @@ def _run(command: str, data: dict, config_file: str | Path):
     from varctl.cli.config import ConfigError, as_yaml
     from varctl.files import atomic_write_text
 
+    _quiet_lightning()
     ckpt = data.get("ckpt_path")
     _check_ckpt(ckpt, config_file)  # before anything is built or written: a failed start leaves no run
     _check_run_root((data.get("run") or {}).get("root", "runs"), config_file)
@@ -263,21 +266,51 @@ def _run(command: str, data: dict, config_file: str | Path):
         )
 
     try:
-        if command == "fit":
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
-        elif command == "validate":
-            trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)
-        elif command == "test":
-            trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
-        else:
-            trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt, return_predictions=False)
-            if trainer.is_global_zero:
-                print(f"varctl predict: images written to {out_dir}", flush=True)
+        with warnings.catch_warnings():
+            if _eval_modules_frozen(model):  # the frozen tokenizer (and backbone) are in eval mode on purpose
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            _call(trainer, command, model, datamodule, ckpt, out_dir)
     except CheckpointMismatch:  # the run never started: take back its config and logger files
         if trainer.is_global_zero:
             _remove_new_files(log_dir, existing, made)
         raise
     return trainer
+
+
+def _call(trainer, command: str, model, datamodule, ckpt: str | None, out_dir: Path) -> None:
+    if command == "fit":
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    elif command == "validate":
+        trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)
+    elif command == "test":
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
+    else:
+        trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt, return_predictions=False)
+        if trainer.is_global_zero:
+            print(f"varctl predict: images written to {out_dir}", flush=True)
+
+
+def _is_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def _quiet_lightning() -> None:
+    """Drop what Lightning prints on every run that does not concern the run: its advertising tips (litlogger,
+    litmodels) and the deprecation warning that its own ``_pytree`` module raises in torch."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _is_tip not in log.filters:
+        log.addFilter(_is_tip)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def _eval_modules_frozen(model) -> bool:
+    """Whether every module of ``model`` in eval mode is frozen too (no parameter that trains): then
+    Lightning's warning about modules in eval mode at the start of training is about a choice, not a slip."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return False
+    return all(not p.requires_grad for m in model.modules() if not m.training for p in m.parameters())
 
 
 def _remove_new_files(log_dir: Path, existing: set[Path], made: list[Path]) -> None:
