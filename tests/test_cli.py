@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -221,13 +222,13 @@ LEGACY = ROOT / "tests" / "fixtures" / "legacy"
 
 def test_a_checkpoint_names_the_earlier_stages_it_was_trained_on(tmp_path):
     """With ckpt_path, ``auto`` is what that run was trained on (its hyper-parameters), where those files
-    exist, else the checkpoint itself; never the newest runs under run.root. A file that is no varctl
-    checkpoint leaves the newest runs (and the ckpt_path check names it later)."""
-    from varctl.cli.config import compose
+    exist, else the checkpoint itself; never the newest runs under run.root. A damaged checkpoint is named
+    first."""
+    from varctl.cli.config import ConfigError, compose
     from varctl.cli.earlier import fill_earlier_stages
 
     newer_tok = fake_run(tmp_path, "tokenizer", "v9")
-    newer_var = fake_run(tmp_path, "var", "v9", {"model": {"tokenizer": str(newer_tok)}})
+    fake_run(tmp_path, "var", "v9", {"model": {"tokenizer": str(newer_tok)}})  # newer runs, never taken
     ckpt = LEGACY / "control.ckpt"  # its recorded tokenizer and VAR (tests/data/legacy/...) are gone
     cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={ckpt}"])
     chosen = fill_earlier_stages(cfg, "conf/control.yaml")
@@ -255,15 +256,18 @@ def test_a_checkpoint_names_the_earlier_stages_it_was_trained_on(tmp_path):
     cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={sharded}"])
     fill_earlier_stages(cfg, "conf/control.yaml")
     assert cfg.model.init_from == str(var) and cfg.model.tokenizer == str(tok)
-    var.unlink()
+    var.unlink()  # gone, and the sharded checkpoint holds no VAR file: never the newest VAR in its place
     cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={sharded}"])
-    fill_earlier_stages(cfg, "conf/control.yaml")
-    assert cfg.model.init_from == str(newer_var) and cfg.model.tokenizer == str(tok)
+    with pytest.raises(ConfigError, match=f"trained on {var}, which is gone.*set model.init_from=PATH"):
+        fill_earlier_stages(cfg, "conf/control.yaml")
 
+    # a damaged or missing checkpoint is named as such, not as earlier stages to train first
+    empty = tmp_path / "empty"
     (tmp_path / "not_a.ckpt").write_bytes(b"damaged")
-    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"ckpt_path={tmp_path / 'not_a.ckpt'}"])
-    fill_earlier_stages(cfg, "conf/control.yaml")
-    assert cfg.model.init_from == str(newer_var) and cfg.model.tokenizer == str(newer_tok)
+    for bad, problem in (("not_a.ckpt", "is damaged or not a checkpoint"), ("typo.ckpt", "does not exist")):
+        cfg = compose(CONF / "control.yaml", [f"run.root={empty}", f"ckpt_path={tmp_path / bad}"])
+        with pytest.raises(ConfigError, match=f"ckpt_path: checkpoint {tmp_path / bad} {problem}"):
+            fill_earlier_stages(cfg, "conf/control.yaml")
 
 
 def test_a_control_checkpoint_alone_draws_a_job(tmp_path, capsys):

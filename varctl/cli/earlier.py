@@ -48,7 +48,7 @@ def _run_tokenizer(var_ckpt: Path) -> str | None:
 
 def _saved_with(ckpt: str) -> tuple[dict, set[str]] | None:
     """(hyper-parameters, model kinds whose weights the file holds) of a varctl Lightning checkpoint, or
-    None when it is not one (a damaged file is named later, by the ckpt_path check). A sharded checkpoint
+    None when it is not one (a damaged file is named first, by ``check_checkpoint``). A sharded checkpoint
     (a directory) records its hyper-parameters in ``meta.pt``; its weights are not read as one file."""
     import torch
 
@@ -66,7 +66,7 @@ def _saved_with(ckpt: str) -> tuple[dict, set[str]] | None:
     return dict(obj.get("hyper_parameters") or {}), kinds
 
 
-def _fill_from_checkpoint(cfg: DictConfig, ckpt: str) -> list[str]:
+def _fill_from_checkpoint(cfg: DictConfig, ckpt: str, config_file: str | Path, strict: bool) -> list[str]:
     """``auto`` keys from the run that wrote ``ckpt`` (module docstring)."""
     saved = _saved_with(ckpt)
     if saved is None:
@@ -77,10 +77,16 @@ def _fill_from_checkpoint(cfg: DictConfig, ckpt: str) -> list[str]:
         if not _auto(cfg, key):
             continue
         recorded = hparams.get(key.split(".")[1])
-        if isinstance(recorded, str) and recorded != AUTO and Path(recorded).is_file():
+        recorded = recorded if isinstance(recorded, str) and recorded != AUTO else None
+        if recorded is not None and Path(recorded).is_file():
             value, why = recorded, f"the {what} that ckpt_path's run was trained on"
         elif kind in kinds:
             value, why = ckpt, f"ckpt_path holds the {what}'s weights"
+        elif recorded is not None and strict:  # a sharded checkpoint: never another run in its place
+            raise ConfigError(
+                f"{config_file}: {key}=auto: ckpt_path's run was trained on {recorded}, which is gone, and "
+                f"{ckpt} (sharded) holds no {what} file to load it from; set {key}=PATH to that {what}"
+            )
         else:
             continue
         OmegaConf.update(cfg, key, value)
@@ -96,7 +102,14 @@ def fill_earlier_stages(cfg: DictConfig, config_file: str | Path, strict: bool =
         return []
     root = OmegaConf.select(cfg, "run.root") or "runs"
     ckpt = OmegaConf.select(cfg, "ckpt_path", default=None)
-    chosen = _fill_from_checkpoint(cfg, str(ckpt)) if ckpt else []
+    if ckpt and strict:  # a damaged or missing checkpoint is named before anything is taken in its place
+        from varctl.checkpoints import check_checkpoint
+
+        try:
+            check_checkpoint(str(ckpt))
+        except ValueError as e:
+            raise ConfigError(f"{config_file}: ckpt_path: {e}") from None
+    chosen = _fill_from_checkpoint(cfg, str(ckpt), config_file, strict) if ckpt else []
 
     def missing(stage: str, key: str) -> None:
         if not strict:
