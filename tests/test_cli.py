@@ -318,15 +318,21 @@ def test_a_checkpoint_that_does_not_fit_the_config_names_the_settings_of_its_run
             "of its weights have no place here (ema.n_averaged",
             "Its run was trained with model.ema_decay=0.5 (here 0.0)",
         ),
+        ("model.control.injector=scalar", "model.control.feature_dim=16"): (  # other shapes and extra keys
+            "of its weights have no place here (ema.n_averaged",
+            "weights have other shapes (model.control.injector.proj_weight (1, 3, 8, 32) in the file",
+            "model.control.feature_dim=8 (here 16)",
+            "model.ema_decay=0.5 (here 0.0)",
+        ),
     }
-    for overrides, (weights, setting) in cases.items():
+    for overrides, expected in cases.items():
         assert main([*args, *overrides]) == 2
         err = capsys.readouterr().err
         assert f"config error: {ckpt} does not fit the model this config builds" in err
-        assert weights in err and setting in err and "RuntimeError" not in err
+        assert all(part in err for part in expected) and "RuntimeError" not in err, err
     assert not (tmp_path / "maps" / "generated").exists()
-    assert not (tmp_path / "runs").exists()  # the run directory it made is gone: nothing written
-    # in the checkpoint's own run directory, only what the failed start wrote is taken back
+    assert not (tmp_path / "runs").exists()  # checked before the run starts: nothing written
+    # nor in the checkpoint's own run directory
     run_dir = tmp_path / "own" / "control" / "v1"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(ckpt.read_bytes())
@@ -342,6 +348,26 @@ def test_a_checkpoint_that_does_not_fit_the_config_names_the_settings_of_its_run
     fitting = ["model.control.injector=scalar", "model.control.feature_dim=8", "model.ema_decay=0.5"]
     assert main([*args, *fitting]) == 0
     assert (tmp_path / "maps" / "generated" / "e.png").is_file()
+
+
+def test_a_load_error_other_than_shapes_keeps_torchs_reason():
+    from varctl.checkpoints import CheckpointMismatch, FitsCheckpoint
+
+    class Model(FitsCheckpoint, torch.nn.Module):
+        hparams: dict = {}  # what a LightningModule records
+
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+    model = Model()
+    state = model.state_dict()
+    with pytest.raises(RuntimeError, match="lin.bias") as caught:
+        model.load_state_dict({**state, "lin.bias": 3})  # not a tensor: no shapes to name
+    assert not isinstance(caught.value, CheckpointMismatch)
+    with pytest.raises(CheckpointMismatch, match=r"1 of its weights have no place here \(extra\)"):
+        model.load_state_dict({**state, "extra": torch.zeros(1)})
+    model.load_state_dict(state)
 
 
 def test_control_stage_on_a_fresh_machine_names_the_commands_to_run_first(tmp_path, capsys):

@@ -164,9 +164,22 @@ def _shape_line(line: str) -> str:
 class FitsCheckpoint:
     """Mixed into the stages' LightningModules: a checkpoint whose state_dict does not fit (strict loading,
     as Lightning restores) raises ``CheckpointMismatch`` naming the file, the weights that differ and the
-    settings of the checkpoint's run that differ from this config's, instead of torch's list of keys."""
+    settings of the checkpoint's run that differ from this config's, instead of torch's list of keys.
+    ``check_fits`` does that before a trainer exists (the CLI calls it), for every strategy."""
 
     _saved_hparams: dict | None = None
+    _checkpoint_path: str | None = None
+
+    def check_fits(self, path: str | os.PathLike) -> None:
+        """Load the checkpoint file ``path`` as Lightning will (its upgrades, strict): a file that does not
+        fit raises ``CheckpointMismatch`` before anything of the run is written. Lightning then loads the
+        same weights again. A sharded checkpoint (a folder) is read by its strategy alone."""
+        if not Path(path).is_file():
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        self._checkpoint_path = str(path)
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"], strict=True)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._saved_hparams = checkpoint.get("hyper_parameters")
@@ -178,15 +191,23 @@ class FitsCheckpoint:
         try:
             result = super().load_state_dict(state_dict, strict=False, assign=assign)
         except RuntimeError as e:  # tensors of other shapes: torch names them, one line each
+            resized = re.findall(r"size mismatch for (\S+):", str(e))
+            if not resized:
+                raise
             shapes = [_shape_line(line) for line in str(e).splitlines() if "size mismatch" in line]
-            raise CheckpointMismatch(self._mismatch(shapes=shapes)) from None
+            # the keys that are missing or extra besides: the rest loaded on its own (the run stops anyway)
+            rest = super().load_state_dict(
+                {k: v for k, v in state_dict.items() if k not in resized}, strict=False, assign=assign
+            )
+            missing = [k for k in rest.missing_keys if k not in resized]
+            raise CheckpointMismatch(self._mismatch(missing, rest.unexpected_keys, shapes)) from None
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointMismatch(self._mismatch(result.missing_keys, result.unexpected_keys))
         return result
 
     def _mismatch(self, missing=(), unexpected=(), shapes=()) -> str:
         trainer = getattr(self, "_trainer", None)
-        path = getattr(trainer, "ckpt_path", None) or "the checkpoint"
+        path = getattr(trainer, "ckpt_path", None) or self._checkpoint_path or "the checkpoint"
         more = " ..." if len(shapes) > 2 else ""
         parts = [
             f"{len(unexpected)} of its weights have no place here ({short_list(list(unexpected), 3)})",

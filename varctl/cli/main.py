@@ -214,7 +214,7 @@ def _run(command: str, data: dict, config_file: str | Path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from varctl.callbacks import EvaluationWriter, ImageWriter
-    from varctl.checkpoints import AtomicCheckpointIO, CheckpointMismatch
+    from varctl.checkpoints import AtomicCheckpointIO
     from varctl.cli.config import ConfigError, as_yaml
     from varctl.files import atomic_write_text
 
@@ -241,6 +241,8 @@ def _run(command: str, data: dict, config_file: str | Path):
             model.check_data(datamodule)  # the data's classes and controls against the model
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{config_file}: data: {e}") from e
+    if ckpt and hasattr(model, "check_fits"):
+        model.check_fits(ckpt)  # weights that do not fit the model: CheckpointMismatch, nothing written yet
 
     callbacks = [
         instantiate(node, _convert_="all") for node in (data.get("callbacks") or {}).values() if node
@@ -255,8 +257,6 @@ def _run(command: str, data: dict, config_file: str | Path):
     trainer = instantiate(data["trainer"], _convert_="all", logger=logger, callbacks=callbacks)
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic in their own folder, finite weights only
 
-    existing = set(log_dir.iterdir()) if log_dir.is_dir() else set()
-    made = [d for d in (log_dir, log_dir.parent, log_dir.parent.parent) if not d.exists()]  # run, name, root
     if trainer.is_global_zero:
         log_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(_fresh(log_dir / f"config_{command}.yaml"), as_yaml(data))
@@ -265,15 +265,10 @@ def _run(command: str, data: dict, config_file: str | Path):
             flush=True,
         )
 
-    try:
-        with warnings.catch_warnings():
-            if _eval_modules_frozen(model):  # the frozen tokenizer (and backbone) are in eval mode on purpose
-                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            _call(trainer, command, model, datamodule, ckpt, out_dir)
-    except CheckpointMismatch:  # the run never started: take back its config and logger files
-        if trainer.is_global_zero:
-            _remove_new_files(log_dir, existing, made)
-        raise
+    with warnings.catch_warnings():
+        if _eval_modules_frozen(model):  # the frozen tokenizer (and backbone) are in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        _call(trainer, command, model, datamodule, ckpt, out_dir)
     return trainer
 
 
@@ -311,18 +306,6 @@ def _eval_modules_frozen(model) -> bool:
     if not isinstance(model, torch.nn.Module):
         return False
     return all(not p.requires_grad for m in model.modules() if not m.training for p in m.parameters())
-
-
-def _remove_new_files(log_dir: Path, existing: set[Path], made: list[Path]) -> None:
-    """Delete what a run that never started wrote: the files of ``log_dir`` that were not there before it
-    (its config, the logger's empty event file), then the directories it made, where they are empty."""
-    if log_dir.is_dir():
-        for path in log_dir.iterdir():
-            if path not in existing and path.is_file():
-                path.unlink()
-    for folder in made:  # the run directory first, then its parents
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
 
 
 if __name__ == "__main__":
