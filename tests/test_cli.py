@@ -370,6 +370,34 @@ def test_a_load_error_other_than_shapes_keeps_torchs_reason():
     model.load_state_dict(state)
 
 
+def test_a_mismatch_names_only_the_settings_that_shape_weights():
+    from varctl.checkpoints import settings_differing
+    from varctl.lit.control import ControlModule
+
+    saved = {
+        "ema_decay": 0.5,
+        "train_backbone": False,
+        "alignment_weight": 1.0,
+        "scale_sampling": "all",
+        "var": {"depth": 4, "cond_drop_rate": 0.1},
+        "control": {"blocks": (0, 1), "control_drop_rate": 0.1},
+    }
+    here = {
+        "ema_decay": 0.9,
+        "train_backbone": True,
+        "alignment_weight": 0.5,
+        "scale_sampling": "early",
+        "var": {"depth": 6, "cond_drop_rate": 0.2},
+        "control": {"blocks": [0, 1], "control_drop_rate": 0.3},
+    }
+    assert settings_differing(saved, here, ControlModule.free_settings) == ["model.var.depth=4 (here 6)"]
+    here.update(ema_decay=0.0, control={"blocks": [0, 2]})  # no average kept; other blocks controlled
+    assert settings_differing(saved, here, ControlModule.free_settings) == [
+        "model.control.blocks=(0, 1) (here [0, 2])", "model.ema_decay=0.5 (here 0.0)",
+        "model.var.depth=4 (here 6)",
+    ]  # fmt: skip
+
+
 def test_control_stage_on_a_fresh_machine_names_the_commands_to_run_first(tmp_path, capsys):
     start = time.perf_counter()
     assert main(["fit", "-c", str(CONF / "control.yaml"), f"run.root={tmp_path}"]) == 2

@@ -25,10 +25,13 @@ from varctl.files import atomic_save
 TMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<random>.tmp beside the target
 
 
-# hyper-parameters that do not shape the weights: left out when a checkpoint does not fit (files and sampling)
+# hyper-parameters that do not shape the weights: left out when a checkpoint does not fit (files, sampling,
+# training settings); the stages add their models' own (``FitsCheckpoint.free_settings``)
 NOT_SHAPING = frozenset(
     {"tokenizer", "init_from", "control_init_from", "token_cache", "compile_mode", "optimizer", "samples",
-     "predict", "scores", "evaluation", "metric_annotators", "label_smoothing"}
+     "predict", "scores", "evaluation", "metric_annotators", "label_smoothing", "ema_warmup",
+     "train_backbone", "alignment_weight", "scale_loss_weights", "scale_sampling", "recon_loss",
+     "recon_weight", "vq_weight", "gradient_clip_val", "codebook"}
 )  # fmt: skip
 
 
@@ -140,18 +143,25 @@ def _flat(d, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def settings_differing(saved: dict | None, here: dict) -> list[str]:
+def settings_differing(saved: dict | None, here: dict, free: tuple[str, ...] = ()) -> list[str]:
     """``model.KEY=<checkpoint's value> (here <this run's>)`` for each hyper-parameter that may shape the
-    weights and differs between a checkpoint's run (``saved``) and this one, both having it."""
+    weights and differs between a checkpoint's run (``saved``) and this one, both having it. ``free``: more
+    keys (flattened, e.g. ``var.cond_drop_rate``) that shape nothing."""
     if not saved:
         return []
 
     def shaping(hparams: dict) -> dict[str, Any]:
-        return {k: v for k, v in _flat(dict(hparams)).items() if k.split(".")[0] not in NOT_SHAPING}
+        flat = _flat(dict(hparams))
+        return {k: v for k, v in flat.items() if k.split(".")[0] not in NOT_SHAPING and k not in free}
+
+    def same(key: str, a, b) -> bool:
+        if key == "ema_decay":  # an average is kept or not; its decay shapes nothing
+            return ((a or 0) > 0) == ((b or 0) > 0)
+        return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
 
     a, b = shaping(saved), shaping(here)
     # a key only one side has is a setting of another version (its default there is not recorded)
-    return [f"model.{k}={a[k]} (here {b[k]})" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+    return [f"model.{k}={a[k]} (here {b[k]})" for k in sorted(a.keys() & b.keys()) if not same(k, a[k], b[k])]
 
 
 def _shape_line(line: str) -> str:
@@ -169,6 +179,7 @@ class FitsCheckpoint:
 
     _saved_hparams: dict | None = None
     _checkpoint_path: str | None = None
+    free_settings: tuple[str, ...] = ()  # flattened hyper-parameters of the models that shape no weight
 
     def check_fits(self, path: str | os.PathLike) -> None:
         """Load the checkpoint file ``path`` as Lightning will (its upgrades, strict): a file that does not
@@ -215,7 +226,7 @@ class FitsCheckpoint:
             f"{len(shapes)} weights have other shapes ({'; '.join(shapes[:2])}{more})",
         ]
         parts = [part for part, n in zip(parts, (unexpected, missing, shapes)) if n]
-        differ = settings_differing(self._saved_hparams, dict(self.hparams))
+        differ = settings_differing(self._saved_hparams, dict(self.hparams), self.free_settings)
         hint = (
             f". Its run was trained with {short_list(differ, 6)}: give those settings on the command line"
             if differ

@@ -25,7 +25,7 @@ from varctl.lit.legacy import upgrade_control_keys
 from varctl.lit.settings import ControlScores, Evaluation, OptimizerSettings, Predictions, Samples
 from varctl.lit.var import VARModule
 from varctl.metrics.control import build_control_metrics
-from varctl.models.control import ControlBranch, ControlledVAR, shape_of
+from varctl.models.control import ControlBranch, ControlConfig, ControlledVAR, shape_of
 from varctl.models.var import VAR
 
 
@@ -47,6 +47,8 @@ class ControlModule(VARModule):
         metric_annotators: depth / segmentation annotators to score samples with (no built-in models), e.g.
             ``{depth: {_target_: datamodules.TorchScriptAnnotator, path: dpt.pt}}``; never stored.
     """
+
+    free_settings = VARModule.free_settings + tuple(f"control.{k}" for k in ControlConfig.free_on_load)
 
     def __init__(
         self,

@@ -36,6 +36,7 @@ from varctl.lit.sharding import ignore_in_fsdp1, shard_var
 from varctl.metrics.tokens import ScaleMetrics
 from varctl.models.text import TextEncoder
 from varctl.models.var import VAR
+from varctl.models.var_config import VARConfig
 from varctl.models.vqvae import VQVAE
 
 
@@ -85,6 +86,8 @@ class VARModule(FitsCheckpoint, L.LightningModule):
             compile each block in place after FSDP2 sharding, "reduce-overhead" the whole teacher-forcing
             forward with CUDA graphs; null (default) runs eagerly.
     """
+
+    free_settings = tuple(f"var.{k}" for k in VARConfig.free_on_load)  # FitsCheckpoint: no weight's shape
 
     def __init__(
         self,
