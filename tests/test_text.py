@@ -109,3 +109,9 @@ def test_missing_pretrained_fails_fast_naming_the_setting(tmp_path):
         TextEncoder("ViT-B-32", pretrained="no_such_tag")
     with pytest.raises(ValueError, match=r"model\.text_encoder\.name='ViT-Nope'"):
         TextEncoder("ViT-Nope", pretrained=None)
+    # a local file of another model is open_clip's error, not "not in the cache", offline too
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pt")
+    tiny = {"embed_dim": 16, "text_cfg": TINY_TEXT}
+    with pytest.raises(RuntimeError, match=r"(?s)other\.pt': open_clip could not load.*Missing key") as e:
+        TextEncoder("ViT-B-32", pretrained=str(tmp_path / "other.pt"), model_cfg=tiny)
+    assert not isinstance(e.value, FileNotFoundError)

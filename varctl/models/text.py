@@ -129,9 +129,14 @@ def _load_clip(
             require_pretrained=pretrained is not None,
             **kwargs,
         )
-    except RuntimeError as e:  # offline, the weights are a file missing from the cache (a config error)
+    except RuntimeError as e:
+        if not _missing_file(e):  # a file of another model, a damaged one: open_clip's reason
+            said = str(e) if len(str(e)) <= 400 else f"{str(e)[:400]} ..."  # not every missing key
+            message = f"{PRETRAINED_KEY}={pretrained!r}: open_clip could not load {name!r}: {said}"
+            raise RuntimeError(message) from e
+        # weights missing from the cache (offline) or not downloadable: a config error
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        raise (FileNotFoundError if offline else RuntimeError)(
+        raise FileNotFoundError(
             f"{PRETRAINED_KEY}={pretrained!r}: could not load open_clip weights for {name!r}"
             f"{' (HF_HUB_OFFLINE is set and they are not in the cache)' if offline else ''}. Download them "
             f"once on a machine with network into open_clip's cache (cache_dir={cache_dir!r}, default the "
@@ -139,6 +144,16 @@ def _load_clip(
             f"weights (demo only). open_clip said: {e}"
         ) from e
     return model
+
+
+def _missing_file(error: BaseException | None) -> bool:
+    """Whether ``error`` or an exception it was raised from is a missing file (huggingface_hub's
+    LocalEntryNotFoundError, offline, is one)."""
+    while error is not None:
+        if isinstance(error, FileNotFoundError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class TextEncoder(nn.Module):
