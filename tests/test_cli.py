@@ -182,15 +182,25 @@ def test_only_frozen_modules_in_eval_mode_silence_lightnings_warning():
     from varctl.cli.main import _eval_modules_frozen
 
     nn = torch.nn
-    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-    assert _eval_modules_frozen(model)  # all in train mode
-    model[1].eval()
-    assert not _eval_modules_frozen(model)  # a module that trains, in eval mode: Lightning's warning stays
-    model[1].requires_grad_(False)
-    assert _eval_modules_frozen(model)  # frozen and in eval mode, as the stages' tokenizer
-    model[0].weight.requires_grad_(False)
-    model.eval()
-    assert not _eval_modules_frozen(model)  # the bias of model[0] still trains
+
+    def model():  # a "tokenizer" with a dropout, and a block that trains with its own dropout
+        return nn.ModuleDict({"vae": nn.Sequential(nn.Linear(2, 2), nn.Dropout()),
+                              "block": nn.Sequential(nn.Linear(2, 2), nn.Dropout())})  # fmt: skip
+
+    m = model()
+    assert _eval_modules_frozen(m)  # all in train mode
+    m["vae"].eval().requires_grad_(False)
+    assert _eval_modules_frozen(m)  # the frozen part in eval mode, its dropout with it
+    m["block"][1].eval()
+    assert not _eval_modules_frozen(m)  # a dropout left in eval mode in a block that trains
+    m = model()
+    m["vae"].eval()
+    assert not _eval_modules_frozen(m)  # in eval mode but training
+    m["vae"].requires_grad_(False)
+    m["vae"][0].bias.requires_grad_(True)
+    assert not _eval_modules_frozen(m)  # its bias still trains
+    m = model().eval().requires_grad_(False)
+    assert _eval_modules_frozen(m)  # everything frozen
     assert not _eval_modules_frozen(object())
 
 

@@ -299,13 +299,24 @@ def _quiet_lightning() -> None:
 
 
 def _eval_modules_frozen(model) -> bool:
-    """Whether every module of ``model`` in eval mode is frozen too (no parameter that trains): then
-    Lightning's warning about modules in eval mode at the start of training is about a choice, not a slip."""
+    """Whether every module of ``model`` in eval mode lies in a frozen part of it (a module in eval mode with
+    parameters, none of which trains: the tokenizer, a frozen backbone): then Lightning's warning about
+    modules in eval mode at the start of training is about a choice, not a slip (a dropout left in eval
+    mode in a block that trains still warns)."""
     import torch
 
     if not isinstance(model, torch.nn.Module):
         return False
-    return all(not p.requires_grad for m in model.modules() if not m.training for p in m.parameters())
+    frozen = []
+    for name, module in model.named_modules():
+        params = list(module.parameters())
+        if not module.training and params and not any(p.requires_grad for p in params):
+            frozen.append(name)
+
+    def inside(name: str) -> bool:
+        return any(root == "" or name == root or name.startswith(f"{root}.") for root in frozen)
+
+    return all(inside(name) for name, module in model.named_modules() if not module.training)
 
 
 if __name__ == "__main__":
