@@ -45,7 +45,10 @@ def job_step(module, batch: dict, control: bool) -> dict:
 
 
 def _draw(module, batch, rows, overrides, present, edit, control: bool) -> torch.Tensor:
-    sampling = dataclasses.replace(module.predictions, **overrides)
+    try:
+        sampling = dataclasses.replace(module.predictions, **overrides)
+    except ValueError as e:  # a value of the job's own columns, not of the config's predict section
+        raise ValueError(f"the job's {str(e).removeprefix(f'{module.predictions.section}.')}") from None
     kwargs = module.sampling_kwargs(sampling, control=control)
     kwargs["seed"] = [int(batch["seed"][i]) for i in rows]
     idx = torch.tensor(rows, device=batch["image"].device)
