@@ -14,7 +14,8 @@ the items without them where the dataset can: no image is decoded or drawn. A ra
 and is refused.
 
 The folder is written atomically (a temporary folder, renamed), and the arrays are memory-mapped when read,
-so a cache larger than memory works.
+so a cache larger than memory works. Only a new or empty folder, or a cache, takes a cache: a folder of other
+files is refused before the run (``check_cache_folder``), never replaced.
 
 Legend: N images, L tokens per image (all scales).
 """
@@ -24,14 +25,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from varctl.files import atomic_dir
 
 FORMAT = "varctl-token-cache-1"
 
@@ -98,25 +99,17 @@ class TokenCache:
         return cls.load(path, meta)
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the cache to the folder ``path`` atomically; ``path`` must be new, empty or a cache
+        (``check_cache_folder``): nothing else is ever replaced."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        check_cache_folder(path)
+        with atomic_dir(path, overwrite=path.exists()) as tmp:
             np.save(tmp / "tokens.npy", self.tokens)
             if self.flipped is not None:
                 np.save(tmp / "tokens_flipped.npy", self.flipped)
             shape = {"num_images": len(self.tokens), "tokens_per_image": int(self.tokens.shape[1])}
             meta = {"format": FORMAT, **self.meta, **shape, "flipped": self.flipped is not None}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if path.exists():  # an older cache (refused as stale by the caller before it asked for this)
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod
@@ -142,6 +135,28 @@ class TokenCache:
         if len(tokens) != meta.get("num_images") or (flipped is not None and flipped.shape != tokens.shape):
             raise StaleTokenCache(f"token cache {path}: arrays do not match meta.json; delete it to rebuild")
         return cls(tokens, flipped, meta)
+
+
+def check_cache_folder(path: str | os.PathLike, key: str = "model.token_cache") -> None:
+    """``path`` may take a token cache: it is absent, an empty folder or a cache already (``load`` then
+    checks it). A file, or a folder of other files, is refused (ValueError naming ``key``): a cache is
+    written by replacing the folder, and a user's folder must never be replaced."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"{key}={path}: a file, expected a folder for the token cache")
+    if not any(path.iterdir()):
+        return
+    try:
+        fmt = json.loads((path / "meta.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != FORMAT:
+        raise ValueError(
+            f"{key}={path}: the folder holds other files and is not a varctl token cache (no meta.json of "
+            f"{FORMAT}); name a new or empty folder for the cache (nothing in this one was touched)"
+        )
 
 
 class CachedTokens(Dataset):

@@ -104,6 +104,29 @@ def test_a_cache_of_another_tokenizer_or_data_is_refused(tokenizer_file, tmp_pat
     fit(var_module(tokenizer_file, token_cache=cache), tmp_path, steps=1, batch_size=4)
 
 
+def test_a_folder_of_other_files_never_takes_a_cache(tokenizer_file, tmp_path):
+    """model.token_cache naming a user's folder is refused before the run; the folder is untouched."""
+    mine = tmp_path / "my_dataset"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "photos" / "precious.jpg").write_bytes(b"a photo")
+    with pytest.raises(ValueError, match=r"model\.token_cache=.*my_dataset: the folder holds other files"):
+        var_module(tokenizer_file, token_cache=str(mine))
+    cache = TokenCache(np.zeros((2, 3), np.int16), None, {})
+    with pytest.raises(ValueError, match="not a varctl token cache"):
+        cache.save(mine)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="a file, expected a folder"):
+        cache.save(tmp_path / "a_file")
+    assert (mine / "photos" / "precious.jpg").read_bytes() == b"a photo"
+    (tmp_path / "empty").mkdir()
+    cache.save(tmp_path / "empty")  # an empty folder, or a cache, takes one
+    cache.save(tmp_path / "empty")
+    assert TokenCache.load(tmp_path / "empty", {}).tokens.shape == (2, 3)
+    (tmp_path / "made").mkdir()
+    mode = (tmp_path / "empty").stat().st_mode & 0o777
+    assert mode == (tmp_path / "made").stat().st_mode & 0o777 != 0o700  # as mkdir makes it, not mkdtemp
+
+
 def test_random_crops_cannot_be_cached(tokenizer_file, tmp_path):
     class Cropped(torch.utils.data.Dataset):
         crop, train, flip = "random", True, 0.0

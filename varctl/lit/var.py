@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from datamodules.token_cache import CachedTokens, TokenCache
+from datamodules.token_cache import CachedTokens, TokenCache, check_cache_folder
 from varctl.callbacks.images import ImageGrid
 from varctl.checkpoints import FitsCheckpoint
 from varctl.lit import optim
@@ -115,6 +115,8 @@ class VARModule(FitsCheckpoint, L.LightningModule):
         self.evaluation = Evaluation.of(evaluation)
         self.evaluator = None  # made for each test run (varctl.lit.evaluation): never part of the state
         self.evaluation_record: dict | None = None
+        if token_cache:
+            check_cache_folder(token_cache)  # before the run: a folder of other files is never replaced
         self.vae = _named(VQVAE.load, tokenizer, "model.tokenizer").eval().requires_grad_(False)
         self.text_encoder = TextEncoder(**text_encoder) if text_encoder is not None else None
         self.model = self.build_model(self.build_var(var, init_from))
