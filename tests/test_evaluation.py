@@ -174,3 +174,14 @@ def test_the_reference_fingerprint_follows_the_test_files(tmp_path):
     (tmp_path / "data" / "b" / "1.png").write_bytes(b"changed")
     assert split_fingerprint(datamodule(tmp_path / "data"), "test", 4)[1] != first
     assert split_fingerprint(datamodule(tmp_path / "data"), "test", 3)[1] != first  # fewer images
+    # the settings that change pixels count; the order only where it is asked for (a token cache)
+    data = datamodule(tmp_path / "data")
+    now = split_fingerprint(data, "test", 4)[1]
+    data.hparams["crop"] = "none"
+    assert split_fingerprint(data, "test", 4)[1] != now
+    data.hparams["crop"] = None
+    shuffled = datamodule(tmp_path / "data")
+    split = shuffled.dataset("test")
+    split.records.reverse()
+    assert split_fingerprint(shuffled, "test", 4)[1] == split_fingerprint(data, "test", 4)[1]
+    assert split_fingerprint(shuffled, "test", 4, True)[1] != split_fingerprint(data, "test", 4, True)[1]

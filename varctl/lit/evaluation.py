@@ -58,25 +58,32 @@ def sampler_settings(settings, num_scales: int, control: bool = False) -> dict:
 LOADING = ("batch_size", "num_workers")
 
 
-def split_fingerprint(datamodule, split: str, num_images: int) -> tuple[str, str]:
-    """(source, fingerprint) of the first ``num_images`` images of a datamodule's split: its files' names,
-    sizes and times when it reads files, else (built-in data) its settings."""
+# the data settings that change a file's pixels (the files themselves are fingerprinted)
+PIXELS = ("crop", "resolution")
+
+
+def split_fingerprint(datamodule, split: str, num_images: int, ordered: bool = False) -> tuple[str, str]:
+    """(source, fingerprint) of the first ``num_images`` images of a datamodule's split: when it reads files,
+    their names, sizes and times with the settings that change their pixels (``PIXELS``), and with
+    ``ordered`` their order too (a token cache is read by position); else (built-in data) its settings."""
     dataset = datamodule.dataset(split) if hasattr(datamodule, "dataset") else None
     records = getattr(dataset, "records", None)
+    hparams = dict(getattr(datamodule, "hparams", {}) or {})
     settings = {
         "class": type(datamodule).__qualname__,
         "split": split,
         "num_images": num_images,
         # what the images are; how they are batched and loaded does not change them
-        "settings": {
-            k: v for k, v in dict(getattr(datamodule, "hparams", {}) or {}).items() if k not in LOADING
-        },
+        "settings": {k: v for k, v in hparams.items() if k not in LOADING},
     }
     if records:
         files = [r.image for r in records[:num_images]]
         root = os.path.commonpath([os.path.abspath(f) for f in files])
         root = root if os.path.isdir(root) else os.path.dirname(root)
-        return f"{split} split ({len(files)} files under {root})", fingerprint_files(files, root)
+        what = {"files": fingerprint_files(files, root), **{k: hparams.get(k) for k in PIXELS}}
+        if ordered:
+            what["order"] = [os.path.relpath(os.path.abspath(f), root) for f in files]
+        return f"{split} split ({len(files)} files under {root})", fingerprint_config(what)
     return f"{type(datamodule).__name__} {split} split", fingerprint_config(settings)
 
 

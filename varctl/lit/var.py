@@ -219,7 +219,7 @@ class VARModule(FitsCheckpoint, L.LightningModule):
         train = dm.dataset("train")
         if isinstance(train, CachedTokens):
             return
-        source, fingerprint = split_fingerprint(dm, "train", len(train))
+        source, fingerprint = split_fingerprint(dm, "train", len(train), ordered=True)
         meta = {
             "tokenizer_weights": weights_digest(self.vae),
             "patch_nums": list(self.vae.config.patch_nums),
