@@ -241,6 +241,8 @@ class JobDataset(Dataset):
             sample.update(self._load(job))
         except (OSError, ValueError) as err:  # one bad input is reported and skipped, the job goes on
             sample["error"] = f"{job.where or job.name}: {err}"
+        except Exception as err:  # anything else too (a StopIteration would end the loader's whole epoch)
+            sample["error"] = f"{job.where or job.name}: {type(err).__name__}: {err}"
         return sample
 
     def _load(self, job: Job) -> dict:
@@ -251,6 +253,12 @@ class JobDataset(Dataset):
         files = {m: load_map(path, m) for m, path in job.maps.items() if m in self.controls}
         if job.mask is not None:
             files["mask"] = load_map(job.mask, "edges")  # white (>= half) = redraw
+        if image is None and not files:  # maps this model does not take, and no image to draw around
+            raise ValueError(
+                f"control maps {sorted(job.maps)} need a control model (conf/control.yaml)"
+                if job.maps and not self.controls
+                else f"none of its inputs is one this model takes (control maps {list(self.controls)})"
+            )
         reference = image if image is not None else next(iter(files.values()))
         sizes = {k: tuple(t.shape[-2:]) for k, t in files.items()}
         wrong = {k: v for k, v in sizes.items() if v != tuple(reference.shape[-2:])}

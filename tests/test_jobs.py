@@ -236,6 +236,8 @@ def test_editing_with_a_new_class_and_control_maps_need_a_control_model(files, t
     photos(tmp_path, n=1)
     rows = [{"name": "as_star", "image": "images/photo_0.png", "mask": "masks/photo_0.png", "label": 3},
             {"name": "edges_only", "edges": "masks/photo_0.png"},
+            {"name": "edges_outpainted", "edges": "masks/photo_0.png",
+             "outpaint": {"scale": 0.5, "x": 0, "y": 0}},
             {"name": "too_hot", "image": "images/photo_0.png", "mask": "masks/photo_0.png",
              "top_p": 2}]  # fmt: skip
     (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -245,7 +247,9 @@ def test_editing_with_a_new_class_and_control_maps_need_a_control_model(files, t
     printed = capsys.readouterr().out
     assert "skipped edges_only: " in printed and "control maps ['edges'] need a control model" in printed
     assert "skipped too_hot: the job's top_p must be in [0, 1] (0 = off), found 2" in printed  # its column
-    assert "1 written, 0 skipped (existing), 2 failed" in printed
+    assert "skipped edges_outpainted: " in printed  # not the end of the job: the rows after it are drawn
+    assert printed.count("control maps ['edges'] need a control model") == 2
+    assert "1 written, 0 skipped (existing), 3 failed" in printed
     item = next(it for it in dm.dataset("predict") if it["name"] == "as_star")
     known = Known.from_image(module.vae, item["image"][None], item["mask"][None])
     kw = {**module.predictions.generate_kwargs(), "seed": [job_seed(0, "as_star")]}
