@@ -24,6 +24,7 @@ import os
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,12 @@ def scan_folder(root: str, controls: Sequence[str], control_dirs: Mapping[str, s
     maps = {m: index(control_dirs.get(m, m)) for m in controls}
     images, masks = index(image_dir), index(mask_dir)
     names = sorted({n for files in maps.values() for n in files} | set(images))
+    folded: dict[str, str] = {}
+    for n in names:  # on macOS and Windows names that differ in case are one output file
+        if n.casefold() in folded:
+            raise ValueError(f"data.root={root}: the stems {folded[n.casefold()]!r} and {n!r} differ only in "
+                             "case; their outputs would be one file")  # fmt: skip
+        folded[n.casefold()] = n
     if not names:
         folders = [control_dirs.get(m, m) for m in controls] + [image_dir]
         raise FileNotFoundError(f"data.root={root}: no image files in any of {folders}")
@@ -162,11 +169,13 @@ def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
         if "mask" in files and "image" not in files:
             raise ValueError(f"{where}: a mask needs the image it applies to (column 'image')")
         name = str(row.get("name") or stem(files.get("image") or next(iter(files.values()))))
-        if name in seen:
-            raise ValueError(
-                f"{where}: the name {name!r} is used by line {seen[name]} too (outputs would clash)"
-            )
-        seen[name] = line
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{where}: the name {name!r} must stay inside the output folder (no absolute "
+                             "path, no '..')")  # fmt: skip
+        if name.casefold() in seen:  # on macOS and Windows names that differ in case are one file
+            other = seen[name.casefold()]
+            raise ValueError(f"{where}: the name {name!r} is used by line {other} too (outputs would clash)")
+        seen[name.casefold()] = line
         outpaint = row.get("outpaint")
         if isinstance(outpaint, str):
             outpaint = json.loads(outpaint)
@@ -397,12 +406,24 @@ class GenerationJobs(VarDataModule):
         return read_job_list(self.list, self.controls)
 
     def items(self) -> list[tuple[Job, str, int]]:
-        """(job, output name, seed) of every image still to draw: existing outputs are skipped."""
-        items, skipped = [], 0
+        """(job, output name, seed) of every image still to draw: a job whose outputs all exist (its image
+        and, with sheets, its sheet, which is written first) is skipped. Two jobs whose outputs would be one
+        file (names equal but for case, ``x_sheet`` beside ``x``'s sheet, ``x_0`` beside ``x``'s first
+        sample) are refused before anything is drawn."""
+        items, skipped, taken = [], 0, {}
         for job in self.jobs():
             for k in range(self.samples_per_input):
                 name = job.name if self.samples_per_input == 1 else f"{job.name}_{k}"
-                if not self.overwrite and os.path.isfile(os.path.join(self.output_dir, name + ".png")):
+                files = [f"{name}.png"] + ([f"{name}_sheet.png"] if self.sheets else [])
+                for file in files:
+                    if file.casefold() in taken:
+                        raise ValueError(
+                            f"{job.where or job.name}: its output {file} is also an output of "
+                            f"{taken[file.casefold()]}: rename one of them"
+                        )
+                    taken[file.casefold()] = job.where or job.name
+                done = all(os.path.isfile(os.path.join(self.output_dir, f)) for f in files)
+                if not self.overwrite and done:
                     skipped += 1
                     continue
                 base = job.seed if job.seed is not None else self.seed

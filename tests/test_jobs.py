@@ -257,3 +257,46 @@ def test_editing_with_a_new_class_and_control_maps_need_a_control_model(files, t
         want = module.var.generate(torch.tensor([3]), vae=module.vae, known=known, **kw)[0]
     got = torch.from_numpy(read(tmp_path / "generated" / "as_star.png")).permute(2, 0, 1) / 255
     assert (got - want).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_output_names_stay_in_the_folder_and_never_share_a_file(control, edge_maps, tmp_path, capsys):
+    """Names with '..' or an absolute path, names equal but for case (one file on macOS and Windows), and
+    a name that is another job's sheet are refused before anything is drawn."""
+    edge = str(edge_maps / "edges" / "shape_0.png")
+
+    def jobs(*rows, **kw):
+        (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps({"edges": edge, **r}) for r in rows))
+        return GenerationJobs(list=str(tmp_path / "jobs.jsonl"), controls=["edges"], **kw)
+
+    for name in ("../escape", str(tmp_path / "abs")):
+        with pytest.raises(ValueError, match="jobs.jsonl:1: the name .* must stay inside the output folder"):
+            jobs({"name": name}).jobs()
+    with pytest.raises(ValueError, match="jobs.jsonl:2: the name 'Cat' is used by line 1 too"):
+        jobs({"name": "cat"}, {"name": "Cat"}).jobs()
+    dm = jobs({"name": "a"}, {"name": "a_sheet"}, sheets=True)
+    dm.connect(**control.data_requirements())
+    with pytest.raises(
+        ValueError, match=r"jobs.jsonl:2: its output a_sheet.png is also an output of .*jobs.jsonl:1"
+    ):
+        dm.setup("predict")
+    for folder in ("edges", "images"):  # folders: stems that differ only in case
+        save(
+            tmp_path / "folder" / folder / f"{'Shape' if folder == 'edges' else 'shape'}.png",
+            textured(0, (32, 32)),
+        )
+    with pytest.raises(ValueError, match="'Shape' and 'shape' differ only in case"):
+        GenerationJobs(root=str(tmp_path / "folder")).jobs()
+    assert not (tmp_path / "generated").exists() and not (edge_maps.parent / "escape.png").exists()
+
+
+def test_a_job_with_sheets_is_done_when_its_sheet_is_written(control, edge_maps, tmp_path, capsys):
+    out = tmp_path / "out"
+    predict(control, GenerationJobs(root=str(edge_maps), output=str(out), batch_size=5))
+    assert "5 written" in capsys.readouterr().out and not list(out.glob("*_sheet.png"))
+    # sheets asked for later (or lost in a crash between the two files): those jobs are drawn again
+    (out / "shape_1.png").unlink()
+    predict(control, GenerationJobs(root=str(edge_maps), output=str(out), sheets=True, batch_size=5))
+    assert "5 written, 0 skipped" in capsys.readouterr().out
+    assert len(list(out.glob("*_sheet.png"))) == 5
+    predict(control, GenerationJobs(root=str(edge_maps), output=str(out), sheets=True))
+    assert "0 written, 5 skipped" in capsys.readouterr().out

@@ -100,9 +100,9 @@ class ImageWriter(BasePredictionWriter):
         self.failed += list(prediction.get("failed", []))
         sheets = prediction.get("sheets")
         for i, (image, name) in enumerate(zip(prediction["images"], prediction["names"])):
-            save_png(image, self.output_dir / f"{name}.png")
-            if sheets is not None:
+            if sheets is not None:  # first: the image marks the job done (datamodules.jobs skips it then)
                 save_png(sheets[i], self.output_dir / f"{name}_sheet.png")
+            save_png(image, self.output_dir / f"{name}.png")
             self.written += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:
