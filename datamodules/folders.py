@@ -290,8 +290,7 @@ class ControlPairsDataModule(FileDataModule):
             raise FileNotFoundError(f"data.image_dir: folder not found: {image_dir}")
         maps = {m: _index_by_stem(os.path.join(folder, self.control_dirs[m])) for m in self.controls}
         records = []
-        for image in list_images(image_dir):
-            name = stem(image)
+        for name, image in _index_by_stem(image_dir).items():  # x.jpg and x.png: refused
             caption_file = os.path.join(folder, self.caption_dir, name + ".txt")
             caption = ""
             if os.path.isfile(caption_file):
@@ -306,13 +305,14 @@ class ControlPairsDataModule(FileDataModule):
 
 
 def _index_by_stem(folder: str) -> dict[str, str]:
-    """stem -> map file in `folder` ({} when the folder does not exist)."""
+    """stem -> image or map file in `folder` ({} when the folder does not exist); two files of one stem are
+    refused (they would share a map or caption)."""
     if not os.path.isdir(folder):
         return {}
     index: dict[str, str] = {}
     for path in list_images(folder):
         name = stem(path)
         if name in index:
-            raise ValueError(f"two map files share the stem {name!r}: {index[name]} and {path}")
+            raise ValueError(f"two files share the stem {name!r}: {index[name]} and {path}")
         index[name] = path
     return index

@@ -112,6 +112,9 @@ def test_missing_annotator_and_missing_dirs(tmp_path):
         pairs(tmp_path, annotators=old_spec)
     with pytest.raises(ValueError, match=r"data\.annotators has unknown modalities \['normals'\]"):
         pairs(tmp_path, annotators={"normals": CannyAnnotator()})
+    save(tmp_path / "images" / "a.jpg", textured(5))  # a.png's stem: it would take a.png's maps and caption
+    with pytest.raises(ValueError, match=r"two files share the stem 'a': .*a\.(jpg|png) and .*a\.(jpg|png)"):
+        pairs(tmp_path, controls=("edges",)).setup("fit")
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
