@@ -74,7 +74,10 @@ def check_outpaint(value, where: str) -> dict[str, float] | None:
         return None
     if not isinstance(value, Mapping) or set(value) - set(OUTPAINT_KEYS):
         raise ValueError(f"{where}: outpaint must be a mapping with keys {OUTPAINT_KEYS}, found {value!r}")
-    out = {"scale": 0.5, "x": 0.5, "y": 0.5, **{k: float(v) for k, v in value.items()}}
+    try:
+        out = {"scale": 0.5, "x": 0.5, "y": 0.5, **{k: float(v) for k, v in value.items()}}
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: outpaint values must be numbers, found {value!r}") from None
     if not 0 < out["scale"] < 1 or not all(0 <= out[k] <= 1 for k in ("x", "y")):
         raise ValueError(f"{where}: outpaint needs 0 < scale < 1 and x, y in [0, 1], found {out}")
     return out
@@ -157,6 +160,7 @@ def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
         where = f"{path}:{line}"
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected an object, found {type(row).__name__}")
+        row = {k: v for k, v in row.items() if v is not None}  # JSON null: not given, as an empty CSV cell
         unknown = sorted(set(row) - set(COLUMNS))
         if unknown:
             raise ValueError(f"{where}: unknown column(s) {unknown}; known: {list(COLUMNS)}")
@@ -177,9 +181,9 @@ def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
             raise ValueError(f"{where}: the name {name!r} is used by line {other} too (outputs would clash)")
         seen[name.casefold()] = line
         outpaint = row.get("outpaint")
-        if isinstance(outpaint, str):
-            outpaint = json.loads(outpaint)
         try:
+            if isinstance(outpaint, str):  # a .csv cell
+                outpaint = json.loads(outpaint)
             label = int(row.get("label", -1))
             seed = None if row.get("seed") is None else int(row["seed"])
             overrides = {k: _number(row[k]) for k in OVERRIDES if k in row}

@@ -300,3 +300,17 @@ def test_a_job_with_sheets_is_done_when_its_sheet_is_written(control, edge_maps,
     assert len(list(out.glob("*_sheet.png"))) == 5
     predict(control, GenerationJobs(root=str(edge_maps), output=str(out), sheets=True))
     assert "0 written, 5 skipped" in capsys.readouterr().out
+
+
+def test_every_bad_value_of_a_job_list_names_its_line(edge_maps, tmp_path):
+    edge = str(edge_maps / "edges" / "shape_0.png")
+    (tmp_path / "jobs.csv").write_text(f"edges,outpaint\n{edge},{{scale: 0.5\n")  # not JSON
+    with pytest.raises(ValueError, match=r"jobs.csv:2: Expecting property name"):
+        GenerationJobs(list=str(tmp_path / "jobs.csv")).jobs()
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"edges": edge, "outpaint": {"scale": "half"}}))
+    with pytest.raises(ValueError, match=r"jobs.jsonl:1: outpaint values must be numbers"):
+        GenerationJobs(list=str(tmp_path / "jobs.jsonl")).jobs()
+    # JSON null is a value not given, as an empty CSV cell: no caption "None", no image ".../None"
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"edges": edge, "caption": None, "image": None}))
+    (job,) = GenerationJobs(list=str(tmp_path / "jobs.jsonl")).jobs()
+    assert job.caption == "" and job.image is None and job.name == "shape_0"
