@@ -85,7 +85,8 @@ if strategy_name == "ddp":
 # ---------------------------------------------------------------------------------------------- VAR
 torch.manual_seed(0)
 var = VARModule(vae_file, var={"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2},
-                optimizer={"lr": 1e-3, "lr_scale_by_batch": False}, ema_decay=0.9)  # fmt: skip
+                optimizer={"lr": 1e-3, "lr_scale_by_batch": False}, ema_decay=0.9,
+                token_cache=os.path.join(out, "tokens"))  # built by rank 0 while the other waits  # fmt: skip
 tr = trainer(3, gradient_clip_val=2.0, callbacks=[NonFiniteGuard()])  # the guard decides on every rank
 tr.strategy.checkpoint_io = AtomicCheckpointIO()  # as the CLI sets it: the save below goes through it
 tr.fit(var, data(var))
@@ -105,6 +106,7 @@ if tr.global_rank == 0:
     result["var"] = {
         "diff": diff, "rank_sums": sums, "sharded": sharded, "ema_updates": int(var.ema.n_averaged) - 1,
         "val_loss": float(tr.callback_metrics["val/loss"]),
+        "cached": len(tr.datamodule.dataset("train").cache),
     }  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------- control

@@ -51,12 +51,13 @@ def test_tokenizer_ddp_ranks_agree(ddp):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_var_replicas_agree_and_the_checkpoint_is_a_plain_var(strategy, request):
     """DDP replicas stay identical; FSDP2 shards each block, and its full-state checkpoint rebuilds a plain
-    VAR whose logits equal the sharded model's."""
+    VAR whose logits equal the sharded model's. Both train from a token cache."""
     result = request.getfixturevalue(strategy)
     var = (result[0] if strategy == "ddp" else result)["var"]
     assert var["rank_sums"][0] == var["rank_sums"][1]
     assert var["diff"] == 0.0 and var["ema_updates"] == 3 and math.isfinite(var["val_loss"])
     assert var["sharded"] == (strategy == "fsdp2")
+    assert var["cached"] == 64  # trained from a token cache that rank 0 built while the other rank waited
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])

@@ -12,6 +12,7 @@ Legend: B batch, L all tokens, V vocabulary, Cv code channels.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,19 @@ def _named(load, path: str, key: str, **kwargs):
         raise FileNotFoundError(
             f"{key}={path}: {err} (weights are never downloaded: name a local file)"
         ) from None
+
+
+def wait_for_rank_zero(strategy, name: str) -> None:
+    """A barrier without the process group's timeout (30 min by default): meanwhile rank 0 may tokenize a
+    whole dataset, which takes longer. A gloo group with a day's timeout; a rank that dies still ends it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        strategy.barrier(name)
+        return
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
 
 
 class VARModule(FitsCheckpoint, L.LightningModule):
@@ -232,7 +246,7 @@ class VARModule(FitsCheckpoint, L.LightningModule):
         if self.trainer.is_global_zero and not (Path(path) / "meta.json").exists():
             rank_zero_info(f"token cache: tokenizing the {len(train)} train images into {path}")
             TokenCache.build(train, self.vae, path, meta, log_every=20)
-        self.trainer.strategy.barrier("token cache")
+        wait_for_rank_zero(self.trainer.strategy, "token cache")
         cache = TokenCache.load(path, meta)
         dm.datasets["train"] = CachedTokens(train, cache, pixels=self.train_needs_pixels)
         rank_zero_info(f"token cache: training from {path} ({len(cache)} images, the encoder is not run)")
