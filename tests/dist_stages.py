@@ -7,6 +7,7 @@ import os
 import sys
 
 import torch
+from helpers import metric_images, tiny_feature_net
 
 torch.set_num_threads(1)
 import lightning as L  # noqa: E402
@@ -18,6 +19,7 @@ from varctl.checkpoints import AtomicCheckpointIO  # noqa: E402
 from varctl.lit.control import ControlModule  # noqa: E402
 from varctl.lit.tokenizer import TokenizerModule  # noqa: E402
 from varctl.lit.var import VARModule  # noqa: E402
+from varctl.metrics.generation import GenerationMetrics  # noqa: E402
 from varctl.models import VAR, ControlBranch  # noqa: E402
 
 out, vae_file, strategy_name = sys.argv[1:4]
@@ -181,6 +183,13 @@ for name in ("controlar", "car", "prefill", "ecm"):
             "backbone_moved": total(ckpt) != total(var_ckpt),
             "f1": float(tr.callback_metrics["val/edges_f1"]),
         }  # fmt: skip
+# ---------------------------------------------------------------------------------------------- metrics
+# FID/KID/IS features gathered over the ranks, each rank half of the images: the single-process scores
+metrics = GenerationMetrics(tiny_feature_net(), kid_subsets=5, kid_subset_size=10)
+half = slice(20 * tr.global_rank, 20 * (tr.global_rank + 1))
+metrics.update(metric_images(real=True)[half], real=True)
+metrics.update(metric_images(real=False)[half], real=False)
+result["generation_metrics"] = metrics.compute()
 if tr.global_rank == 0:
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f)

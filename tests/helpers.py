@@ -67,3 +67,32 @@ def check_batch(batch: dict, size: int, resolution: int, controls: dict) -> None
         assert set(batch["control"]["edges"].unique().tolist()) <= {0.0, 1.0}
     if "depth" in controls:
         assert batch["control"]["depth"].min() >= 0 and batch["control"]["depth"].max() <= 1
+
+
+def tiny_feature_net():
+    """A FeatureNet of fixed random weights (features of the images' first 12 values) for metric tests that
+    need no weights file."""
+    from varctl.metrics.generation import FeatureNet
+
+    class TinyFeatures(FeatureNet):
+        name, suffix, num_features = "tiny", "_tiny", 8
+        weights = weights_sha256 = "none"
+
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(12, 8)
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.randn(8, 12, generator=torch.Generator().manual_seed(0)))
+                self.proj.bias.zero_()
+
+        def forward(self, images):
+            features = self.proj(images.float().flatten(1)[:, :12])
+            return features, features[:, :4]
+
+    return TinyFeatures()
+
+
+def metric_images(real: bool) -> torch.Tensor:
+    """40 fixed images (40, 3, 2, 2) in [0, 1] for the generation-metric tests (real and generated sets)."""
+    images = torch.rand(40, 3, 2, 2, generator=torch.Generator().manual_seed(1 if real else 2))
+    return images if real else images**2

@@ -109,3 +109,21 @@ def test_generation_jobs_draw_every_input_exactly_once_under_ddp(ddp, tmp_path):
     for name in jobs["files"]:
         a = np.asarray(Image.open(Path(jobs["maps"]) / "generated" / name)).astype(int)
         assert np.abs(a - np.asarray(Image.open(tmp_path / name))).max() <= 1, name
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_generation_metrics_over_two_processes_equal_one_process(strategy, request):
+    """Each process scores half of the images: the features are gathered once, and FID, KID, IS,
+    precision and recall equal the single-process scores of all of them."""
+    from helpers import metric_images, tiny_feature_net
+
+    from varctl.metrics.generation import GenerationMetrics
+
+    result = request.getfixturevalue(strategy)
+    gathered = (result[0] if strategy == "ddp" else result)["generation_metrics"]
+    alone = GenerationMetrics(tiny_feature_net(), kid_subsets=5, kid_subset_size=10)
+    alone.update(metric_images(real=True), real=True)
+    alone.update(metric_images(real=False), real=False)
+    expected = alone.compute()
+    assert expected["num_real_tiny"] == 40 and expected["fd_tiny"] > 0.01
+    assert gathered == pytest.approx(expected, rel=1e-5, abs=1e-7)

@@ -136,6 +136,11 @@ def test_evaluate_tool_scores_folders_caches_the_reference_and_tabulates(judge_f
     out = capsys.readouterr().out
     assert "fd_judge" in out and out.count("run/evaluate") == 2 and "paired/psnr" in out
     assert table([]) == "(no results files)"
+    listed = tmp_path / "ref.txt"  # the reference as a list of files (000.png now a copy of 001.png)
+    listed.write_text("".join(f"run/ref/{i:03d}.png\n" for i in range(24)))
+    from_list = evaluate.main([str(tmp_path / "run/noisy"), str(listed), *common])
+    from_folder = evaluate.main([str(tmp_path / "run/noisy"), str(tmp_path / "run/ref"), *common])
+    assert from_list["fd_judge"] == pytest.approx(from_folder["fd_judge"], rel=1e-6)
 
 
 def test_a_text_model_gets_the_clip_score_of_its_test_captions(tokenizer_file, tiny_clip, tmp_path):

@@ -97,6 +97,9 @@ def test_fid_and_kid_are_zero_against_the_same_set_and_grow_with_noise(judge):
     assert abs(fds[0]) < 1e-6 * max(fds) and abs(kds[0]) < 1e-2 * max(kds)
     assert fds == sorted(fds) and fds[1] > 0 and kds == sorted(kds) and kds[2] > 0
     assert scores[0]["precision_judge"] == 1.0 and scores[0]["recall_judge"] == 1.0
+    plain = judge(images)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16-mixed test step: features in float32
+        assert torch.equal(judge(images)[0], plain)
     assert set(scores[0]) == {"fd_judge", "kd_judge", "kd_judge_std", "is_judge", "is_judge_std",
                               "num_real_judge", "num_generated_judge", "precision_judge",
                               "recall_judge", "kd_judge_subset_size"}  # fmt: skip
@@ -224,6 +227,8 @@ def test_the_fid_inception_loads_from_a_local_file_and_scores(random_inception):
     images = scenes(8)
     features, logits = net(images)
     assert features.shape == (8, 2048) and logits.shape == (8, 1008) and torch.isfinite(features).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16-mixed trainer's test step: scored in float32
+        assert torch.equal(net(images)[0], features)
     m = GenerationMetrics(net, kid_subsets=4)
     m.update(images, real=True)
     m.update(images, real=False)
@@ -250,6 +255,10 @@ def test_clip_score_is_100_times_the_clipped_cosine(tiny_clip):
         text = F.normalize(clip.encode_text(metric.tokenizer(captions)), dim=-1)
     expected = (100 * (image * text).sum(-1)).clamp_min(0).mean().item()
     assert float(metric.compute()) == pytest.approx(expected, rel=1e-5)
+    under_autocast = ClipScore(name, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast.update(images, captions)
+    assert float(under_autocast.compute()) == float(metric.compute())
     assert metric.describe()["sha256"] and metric.describe()["network"] == "open_clip:varctl-tiny-clip"
     with pytest.raises(MissingWeights, match="clip_weights is not set"):
         ClipScore(name, None)

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
         m = GenerationMetrics(net, args.kid_subsets, args.kid_subset_size, seed=args.seed)
         if reference is not None:
-            source, fingerprint = str(args.reference.resolve()), fingerprint_files(reference, args.reference)
+            root = args.reference if args.reference.is_dir() else None  # a list file: the files' own names
+            source, fingerprint = str(args.reference.resolve()), fingerprint_files(reference, root)
         else:
             source = fingerprint = None
         path = reference_file(args.reference_stats, net.name) if args.reference_stats else None

@@ -180,7 +180,7 @@ class GenerationEvaluator:
         out: dict[str, float] = {}
         for group, metrics in self.metrics.items():
             for m in metrics:
-                if not m.fake_features and not m.update_count:
+                if not len(m.fake_features) and not m.update_count:
                     continue
                 for key, value in m.compute().items():
                     out[f"{group}/{key}"] = value

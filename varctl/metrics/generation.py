@@ -75,6 +75,12 @@ def _load_weights(path: str | os.PathLike | None, setting: str, expected: str) -
     return dict(state)
 
 
+def float32(x: torch.Tensor):
+    """Autocast off: the feature networks score in float32 under a bf16/fp16 trainer too, as torch-fidelity
+    does, so that scores of GPU and CPU runs compare."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class FeatureNet(nn.Module):
     """Images in [0, 1] (B, 3, H, W) -> (features (B, D), logits (B, C)); always in eval mode."""
 
@@ -115,7 +121,8 @@ class InceptionFeatures(FeatureNet):
     @torch.no_grad()
     def forward(self, images_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (images_B3HW.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        features, logits = self.net(x)
+        with float32(x):
+            features, logits = self.net(x)
         return features.float(), logits.float()
 
 
@@ -143,8 +150,9 @@ class JudgeFeatures(FeatureNet):
 
     @torch.no_grad()
     def forward(self, images_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.net.features(images_B3HW.float().clamp(0, 1) * 2 - 1).mean((2, 3))
-        return features, self.net.head(features)
+        with float32(images_B3HW):
+            features = self.net.features(images_B3HW.float().clamp(0, 1) * 2 - 1).mean((2, 3))
+            return features, self.net.head(features)
 
 
 NETWORKS = {"inception": InceptionFeatures, "judge": JudgeFeatures}
@@ -244,14 +252,11 @@ class GenerationMetrics(Metric):
     def real(self) -> torch.Tensor:
         if self.reference is not None:
             return self.reference
-        return (
-            dim_zero_cat(self.real_features) if self.real_features else torch.zeros(0, self.net.num_features)
-        )
+        return _cat(self.real_features, self.net.num_features)
 
     def compute(self) -> dict[str, float]:
         real = self.real().cpu()
-        fake = dim_zero_cat(self.fake_features).cpu() if self.fake_features else torch.zeros(0, 1)
-        logits = dim_zero_cat(self.fake_logits).cpu() if self.fake_logits else torch.zeros(0, 1)
+        fake, logits = _cat(self.fake_features).cpu(), _cat(self.fake_logits).cpu()
         if len(real) < 2 or len(fake) < 2:
             raise ValueError(f"generation metrics need 2 or more real and generated images, got {len(real)} "
                              f"and {len(fake)}")  # fmt: skip
@@ -261,21 +266,24 @@ class GenerationMetrics(Metric):
         out: dict[str, float] = {f"num_real{s}": len(real), f"num_generated{s}": len(fake)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            fid = FrechetInceptionDistance(feature=_Given(D))
+            # the features are gathered over processes already: these metrics must not gather them again
+            fid = FrechetInceptionDistance(feature=_Given(D), sync_on_compute=False)
             fid.update(real, real=True)
             fid.update(fake, real=False)
             out[f"{fd}{s}"] = fid.compute().item()
             size = min(self.kid_subset_size, len(real), len(fake))
-            if size == min(len(real), len(fake)):  # every subset would be the whole set: no spread to report
+            if size == len(real) == len(fake):  # every subset would be both whole sets: no spread to report
                 size = max(2, size // 2)
             out[f"{kd}{s}_subset_size"] = size
-            kid = KernelInceptionDistance(feature=_Given(D), subsets=self.kid_subsets, subset_size=size)
+            kid = KernelInceptionDistance(
+                feature=_Given(D), subsets=self.kid_subsets, subset_size=size, sync_on_compute=False
+            )
             kid.update(real, real=True)
             kid.update(fake, real=False)
             mean, std = kid.compute()
             out[f"{kd}{s}"], out[f"{kd}{s}_std"] = mean.item(), std.item()
             inception_score = InceptionScore(
-                feature=_Given(logits.shape[1]), splits=min(self.is_splits, len(fake))
+                feature=_Given(logits.shape[1]), splits=min(self.is_splits, len(fake)), sync_on_compute=False
             )
             inception_score.update(logits)
             mean, std = inception_score.compute()
@@ -293,6 +301,13 @@ class GenerationMetrics(Metric):
             "precision_recall_k": self.pr_k,
             "seed": self.seed,
         }
+
+
+def _cat(state, width: int = 1) -> torch.Tensor:
+    """A ``cat`` state: a list of (B, D) tensors, or one (N, D) tensor once synced over processes."""
+    if isinstance(state, torch.Tensor):
+        return state
+    return dim_zero_cat(state) if len(state) else torch.zeros(0, width)
 
 
 # ---------------------------------------------------------------------------------------------- CLIP score
@@ -329,8 +344,9 @@ class ClipScore(Metric):
     @torch.no_grad()
     def update(self, images_B3HW: torch.Tensor, captions: Sequence[str]) -> None:
         x = F.interpolate(images_B3HW.float().clamp(0, 1), self.image_size, mode="bicubic", antialias=True)
-        image = F.normalize(self.clip.encode_image((x - self.mean) / self.std), dim=-1)
-        text = F.normalize(self.clip.encode_text(self.tokenizer(list(captions)).to(x.device)), dim=-1)
+        with float32(x):
+            image = F.normalize(self.clip.encode_image((x - self.mean) / self.std), dim=-1)
+            text = F.normalize(self.clip.encode_text(self.tokenizer(list(captions)).to(x.device)), dim=-1)
         self.score_sum += (100 * (image * text).sum(-1).clamp_min(0)).double().sum()
         self.count += len(captions)
 
