@@ -111,6 +111,11 @@ if tr.global_rank == 0:
         "cached": len(tr.datamodule.dataset("train").cache),
     }  # fmt: skip
 
+# 15 test images on 2 processes: Lightning's sampler repeats the first after the last, which counts once
+tr = trainer(1)
+tr.test(var, data(var, num_val=15), verbose=False)
+result["var_test_loss"] = float(tr.callback_metrics["test/loss"])
+
 # ---------------------------------------------------------------------------------------------- control
 torch.manual_seed(0)
 spec = {"modalities": ["edges"], "width": 8, "feature_dim": 32, "max_width": 32}

@@ -127,3 +127,21 @@ def test_generation_metrics_over_two_processes_equal_one_process(strategy, reque
     expected = alone.compute()
     assert expected["num_real_tiny"] == 40 and expected["fd_tiny"] > 0.01
     assert gathered == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_every_test_image_counts_once_over_two_processes(ddp, tokenizer_file):
+    """15 test images on 2 processes: the one Lightning's sampler repeats is left out, so the test loss is
+    the single process's."""
+    import lightning as L
+
+    from datamodules.synthetic import SyntheticDataModule
+    from varctl.lit.var import VARModule
+
+    result, out = ddp
+    module = VARModule.load_from_checkpoint(out / "var.ckpt", map_location="cpu")
+    dm = SyntheticDataModule(num_train=64, num_val=15, batch_size=4)
+    dm.connect(**module.data_requirements())
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    alone = trainer.test(module, dm, verbose=False)[0]["test/loss"]
+    assert result["var_test_loss"] == pytest.approx(alone, rel=1e-6)

@@ -38,9 +38,9 @@ def make(tokenizer_file, judge_file, **evaluation):
 
 def run_test(m, dm, tmp_path, **kw):
     writer = EvaluationWriter(tmp_path / "eval", {"seed": 0, "model": {}}, None)
+    kw = {"limit_test_batches": 3, **kw}
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_test_batches=3, callbacks=[writer],
-                        **kw)  # fmt: skip
+                        enable_model_summary=False, callbacks=[writer], **kw)  # fmt: skip
     return trainer.test(m, dm, verbose=False)[0], writer.path
 
 
@@ -88,6 +88,15 @@ def test_reference_statistics_are_cached_and_checked_in_test(tokenizer_file, jud
     dm2.hparams["seed"] = 7
     with pytest.raises(StaleReference, match="source_fingerprint"):
         run_test(m2, dm2, tmp_path)
+    # a run cut short by limit_test_batches caches the images it scored (8), which a full run refuses
+    short = str(tmp_path / "short.safetensors")
+    m3, dm3 = make(tokenizer_file, judge_file, reference_stats=short)
+    _, path = run_test(m3, dm3, tmp_path, limit_test_batches=1)
+    refs = json.loads(path.read_text())["provenance"]["evaluation"]["reference_stats"]
+    assert refs["judge"]["num_images"] == 8
+    m4, dm4 = make(tokenizer_file, judge_file, reference_stats=short)
+    with pytest.raises(StaleReference):
+        run_test(m4, dm4, tmp_path)
 
 
 def test_no_network_weights_means_no_sampling_in_test(tokenizer_file, tmp_path):
@@ -190,3 +199,16 @@ def test_the_reference_fingerprint_follows_the_test_files(tmp_path):
     split.records.reverse()
     assert split_fingerprint(shuffled, "test", 4)[1] == split_fingerprint(data, "test", 4)[1]
     assert split_fingerprint(shuffled, "test", 4, True)[1] != split_fingerprint(data, "test", 4, True)[1]
+
+
+def test_rows_of_keeps_the_rows_of_tensors_lists_dicts_and_tuples():
+    from varctl.lit.evaluation import rows_of
+
+    keep = torch.tensor([True, False, True])
+    x = torch.arange(6).view(3, 2)
+    assert rows_of(x, None) is x
+    assert rows_of(x, keep).tolist() == [[0, 1], [4, 5]]
+    assert rows_of(["a", "b", "c"], keep) == ["a", "c"]
+    loss, maps = rows_of((x, {"edges": x + 1}), keep)  # token_losses' pair; a batch's control maps
+    assert loss.tolist() == [[0, 1], [4, 5]] and maps["edges"].tolist() == [[1, 2], [5, 6]]
+    assert rows_of(None, keep) is None and rows_of(x, torch.zeros(3, dtype=torch.bool)).shape == (0, 2)

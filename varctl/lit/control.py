@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from varctl.callbacks.images import ImageGrid
-from varctl.lit.evaluation import start_evaluation
+from varctl.lit.evaluation import rows_of, start_evaluation, unrepeated
 from varctl.lit.jobs import job_step
 from varctl.lit.legacy import upgrade_control_keys
 from varctl.lit.settings import ControlScores, Evaluation, OptimizerSettings, Predictions, Samples
@@ -223,15 +223,22 @@ class ControlModule(VARModule):
         real = batch["image"].float().add(1).mul(0.5)
         with torch.no_grad(), torch.autocast(real.device.type, enabled=False):
             recon = self.vae.idx_to_img(self.vae.img_to_idx(batch["image"].float())).add(1).mul(0.5)
+        keep = unrepeated(self, batch_idx, len(real))  # DDP's repeats of the first images count once
+        real_kept, maps_kept, captions = (
+            rows_of(real, keep),
+            rows_of(maps, keep),
+            rows_of(batch.get("caption"), keep),
+        )
         for name, images in (
             (stage, self.generate_for(batch, maps, sampling, seed_offset)),
             (f"{stage}_shuffled", self.generate_for(batch, rolled, sampling, seed_offset)),
             (f"{stage}_tokenizer", recon),
         ):
-            for metric in self.control_metrics[name].values():
-                metric.update(images, real if metric.against == "image" else maps[metric.against])
+            images = rows_of(images, keep)
+            for metric in self.control_metrics[name].values() if len(images) else ():
+                metric.update(images, real_kept if metric.against == "image" else maps_kept[metric.against])
             if evaluator is not None:
-                evaluator.update(name, images.float().clamp(0, 1), real, batch.get("caption"))
+                evaluator.update(name, images.float().clamp(0, 1), real_kept, captions)
 
     def _log_scores(self, stage: str) -> None:
         for name in (stage, f"{stage}_shuffled", f"{stage}_tokenizer"):

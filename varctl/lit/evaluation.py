@@ -159,8 +159,7 @@ class GenerationEvaluator:
             meta = reference_meta(net, self.resolution, source, fingerprint, num_images)
             self.references[net.name] = {"path": str(file), "meta": meta, "how": "computed"}
             if file.exists() and not self.settings.refresh_reference:
-                # the exact count is only known once computed: the fingerprint holds the requested one
-                stats = ReferenceStats.load(file, {k: v for k, v in meta.items() if k != "num_images"})
+                stats = ReferenceStats.load(file, meta)  # its network, weights, images and their number
                 for metrics in self.metrics.values():
                     next(m for m in metrics if m.net is net).set_reference(stats.features)
                 self.references[net.name].update(how="cached", sha256=file_sha256(file))
@@ -168,6 +167,8 @@ class GenerationEvaluator:
                 rank_zero_info(f"varctl test: {net.name} reference statistics read from {file}")
 
     def update(self, group: str, generated: torch.Tensor, real: torch.Tensor | None, captions=None) -> None:
+        if not len(generated):  # a batch of DDP's repeats only (``unrepeated``)
+            return
         for m in self.metrics[group]:
             m.update(generated, real=False)
             if real is not None and self.need_real[m.net.name]:
@@ -217,6 +218,42 @@ class GenerationEvaluator:
         }
 
 
+def unrepeated(module, batch_idx: int, rows: int) -> torch.Tensor | None:
+    """Under DDP the test and validation loaders get Lightning's DistributedSampler, which repeats the first
+    images of the split after its end so that every process has as many (the split's size is not a
+    multiple of the processes). Which of this batch's ``rows`` are not such repeats, (rows,) bool; None when
+    all are. Process r reads the padded order's positions r, r + W, ...; those from the split's size on are
+    the repeats, shuffled or not."""
+    from torch.utils.data import DistributedSampler
+
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return None
+    loader = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last or loader.batch_size is None:
+        return None
+    size, world = len(sampler.dataset), sampler.num_replicas
+    position = sampler.rank + (batch_idx * loader.batch_size + torch.arange(rows)) * world
+    keep = position < size
+    return None if bool(keep.all()) else keep.to(module.device)
+
+
+def rows_of(value, keep: torch.Tensor | None):
+    """``value`` restricted to the rows ``keep`` (None: all): a tensor's first dimension, a list's items (one
+    per row, e.g. captions), each value of a dict or each item of a tuple (tensors of the same rows)."""
+    if keep is None or value is None:
+        return value
+    if isinstance(value, dict):
+        return {k: rows_of(v, keep) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(rows_of(v, keep) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value[keep]
+    return [v for v, k in zip(value, keep.tolist()) if k]
+
+
 def start_evaluation(
     module, settings: Evaluation, groups: Sequence[str], section: str = "model.evaluation"
 ) -> GenerationEvaluator | None:
@@ -231,7 +268,9 @@ def start_evaluation(
     trainer, datamodule = module.trainer, module.trainer.datamodule
     batch_size = int((getattr(datamodule, "hparams", None) or {}).get("batch_size", 1))
     dataset = datamodule.dataset("test") if hasattr(datamodule, "dataset") else None
-    n = settings.batches * batch_size * trainer.world_size
+    limit = trainer.num_test_batches[0] if trainer.num_test_batches else settings.batches
+    # the images scored: the first batches of every process, repeats left out (``unrepeated``)
+    n = min(settings.batches, limit) * batch_size * trainer.world_size
     evaluator.use_references(datamodule, "test", min(n, len(dataset)) if dataset is not None else n)
     return evaluator.to(module.device)
 

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from varctl.callbacks.images import ImageGrid
 from varctl.checkpoints import FitsCheckpoint
 from varctl.lit import losses, optim
-from varctl.lit.evaluation import log_evaluation, start_evaluation
+from varctl.lit.evaluation import log_evaluation, rows_of, start_evaluation, unrepeated
 from varctl.lit.settings import (
     CodebookSettings,
     DiscriminatorSettings,
@@ -270,7 +270,9 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
             m["lpips"].update(self.perceptual(recon, x.float()).float())
             self.log(f"{stage}/lpips", m["lpips"], batch_size=B)
         if stage == "test" and self.evaluator is not None and batch_idx < self.evaluation.batches:
-            self.evaluator.update("test", r01.clamp(0, 1), x01)  # reconstruction FID (rFID) and the rest
+            keep = unrepeated(self, batch_idx, B)  # DDP's repeats of the first images count once
+            # reconstruction FID (rFID) and the rest
+            self.evaluator.update("test", rows_of(r01.clamp(0, 1), keep), rows_of(x01, keep))
 
     def _codebook_epoch_end(self, stage: str) -> None:
         stats = self.eval_metrics[stage]["codebook"]

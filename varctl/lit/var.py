@@ -29,7 +29,7 @@ from varctl.callbacks.images import ImageGrid
 from varctl.checkpoints import FitsCheckpoint
 from varctl.lit import optim
 from varctl.lit.compiling import compile_var
-from varctl.lit.evaluation import log_evaluation, split_fingerprint, start_evaluation
+from varctl.lit.evaluation import log_evaluation, rows_of, split_fingerprint, start_evaluation, unrepeated
 from varctl.lit.jobs import job_step
 from varctl.lit.legacy import is_legacy, legacy_state_dict
 from varctl.lit.settings import Evaluation, OptimizerSettings, Predictions, Samples, plain_hparams
@@ -368,12 +368,15 @@ class VARModule(FitsCheckpoint, L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_metrics.update(*self.token_losses(batch, self.eval_model))
+        keep = unrepeated(self, batch_idx, len(batch["image"]))  # DDP's repeats of the first images
+        self.val_metrics.update(*rows_of(self.token_losses(batch, self.eval_model), keep))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Teacher-forcing cross-entropy and token accuracy (per scale too) on the test split; with
-        ``evaluation.batches``, a sample for each image's condition, scored against the real images."""
-        self.test_metrics.update(*self.token_losses(batch, self.eval_model))
+        ``evaluation.batches``, a sample for each image's condition, scored against the real images. Every
+        image counts once under DDP too (``unrepeated``)."""
+        keep = unrepeated(self, batch_idx, len(batch["image"]))
+        self.test_metrics.update(*rows_of(self.token_losses(batch, self.eval_model), keep))
         self.evaluate_samples(batch, batch_idx)
 
     def evaluate_samples(self, batch: dict, batch_idx: int) -> None:
@@ -381,7 +384,11 @@ class VARModule(FitsCheckpoint, L.LightningModule):
             seed_offset = batch_idx * self.trainer.world_size + self.trainer.global_rank
             images = self.generate(self.condition(batch), self.evaluation, seed_offset)
             real = batch["image"].float().add(1).mul(0.5)
-            self.evaluator.update("test", images.float().clamp(0, 1), real, batch.get("caption"))
+            keep = unrepeated(self, batch_idx, len(real))
+            self.evaluator.update(
+                "test", rows_of(images.float().clamp(0, 1), keep), rows_of(real, keep),
+                rows_of(batch.get("caption"), keep),
+            )  # fmt: skip
 
     def on_test_start(self) -> None:
         self.evaluator = start_evaluation(self, self.evaluation, ("test",))
