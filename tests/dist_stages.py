@@ -83,6 +83,10 @@ if strategy_name == "ddp":
     restarted = float(tr.callback_metrics["codebook/restarted_total"])
     torch.save({"state": tok.state_dict(), "restarted": restarted, "first_ema_sum": first["ema_sum"]},
                os.path.join(out, f"tokenizer_rank{tr.global_rank}.pt"))  # fmt: skip
+    tr.save_checkpoint(os.path.join(out, "tokenizer.ckpt"))
+    tr = trainer(1)  # 5 test images on 2 processes: the one the sampler repeats counts once
+    tested = tr.test(tok, data(tok, batch_size=2, num_train=16, num_val=5), verbose=False)[0]
+    result["tokenizer_test"] = {k: tested[f"test/{k}"] for k in ("psnr", "ssim", "vq_loss")}
 
 # ---------------------------------------------------------------------------------------------- VAR
 torch.manual_seed(0)

@@ -130,18 +130,28 @@ def test_generation_metrics_over_two_processes_equal_one_process(strategy, reque
 
 
 def test_every_test_image_counts_once_over_two_processes(ddp, tokenizer_file):
-    """15 test images on 2 processes: the one Lightning's sampler repeats is left out, so the test loss is
-    the single process's."""
+    """15 (VAR) and 5 (tokenizer) test images on 2 processes: the one Lightning's sampler repeats is left
+    out, so the test scores are the single process's."""
     import lightning as L
 
     from datamodules.synthetic import SyntheticDataModule
+    from varctl.lit.tokenizer import TokenizerModule
     from varctl.lit.var import VARModule
 
+    def alone(module, **data):  # the data of tests/dist_stages.py
+        dm = SyntheticDataModule(**data)
+        dm.connect(**module.data_requirements())
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        return trainer.test(module, dm, verbose=False)[0]
+
     result, out = ddp
-    module = VARModule.load_from_checkpoint(out / "var.ckpt", map_location="cpu")
-    dm = SyntheticDataModule(num_train=64, num_val=15, batch_size=4)
-    dm.connect(**module.data_requirements())
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
-    alone = trainer.test(module, dm, verbose=False)[0]["test/loss"]
-    assert result["var_test_loss"] == pytest.approx(alone, rel=1e-6)
+    var = VARModule.load_from_checkpoint(out / "var.ckpt", map_location="cpu")
+    assert result["var_test_loss"] == pytest.approx(
+        alone(var, num_val=15, batch_size=4)["test/loss"], rel=1e-6
+    )
+    tokenizer = TokenizerModule.load_from_checkpoint(out / "tokenizer.ckpt", map_location="cpu")
+    scores = alone(tokenizer, num_val=5, batch_size=2)
+    assert result["tokenizer_test"] == pytest.approx(
+        {k: scores[f"test/{k}"] for k in result["tokenizer_test"]}
+    )

@@ -250,7 +250,9 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
-        x = batch["image"]
+        x = rows_of(batch["image"], unrepeated(self, batch_idx, len(batch["image"])))
+        if not len(x):  # only images that DDP's sampler repeats: every image counts once
+            return
         out = self.vae(x)
         recon = out.recon.float().clamp(-1, 1)
         m = self.eval_metrics[stage]
@@ -262,17 +264,16 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
         logs.pop("nll")
         logs["vq_loss"] = out.vq_loss
         B = x.shape[0]
-        for name, value in logs.items():
-            self.log(f"{stage}/{name}", value, sync_dist=True, batch_size=B)
+        for name, value in logs.items():  # weighted by images, summed over processes
+            m[name].update(value.detach().float(), weight=B)
+            self.log(f"{stage}/{name}", m[name], batch_size=B)
         self.log(f"{stage}/psnr", m["psnr"], prog_bar=stage == "val", batch_size=B)
         self.log(f"{stage}/ssim", m["ssim"], batch_size=B)
         if self.has_lpips_metric:
             m["lpips"].update(self.perceptual(recon, x.float()).float())
             self.log(f"{stage}/lpips", m["lpips"], batch_size=B)
         if stage == "test" and self.evaluator is not None and batch_idx < self.evaluation.batches:
-            keep = unrepeated(self, batch_idx, B)  # DDP's repeats of the first images count once
-            # reconstruction FID (rFID) and the rest
-            self.evaluator.update("test", rows_of(r01.clamp(0, 1), keep), rows_of(x01, keep))
+            self.evaluator.update("test", r01.clamp(0, 1), x01)  # reconstruction FID (rFID) and the rest
 
     def _codebook_epoch_end(self, stage: str) -> None:
         stats = self.eval_metrics[stage]["codebook"]
