@@ -235,7 +235,9 @@ class ControlModule(VARModule):
             (f"{stage}_tokenizer", recon),
         ):
             images = rows_of(images, keep)
-            for metric in self.control_metrics[name].values() if len(images) else ():
+            if not len(images):  # a batch of DDP's repeats only
+                continue
+            for metric in self.control_metrics[name].values():
                 metric.update(images, real_kept if metric.against == "image" else maps_kept[metric.against])
             if evaluator is not None:
                 evaluator.update(name, images.float().clamp(0, 1), real_kept, captions)

@@ -69,13 +69,6 @@ def split_fingerprint(datamodule, split: str, num_images: int, ordered: bool = F
     dataset = datamodule.dataset(split) if hasattr(datamodule, "dataset") else None
     records = getattr(dataset, "records", None)
     hparams = dict(getattr(datamodule, "hparams", {}) or {})
-    settings = {
-        "class": type(datamodule).__qualname__,
-        "split": split,
-        "num_images": num_images,
-        # what the images are; how they are batched and loaded does not change them
-        "settings": {k: v for k, v in hparams.items() if k not in LOADING},
-    }
     if records:
         files = [r.image for r in records[:num_images]]
         root = os.path.commonpath([os.path.abspath(f) for f in files])
@@ -84,6 +77,13 @@ def split_fingerprint(datamodule, split: str, num_images: int, ordered: bool = F
         if ordered:
             what["order"] = [os.path.relpath(os.path.abspath(f), root) for f in files]
         return f"{split} split ({len(files)} files under {root})", fingerprint_config(what)
+    settings = {
+        "class": type(datamodule).__qualname__,
+        "split": split,
+        "num_images": num_images,
+        # what the images are; how they are batched and loaded does not change them
+        "settings": {k: v for k, v in hparams.items() if k not in LOADING},
+    }
     return f"{type(datamodule).__name__} {split} split", fingerprint_config(settings)
 
 
