@@ -9,6 +9,7 @@ stage sees the same dict.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -72,6 +73,7 @@ class VarDataModule(L.LightningDataModule, ABC):
         self.keys: tuple[str, ...] = BATCH_KEYS
         self.num_segments: int | None = None  # set by connect() for a segmentation control
         self.datasets: dict[str, Dataset] | None = None
+        self._agreed: dict[str, Dataset] | None = None  # the datasets the processes were found to agree on
 
     def save_settings(self, ignore: Sequence[str] = ()) -> None:
         """`save_hyperparameters` (logger off) of the subclass __init__ that calls this.
@@ -149,6 +151,39 @@ class VarDataModule(L.LightningDataModule, ABC):
                     f"the train split has {len(train)} samples, fewer than "
                     f"data.batch_size={self.batch_size}; with drop_last no batch would be produced"
                 )
+        self._check_ranks_agree()
+
+    def _check_ranks_agree(self) -> None:
+        """Under DDP or FSDP each process builds its own datasets. They must hold the same samples in the same
+        order, or the distributed sampler's shares overlap and miss samples, or the processes run different
+        numbers of batches and wait for each other for ever. Files added, removed or unreadable while the
+        processes scanned them do that: refused on every process, naming the splits that differ."""
+        trainer, datasets = self.trainer, self.datasets
+        if datasets is None or getattr(trainer, "world_size", 1) < 2 or self._agreed is datasets:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = {split: dataset_signature(ds) for split, ds in sorted(datasets.items())}
+        every: list[dict] = [{}] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        found = []
+        for split in sorted({s for signatures in every for s in signatures}):
+            signatures = [g.get(split, ("no", None)) for g in every]
+            if len(set(signatures)) == 1:
+                continue
+            counts = ", ".join(f"{n} samples on rank {r}" for r, (n, _) in enumerate(signatures))
+            same = len({n for n, _ in signatures}) == 1
+            found.append(f"{split} split: {counts}" + (" (other files or another order)" if same else ""))
+        if found:
+            raise ValueError(
+                f"{type(self).__name__}: the processes found different data ({'; '.join(found)}). Files were "
+                "added, removed or could not be read while the processes scanned them, and every process "
+                "must see the same files: let the data settle (or mend the files the data report names) "
+                "and start again"
+            )
+        self._agreed = datasets
 
     def dataset(self, split: str) -> Dataset:
         """The dataset of `split`; test and predict default to the val split."""
@@ -191,6 +226,21 @@ class VarDataModule(L.LightningDataModule, ABC):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
+
+
+def dataset_signature(dataset: Dataset) -> tuple:
+    """(number of samples, digest of their files in order): the files where the dataset reads records
+    (``.records`` with ``.image``), else None (built-in data is generated from its settings); a dataset
+    without a length (a stream) is (None, None)."""
+    try:
+        n = len(dataset)
+    except TypeError:
+        return (None, None)
+    records = getattr(dataset, "records", None)
+    if not records:
+        return (n, None)
+    digest = hashlib.sha1("\n".join(str(getattr(r, "image", r)) for r in records).encode()).hexdigest()
+    return (n, digest)
 
 
 def split_indices(num: int, val_fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +22,7 @@ from datamodules import CaptionListDataModule, ClassFolderDataModule, ControlPai
 from datamodules.transforms import load_image, load_map
 from datamodules.verify import BadFilesError, BadFileWarning
 
+REPO = Path(__file__).resolve().parents[1]
 GREY = {"cat": 40, "dog": 200}
 
 
@@ -411,3 +415,31 @@ def test_maps_of_another_size_warn_during_a_trusted_run(tmp_path):
         "(data.on_size_mismatch=skip)"
         for m, size in (("c", "20 x 20"), ("d", "40 x 20"))
     ]
+
+
+@pytest.mark.slow
+def test_processes_that_find_different_files_are_refused_on_every_process(tmp_path):
+    """Under DDP each process scans the files itself. A file the second process does not find (removed, or
+    unreadable, while they scanned) would give it other samples and fewer batches, so that the processes
+    wait for each other for ever: both refuse the run, naming the split and each process's count."""
+    root = tmp_path / "data"
+    for folder, count in (("same", 4), ("rank0", 4), ("rank1", 3)):
+        for name, grey in GREY.items():
+            for i in range(4 if name == "cat" else count):
+                save(root / folder / name / f"{i}.png", np.full((8, 8, 3), grey + i, np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = REPO / "tests" / "dist_data.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), str(root)], cwd=REPO / "tests", env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((out / f"rank{rank}.json").read_text())
+        assert result["same"] is None  # the same files: the run trains
+        assert (
+            "the processes found different data (train split: 6 samples on rank 0, 5 samples on rank 1"
+            in (result["differ"] or "")
+        )
