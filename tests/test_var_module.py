@@ -45,8 +45,8 @@ def make_module(vae_file, condition="class", **kw):
     return VARModule(vae_file, **kw)
 
 
-def make_data(module, batch_size=8, num_train=64):
-    dm = SyntheticDataModule(num_train=num_train, num_val=16, batch_size=batch_size)
+def make_data(module, batch_size=8, num_train=64, num_val=16):
+    dm = SyntheticDataModule(num_train=num_train, num_val=num_val, batch_size=batch_size)
     dm.connect(**module.data_requirements())
     return dm
 
@@ -356,6 +356,10 @@ def test_predict_generates_configured_labels(vae_file, tmp_path):
     assert torch.equal(short[0]["images"], images[:4])
     with pytest.raises(ValueError, match=r"predict\.labels holds \[12\], expected labels in \[0, 10\)"):
         make_module(vae_file, predict={"labels": [12]})  # refused when the module is built
+    # a short last batch (val split of 5: batches of 4 and 1) still draws the next jobs, not earlier ones
+    short_last = trainer.predict(m, make_data(m, batch_size=4, num_val=5))
+    assert [n for o in short_last for n in o["names"]] == names
+    assert torch.equal(torch.cat([o["images"] for o in short_last]), images)
 
 
 def test_predict_generates_configured_captions(vae_file, tmp_path):

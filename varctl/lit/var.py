@@ -451,9 +451,12 @@ class VARModule(FitsCheckpoint, L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         if batch.get("job"):  # data=jobs: in-painting, out-painting, editing of the user's images
             return job_step(self, batch, control=False)
-        jobs, B = self.predict_jobs(), len(batch["image"])
+        jobs = self.predict_jobs()
         chunk = batch_idx * self.trainer.world_size + self.trainer.global_rank  # also seeds the chunk
         if jobs:  # the configured conditions, split over the predict batches of all processes
+            # chunks of the loader's batch size, not of this batch's (a last batch may be short): batch k of
+            # process r draws chunk k * processes + r, and the chunks drawn are 0, 1, ... with no gap
+            B = getattr(self.trainer.datamodule, "batch_size", None) or len(batch["image"])
             part = jobs[chunk * B : (chunk + 1) * B]
             conds, names = [c for c, _ in part], [n for _, n in part]
         elif self.text_encoder is not None:
