@@ -287,19 +287,22 @@ def test_a_control_checkpoint_alone_draws_a_job(tmp_path, capsys):
     ckpt.write_bytes((LEGACY / "control.ckpt").read_bytes())
     edges = tmp_path / "maps" / "edges"
     edges.mkdir(parents=True)
-    for i in range(2):
+    for i in range(3):
         img = torch.zeros(16, 16, dtype=torch.uint8)
         img[2 + 3 * i, :] = img[:, 12 - 4 * i] = 255
         Image.fromarray(img.numpy()).save(edges / f"e{i}.png")
     branch = ["model.control.injector=scalar", "model.control.width=4", "model.control.feature_dim=8",
               "model.control.max_width=8", "model.ema_decay=0.5"]  # the legacy run's settings  # fmt: skip
+    # conf/control.yaml previews 2 predict batches; a job list is drawn whole, here in 3 batches of 1
     args = ["predict", "-c", str(CONF / "control.yaml"), "data=jobs", f"data.root={tmp_path / 'maps'}",
-            f"ckpt_path={ckpt}", f"run.root={tmp_path / 'runs'}", *branch]  # fmt: skip
+            "data.batch_size=1", f"ckpt_path={ckpt}", f"run.root={tmp_path / 'runs'}", *branch]  # fmt: skip
     assert main(args) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"model.init_from={ckpt} (ckpt_path holds the VAR's weights)" in err
-    written = [np.array(Image.open(tmp_path / "maps" / "generated" / f"e{i}.png")) for i in range(2)]
-    assert all(w.std() > 0 for w in written) and not np.array_equal(*written)
+    assert "data=jobs draws every job (trainer.limit_predict_batches=2" in out
+    assert "varctl predict: 3 written, 0 skipped (existing), 0 failed" in out
+    written = [np.array(Image.open(tmp_path / "maps" / "generated" / f"e{i}.png")) for i in range(3)]
+    assert all(w.std() > 0 for w in written) and not np.array_equal(written[0], written[1])
 
 
 def test_a_checkpoint_that_does_not_fit_the_config_names_the_settings_of_its_run(tmp_path, capsys):

@@ -250,6 +250,11 @@ def _run(command: str, data: dict, config_file: str | Path):
     out_dir = _fresh(log_dir / "predictions")
     if getattr(datamodule, "output_dir", None) is not None:  # generation jobs write where the user says
         out_dir = Path(datamodule.output_dir)
+        limit = data["trainer"].get("limit_predict_batches")
+        if command == "predict" and limit not in (None, 1.0):  # the stage's preview limit: not for jobs
+            print(f"varctl predict: data=jobs draws every job (trainer.limit_predict_batches={limit} is for "
+                  "the stage's own preview and does not apply)", flush=True)  # fmt: skip
+            data["trainer"] = {**data["trainer"], "limit_predict_batches": None}
     if command == "predict":
         callbacks.append(ImageWriter(out_dir))
     if command == "test":  # <run>/eval/test.json: the scores with what produced them
