@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.annotators import annotate, check_annotators, default_annotators
 from datamodules.base import VarDataModule
@@ -349,6 +349,22 @@ def collate_jobs(samples: list[dict]) -> dict:
     }
 
 
+class JobShares(DistributedSampler):
+    """Process r of n draws jobs r, r + n, r + 2n ...: each job once. A share may be empty: a job list
+    resumed near its end can hold fewer jobs than processes, which Lightning's own sampler refuses."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))
+        self.num_samples, self.total_size = len(self.indices), len(dataset)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class GenerationJobs(VarDataModule):
     """Predict-only data: the user's inputs for control-to-image, in-painting, out-painting and editing.
 
@@ -403,6 +419,7 @@ class GenerationJobs(VarDataModule):
         where = root if root is not None else os.path.dirname(os.path.abspath(list))
         self.output_dir = str(output) if output is not None else os.path.join(where, "generated")
         self.counts = {"jobs": 0, "skipped": 0}
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # a process may have no job left
 
     def jobs(self) -> list[Job]:
         if self.root is not None:
@@ -448,7 +465,10 @@ class GenerationJobs(VarDataModule):
                                       self.outpaint)}  # fmt: skip
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("predict"), batch_size=self.batch_size, shuffle=False,
+        dataset, trainer = self.dataset("predict"), self.trainer
+        world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        sampler = JobShares(dataset, world, trainer.global_rank) if world > 1 else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=collate_jobs)  # fmt: skip
 
     def _fit_only(self, *_):

@@ -164,9 +164,22 @@ if strategy_name == "ddp":
     trainer(1, callbacks=[writer]).predict(control, jobs, return_predictions=False)
     counts = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
     torch.distributed.all_gather(counts, torch.tensor(writer.written))
+    files = sorted(os.listdir(jobs.output_dir))
+    # resumed with one image left, fewer than the processes: one process has nothing to draw
+    tr.strategy.barrier()
     if tr.global_rank == 0:
-        result["jobs"] = {"written": [int(c) for c in counts], "maps": maps,
-                          "files": sorted(os.listdir(jobs.output_dir))}  # fmt: skip
+        os.remove(os.path.join(jobs.output_dir, "map_3.png"))
+    tr.strategy.barrier()
+    last = GenerationJobs(root=maps, batch_size=2)
+    last.connect(**control.data_requirements())
+    writer = ImageWriter(last.output_dir)
+    trainer(1, callbacks=[writer]).predict(control, last, return_predictions=False)
+    resumed = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
+    torch.distributed.all_gather(resumed, torch.tensor(writer.written))
+    if tr.global_rank == 0:
+        result["jobs"] = {"written": [int(c) for c in counts], "maps": maps, "files": files,
+                          "resumed": [int(c) for c in resumed],
+                          "files_resumed": sorted(os.listdir(jobs.output_dir))}  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------- injectors
 # the other injectors, 2 steps each; CAR fine-tunes the backbone too (side blocks + sharded backbone)

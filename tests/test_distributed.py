@@ -87,7 +87,8 @@ def test_every_injector_trains_under_the_strategy(strategy, request):
 
 def test_generation_jobs_draw_every_input_exactly_once_under_ddp(ddp, tmp_path):
     """5 edge maps over 2 processes: 5 images written in all (no padded duplicates), the same images as one
-    process draws (the seed of each comes from its name)."""
+    process draws (the seed of each comes from its name); resumed with one image left, one process draws it
+    and the other has nothing to do."""
     import lightning as L
     import numpy as np
     from PIL import Image
@@ -100,6 +101,8 @@ def test_generation_jobs_draw_every_input_exactly_once_under_ddp(ddp, tmp_path):
     jobs = result["jobs"]
     assert sum(jobs["written"]) == 5 and min(jobs["written"]) >= 2
     assert jobs["files"] == [f"map_{i}.png" for i in range(5)]
+    assert jobs["resumed"] == [0, 1] or jobs["resumed"] == [1, 0]  # one left: one process draws it
+    assert jobs["files_resumed"] == jobs["files"]
     module = ControlModule.load_from_checkpoint(out / "control.ckpt", map_location="cpu")
     single = GenerationJobs(root=jobs["maps"], output=str(tmp_path), batch_size=5)
     single.connect(**module.data_requirements())
