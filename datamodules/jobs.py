@@ -186,6 +186,8 @@ def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
                 outpaint = json.loads(outpaint)
             label = int(row.get("label", -1))
             seed = None if row.get("seed") is None else int(row["seed"])
+            if seed is not None and not 0 <= seed < 2**63:
+                raise ValueError(f"seed {seed} out of range, expected an integer in [0, 2**63)")
             overrides = {k: _number(row[k]) for k in OVERRIDES if k in row}
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {err}") from None
@@ -458,6 +460,22 @@ class GenerationJobs(VarDataModule):
         if not items:  # the predict loop does not run: the summary is given here
             _print(f"varctl predict: 0 written, {skipped} skipped (existing), 0 failed, in {self.output_dir}")
         return items
+
+    def check_conditions(self, num_classes: int | None) -> None:
+        """The jobs to draw against the model that draws them (its number of classes; None: a text model):
+        a label it lacks, a caption for a class model or a label for a text model (which would be ignored)
+        refuse the run before anything is drawn, naming the row."""
+        for job, _, _ in self.dataset("predict").items:
+            where = job.where or job.name
+            if num_classes is None and job.label != -1:
+                raise ValueError(f"{where}: label {job.label} given, but the model is text-conditioned: give "
+                                 "a caption")  # fmt: skip
+            if num_classes is not None and job.caption:
+                raise ValueError(f"{where}: caption given, but the model is class-conditioned: give a label "
+                                 "(none: an unconditional image)")  # fmt: skip
+            if num_classes is not None and not -1 <= job.label < num_classes:
+                raise ValueError(f"{where}: label {job.label} out of range, the model has {num_classes} "
+                                 f"classes: expected [0, {num_classes}) (none: unconditional)")  # fmt: skip
 
     def build_datasets(self) -> dict[str, Dataset]:
         controls = self.controls if self.wants("control") else ()  # a VAR without control: no maps

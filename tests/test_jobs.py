@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -314,3 +315,24 @@ def test_every_bad_value_of_a_job_list_names_its_line(edge_maps, tmp_path):
     (tmp_path / "jobs.jsonl").write_text(json.dumps({"edges": edge, "caption": None, "image": None}))
     (job,) = GenerationJobs(list=str(tmp_path / "jobs.jsonl")).jobs()
     assert job.caption == "" and job.image is None and job.name == "shape_0"
+
+
+def test_a_row_the_model_cannot_draw_refuses_the_list_before_anything_is_drawn(control, edge_maps, tmp_path):
+    """A label the model lacks or a caption for a class model (which it would ignore) is a mistake in the
+    list: refused with its line before any image is drawn, not a failure of the rows batched with it."""
+    edge = str(edge_maps / "edges" / "shape_0.png")
+    cases = [
+        ({"label": 10}, "jobs.jsonl:2: label 10 out of range, the model has 10 classes: expected [0, 10)"),
+        ({"label": -2}, "jobs.jsonl:2: label -2 out of range"),
+        ({"caption": "a red star"}, "jobs.jsonl:2: caption given, but the model is class-conditioned"),
+    ]
+    for extra, message in cases:
+        rows = [{"name": "good", "edges": edge, "label": 1}, {"name": "bad", "edges": edge, **extra}]
+        (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dm = GenerationJobs(list=str(tmp_path / "jobs.jsonl"), output=str(tmp_path / "out"), batch_size=4)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            predict(control, dm)  # the module's setup checks the data against the model
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"edges": edge, "seed": 2**64}) + "\n")
+    with pytest.raises(ValueError, match=r"jobs.jsonl:1: seed 18446744073709551616 out of range, expected"):
+        GenerationJobs(list=str(tmp_path / "jobs.jsonl")).jobs()

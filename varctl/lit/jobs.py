@@ -59,11 +59,8 @@ def _draw(module, batch, rows, overrides, present, edit, control: bool) -> torch
         kwargs["control_maps"] = {m: batch["control"][m][idx] for m in present}
     if module.text_encoder is not None:
         cond = module.text_encoder([batch["caption"][i] for i in rows])
-    else:  # label -1: unconditional (the null class)
-        labels = batch["label"][idx]
-        n = module.var.config.num_classes
-        if int(labels.max()) >= n:
-            raise ValueError(f"label {int(labels.max())} out of range: the model has {n} classes")
+    else:  # label -1: unconditional (the null class); the labels were checked (check_data)
+        labels, n = batch["label"][idx], module.var.config.num_classes
         cond = torch.where(labels < 0, torch.full_like(labels, n), labels)
     return module.eval_model.generate(cond, vae=module.vae, **kwargs)
 

@@ -205,6 +205,9 @@ class VARModule(FitsCheckpoint, L.LightningModule):
                 raise ValueError(f"model.var.num_classes={n_model} but the data ({type(dm).__name__}) has "
                                  f"{n_data} classes; set model.var.num_classes={n_data}")  # fmt: skip
             rank_zero_warn(f"the data has {n_data} classes, the VAR from model.init_from has {n_model}")
+        check_jobs = getattr(dm, "check_conditions", None)  # data=jobs: each row's label or caption
+        if check_jobs is not None:
+            check_jobs(None if self.text_encoder is not None else n_model)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
