@@ -420,6 +420,8 @@ class GenerationJobs(VarDataModule):
         self.samples_per_input, self.overwrite, self.sheets = int(samples_per_input), bool(overwrite), sheets
         where = root if root is not None else os.path.dirname(os.path.abspath(list))
         self.output_dir = str(output) if output is not None else os.path.join(where, "generated")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ValueError(f"data.output={self.output_dir} is a file: expected a folder (made if missing)")
         self.counts = {"jobs": 0, "skipped": 0}
         self.allow_zero_length_dataloader_with_multiple_devices = True  # a process may have no job left
 
@@ -434,11 +436,18 @@ class GenerationJobs(VarDataModule):
         file (names equal but for case, ``x_sheet`` beside ``x``'s sheet, ``x_0`` beside ``x``'s first
         sample) are refused before anything is drawn."""
         items, skipped, taken = [], 0, {}
-        for job in self.jobs():
+        jobs = self.jobs()
+        inputs = {os.path.realpath(f) for job in jobs for f in (*job.maps.values(), job.image, job.mask) if f}
+        for job in jobs:
             for k in range(self.samples_per_input):
                 name = job.name if self.samples_per_input == 1 else f"{job.name}_{k}"
                 files = [f"{name}.png"] + ([f"{name}_sheet.png"] if self.sheets else [])
                 for file in files:
+                    path = os.path.join(self.output_dir, file)
+                    if os.path.realpath(path) in inputs:  # would pass for a finished output, or be replaced
+                        where = job.where or job.name
+                        raise ValueError(f"{where}: its output {path} is an input file of the jobs: set "
+                                         "data.output to another folder")  # fmt: skip
                     if file.casefold() in taken:
                         raise ValueError(
                             f"{job.where or job.name}: its output {file} is also an output of "

@@ -262,7 +262,8 @@ def test_editing_with_a_new_class_and_control_maps_need_a_control_model(files, t
 
 def test_output_names_stay_in_the_folder_and_never_share_a_file(control, edge_maps, tmp_path, capsys):
     """Names with '..' or an absolute path, names equal but for case (one file on macOS and Windows), and
-    a name that is another job's sheet are refused before anything is drawn."""
+    a name that is another job's sheet are refused before anything is drawn; so is an output folder that
+    holds the inputs, or an output that is a file."""
     edge = str(edge_maps / "edges" / "shape_0.png")
 
     def jobs(*rows, **kw):
@@ -288,6 +289,20 @@ def test_output_names_stay_in_the_folder_and_never_share_a_file(control, edge_ma
     with pytest.raises(ValueError, match="'Shape' and 'shape' differ only in case"):
         GenerationJobs(root=str(tmp_path / "folder")).jobs()
     assert not (tmp_path / "generated").exists() and not (edge_maps.parent / "escape.png").exists()
+
+    # an output folder that holds the inputs: a photo would pass for a finished output, or be replaced
+    photo = save(tmp_path / "photos" / "images" / "p.png", textured(1, (32, 32)))
+    before = photo.read_bytes()
+    for output in (tmp_path / "photos" / "images", photo.parent / "." / ".." / "images"):
+        for overwrite in (False, True):
+            inplace = GenerationJobs(root=str(tmp_path / "photos"), output=str(output), overwrite=overwrite)
+            inplace.connect(**control.data_requirements())
+            with pytest.raises(ValueError, match=r"p: its output .*p.png is an input file of the jobs: set "
+                                                 "data.output to another folder"):  # fmt: skip
+                inplace.setup("predict")
+    assert photo.read_bytes() == before
+    with pytest.raises(ValueError, match=r"data.output=.*p.png is a file: expected a folder"):
+        GenerationJobs(root=str(tmp_path / "photos"), output=str(photo))
 
 
 def test_a_job_with_sheets_is_done_when_its_sheet_is_written(control, edge_maps, tmp_path, capsys):
