@@ -329,6 +329,21 @@ def test_every_injector_learns_to_use_the_controls(files, tmp_path, injector):
     assert torch.isfinite(guided).all() and (plain - guided).abs().amax() > 1e-3
 
 
+def test_token_pruning_with_a_prefix_is_refused_when_the_module_is_built(files):
+    """Pruning drops tokens, and prefill's attention bias is per token: refused before a run, naming the
+    section (it failed at the first sampling step, every job of a list with it), other injectors prune."""
+    prefill = {**BRANCH, "injector": "prefill"}
+    for section in ("predict", "samples", "scores", "evaluation"):
+        extra = {"batches": 0} if section == "scores" else {}
+        with pytest.raises(ValueError, match=rf"model.{section}.token_pruning=0.5 cannot be used with model"
+                                             r".control.injector=prefill"):  # fmt: skip
+            make_control(files, control=prefill, **{section: {"token_pruning": 0.5, **extra}})
+    m = make_control(files, control={**BRANCH, "injector": "ecm"}, predict={"token_pruning": 0.5})
+    batch = next(iter(make_data(m).val_dataloader()))
+    images = m.generate_for(batch, batch["control"], m.predictions)
+    assert torch.isfinite(images).all()
+
+
 @pytest.mark.parametrize("tuning", ["norms", [1]])
 def test_selective_tuning_trains_only_the_chosen_backbone_parameters(files, tmp_path, tuning):
     torch.manual_seed(0)

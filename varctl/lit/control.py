@@ -26,6 +26,7 @@ from varctl.lit.settings import ControlScores, Evaluation, OptimizerSettings, Pr
 from varctl.lit.var import VARModule
 from varctl.metrics.control import build_control_metrics
 from varctl.models.control import ControlBranch, ControlConfig, ControlledVAR, shape_of
+from varctl.models.token_pruning import TokenPruning
 from varctl.models.var import VAR
 
 
@@ -88,6 +89,13 @@ class ControlModule(VARModule):
         self.hparams.pop("metric_annotators", None)  # objects (models, functions): rebuilt from the config
         self.scoring = ControlScores.of(scores)
         cc = self.control.config
+        for sampling in (self.samples, self.predictions, self.evaluation, self.scoring):
+            if cc.injector == "prefill" and TokenPruning.of(sampling.token_pruning) is not None:
+                raise ValueError(
+                    f"model.{sampling.section}.token_pruning={sampling.token_pruning} cannot be used with "
+                    "model.control.injector=prefill (the prefix's attention bias is per token, and pruning "
+                    "drops tokens): set it to 0 or use another injector"
+                )
         # per stage: samples for their own controls, for another image's (the no-control level), and the
         # tokenizer's reconstructions of the real images (the ceiling that the tokenizer allows)
         self.control_metrics = torch.nn.ModuleDict(

@@ -57,7 +57,10 @@ class ScaleRunner:
         bias = None if self.session is None else self.session.attention_bias(None, begin, end)
         prunes = [None if self.pruning is None else self.pruning.at(si, i) for i in range(len(self.caches))]
         if bias is not None and any(p is not None for p in prunes):
-            raise ValueError("token_pruning cannot be combined with a per-scale control_strength of prefill")
+            raise ValueError(
+                "token_pruning cannot be used with the prefill injector (the prefix's attention bias is per "
+                "token, and pruning drops tokens)"
+            )
         return self._blocks(x_RlC, bias, (begin, end), prunes)
 
     def _blocks(self, x, bias, span, prunes):
