@@ -19,6 +19,8 @@ or the number of processes. A job whose files cannot be read is reported by name
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import os
 import zlib
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.annotators import annotate, check_annotators, default_annotators
@@ -45,9 +47,17 @@ from datamodules.transforms import (
     map_to_tensor,
     resize_crop,
 )
+from varctl.files import atomic_write_text
 
 OVERRIDES = ("cfg", "control_cfg", "control_strength", "top_k", "top_p", "temperature")
 COLUMNS = ("name", *MODALITIES, "image", "mask", "label", "caption", "seed", "outpaint", *OVERRIDES)
+RECORD = "jobs_settings.json"  # in the output folder: what its images were drawn with
+
+
+class OutputsDiffer(ValueError):
+    """The output folder's images were drawn with other settings than this run's (GenerationJobs.record)."""
+
+
 OUTPAINT_KEYS = ("scale", "x", "y")
 
 
@@ -208,6 +218,31 @@ def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
     if not jobs:
         raise ValueError(f"data.list={path} holds no jobs")
     return jobs
+
+
+def _digest(value) -> str:
+    return hashlib.sha1(json.dumps(value, default=str, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _changes(before: Mapping, now: Mapping) -> list[str]:
+    """What differs between two records (``GenerationJobs.record``) for the jobs of ``now``, in words."""
+    found = []
+    for section in ("model", "data"):
+        old, new = before.get(section) or {}, now[section]
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        found += [f"{section}.{k} was {_short(old.get(k))}, now {_short(new.get(k))}" for k in keys]
+    jobs = before.get("jobs") or {}
+    rows = [n for n, d in now["jobs"].items() if n in jobs and jobs[n] != d]
+    if rows:
+        found.append(
+            f"the rows of {len(rows)} job(s) changed: {', '.join(rows[:5])}{' ...' * (len(rows) > 5)}"
+        )
+    return found
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @rank_zero_only
@@ -435,7 +470,7 @@ class GenerationJobs(VarDataModule):
         and, with sheets, its sheet, which is written first) is skipped. Two jobs whose outputs would be one
         file (names equal but for case, ``x_sheet`` beside ``x``'s sheet, ``x_0`` beside ``x``'s first
         sample) are refused before anything is drawn."""
-        items, skipped, taken = [], 0, {}
+        items, skipped, taken, done = [], 0, {}, {}
         jobs = self.jobs()
         inputs = {os.path.realpath(f) for job in jobs for f in (*job.maps.values(), job.image, job.mask) if f}
         for job in jobs:
@@ -454,14 +489,17 @@ class GenerationJobs(VarDataModule):
                             f"{taken[file.casefold()]}: rename one of them"
                         )
                     taken[file.casefold()] = job.where or job.name
-                done = all(os.path.isfile(os.path.join(self.output_dir, f)) for f in files)
-                if not self.overwrite and done:
-                    skipped += 1
-                    continue
                 base = job.seed if job.seed is not None else self.seed
                 seed = job_seed(base, name) if job.seed is None or k else job.seed
+                if not self.overwrite and all(
+                    os.path.isfile(os.path.join(self.output_dir, f)) for f in files
+                ):
+                    skipped += 1
+                    done[name] = self._job_digest(job, seed)
+                    continue
                 items.append((job, name, seed))
         self.counts = {"jobs": len(items) + skipped, "skipped": skipped}
+        self._job_digests = {**done, **{name: self._job_digest(job, seed) for job, name, seed in items}}
         rank_zero_info(
             f"data=jobs: {len(items)} images to draw, {skipped} skipped (in {self.output_dir} already; "
             "data.overwrite=true redraws them)"
@@ -469,6 +507,46 @@ class GenerationJobs(VarDataModule):
         if not items:  # the predict loop does not run: the summary is given here
             _print(f"varctl predict: 0 written, {skipped} skipped (existing), 0 failed, in {self.output_dir}")
         return items
+
+    def record(self, model: Mapping) -> None:
+        """Check the images already in the output folder against this run and record what it draws with
+        (``RECORD``: ``model``, the model's weights digest and sampling section, this data's settings and a
+        digest of every job's row and seed). Images of other weights, other sampling settings or a job whose
+        row has changed since are not taken for finished outputs: OutputsDiffer, unless ``overwrite``. Images
+        without a record (an earlier varctl, or put there) are kept, with a warning. Rank zero only."""
+        data = {"seed": self.seed, "samples_per_input": self.samples_per_input, "outpaint": self.outpaint,
+                "crop": self.crop, "resolution": self.resolution}  # fmt: skip
+        now = json.loads(json.dumps({"model": model, "data": data, "jobs": self._job_digests}, default=str))
+        path = os.path.join(self.output_dir, RECORD)
+        skipped = self.counts["skipped"]
+        if skipped and not self.overwrite:
+            if not os.path.isfile(path):
+                rank_zero_warn(f"{self.output_dir}: {skipped} existing images have no record of their "
+                               f"settings ({RECORD}); they are kept as finished")  # fmt: skip
+            else:
+                with open(path, encoding="utf-8") as f:
+                    changes = _changes(json.load(f), now)
+                if changes:
+                    raise OutputsDiffer(
+                        f"{self.output_dir} holds images drawn with other settings ({'; '.join(changes)}; "
+                        f"per {RECORD}): set data.overwrite=true to draw them all again, or data.output to "
+                        "another folder"
+                    )
+        os.makedirs(self.output_dir, exist_ok=True)
+        if os.path.isfile(path) and not self.overwrite:  # keep the rows this run does not draw
+            with open(path, encoding="utf-8") as f:
+                now["jobs"] = {**(json.load(f).get("jobs") or {}), **now["jobs"]}
+        atomic_write_text(path, json.dumps(now, indent=1, sort_keys=True) + "\n")
+
+    def _job_digest(self, job: Job, seed: int) -> str:
+        """What a job's image depends on in its row: its files (relative to the folder or list, so that the
+        data may move), label, caption, outpaint, overrides and seed; not its line number."""
+        base = self.root if self.root is not None else os.path.dirname(os.path.abspath(self.list))
+        row = {k: v for k, v in dataclasses.asdict(job).items() if k != "where"}
+        for key in ("image", "mask"):
+            row[key] = None if row[key] is None else os.path.relpath(row[key], base)
+        row["maps"] = {m: os.path.relpath(f, base) for m, f in sorted(job.maps.items())}
+        return _digest([row, seed])
 
     def check_conditions(self, num_classes: int | None) -> None:
         """The jobs to draw against the model that draws them (its number of classes; None: a text model):

@@ -4,6 +4,7 @@ skipped by name, job lists with per-row settings, in-painting, out-painting and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import torch
 from helpers import save, textured
 from PIL import Image
 
-from datamodules.jobs import GenerationJobs, job_seed
+from datamodules.jobs import GenerationJobs, OutputsDiffer, job_seed
 from datamodules.synthetic import SyntheticDataModule
 from varctl.callbacks import ImageWriter
 from varctl.lit.control import ControlModule
@@ -351,3 +352,52 @@ def test_a_row_the_model_cannot_draw_refuses_the_list_before_anything_is_drawn(c
     (tmp_path / "jobs.jsonl").write_text(json.dumps({"edges": edge, "seed": 2**64}) + "\n")
     with pytest.raises(ValueError, match=r"jobs.jsonl:1: seed 18446744073709551616 out of range, expected"):
         GenerationJobs(list=str(tmp_path / "jobs.jsonl")).jobs()
+
+
+def test_a_resumed_job_refuses_images_drawn_with_other_settings(control, edge_maps, tmp_path, capsys):
+    """The output folder records what its images were drawn with (jobs_settings.json): a rerun with other
+    weights, sampling settings, data seed or a changed row does not take them for finished (a folder of
+    mixed settings reported as a clean resume); the same settings resume; images without a record are kept."""
+    edges = [str(edge_maps / "edges" / f"shape_{i}.png") for i in range(3)]
+
+    def run(rows, **kw):
+        (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return predict(control, GenerationJobs(list=str(tmp_path / "jobs.jsonl"), batch_size=2, **kw))
+
+    rows = [{"name": f"s{i}", "edges": e, "label": 1} for i, e in enumerate(edges)]
+    out = tmp_path / "generated"
+    run(rows)
+    record = json.loads((out / "jobs_settings.json").read_text())
+    assert sorted(record["jobs"]) == ["s0", "s1", "s2"] and record["data"]["seed"] == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    (out / "s2.png").unlink()  # interrupted
+
+    cfg = control.predictions.cfg
+    changed = {
+        "data.seed was 0, now 5": lambda: run(rows, seed=5),
+        "the rows of 1 job(s) changed: s1": lambda: run([*rows[:1], {**rows[1], "label": 2}, rows[2]]),
+        "model.predict was {": lambda: run(rows),  # cfg changed below
+    }
+    for message, rerun in changed.items():
+        if message.startswith("model.predict"):
+            control.predictions = dataclasses.replace(control.predictions, cfg=cfg + 1)
+        try:
+            with pytest.raises(OutputsDiffer, match=re.escape(message)):
+                rerun()
+        finally:
+            control.predictions = dataclasses.replace(control.predictions, cfg=cfg)
+    assert not (out / "s2.png").exists()  # nothing drawn
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == {
+        n: stamps[n] for n in ("s0.png", "s1.png")
+    }
+
+    run(rows)  # the same settings: resumes
+    assert "1 written, 2 skipped (existing)" in capsys.readouterr().out
+    run([*rows[:1], {**rows[1], "label": 2}, rows[2]], overwrite=True)  # redrawn: recorded anew
+    assert json.loads((out / "jobs_settings.json").read_text())["jobs"]["s1"] != record["jobs"]["s1"]
+
+    (out / "jobs_settings.json").unlink()  # images from elsewhere: kept, with a warning
+    (out / "s0.png").unlink()
+    with pytest.warns(UserWarning, match="2 existing images have no record of their settings"):
+        run(rows, seed=7)
+    assert "1 written, 2 skipped (existing)" in capsys.readouterr().out

@@ -77,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from datamodules.jobs import OutputsDiffer
     from varctl.checkpoints import CheckpointMismatch, NonFiniteError
 
     try:
         run(args.command, data, args.config)
-    except (ConfigError, CheckpointMismatch) as e:
+    except (ConfigError, CheckpointMismatch, OutputsDiffer) as e:
         print(f"varctl: config error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
