@@ -508,12 +508,13 @@ class GenerationJobs(VarDataModule):
             _print(f"varctl predict: 0 written, {skipped} skipped (existing), 0 failed, in {self.output_dir}")
         return items
 
-    def record(self, model: Mapping) -> None:
+    def record(self, model: Mapping, write: bool = True) -> None:
         """Check the images already in the output folder against this run and record what it draws with
         (``RECORD``: ``model``, the model's weights digest and sampling section, this data's settings and a
         digest of every job's row and seed). Images of other weights, other sampling settings or a job whose
         row has changed since are not taken for finished outputs: OutputsDiffer, unless ``overwrite``. Images
-        without a record (an earlier varctl, or put there) are kept, with a warning. Rank zero only."""
+        without a record (an earlier varctl, or put there) are kept, with a warning. ``write``: record this
+        run's settings (rank zero; the others only check)."""
         data = {"seed": self.seed, "samples_per_input": self.samples_per_input, "outpaint": self.outpaint,
                 "crop": self.crop, "resolution": self.resolution}  # fmt: skip
         now = json.loads(json.dumps({"model": model, "data": data, "jobs": self._job_digests}, default=str))
@@ -532,6 +533,8 @@ class GenerationJobs(VarDataModule):
                         f"per {RECORD}): set data.overwrite=true to draw them all again, or data.output to "
                         "another folder"
                     )
+        if not write:
+            return
         os.makedirs(self.output_dir, exist_ok=True)
         if os.path.isfile(path) and not self.overwrite:  # keep the rows this run does not draw
             with open(path, encoding="utf-8") as f:

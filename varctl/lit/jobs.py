@@ -8,32 +8,24 @@ import json
 
 import torch
 
-from datamodules.jobs import OutputsDiffer
 from varctl.callbacks.images import control_pictures
 from varctl.models.var_generate import Known
 
 
 def record_jobs(module) -> None:
     """Before a job list is drawn (``on_predict_start``, once the weights are loaded): the output folder's
-    images are checked against this run's weights and settings, which are recorded there
-    (``GenerationJobs.record``). Rank zero checks, every process stops when it refuses."""
+    images are checked against this run's weights and settings, which rank zero records there
+    (``GenerationJobs.record``). Every process checks for itself, without a collective: under DDP a process
+    with no job left skips the predict hooks."""
     from varctl.lit.var import weights_digest
 
-    trainer, error = module.trainer, None
-    if trainer.is_global_zero:
-        model = {
-            "stage": type(module).__name__,
-            "weights": weights_digest(module.eval_model),
-            "tokenizer": weights_digest(module.vae),
-            "predict": dataclasses.asdict(module.predictions),
-        }
-        try:
-            trainer.datamodule.record(model)
-        except OutputsDiffer as err:
-            error = str(err)
-    error = trainer.strategy.broadcast(error, src=0)
-    if error:
-        raise OutputsDiffer(error)
+    model = {
+        "stage": type(module).__name__,
+        "weights": weights_digest(module.eval_model),
+        "tokenizer": weights_digest(module.vae),
+        "predict": dataclasses.asdict(module.predictions),
+    }
+    module.trainer.datamodule.record(model, write=module.trainer.is_global_zero)
 
 
 def job_step(module, batch: dict, control: bool) -> dict:
