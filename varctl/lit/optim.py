@@ -3,6 +3,8 @@ schedule (``configure_adamw``), and an exponential moving average (EMA) of the w
 
 The recipe follows VAR (Tian et al., 2024, sec. 4 and the official trainer): AdamW with betas (0.9, 0.95),
 lr = 1e-4 * batch / 256, weight decay 0.05 on matrices only, linear warmup then decay to a final fraction.
+One difference: embedding tables (``nn.Embedding``) get no decay here, so the VAR's class embedding is not
+decayed where the official trainer's name filter decays it (the tokenizer's codebook must not be either).
 """
 
 from __future__ import annotations
