@@ -410,6 +410,35 @@ def test_pretrained_encoder_trains_its_alignment(files, tmp_path):
     enc.encode_image = original
 
 
+def test_a_pretrained_encoder_checkpoint_restores_without_the_weights_file(files, tmp_path):
+    """A run's checkpoint holds the frozen encoder: it restores (load_from_checkpoint, or ckpt_path of a
+    trainer) on a machine without the original weights file; a new run without the file names it."""
+    import timm
+
+    torch.manual_seed(0)
+    kwargs = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+    weights = tmp_path / "vit.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, **kwargs).state_dict(),
+               weights)  # fmt: skip
+    vit = {"encoder": "pretrained", "encoder_weights": str(weights), "encoder_name": "vit_tiny_patch16_224",
+           "encoder_input": 32, "encoder_layers": [0, 1], "encoder_kwargs": kwargs}  # fmt: skip
+    m = make_control(files, control={**BRANCH, **vit})
+    dm = make_data(m, num_train=64)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(m, dm)
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+    weights.unlink()
+    restored = ControlModule.load_from_checkpoint(ckpt, map_location="cpu")
+    frozen = m.control.encoder.backbone.state_dict()
+    assert all(torch.equal(v, frozen[k]) for k, v in restored.control.encoder.backbone.state_dict().items())
+    fresh = make_control(files, control={**BRANCH, **vit})  # builds: the file is read when it is needed
+    val = make_trainer(tmp_path, limit_val_batches=1).validate(fresh, dm, ckpt_path=str(ckpt), verbose=False)
+    assert math.isfinite(val[0]["val/loss"])
+    with pytest.raises(FileNotFoundError, match=r"encoder_weights names .*vit\.pth'?, which does not exist"):
+        make_trainer(tmp_path, max_steps=1).fit(make_control(files, control={**BRANCH, **vit}), dm)
+
+
 def test_control_branch_trains_and_scores_on_sketches(files, tmp_path):
     torch.manual_seed(0)
     m = make_control(files, control={"modalities": ["sketch"], "width": 8, "feature_dim": 32,

@@ -328,6 +328,32 @@ def test_pretrained_encoder_needs_a_named_weights_file(var, tmp_path):
         make_branch(var, encoder="pretrained", encoder_weights=str(missing), **TINY_VIT)
 
 
+def test_a_saved_pretrained_branch_loads_and_encodes_without_its_weights_file(var, tmp_path):
+    """The branch's file holds the frozen encoder: loaded on a machine without the original weights file,
+    it encodes as the saved branch did (its constant buffers, which no file holds, made anew: they were
+    left on the meta device). A new branch whose file is not there yet names it at the first encoding."""
+    torch.manual_seed(1)
+    ref = timm.create_model(TINY_VIT["encoder_name"], pretrained=False, num_classes=0, img_size=32,
+                            **TINY_VIT["encoder_kwargs"])  # fmt: skip
+    weights = tmp_path / "vit.pth"
+    torch.save(ref.state_dict(), weights)
+    fields = dict(encoder="pretrained", encoder_weights=str(weights), modalities=["edges", "segmentation"],
+                  num_segments=16, **TINY_VIT)  # fmt: skip
+    branch = perturbed(make_branch(var, **fields))
+    file = branch.save(tmp_path / "branch.pt")
+    weights.unlink()
+    loaded = ControlBranch.load(file)
+    assert not any(b.is_meta for b in loaded.buffers())
+    maps = {k: v for k, v in maps_for(2, size=64).items() if k != "depth"}
+    torch.testing.assert_close(loaded.encode(maps).tokens_BLF, branch.encode(maps).tokens_BLF, rtol=0, atol=0)
+    config = ControlConfig.for_var(var.config, resolution=64, width=8, feature_dim=16, **fields)
+    later = ControlBranch.build(config, weights_later=True)  # a checkpoint will bring the weights
+    with pytest.raises(FileNotFoundError, match=r"encoder_weights names .*vit\.pth'?, which does not exist"):
+        later.encode(maps)
+    later.load_state_dict(loaded.state_dict())
+    torch.testing.assert_close(later.encode(maps).tokens_BLF, branch.encode(maps).tokens_BLF, rtol=0, atol=0)
+
+
 def test_pretrained_encoder_reads_the_file_and_stays_frozen(var, tmp_path):
     torch.manual_seed(1)
     ref = timm.create_model(TINY_VIT["encoder_name"], pretrained=False, num_classes=0, img_size=32,

@@ -244,6 +244,11 @@ def _run(command: str, data: dict, config_file: str | Path):
         raise ConfigError(f"{config_file}: data: {e}") from e
     if ckpt and hasattr(model, "check_fits"):
         model.check_fits(ckpt)  # weights that do not fit the model: CheckpointMismatch, nothing written yet
+    if not ckpt and hasattr(model, "load_pending_weights"):
+        try:  # files a new model reads (a frozen pretrained encoder); a checkpoint brings its own
+            model.load_pending_weights()
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{config_file}: {e}") from e
 
     callbacks = [
         instantiate(node, _convert_="all") for node in (data.get("callbacks") or {}).values() if node

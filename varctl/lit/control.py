@@ -118,12 +118,20 @@ class ControlModule(VARModule):
     def build_model(self, var: VAR) -> ControlledVAR:
         hp = self.hparams
         shape = shape_of(var.config, self.vae.config.resolution)
-        if hp.control_init_from is None:
-            branch = ControlBranch.build(hp.control, **shape).init_from_backbone(var)
+        if hp.control_init_from is None:  # a checkpoint being restored brings the frozen encoder's weights
+            branch = ControlBranch.build(hp.control, weights_later=True, **shape).init_from_backbone(var)
         else:  # the file's architecture, which the requested fields and the VAR's shape must agree with
             branch = ControlBranch.load(hp.control_init_from, **{**(hp.control or {}), **shape})
         tune_backbone(var, hp.train_backbone)
         return ControlledVAR(var, branch)
+
+    def load_pending_weights(self) -> None:
+        """A new branch's frozen pretrained encoder reads ``model.control.encoder_weights`` now, or names it:
+        the command line calls this before a run without a checkpoint (which would bring the weights). Else
+        the first encoding reads the file (Lightning restores a checkpoint after ``setup``)."""
+        encoder = self.control.encoder
+        if not getattr(encoder, "weights_ready", True):
+            encoder.load_pretrained()
 
     @property
     def var(self) -> VAR:

@@ -221,6 +221,20 @@ class Model(nn.Module):
             raise ValueError(
                 f"{source}: the weights do not fit a {cls.__name__} with {config}:\n{e}"
             ) from None
+        # buffers no file holds (persistent=False: constants) are made as a new model makes them, unless the
+        # state_dict is itself on the meta device (a layout check)
+        unsaved = [
+            (owner, leaf)
+            for owner, module in model.named_modules()
+            for leaf in module._non_persistent_buffers_set
+            if module._buffers.get(leaf) is not None and module._buffers[leaf].is_meta
+        ]
+        if unsaved and not any(t.is_meta for t in state_dict.values()):
+            made = cls(config)
+            for owner, leaf in unsaved:
+                model.get_submodule(owner).register_buffer(
+                    leaf, made.get_submodule(owner)._buffers[leaf], persistent=False
+                )
         return model
 
     # ------------------------------------------------------------------------------------------ writing

@@ -71,11 +71,13 @@ class ControlBranch(Model):
         self.norm = nn.LayerNorm(cfg.feature_dim)
 
     @classmethod
-    def build(cls, config=None, /, **fixed) -> ControlBranch:
-        """A new branch; a pretrained encoder reads its weights (``encoder_weights``) here."""
+    def build(cls, config=None, /, weights_later: bool = False, **fixed) -> ControlBranch:
+        """A new branch; a pretrained encoder reads its weights (``encoder_weights``) here. ``weights_later``:
+        a file that is not there is not an error yet (a checkpoint about to be loaded holds the weights; the
+        first encoding without them names the file)."""
         branch = super().build(config, **fixed)
         if hasattr(branch.encoder, "load_pretrained"):
-            branch.encoder.load_pretrained()
+            branch.encoder.load_pretrained(missing_ok=weights_later)
         return branch
 
     def init_from_backbone(self, var: nn.Module) -> ControlBranch:

@@ -112,6 +112,11 @@ class ConvEncoder(nn.Sequential):
         return None  # no frozen reference to align to
 
 
+def _weights_restored(module: PretrainedEncoder, incompatible) -> None:
+    """A loaded state_dict holds the frozen encoder's weights (strict loads; a partial one is refused)."""
+    module.weights_ready = True
+
+
 def _palette(n: int) -> torch.Tensor:
     """A fixed colour per segment id (n, 3) in [0, 1], so segmentation maps become RGB images."""
     g = torch.Generator().manual_seed(0)
@@ -124,8 +129,9 @@ class PretrainedEncoder(nn.Module):
     """A frozen timm encoder + per-modality alignment (1x1, identity at init) + a shared 1x1 to F.
 
     The encoder is built with random weights; ``load_pretrained`` reads ``encoder_weights`` (a local file,
-    never downloaded) and is called when a new branch is built. A restored branch has the weights in its
-    own file.
+    never downloaded) when a new branch is built. A restored branch has the weights in its own file, so a
+    checkpoint restores on a machine without that file: the weights are ready once either is loaded
+    (``weights_ready``), and the first encoding without them reads the file or names it.
     """
 
     def __init__(self, config: ControlConfig):
@@ -146,13 +152,18 @@ class PretrainedEncoder(nn.Module):
         self.register_buffer("palette", _palette(cfg.num_segments), persistent=False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.weights_ready = cfg.encoder_weights == "random"
+        self.register_load_state_dict_post_hook(_weights_restored)
 
-    def load_pretrained(self) -> None:
-        """Read ``encoder_weights``; "random" keeps the random weights (tests only)."""
+    def load_pretrained(self, missing_ok: bool = False) -> None:
+        """Read ``encoder_weights``; "random" keeps the random weights (tests only). ``missing_ok``: a file
+        that is not there is left for later (a checkpoint may bring the weights)."""
         name, weights = self.config.encoder_name, self.config.encoder_weights
         if weights == "random":
             return
         if weights is None or not Path(weights).is_file():
+            if missing_ok:
+                return
             found = "is not set" if weights is None else f"names {weights!r}, which does not exist"
             raise FileNotFoundError(
                 f"model.control.encoder_weights {found}: encoder='pretrained' needs the weights of the timm "
@@ -172,6 +183,7 @@ class PretrainedEncoder(nn.Module):
                 f"model.control.encoder_weights={weights!r} does not fit the timm model {name!r}: missing "
                 f"{incompatible.missing_keys[:8]} ({len(incompatible.missing_keys)} in all)"
             )
+        self.weights_ready = True
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -194,6 +206,8 @@ class PretrainedEncoder(nn.Module):
     @torch.no_grad()
     def encode_image(self, img: torch.Tensor) -> torch.Tensor:
         """The frozen encoder's features of a normalised image batch: (B, E, h, w), layers concatenated."""
+        if not self.weights_ready:  # never the random weights in silence: the file, or its name in an error
+            self.load_pretrained()
         dtype = next(self.backbone.parameters()).dtype
         feats = self.backbone.forward_intermediates(
             img.to(dtype),
