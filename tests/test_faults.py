@@ -20,6 +20,7 @@ from test_cli import ROOT
 
 from varctl.checkpoints import NonFiniteError, check_checkpoint
 from varctl.cli import main
+from varctl.files import writer_id
 
 EVERY_2 = ["callbacks.checkpoint.every_n_train_steps=2", "callbacks.images=null"]
 
@@ -142,6 +143,39 @@ def test_sigkill_during_a_save_keeps_the_old_checkpoint_and_no_orphan_in_tmpdir(
         assert _load(last)["global_step"] == saved["global_step"] + 1
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def test_only_a_resumed_fit_removes_temporaries_and_never_those_of_a_live_writer(toy_conf):
+    """validate/test/predict on a run still training must not delete the file of its save in progress; a
+    resumed fit removes a dead writer's file and an unnamed one untouched for 10 minutes, nothing else."""
+    assert main(["fit", "-c", str(toy_conf), *EVERY_2]) == 0
+    ckpts = _ckpts(toy_conf)
+    host = writer_id().split("@", 1)[1]
+    live = subprocess.Popen(["sleep", "60"])  # another training still writing here
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = {
+        "live": f".last.ckpt.{live.pid}@{host}.abc.tmp",
+        "dead": f".last.ckpt.{dead.pid}@{host}.abc.tmp",
+        "fresh": ".step0000010.ckpt.xyz.tmp",
+        "old": ".last.ckpt.xyz.tmp",
+        "other": ".notes.txt.xyz.tmp",
+    }
+    try:
+        for name in names.values():
+            (ckpts / name).write_bytes(b"partial")
+        for name in ("old", "other"):
+            os.utime(ckpts / names[name], (time.time() - 3600,) * 2)
+        for command in ("validate", "test", "predict"):
+            assert main([command, "-c", str(toy_conf), f"ckpt_path={ckpts / 'last.ckpt'}"]) == 0
+            assert sorted(p.name for p in ckpts.glob(".*.tmp")) == sorted(names.values()), command
+        assert main(["fit", "-c", str(toy_conf), f"ckpt_path={ckpts / 'last.ckpt'}", "trainer.max_steps=9",
+                     "callbacks.images=null"]) == 0  # fmt: skip
+        kept = sorted(names[k] for k in ("live", "fresh", "other"))
+        assert sorted(p.name for p in ckpts.glob(".*.tmp")) == kept
+    finally:
+        live.kill()
+        live.wait()
 
 
 def check_ok(path: Path) -> bool:

@@ -126,9 +126,10 @@ def _check_run_root(root: str, config_file: str | Path) -> None:
         ) from None
 
 
-def _check_ckpt(ckpt: str | None, config_file: str | Path) -> None:
+def _check_ckpt(ckpt: str | None, config_file: str | Path, command: str) -> None:
     """ckpt_path must be a readable checkpoint; the message names the damaged file and a good one beside it.
-    Temporary files that a killed save left beside it are removed."""
+    A resumed fit removes the temporary files that a killed save left beside it; validate, test and predict
+    never do: the checkpoint may belong to a run still training, whose save in progress that file is."""
     from varctl.checkpoints import check_checkpoint, remove_stale_temporaries
     from varctl.cli.config import ConfigError
 
@@ -139,7 +140,7 @@ def _check_ckpt(ckpt: str | None, config_file: str | Path) -> None:
         check_checkpoint(path)
     except ValueError as e:
         raise ConfigError(f"{config_file}: ckpt_path: {e}") from None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if command == "fit" and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         remove_stale_temporaries(path.parent)
 
 
@@ -220,7 +221,7 @@ def _run(command: str, data: dict, config_file: str | Path):
 
     _quiet_lightning()
     ckpt = data.get("ckpt_path")
-    _check_ckpt(ckpt, config_file)  # before anything is built or written: a failed start leaves no run
+    _check_ckpt(ckpt, config_file, command)  # before anything is built or written: a failed start, no run
     _check_run_root((data.get("run") or {}).get("root", "runs"), config_file)
     if data.get("seed") is not None:
         L.seed_everything(data["seed"], workers=True, verbose=False)
