@@ -195,6 +195,29 @@ def test_sigterm_writes_last_checkpoint_before_exit(toy_conf):
     assert "varctl: SIGTERM at step 5: saved" in out, err[-2000:]
     last = _load(_ckpts(toy_conf) / "last.ckpt")
     assert last["global_step"] == 5
+    (state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert state["last_model_path"] == str(_ckpts(toy_conf) / "last.ckpt")
+    # preempted before the first periodic save: the resume continues in last.ckpt, not in last-v1.ckpt (even
+    # with Lightning's version counter on, since the preemption's save recorded itself as the last one)
+    counter_on = "callbacks.checkpoint.enable_version_counter=true"
+    resume = [f"ckpt_path={_ckpts(toy_conf) / 'last.ckpt'}", "trainer.max_steps=8", *args[1:3], counter_on]
+    assert main(["fit", "-c", str(toy_conf), *resume]) == 0
+    assert sorted(p.name for p in _ckpts(toy_conf).iterdir()) == ["last.ckpt"]
+    assert _load(_ckpts(toy_conf) / "last.ckpt")["global_step"] == 8
+
+
+def test_a_moved_run_resumes_into_its_own_last_checkpoint(toy_conf, tmp_path):
+    """A run directory moved (or copied elsewhere) and resumed overwrites its last.ckpt: Lightning's version
+    counter would write last-v1.ckpt and leave last.ckpt, what ``auto`` and the README point at, stale."""
+    assert main(["fit", "-c", str(toy_conf), *EVERY_2]) == 0
+    moved = tmp_path / "moved" / "toy" / "r1"
+    moved.parent.mkdir(parents=True)
+    shutil.move(_ckpts(toy_conf).parent, moved)
+    assert main(["fit", "-c", str(toy_conf), *EVERY_2, f"ckpt_path={moved / 'checkpoints' / 'last.ckpt'}",
+                 "trainer.max_steps=12"]) == 0  # fmt: skip
+    names = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert names == ["last.ckpt", *(f"step{s:07d}.ckpt" for s in (2, 4, 6, 8, 10, 12))]
+    assert _load(moved / "checkpoints" / "last.ckpt")["global_step"] == 12
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "text", "pickle", "directory"])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from varctl.checkpoints import NonFiniteError
@@ -92,6 +93,9 @@ class PreemptionCheckpoint(L.Callback):
         if folder is None:
             return
         path = Path(folder) / "last.ckpt"
+        if isinstance(trainer.checkpoint_callback, ModelCheckpoint):  # recorded in the file it writes:
+            # the resumed run's ModelCheckpoint then overwrites this last.ckpt instead of writing last-v1.ckpt
+            trainer.checkpoint_callback.last_model_path = str(path)
         trainer.save_checkpoint(path)  # every rank takes part (sharded strategies); rank 0 writes
         if trainer.is_global_zero:
             print(f"varctl: SIGTERM at step {trainer.global_step}: saved {path}", flush=True)
