@@ -327,6 +327,35 @@ def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(tokenizer_file, tmp
         assert {s: resumed[s] for s in after} == {s: whole[s] for s in after}, kill  # exactly, step by step
 
 
+@pytest.mark.usefixtures("one_thread")  # conftest.py: tiny convs are far faster on 1 thread
+def test_a_run_resumed_at_a_validation_step_repeats_the_uninterrupted_run(tokenizer_file, tmp_path):
+    """Every shipped config checkpoints at its validation steps, and the checkpoint is saved before that
+    validation runs; the resumed run does not repeat it. Validation (its loader, image grids, and here a
+    callback that draws) must leave the global generators as they were, or the resumed run's flips and
+    condition dropout differ from the uninterrupted run's."""
+    conf = str(ROOT / "conf" / "var.yaml")
+    args = [f"model.tokenizer={tokenizer_file}", "model.var.depth=2", "+model.var.embed_dim=64",
+            "+model.var.num_heads=2", "model.var.cond_drop_rate=0.3", "model.optimizer.warmup_steps=2",
+            "data.num_train=24", "data.num_val=4", "data.batch_size=4", "data.flip=0.5",
+            "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+            "callbacks.images.every_n_steps=1", "callbacks.images.max_images=2",
+            "+callbacks.draws={_target_: toy.DrawsInValidation}", f"run.root={tmp_path}",
+            "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
+    assert main(["fit", "-c", conf, *args, "+run.version=whole"]) == 0
+    crash = ["+callbacks.kill={_target_: toy.KillAt, step: 4, crash: true}", "+run.version=crashed"]
+    with pytest.raises(RuntimeError, match="crashed before step 4"):
+        main(["fit", "-c", conf, *args, *crash])
+    last = tmp_path / "var" / "crashed" / "checkpoints" / "last.ckpt"
+    assert _load(last)["global_step"] == 3  # saved at the validation step
+    assert main(["fit", "-c", conf, *args, f"ckpt_path={last}"]) == 0
+    whole, resumed = _losses(tmp_path / "var" / "whole"), _losses(tmp_path / "var" / "crashed")
+    assert len(whole) == 6 and {s: resumed[s] for s in (3, 4, 5)} == {s: whole[s] for s in (3, 4, 5)}
+    a, b = _load(tmp_path / "var" / "whole" / "checkpoints" / "last.ckpt"), _load(last)
+    assert a["global_step"] == b["global_step"] == 6
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
 def test_segmentation_ids_beyond_the_model_are_refused_naming_the_files(tmp_path):
     """Checked when the data is scanned (the CLI turns it into a config error before the run), not at the
     first batch that holds such a map."""
