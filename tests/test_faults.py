@@ -206,6 +206,29 @@ def test_sigterm_writes_last_checkpoint_before_exit(toy_conf):
     assert _load(_ckpts(toy_conf) / "last.ckpt")["global_step"] == 8
 
 
+def test_sigterm_during_gradient_accumulation_stops_at_the_end_of_the_window(toy_conf):
+    """SIGTERM in the first of step 2's two micro-batches: the run finishes that step, saves and stops, so
+    the resumed run ends with the uninterrupted run's weights (a save between the micro-batches lost the
+    first one's gradient and the resumed run took step 2 on the second alone). Step 2 ends the toy's epoch
+    of 4 batches, where a save after Lightning's stop did not resume exactly either."""
+    args = ["+trainer.accumulate_grad_batches=2", "callbacks.checkpoint.every_n_train_steps=100",
+            "callbacks.images=null", "trainer.max_steps=4", "trainer.limit_val_batches=0"]  # fmt: skip
+    assert main(["fit", "-c", str(toy_conf), *args, "run.version=whole"]) == 0
+    proc = _cli("fit", "-c", str(toy_conf), *args, "run.version=term", "+model.sigterm_at=2")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "varctl: SIGTERM during gradient accumulation: stopping after step 2" in out
+    runs = toy_conf.parent.parent / "runs" / "toy"
+    last = runs / "term" / "checkpoints" / "last.ckpt"
+    saved = _load(last)
+    assert saved["global_step"] == 2
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 4
+    assert main(["fit", "-c", str(toy_conf), *args, f"ckpt_path={last}"]) == 0
+    whole, resumed = _load(runs / "whole" / "checkpoints" / "last.ckpt"), _load(last)
+    assert whole["global_step"] == resumed["global_step"] == 4
+    assert torch.equal(whole["state_dict"]["scale"], resumed["state_dict"]["scale"])
+
+
 def test_a_moved_run_resumes_into_its_own_last_checkpoint(toy_conf, tmp_path):
     """A run directory moved (or copied elsewhere) and resumed overwrites its last.ckpt: Lightning's version
     counter would write last-v1.ckpt and leave last.ckpt, what ``auto`` and the README point at, stale."""
