@@ -256,6 +256,11 @@ def _run(command: str, data: dict, config_file: str | Path):
     if command == "test":  # <run>/eval/test.json: the scores with what produced them
         callbacks.append(EvaluationWriter(log_dir / "eval", data, ckpt))
     trainer = instantiate(data["trainer"], _convert_="all", logger=logger, callbacks=callbacks)
+    if command == "fit" and hasattr(model, "check_trainer"):
+        try:
+            model.check_trainer(trainer)  # trainer settings the stage cannot train with: nothing written yet
+        except ValueError as e:
+            raise ConfigError(f"{config_file}: {e}") from e
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic in their own folder, finite weights only
 
     if trainer.is_global_zero:

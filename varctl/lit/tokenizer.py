@@ -110,6 +110,10 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
     def data_requirements(self) -> dict[str, Any]:
         return {"resolution": self.vae.config.resolution, "keys": ("image",)}
 
+    def check_trainer(self, trainer) -> None:
+        """The trainer's settings against this stage's (the CLI calls it before a fit writes anything)."""
+        optim.check_schedule(trainer, self.optimizer_settings)
+
     def configure_optimizers(self):
         settings = self.optimizer_settings
         groups = optim.param_groups(self.vae, settings.weight_decay)

@@ -267,6 +267,10 @@ class VARModule(FitsCheckpoint, L.LightningModule):
             compile_var(self.var, mode)
             self._compiled = True
 
+    def check_trainer(self, trainer) -> None:
+        """The trainer's settings against this stage's (the CLI calls it before a fit writes anything)."""
+        optim.check_schedule(trainer, self.optimizer_settings)
+
     def configure_optimizers(self):
         groups = optim.param_groups(self.model, self.optimizer_settings.weight_decay, self._no_decay)
         return optim.configure_adamw(self.trainer, groups, self.optimizer_settings)
