@@ -178,6 +178,29 @@ def test_a_run_without_end_with_a_decaying_lr_is_a_config_error(tokenizer_file, 
     assert torch.load(last, weights_only=True)["global_step"] == 2
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2: the tokenizer stage takes "
+         "one optimizer step per batch (manual optimization)"),
+        ("trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: the tokenizer stage clips its own "
+         "gradients with model.gradient_clip_val (here 1.0)"),
+        ("callbacks.nonfinite.action=skipp", "callbacks.nonfinite: callbacks.nonfinite.action must be one of "
+         "('stop', 'skip'), got 'skipp'"),
+    ],
+    ids=["accumulate", "clip", "callback"],
+)  # fmt: skip
+def test_settings_the_tokenizer_stage_or_a_callback_refuses_are_config_errors(tmp_path, capsys, override,
+                                                                             message):  # fmt: skip
+    """Lightning refuses clipping and accumulation for the tokenizer's manual optimization, and a callback
+    refuses its own settings: one line naming the key, exit 2, nothing written (it was a traceback)."""
+    conf = str(ROOT / "conf" / "tokenizer.yaml")
+    assert main(["fit", "-c", conf, "model.vqvae.preset=tiny", f"run.root={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"varctl: config error: {conf}: {message}"), err[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
 # --- the main command on a fresh machine: the earlier stages' newest runs ------------------------------
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -180,16 +180,20 @@ def _fresh(path: Path) -> Path:
     return candidate
 
 
-def _build(data: dict, key: str, config_file: str | Path):
-    """Instantiate ``data[key]``; a constructor's own check of its settings (ValueError, FileNotFoundError:
-    messages that name the key) becomes a ConfigError instead of a traceback through Hydra."""
+def _build(data: dict, key: str, config_file: str | Path, **kwargs):
+    """Instantiate the node at ``key`` (dotted: ``callbacks.nonfinite``) with ``kwargs``; a constructor's own
+    check of its settings (ValueError, FileNotFoundError: messages that name the key) becomes a ConfigError
+    instead of a traceback through Hydra."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from varctl.cli.config import ConfigError
 
+    node = data
+    for part in key.split("."):
+        node = node[part]
     try:
-        return instantiate(data[key], _convert_="all")
+        return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, (ValueError, FileNotFoundError)):
@@ -211,7 +215,6 @@ def run(command: str, data: dict, config_file: str | Path):
 
 def _run(command: str, data: dict, config_file: str | Path):
     import lightning as L
-    from hydra.utils import instantiate
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from varctl.callbacks import EvaluationWriter, ImageWriter
@@ -245,9 +248,8 @@ def _run(command: str, data: dict, config_file: str | Path):
     if ckpt and hasattr(model, "check_fits"):
         model.check_fits(ckpt)  # weights that do not fit the model: CheckpointMismatch, nothing written yet
 
-    callbacks = [
-        instantiate(node, _convert_="all") for node in (data.get("callbacks") or {}).values() if node
-    ]
+    named = (data.get("callbacks") or {}).items()
+    callbacks = [_build(data, f"callbacks.{name}", config_file) for name, node in named if node]
     out_dir = _fresh(log_dir / "predictions")
     if getattr(datamodule, "output_dir", None) is not None:  # generation jobs write where the user says
         out_dir = Path(datamodule.output_dir)
@@ -255,7 +257,7 @@ def _run(command: str, data: dict, config_file: str | Path):
         callbacks.append(ImageWriter(out_dir))
     if command == "test":  # <run>/eval/test.json: the scores with what produced them
         callbacks.append(EvaluationWriter(log_dir / "eval", data, ckpt))
-    trainer = instantiate(data["trainer"], _convert_="all", logger=logger, callbacks=callbacks)
+    trainer = _build(data, "trainer", config_file, logger=logger, callbacks=callbacks)
     if command == "fit" and hasattr(model, "check_trainer"):
         try:
             model.check_trainer(trainer)  # trainer settings the stage cannot train with: nothing written yet

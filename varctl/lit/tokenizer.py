@@ -111,8 +111,23 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
         return {"resolution": self.vae.config.resolution, "keys": ("image",)}
 
     def check_trainer(self, trainer) -> None:
-        """The trainer's settings against this stage's (the CLI calls it before a fit writes anything)."""
+        """The trainer's settings against this stage's (the CLI calls it before a fit writes anything). The
+        stage optimizes by hand (one step of generator and discriminator per batch), which Lightning's
+        clipping and accumulation do not support: they would stop the fit with Lightning's traceback."""
         optim.check_schedule(trainer, self.optimizer_settings)
+        clip, accumulate = trainer.gradient_clip_val, trainer.accumulate_grad_batches
+        if clip:
+            raise ValueError(
+                f"trainer.gradient_clip_val={clip}: the tokenizer stage clips its own gradients with "
+                f"model.gradient_clip_val (here {self.hparams.gradient_clip_val}); set that and leave "
+                "trainer.gradient_clip_val=null"
+            )
+        if accumulate != 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={accumulate}: the tokenizer stage takes one optimizer step "
+                "per batch (manual optimization) and accumulates no gradients; raise data.batch_size (or the "
+                "number of devices) instead"
+            )
 
     def configure_optimizers(self):
         settings = self.optimizer_settings
