@@ -210,8 +210,11 @@ class VarDataModule(L.LightningDataModule, ABC):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate,
-            # Seeds the shuffle and (through the worker base seed) the random crops and flips.
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            # Seeds the shuffle and (through the worker base seed) the random crops and flips. The other
+            # splits have one too: without it every iter() draws the base seed from the global generator,
+            # so a validation inside fit would shift the training's draws (a run resumed at a validation
+            # step would not repeat the uninterrupted one).
+            generator=torch.Generator().manual_seed(self.seed),
             **extra,
         )
 

@@ -155,6 +155,52 @@ def test_sampling_values_generate_refuses_stop_the_run_before_it_starts(tokenize
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.usefixtures("one_thread")  # conftest.py: tiny convs are far faster on 1 thread
+def test_a_run_without_end_with_a_decaying_lr_is_a_config_error(tokenizer_file, tmp_path, capsys):
+    """trainer.max_steps=-1 (the shipped trainers set max_epochs=-1): a config error naming the keys before
+    anything is written, in both stages that decay the lr; with a constant lr the tokenizer trains (here
+    until a crash at step 3)."""
+    endless = ["trainer.max_steps=-1", f"run.root={tmp_path}", "trainer.enable_progress_bar=false"]
+    stages = {"tokenizer": ["model.vqvae.preset=tiny"], "var": [f"model.tokenizer={tokenizer_file}"]}
+    for stage, args in stages.items():
+        assert main(["fit", "-c", str(ROOT / "conf" / f"{stage}.yaml"), *args, *endless]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # the one line the user reads
+        assert last.startswith("varctl: config error:"), last
+        assert "trainer.max_steps=-1 with trainer.max_epochs=-1 trains without end" in last
+        assert "model.optimizer.decay='cosine'" in last and "or model.optimizer.decay=constant" in last
+    assert not list(tmp_path.iterdir())  # nothing written
+    crash = "+callbacks.kill={_target_: toy.KillAt, step: 3, crash: true}"
+    args = ["model.optimizer.decay=constant", "data.batch_size=2", "trainer.limit_val_batches=0",
+            "callbacks.images=null", "callbacks.checkpoint.every_n_train_steps=1", crash]  # fmt: skip
+    with pytest.raises(RuntimeError, match="crashed before step 3"):
+        main(["fit", "-c", str(ROOT / "conf" / "tokenizer.yaml"), *stages["tokenizer"], *endless, *args])
+    (last,) = tmp_path.glob("tokenizer/*/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2: the tokenizer stage takes "
+         "one optimizer step per batch (manual optimization)"),
+        ("trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: the tokenizer stage clips its own "
+         "gradients with model.gradient_clip_val (here 1.0)"),
+        ("callbacks.nonfinite.action=skipp", "callbacks.nonfinite: callbacks.nonfinite.action must be one of "
+         "('stop', 'skip'), got 'skipp'"),
+    ],
+    ids=["accumulate", "clip", "callback"],
+)  # fmt: skip
+def test_settings_the_tokenizer_stage_or_a_callback_refuses_are_config_errors(tmp_path, capsys, override,
+                                                                             message):  # fmt: skip
+    """Lightning refuses clipping and accumulation for the tokenizer's manual optimization, and a callback
+    refuses its own settings: one line naming the key, exit 2, nothing written (it was a traceback)."""
+    conf = str(ROOT / "conf" / "tokenizer.yaml")
+    assert main(["fit", "-c", conf, "model.vqvae.preset=tiny", f"run.root={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"varctl: config error: {conf}: {message}"), err[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
 # --- the main command on a fresh machine: the earlier stages' newest runs ------------------------------
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

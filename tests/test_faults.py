@@ -20,6 +20,7 @@ from test_cli import ROOT
 
 from varctl.checkpoints import NonFiniteError, check_checkpoint
 from varctl.cli import main
+from varctl.files import writer_id
 
 EVERY_2 = ["callbacks.checkpoint.every_n_train_steps=2", "callbacks.images=null"]
 
@@ -144,6 +145,39 @@ def test_sigkill_during_a_save_keeps_the_old_checkpoint_and_no_orphan_in_tmpdir(
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def test_only_a_resumed_fit_removes_temporaries_and_never_those_of_a_live_writer(toy_conf):
+    """validate/test/predict on a run still training must not delete the file of its save in progress; a
+    resumed fit removes a dead writer's file and an unnamed one untouched for 10 minutes, nothing else."""
+    assert main(["fit", "-c", str(toy_conf), *EVERY_2]) == 0
+    ckpts = _ckpts(toy_conf)
+    host = writer_id().split("@", 1)[1]
+    live = subprocess.Popen(["sleep", "60"])  # another training still writing here
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = {
+        "live": f".last.ckpt.{live.pid}@{host}.abc.tmp",
+        "dead": f".last.ckpt.{dead.pid}@{host}.abc.tmp",
+        "fresh": ".step0000010.ckpt.xyz.tmp",
+        "old": ".last.ckpt.xyz.tmp",
+        "other": ".notes.txt.xyz.tmp",
+    }
+    try:
+        for name in names.values():
+            (ckpts / name).write_bytes(b"partial")
+        for name in ("old", "other"):
+            os.utime(ckpts / names[name], (time.time() - 3600,) * 2)
+        for command in ("validate", "test", "predict"):
+            assert main([command, "-c", str(toy_conf), f"ckpt_path={ckpts / 'last.ckpt'}"]) == 0
+            assert sorted(p.name for p in ckpts.glob(".*.tmp")) == sorted(names.values()), command
+        assert main(["fit", "-c", str(toy_conf), f"ckpt_path={ckpts / 'last.ckpt'}", "trainer.max_steps=9",
+                     "callbacks.images=null"]) == 0  # fmt: skip
+        kept = sorted(names[k] for k in ("live", "fresh", "other"))
+        assert sorted(p.name for p in ckpts.glob(".*.tmp")) == kept
+    finally:
+        live.kill()
+        live.wait()
+
+
 def check_ok(path: Path) -> bool:
     try:
         check_checkpoint(path)
@@ -161,6 +195,52 @@ def test_sigterm_writes_last_checkpoint_before_exit(toy_conf):
     assert "varctl: SIGTERM at step 5: saved" in out, err[-2000:]
     last = _load(_ckpts(toy_conf) / "last.ckpt")
     assert last["global_step"] == 5
+    (state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert state["last_model_path"] == str(_ckpts(toy_conf) / "last.ckpt")
+    # preempted before the first periodic save: the resume continues in last.ckpt, not in last-v1.ckpt (even
+    # with Lightning's version counter on, since the preemption's save recorded itself as the last one)
+    counter_on = "callbacks.checkpoint.enable_version_counter=true"
+    resume = [f"ckpt_path={_ckpts(toy_conf) / 'last.ckpt'}", "trainer.max_steps=8", *args[1:3], counter_on]
+    assert main(["fit", "-c", str(toy_conf), *resume]) == 0
+    assert sorted(p.name for p in _ckpts(toy_conf).iterdir()) == ["last.ckpt"]
+    assert _load(_ckpts(toy_conf) / "last.ckpt")["global_step"] == 8
+
+
+def test_sigterm_during_gradient_accumulation_stops_at_the_end_of_the_window(toy_conf):
+    """SIGTERM in the first of step 2's two micro-batches: the run finishes that step, saves and stops, so
+    the resumed run ends with the uninterrupted run's weights (a save between the micro-batches lost the
+    first one's gradient and the resumed run took step 2 on the second alone). Step 2 ends the toy's epoch
+    of 4 batches, where a save after Lightning's stop did not resume exactly either."""
+    args = ["+trainer.accumulate_grad_batches=2", "callbacks.checkpoint.every_n_train_steps=100",
+            "callbacks.images=null", "trainer.max_steps=4", "trainer.limit_val_batches=0"]  # fmt: skip
+    assert main(["fit", "-c", str(toy_conf), *args, "run.version=whole"]) == 0
+    proc = _cli("fit", "-c", str(toy_conf), *args, "run.version=term", "+model.sigterm_at=2")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "varctl: SIGTERM during gradient accumulation: stopping after step 2" in out
+    runs = toy_conf.parent.parent / "runs" / "toy"
+    last = runs / "term" / "checkpoints" / "last.ckpt"
+    saved = _load(last)
+    assert saved["global_step"] == 2
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 4
+    assert main(["fit", "-c", str(toy_conf), *args, f"ckpt_path={last}"]) == 0
+    whole, resumed = _load(runs / "whole" / "checkpoints" / "last.ckpt"), _load(last)
+    assert whole["global_step"] == resumed["global_step"] == 4
+    assert torch.equal(whole["state_dict"]["scale"], resumed["state_dict"]["scale"])
+
+
+def test_a_moved_run_resumes_into_its_own_last_checkpoint(toy_conf, tmp_path):
+    """A run directory moved (or copied elsewhere) and resumed overwrites its last.ckpt: Lightning's version
+    counter would write last-v1.ckpt and leave last.ckpt, what ``auto`` and the README point at, stale."""
+    assert main(["fit", "-c", str(toy_conf), *EVERY_2]) == 0
+    moved = tmp_path / "moved" / "toy" / "r1"
+    moved.parent.mkdir(parents=True)
+    shutil.move(_ckpts(toy_conf).parent, moved)
+    assert main(["fit", "-c", str(toy_conf), *EVERY_2, f"ckpt_path={moved / 'checkpoints' / 'last.ckpt'}",
+                 "trainer.max_steps=12"]) == 0  # fmt: skip
+    names = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert names == ["last.ckpt", *(f"step{s:07d}.ckpt" for s in (2, 4, 6, 8, 10, 12))]
+    assert _load(moved / "checkpoints" / "last.ckpt")["global_step"] == 12
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "text", "pickle", "directory"])
@@ -268,6 +348,35 @@ def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(tokenizer_file, tmp
         resumed = _losses(tmp_path / "var" / version)
         after = sorted(s for s in whole if s >= kill - 1)
         assert {s: resumed[s] for s in after} == {s: whole[s] for s in after}, kill  # exactly, step by step
+
+
+@pytest.mark.usefixtures("one_thread")  # conftest.py: tiny convs are far faster on 1 thread
+def test_a_run_resumed_at_a_validation_step_repeats_the_uninterrupted_run(tokenizer_file, tmp_path):
+    """Every shipped config checkpoints at its validation steps, and the checkpoint is saved before that
+    validation runs; the resumed run does not repeat it. Validation (its loader, image grids, and here a
+    callback that draws) must leave the global generators as they were, or the resumed run's flips and
+    condition dropout differ from the uninterrupted run's."""
+    conf = str(ROOT / "conf" / "var.yaml")
+    args = [f"model.tokenizer={tokenizer_file}", "model.var.depth=2", "+model.var.embed_dim=64",
+            "+model.var.num_heads=2", "model.var.cond_drop_rate=0.3", "model.optimizer.warmup_steps=2",
+            "data.num_train=24", "data.num_val=4", "data.batch_size=4", "data.flip=0.5",
+            "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+            "callbacks.images.every_n_steps=1", "callbacks.images.max_images=2",
+            "+callbacks.draws={_target_: toy.DrawsInValidation}", f"run.root={tmp_path}",
+            "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
+    assert main(["fit", "-c", conf, *args, "+run.version=whole"]) == 0
+    crash = ["+callbacks.kill={_target_: toy.KillAt, step: 4, crash: true}", "+run.version=crashed"]
+    with pytest.raises(RuntimeError, match="crashed before step 4"):
+        main(["fit", "-c", conf, *args, *crash])
+    last = tmp_path / "var" / "crashed" / "checkpoints" / "last.ckpt"
+    assert _load(last)["global_step"] == 3  # saved at the validation step
+    assert main(["fit", "-c", conf, *args, f"ckpt_path={last}"]) == 0
+    whole, resumed = _losses(tmp_path / "var" / "whole"), _losses(tmp_path / "var" / "crashed")
+    assert len(whole) == 6 and {s: resumed[s] for s in (3, 4, 5)} == {s: whole[s] for s in (3, 4, 5)}
+    a, b = _load(tmp_path / "var" / "whole" / "checkpoints" / "last.ckpt"), _load(last)
+    assert a["global_step"] == b["global_step"] == 6
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
 def test_segmentation_ids_beyond_the_model_are_refused_naming_the_files(tmp_path):

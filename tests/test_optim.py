@@ -12,6 +12,7 @@ from varctl.lit.optim import (
     averaged,
     clean_name,
     clip_gradients,
+    configure_adamw,
     lr_factor,
     no_weight_decay_names,
     param_groups,
@@ -97,6 +98,24 @@ def test_scheduler_drives_optimizer_lr():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([1.0, 2.0, 2.0, 1.5, 1.0, 0.5, 0.0])
+
+
+def test_a_run_without_end_takes_a_constant_lr_and_refuses_a_decay():
+    """trainer.max_steps=-1 with max_epochs=-1: Lightning estimates infinitely many steps. A constant lr
+    needs no end (warmup, then the peak for ever); a decay is refused naming the keys to set."""
+    from varctl.lit.settings import OptimizerSettings
+
+    endless = SimpleNamespace(estimated_stepping_batches=float("inf"), max_steps=-1, max_epochs=-1,
+                              precision="32-true", strategy=None)  # fmt: skip
+    p = nn.Parameter(torch.zeros(2))
+    constant = OptimizerSettings(lr=2.0, lr_scale_by_batch=False, warmup_steps=2, decay="constant")
+    sched = configure_adamw(endless, [{"params": [p]}], constant)["lr_scheduler"]["scheduler"]
+    assert [sched.lr_lambdas[0](step) for step in (0, 1, 2, 10**6)] == [0.5, 1.0, 1.0, 1.0]
+    cosine = OptimizerSettings(lr=2.0, lr_scale_by_batch=False, decay="cosine")
+    with pytest.raises(
+        ValueError, match=r"trainer.max_steps=-1 .*model.optimizer.decay='cosine'.*decay=constant"
+    ):
+        configure_adamw(endless, [{"params": [p]}], cosine)
 
 
 def test_ema_math_with_and_without_warmup():

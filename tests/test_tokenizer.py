@@ -220,6 +220,39 @@ def test_checkpoint_rebuilds_the_vqvae(tmp_path):
         assert torch.equal(again.vae.state_dict()[k], v), k
 
 
+@pytest.mark.usefixtures("one_thread")  # conftest.py: tiny convs are far faster on 1 thread
+def test_a_resume_continues_the_codebook_hit_statistics_exactly(tmp_path):
+    """The quantizer's count of recorded hits sets the rate of their EMA (0.9/0.1 for the first 100, then
+    0.99/0.01). The checkpoint keeps it beside the VQVAE's weights (whose layout is the official one), so a
+    run resumed at step 2 folds its hits in at the uninterrupted run's rate; loading guessed 100 before."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from varctl.callbacks import ResumeRandomState
+
+    def fit(folder, ckpt=None):
+        torch.manual_seed(0)
+        m = make_module(codebook={"restart_dead_codes": False})
+        saves = ModelCheckpoint(tmp_path / folder, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        trainer = make_trainer(max_steps=4, limit_val_batches=0, enable_checkpointing=True,
+                               callbacks=[saves, ResumeRandomState()])  # fmt: skip
+        trainer.fit(m, datamodule=make_data(m), ckpt_path=ckpt)
+        return m.vae.quantize
+
+    whole = fit("whole")
+    step2 = tmp_path / "whole" / "step=2.ckpt"
+    raw = torch.load(step2, weights_only=True)
+    assert raw["codebook_hit_records"] == 2
+    assert not any("hit_records" in k for k in raw["state_dict"])  # the VQVAE's layout is unchanged
+    resumed = fit("resumed", ckpt=str(step2))
+    assert whole.num_hit_records == resumed.num_hit_records == 4
+    assert torch.equal(whole.ema_vocab_hit_SV, resumed.ema_vocab_hit_SV)
+    del raw["codebook_hit_records"]  # a checkpoint of an earlier version: warmed-up statistics, as before
+    old = make_module()
+    old.on_load_checkpoint(raw)
+    old.load_state_dict(raw["state_dict"])
+    assert old.vae.quantize.num_hit_records == 100
+
+
 def test_predict_and_validation_images(tmp_path, monkeypatch):
     torch.manual_seed(0)
     m = make_module()

@@ -322,6 +322,53 @@ def test_resume_restores_ema_and_continues(vae_file, tmp_path):
     assert trainer2.global_step == 3 and int(m2.ema.n_averaged) == 4
 
 
+def test_checkpoints_hold_the_ema_of_their_step_and_a_resume_keeps_every_update(vae_file, tmp_path):
+    """The average is updated right after each optimizer step (once per 2 accumulated batches here), before
+    ModelCheckpoint saves: the checkpoint of step k holds the initial copy and k updates, and a run resumed
+    from step 2 ends with the uninterrupted run's average, bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from varctl.callbacks import ResumeRandomState
+
+    def fit(folder, max_steps, ckpt=None):
+        torch.manual_seed(0)
+        m = make_module(vae_file, ema_decay=0.9, optimizer=FAST)
+        saves = ModelCheckpoint(dirpath=tmp_path / folder, filename="{step}", every_n_train_steps=1,
+                                save_top_k=-1)  # fmt: skip
+        trainer = make_trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, accumulate_grad_batches=2,
+                               enable_checkpointing=True, callbacks=[saves, ResumeRandomState()])  # fmt: skip
+        trainer.fit(m, make_data(m, batch_size=4), ckpt_path=ckpt)
+        return m
+
+    whole = fit("whole", 4)
+    for step in range(1, 5):
+        state = torch.load(tmp_path / "whole" / f"step={step}.ckpt", weights_only=True)["state_dict"]
+        assert int(state["ema.n_averaged"]) == step + 1
+    assert int(whole.ema.n_averaged) == 5
+    resumed = fit("resumed", 4, ckpt=str(tmp_path / "whole" / "step=2.ckpt"))
+    a, b = whole.ema.state_dict(), resumed.ema.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and int(b["n_averaged"]) == 5
+    assert not torch.equal(a["module.head.weight"], whole.var.head.weight)  # an average, not a copy
+
+
+def test_a_skipped_step_leaves_the_ema_alone(vae_file, tmp_path):
+    """callbacks.nonfinite with action=skip drops step 2's update (a NaN gradient): neither the weights nor
+    the average move, so 3 steps make 2 updates."""
+    from varctl.callbacks import NonFiniteGuard
+
+    class NanGradientAt(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step + 1 == 2:
+                next(p for p in pl_module.model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+    torch.manual_seed(0)
+    m = make_module(vae_file, ema_decay=0.9, optimizer=FAST)
+    guard = NonFiniteGuard(action="skip")
+    trainer = make_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[NanGradientAt(), guard])
+    trainer.fit(m, make_data(m, batch_size=4))
+    assert trainer.global_step == 3 and guard.skipped == 1 and int(m.ema.n_averaged) == 3
+
+
 def test_text_checkpoint_leaves_out_the_text_encoder(vae_file, tmp_path):
     m = make_module(vae_file, "text")
     trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -84,3 +86,11 @@ class KillAt(L.Callback):
             if self.crash:
                 raise RuntimeError(f"crashed before step {self.step}")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DrawsInValidation(L.Callback):
+    """Draws from the global torch, numpy and Python generators in every validation batch, as a validation
+    step with random masks or noise would."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        torch.rand(3), np.random.rand(), random.random()

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from varctl.files import atomic_save
+from varctl.files import atomic_save, temporary_in_use
 
-TMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<random>.tmp beside the target
+TMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<pid>@<host>.<random>.tmp beside the target
 
 
 # hyper-parameters that do not shape the weights: left out when a checkpoint does not fit (files, sampling,
@@ -108,9 +108,10 @@ def good_checkpoints(folder: Path, exclude: Path | None = None) -> list[Path]:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files that a killed save left in ``folder`` (none is being written before a run
-    starts); returns them."""
-    stale = [p for p in folder.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    """Delete the temporary files of checkpoints that a killed save left in ``folder``; returns them. A file
+    that a live process may still be writing (a run still training there: ``temporary_in_use``) is kept."""
+    found = [p for p in folder.glob(f".*.ckpt.*{TMP_SUFFIX}") if p.is_file()]
+    stale = [p for p in found if not temporary_in_use(p)]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

@@ -8,8 +8,11 @@ checkpoint, a model file or a predicted image is either the old one or the compl
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +24,12 @@ import torch
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to: when the block succeeds it is fsynced and renamed over
-    ``path``, when it fails it is deleted, so ``path`` never holds a partial file."""
+    ``path``, when it fails it is deleted, so ``path`` never holds a partial file. Its name,
+    ``.<name>.<pid>@<host>.<random>.tmp``, names the writer: a run that starts can tell a killed save's file
+    from one that another live process is writing (``temporary_in_use``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_id()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files: give the file the permissions open() would
     try:
@@ -81,6 +86,31 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def writer_id() -> str:
+    """``<pid>@<host>``: the process that writes a temporary file (the host stripped to [A-Za-z0-9.-])."""
+    return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9.-]', '-', socket.gethostname())}"
+
+
+def temporary_in_use(path: str | os.PathLike, idle_s: float = 600.0) -> bool:
+    """Whether the temporary file ``path`` (of ``atomic_path``) may still be written: its writer, on this
+    host, is alive; or, written on another host (or by a varctl that did not name writers), it changed in
+    the last ``idle_s`` seconds (a save in progress keeps writing)."""
+    path = Path(path)
+    m = re.search(r"\.(\d+)@([A-Za-z0-9.-]+)\.[^.]+\.tmp$", path.name)
+    if m and m[2] == writer_id().split("@", 1)[1]:
+        try:
+            os.kill(int(m[1]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it exists, owned by another user
+            pass
+        return True
+    try:
+        return path.stat().st_mtime > time.time() - idle_s
+    except FileNotFoundError:
+        return False
 
 
 def _umask() -> int:

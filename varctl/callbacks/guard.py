@@ -7,7 +7,8 @@ they were, and counts it (``action: skip``, ``train/skipped_steps``). ``max_cons
 the run too: a run that only skips is not training. Ranks decide together, so DDP and FSDP stay in step.
 
 ``PreemptionCheckpoint`` writes ``last.ckpt`` when the run receives SIGTERM (Lightning stops at the next
-batch boundary), so a preempted job resumes from where it was stopped.
+batch boundary; with gradient accumulation at the next optimizer step), so a preempted job resumes from
+where it was stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from varctl.checkpoints import NonFiniteError
@@ -83,15 +85,55 @@ class NonFiniteGuard(L.Callback):
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM, write ``last.ckpt`` in the checkpoint callback's folder before the run exits."""
+    """On SIGTERM, write ``last.ckpt`` in the checkpoint callback's folder before the run exits.
+
+    The save is made at the end of the train batch, where ModelCheckpoint saves, so the resumed run restarts
+    as from any of its checkpoints (saved at the epoch's last batch after Lightning's stop instead, the next
+    epoch's order was drawn twice). With gradient accumulation it waits for the batch whose optimizer step
+    ends the window: a save between its micro-batches lost the gradients accumulated so far, and the
+    resumed run took that step on the remaining micro-batches alone. A SIGTERM that Lightning acts on
+    elsewhere (during validation) is saved when it stops the run, as before."""
+
+    def __init__(self):
+        self._steps_before = 0
+        self._deferred = False  # a SIGTERM held back until the end of the accumulation window
+        self._saved = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._deferred = self._saved = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._steps_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # Lightning stops after the batch once its signal connector has seen SIGTERM (trainer.received_sigterm
+        # only reads that flag); the ranks decide together, so that all of them save at the same batch
+        signals = trainer._signal_connector
+        received = trainer.strategy.reduce_boolean_decision(bool(signals.received_sigterm), all=False)
+        if not (received or self._deferred):
+            return
+        if trainer.global_step == self._steps_before and trainer.accumulate_grad_batches > 1:
+            if not self._deferred and trainer.is_global_zero:
+                step = trainer.global_step + 1
+                print(f"varctl: SIGTERM during gradient accumulation: stopping after step {step}", flush=True)
+            signals.received_sigterm, self._deferred = False, True
+            return
+        self._save(trainer)
+        signals.received_sigterm, self._deferred = True, False  # Lightning stops once this batch is done
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
-            return
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and not self._saved:
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
         folder = getattr(trainer.checkpoint_callback, "dirpath", None)
         if folder is None:
             return
         path = Path(folder) / "last.ckpt"
+        if isinstance(trainer.checkpoint_callback, ModelCheckpoint):  # recorded in the file it writes:
+            # the resumed run's ModelCheckpoint then overwrites this last.ckpt instead of writing last-v1.ckpt
+            trainer.checkpoint_callback.last_model_path = str(path)
         trainer.save_checkpoint(path)  # every rank takes part (sharded strategies); rank 0 writes
+        self._saved = True
         if trainer.is_global_zero:
             print(f"varctl: SIGTERM at step {trainer.global_step}: saved {path}", flush=True)

@@ -127,9 +127,10 @@ def _check_run_root(root: str, config_file: str | Path) -> None:
         ) from None
 
 
-def _check_ckpt(ckpt: str | None, config_file: str | Path) -> None:
+def _check_ckpt(ckpt: str | None, config_file: str | Path, command: str) -> None:
     """ckpt_path must be a readable checkpoint; the message names the damaged file and a good one beside it.
-    Temporary files that a killed save left beside it are removed."""
+    A resumed fit removes the temporary files that a killed save left beside it; validate, test and predict
+    never do: the checkpoint may belong to a run still training, whose save in progress that file is."""
     from varctl.checkpoints import check_checkpoint, remove_stale_temporaries
     from varctl.cli.config import ConfigError
 
@@ -140,7 +141,7 @@ def _check_ckpt(ckpt: str | None, config_file: str | Path) -> None:
         check_checkpoint(path)
     except ValueError as e:
         raise ConfigError(f"{config_file}: ckpt_path: {e}") from None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if command == "fit" and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         remove_stale_temporaries(path.parent)
 
 
@@ -180,16 +181,20 @@ def _fresh(path: Path) -> Path:
     return candidate
 
 
-def _build(data: dict, key: str, config_file: str | Path):
-    """Instantiate ``data[key]``; a constructor's own check of its settings (ValueError, FileNotFoundError:
-    messages that name the key) becomes a ConfigError instead of a traceback through Hydra."""
+def _build(data: dict, key: str, config_file: str | Path, **kwargs):
+    """Instantiate the node at ``key`` (dotted: ``callbacks.nonfinite``) with ``kwargs``; a constructor's own
+    check of its settings (ValueError, FileNotFoundError: messages that name the key) becomes a ConfigError
+    instead of a traceback through Hydra."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from varctl.cli.config import ConfigError
 
+    node = data
+    for part in key.split("."):
+        node = node[part]
     try:
-        return instantiate(data[key], _convert_="all")
+        return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, (ValueError, FileNotFoundError)):
@@ -211,7 +216,6 @@ def run(command: str, data: dict, config_file: str | Path):
 
 def _run(command: str, data: dict, config_file: str | Path):
     import lightning as L
-    from hydra.utils import instantiate
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from varctl.callbacks import EvaluationWriter, ImageWriter
@@ -221,7 +225,7 @@ def _run(command: str, data: dict, config_file: str | Path):
 
     _quiet_lightning()
     ckpt = data.get("ckpt_path")
-    _check_ckpt(ckpt, config_file)  # before anything is built or written: a failed start leaves no run
+    _check_ckpt(ckpt, config_file, command)  # before anything is built or written: a failed start, no run
     _check_run_root((data.get("run") or {}).get("root", "runs"), config_file)
     if data.get("seed") is not None:
         L.seed_everything(data["seed"], workers=True, verbose=False)
@@ -250,9 +254,8 @@ def _run(command: str, data: dict, config_file: str | Path):
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"{config_file}: {e}") from e
 
-    callbacks = [
-        instantiate(node, _convert_="all") for node in (data.get("callbacks") or {}).values() if node
-    ]
+    named = (data.get("callbacks") or {}).items()
+    callbacks = [_build(data, f"callbacks.{name}", config_file) for name, node in named if node]
     out_dir = _fresh(log_dir / "predictions")
     if getattr(datamodule, "output_dir", None) is not None:  # generation jobs write where the user says
         out_dir = Path(datamodule.output_dir)
@@ -265,7 +268,12 @@ def _run(command: str, data: dict, config_file: str | Path):
         callbacks.append(ImageWriter(out_dir))
     if command == "test":  # <run>/eval/test.json: the scores with what produced them
         callbacks.append(EvaluationWriter(log_dir / "eval", data, ckpt))
-    trainer = instantiate(data["trainer"], _convert_="all", logger=logger, callbacks=callbacks)
+    trainer = _build(data, "trainer", config_file, logger=logger, callbacks=callbacks)
+    if command == "fit" and hasattr(model, "check_trainer"):
+        try:
+            model.check_trainer(trainer)  # trainer settings the stage cannot train with: nothing written yet
+        except ValueError as e:
+            raise ConfigError(f"{config_file}: {e}") from e
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic in their own folder, finite weights only
 
     if trainer.is_global_zero:

@@ -153,11 +153,30 @@ def configure_adamw(trainer, groups: list[dict], settings: OptimizerSettings) ->
     # fp16 loss scaling unscales inside a fused step, too late for clipping; FSDP1 clips its own flat shards
     allow_fused = str(trainer.precision) != "16-mixed" and not isinstance(trainer.strategy, FSDPStrategy)
     optimizer = adamw(groups, lr, settings.betas, settings.weight_decay, allow_fused)
-    total = int(trainer.estimated_stepping_batches)
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):  # a run without end: only a constant lr (after warmup) needs none
+        if settings.decay != "constant":
+            raise ValueError(_endless(trainer, settings))
+        total = 0
     scheduler = warmup_decay_scheduler(
         optimizer, settings.warmup_steps, total, settings.decay, settings.final_lr_fraction
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_schedule(trainer, settings: OptimizerSettings) -> None:
+    """Before the run: a decaying lr needs the run's end (``trainer.max_steps`` or ``trainer.max_epochs``)."""
+    if settings.decay != "constant" and trainer.max_steps == -1 and trainer.max_epochs == -1:
+        raise ValueError(_endless(trainer, settings))
+
+
+def _endless(trainer, settings: OptimizerSettings) -> str:
+    return (
+        f"trainer.max_steps={trainer.max_steps} with trainer.max_epochs={trainer.max_epochs} trains without "
+        f"end, but model.optimizer.decay={settings.decay!r} decays the lr to "
+        "model.optimizer.final_lr_fraction at the last step: set trainer.max_steps (or trainer.max_epochs), "
+        "or model.optimizer.decay=constant"
+    )
 
 
 def averaged(module: nn.Module, decay: float, warmup: bool = True) -> AveragedModel:

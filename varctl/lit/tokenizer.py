@@ -43,6 +43,7 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 # the tokenizer's default recipe (VQGAN's optimiser): no lr scaling, no weight decay, a constant lr
 RECIPE = {"lr_scale_by_batch": False, "betas": (0.5, 0.9), "weight_decay": 0.0, "decay": "constant"}
+HIT_RECORDS = "codebook_hit_records"  # the checkpoint's entry of the quantizer's num_hit_records
 
 
 class TokenizerModule(FitsCheckpoint, L.LightningModule):
@@ -90,6 +91,7 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
         # codes restarted since the start of training (kept in checkpoints, so it survives a resume)
         self.register_buffer("restarted_codes", torch.zeros((), dtype=torch.long))
         self._disc_on = False  # whether this step updates the discriminator (set in training_step)
+        self._hit_records: int | None = None  # the quantizer's count, from a checkpoint being loaded
 
         lp, self.perceptual = self.lpips_settings, None
         if lp.weight > 0 or lp.val_lpips:
@@ -109,6 +111,25 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
     # ------------------------------------------------------------------ wiring
     def data_requirements(self) -> dict[str, Any]:
         return {"resolution": self.vae.config.resolution, "keys": ("image",)}
+
+    def check_trainer(self, trainer) -> None:
+        """The trainer's settings against this stage's (the CLI calls it before a fit writes anything). The
+        stage optimizes by hand (one step of generator and discriminator per batch), which Lightning's
+        clipping and accumulation do not support: they would stop the fit with Lightning's traceback."""
+        optim.check_schedule(trainer, self.optimizer_settings)
+        clip, accumulate = trainer.gradient_clip_val, trainer.accumulate_grad_batches
+        if clip:
+            raise ValueError(
+                f"trainer.gradient_clip_val={clip}: the tokenizer stage clips its own gradients with "
+                f"model.gradient_clip_val (here {self.hparams.gradient_clip_val}); set that and leave "
+                "trainer.gradient_clip_val=null"
+            )
+        if accumulate != 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={accumulate}: the tokenizer stage takes one optimizer step "
+                "per batch (manual optimization) and accumulates no gradients; raise data.batch_size (or the "
+                "number of devices) instead"
+            )
 
     def configure_optimizers(self):
         settings = self.optimizer_settings
@@ -332,6 +353,9 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["varctl"] = {"vqvae": self.vae.checkpoint_entry("vae.")}
+        # how often the code hits were recorded (it sets their EMA's rate): not in the VQVAE's state_dict,
+        # whose layout is the official one, so loading it could only guess (warmed up or not)
+        checkpoint[HIT_RECORDS] = self.vae.quantize.num_hit_records
         # LPIPS is rebuilt from the lpips package and torchvision's cache: not stored
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith("perceptual.")]:
@@ -343,10 +367,17 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        self._hit_records = checkpoint.get(HIT_RECORDS)  # set once the weights are loaded: load_state_dict
         if self.perceptual is not None:
             sd = checkpoint["state_dict"]
             for key, value in self.perceptual.state_dict(prefix="perceptual.").items():
                 sd.setdefault(key, value)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._hit_records is not None:  # none in a checkpoint of an earlier version: the quantizer guesses
+            self.vae.quantize.num_hit_records, self._hit_records = int(self._hit_records), None
+        return result
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:

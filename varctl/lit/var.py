@@ -270,6 +270,10 @@ class VARModule(FitsCheckpoint, L.LightningModule):
             compile_var(self.var, mode)
             self._compiled = True
 
+    def check_trainer(self, trainer) -> None:
+        """The trainer's settings against this stage's (the CLI calls it before a fit writes anything)."""
+        optim.check_schedule(trainer, self.optimizer_settings)
+
     def configure_optimizers(self):
         groups = optim.param_groups(self.model, self.optimizer_settings.weight_decay, self._no_decay)
         return optim.configure_adamw(self.trainer, groups, self.optimizer_settings)
@@ -363,11 +367,14 @@ class VARModule(FitsCheckpoint, L.LightningModule):
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # once per optimizer step (global_step counts them; with accumulation not every batch steps)
-        if self.ema is not None and self.global_step != getattr(self, "_ema_step", 0):
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The EMA follows each optimizer step at once (Lightning calls this once per accumulation window),
+        before any callback sees the step: a checkpoint then holds the average of its own weights, where an
+        update in ``on_train_batch_end`` came after ModelCheckpoint's save and was lost on resume. A step
+        that ``callbacks.nonfinite`` skipped changed no weight and leaves the average alone too."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and not getattr(self, "step_skipped", False):
             optim.update_average(self.ema, self.model)
-            self._ema_step = self.global_step
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
