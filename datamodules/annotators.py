@@ -178,9 +178,10 @@ def annotate(annotator: Annotator, image: np.ndarray, modality: str) -> np.ndarr
     out = out.detach().cpu().float().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
     while out.ndim > 3 and out.shape[0] == 1:
         out = out[0]  # drop batch dims
+    height, width = image.shape[:2]
     if out.ndim == 3:
-        if modality == "segmentation" and out.shape[0] > 1:
-            out = out.argmax(0)  # class scores (C, h, w) -> ids
+        if modality == "segmentation" and out.shape[0] > 1 and out.shape[-1] > 1:
+            out = _segment_ids(out, height, width)  # class scores -> ids
         elif out.shape[0] == 1:
             out = out[0]
         elif out.shape[-1] == 1:
@@ -189,7 +190,6 @@ def annotate(annotator: Annotator, image: np.ndarray, modality: str) -> np.ndarr
             raise ValueError(f"{modality} annotator returned shape {out.shape}; expected (H, W) or (1, H, W)")
     if out.ndim != 2:
         raise ValueError(f"{modality} annotator returned shape {out.shape}; expected (H, W) or (1, H, W)")
-    height, width = image.shape[:2]
     if out.shape != (height, width):
         out = _resize(out, height, width, modality)
     if modality == "depth":
@@ -202,6 +202,23 @@ def annotate(annotator: Annotator, image: np.ndarray, modality: str) -> np.ndarr
         scale = 255.0 if out.dtype == np.uint8 else 1.0
         return np.clip(out.astype(np.float32) / scale, 0.0, 1.0)
     return out
+
+
+def _segment_ids(scores: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Class scores (C, h, w) or (h, w, C), at the image's size or a scaled one, -> ids (h, w). The map's
+    axes are the two whose ratio is the image's (within a pixel); (C, h, w) when both could be."""
+
+    def image_like(h: int, w: int) -> bool:
+        return abs(h * width - w * height) <= max(height, width)
+
+    if image_like(*scores.shape[1:]):
+        return scores.argmax(0)
+    if image_like(*scores.shape[:2]):
+        return scores.argmax(-1)
+    raise ValueError(
+        f"segmentation annotator returned scores of shape {scores.shape}, no two axes of which have the "
+        f"image's aspect ({height} x {width}): expected (C, H, W) or (H, W, C), at the image size or scaled"
+    )
 
 
 def _resize(out: np.ndarray, height: int, width: int, modality: str) -> np.ndarray:

@@ -132,3 +132,20 @@ def test_transformers_depth_annotator_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     with pytest.raises(ImportError, match=rf"\({key}: .*\) needs the transformers package"):
         TransformersDepthAnnotator(str(tmp_path))
+
+
+def test_segmentation_scores_channels_first_or_last_become_the_same_ids():
+    """An annotator's class scores (C, h, w) or (h, w, C), at the image's size or a scaled one, give the same
+    ids (channels-last scores had their height taken for the classes: all ids 0); scores with no axes of the
+    image's aspect are refused by shape."""
+    image = np.zeros((48, 64, 3), np.uint8)
+    ids = np.random.default_rng(0).integers(0, 5, (48, 64))
+    scores = np.eye(5, dtype=np.float32)[ids]  # (48, 64, 5), one-hot
+    first = annotate(lambda _: scores.transpose(2, 0, 1), image, "segmentation")
+    last = annotate(lambda _: scores, image, "segmentation")
+    assert np.array_equal(first, ids) and np.array_equal(last, ids)
+    small = np.eye(5, dtype=np.float32)[ids[::4, ::4]]  # (12, 16, 5): resized to the image, nearest
+    upscaled = np.repeat(np.repeat(ids[::4, ::4], 4, axis=0), 4, axis=1)
+    assert np.array_equal(annotate(lambda _: small, image, "segmentation"), upscaled)
+    with pytest.raises(ValueError, match=r"segmentation annotator returned scores of shape \(5, 3, 9\)"):
+        annotate(lambda _: np.zeros((5, 3, 9), np.float32), image, "segmentation")
