@@ -4,6 +4,7 @@ predict writes each sample beside its controls. Tiny random tokenizer (32 px, sc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from varctl.lit.control import ControlModule
 from varctl.lit.settings import Sampling
 from varctl.lit.var import VARModule
 from varctl.models.control import ControlBranch
+from varctl.models.control.encoders import check_maps
 from varctl.models.var import VAR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -194,6 +196,32 @@ def test_unlabelled_controls_sample_the_null_class(files):
     m = make_control(files)
     labels = m.condition({"label": torch.tensor([3, -1, 0])})
     assert labels.tolist() == [3, 10, 0]
+
+
+def test_maps_and_strengths_of_modalities_the_branch_lacks_are_refused_by_name(trained):
+    """A typo in modality_strength, or a map of a modality the branch was not trained on, changed nothing
+    and said nothing; maps of other batch sizes or 0-255 values reached the encoder unchecked."""
+    m, dm, _ = trained
+    batch = next(iter(dm.val_dataloader()))
+    edges = batch["control"]["edges"][:2]
+    cond = m.condition({"label": batch["label"][:2]})
+    cases = [
+        ({"control_maps": {"edges": edges, "depth": edges}}, r"control_maps names \['depth'\], which the"),
+        ({"control_maps": {"edges": edges}, "modality_strength": {"edge": 0.0}}, r"modality_strength names"),
+        (
+            {"control_maps": {"edges": edges * 255}},
+            r"control\['edges'\] holds values in \[0, 255\], expected",
+        ),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            m.model.generate(cond, vae=m.vae, seed=0, **kwargs)
+    with pytest.raises(ValueError, match=r"model.predict.modality_strength names \['edge'\]"):
+        ControlModule(m.hparams.tokenizer, init_from=m.hparams.init_from, control=BRANCH,
+                      predict={"modality_strength": {"edge": 0.0}})  # fmt: skip
+    config = dataclasses.replace(m.control.config, modalities=("edges", "depth"))  # one batch size for all
+    with pytest.raises(ValueError, match=r"control\['depth'\] holds 1 maps, control\['edges'\] 2"):
+        check_maps(config, {"edges": edges, "depth": edges[:1]}, allow_missing=False)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -129,7 +129,7 @@ def test_a_controlled_refiner_draws_the_last_scales_under_its_own_control(var, v
     control: with the model as its own refiner sampling is unchanged, and a smaller refiner's logits are its
     teacher forcing under its control (guided, per-scale strength)."""
     labels = golden["labels"][:2]
-    maps = maps_for(2, seed=5)
+    maps = {"edges": maps_for(2, seed=5)["edges"]}
     strength = [1.0, 0.5, 2.0, 1.5]
     fields = {"blocks": [0, 1]} if injector == "ecm" else {}  # an adapter before a block's keys are cached
     model = ControlledVAR(var, perturbed(make_branch(var, injector, **fields)))

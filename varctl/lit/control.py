@@ -90,6 +90,12 @@ class ControlModule(VARModule):
         self.scoring = ControlScores.of(scores)
         cc = self.control.config
         for sampling in (self.samples, self.predictions, self.evaluation, self.scoring):
+            unknown = sorted(set(sampling.modality_strength or {}) - set(cc.modalities))
+            if unknown:
+                raise ValueError(
+                    f"model.{sampling.section}.modality_strength names {unknown}, which the control branch "
+                    f"does not take: its modalities are {list(cc.modalities)} (model.control.modalities)"
+                )
             if cc.injector == "prefill" and TokenPruning.of(sampling.token_pruning) is not None:
                 raise ValueError(
                     f"model.{sampling.section}.token_pruning={sampling.token_pruning} cannot be used with "
@@ -197,6 +203,12 @@ class ControlModule(VARModule):
                 f"model.control.modalities={list(self.modalities)} but data.controls={list(have)}: add "
                 f"{missing} to data.controls"
             )
+        extra = [m for m in have or () if m not in self.modalities]
+        if extra and hasattr(dm, "check_conditions"):  # data=jobs: a user's maps the branch would not read
+            raise ValueError(
+                f"data.controls={list(have)} but the control branch takes {list(self.modalities)} "
+                f"(model.control.modalities): remove {extra} from data.controls"
+            )
 
     def condition(self, batch: dict):
         if self.text_encoder is None:  # unlabelled control data (-1) is generated unconditionally
@@ -214,7 +226,9 @@ class ControlModule(VARModule):
 
     # ------------------------------------------------------------------ evaluation
     def generate_for(self, batch: dict, maps: dict, sampling, seed_offset: int = 0, **kwargs):
-        """Samples for the batch's conditions under the control ``maps``."""
+        """Samples for the batch's conditions under the control ``maps`` (those of the branch's modalities:
+        a batch may hold others)."""
+        maps = {m: x for m, x in maps.items() if m in self.modalities}
         return self.generate(self.condition(batch), sampling, seed_offset, control_maps=maps, **kwargs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -233,7 +247,7 @@ class ControlModule(VARModule):
         sampling = self.evaluation if stage == "test" else self.scoring
         if batch_idx >= sampling.batches or not (len(self.control_metrics[stage]) or evaluator):
             return
-        maps = batch["control"]
+        maps = {m: batch["control"][m] for m in self.modalities}  # the data may hold others too
         rolled = {m: t.roll(1, dims=0) for m, t in maps.items()}
         seed_offset = batch_idx * self.trainer.world_size + self.trainer.global_rank
         real = batch["image"].float().add(1).mul(0.5)
@@ -245,11 +259,13 @@ class ControlModule(VARModule):
             rows_of(maps, keep),
             rows_of(batch.get("caption"), keep),
         )
-        for name, images in (
-            (stage, self.generate_for(batch, maps, sampling, seed_offset)),
-            (f"{stage}_shuffled", self.generate_for(batch, rolled, sampling, seed_offset)),
+        drawn = [(stage, maps), (f"{stage}_shuffled", rolled)]
+        if len(real) == 1:  # a lone image has no other image's controls: rolled, they would be its own
+            drawn.pop()
+        for name, images in [
+            *((name, self.generate_for(batch, m, sampling, seed_offset)) for name, m in drawn),
             (f"{stage}_tokenizer", recon),
-        ):
+        ]:
             images = rows_of(images, keep)
             if not len(images):  # a batch of DDP's repeats only
                 continue

@@ -191,6 +191,12 @@ class ControlledVAR(nn.Module):
         branch's modalities), each modality weighted by ``modality_strength``; ``control_cfg`` and
         ``control_strength`` as in ``VAR.generate``. A ``refiner`` (CoDe: it draws the scales from
         ``draft_scales`` on) is a smaller ControlledVAR, whose own branch encodes the same maps."""
+        modalities = self.control.config.modalities
+        for what, given in (("control_maps", control_maps), ("modality_strength", modality_strength or {})):
+            unknown = sorted(set(given) - set(modalities))
+            if unknown:  # a typo, or a map of a modality the branch was not trained on: never ignored
+                raise ValueError(f"{what} names {unknown}, which the control branch does not take: its "
+                                 f"modalities are {list(modalities)}")  # fmt: skip
         controls = self.control.encode(control_maps, modality_strength, allow_missing=True)
         if refiner is not None:
             if not isinstance(refiner, ControlledVAR):
@@ -198,8 +204,11 @@ class ControlledVAR(nn.Module):
                     f"the refiner of a controlled VAR is a ControlledVAR (a smaller VAR and its control "
                     f"branch), found {type(refiner).__name__}"
                 )
+            own = refiner.control.config.modalities  # the maps of the modalities it takes
             kwargs["refiner_control"] = refiner.control.encode(
-                control_maps, modality_strength, allow_missing=True
+                {m: x for m, x in control_maps.items() if m in own},
+                {m: w for m, w in (modality_strength or {}).items() if m in own} or None,
+                allow_missing=True,
             )
             refiner = refiner.var
         return self.var.generate(

@@ -29,7 +29,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def check_maps(config: ControlConfig, maps: dict[str, torch.Tensor], allow_missing: bool) -> list[str]:
-    """The modalities of ``config`` that ``maps`` holds, each checked for shape and range."""
+    """The modalities of ``config`` that ``maps`` holds, each checked for shape (one batch size for all)
+    and its values: segmentation ids below ``num_segments``; outside training (sampling, scoring: the maps a
+    user gives) the other maps in [0, 1], where a GPU may wait for the check."""
     given = [m for m in config.modalities if m in maps]
     missing = [m for m in config.modalities if m not in maps]
     if (missing and not allow_missing) or not given:
@@ -39,10 +41,19 @@ def check_maps(config: ControlConfig, maps: dict[str, torch.Tensor], allow_missi
             + ("" if given else "; at least one modality is needed")
         )
     size = (config.resolution, config.resolution)
+    batch = maps[given[0]].shape[0] if maps[given[0]].dim() else 0
     for m in given:
         x = maps[m]
         if x.dim() != 4 or x.shape[1] != 1 or tuple(x.shape[-2:]) != size:
             raise ValueError(f"control['{m}'] must be (B, 1, {size[0]}, {size[1]}), found {tuple(x.shape)}")
+        if x.shape[0] != batch:
+            raise ValueError(f"control['{m}'] holds {x.shape[0]} maps, control['{given[0]}'] {batch}: "
+                             "expected one map of each modality per sample")  # fmt: skip
+        if m != "segmentation" and not torch.is_grad_enabled() and x.numel():
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0 or hi > 1:
+                raise ValueError(f"control['{m}'] holds values in [{lo:g}, {hi:g}], expected [0, 1] (a map "
+                                 "of 0-255 values: divide it by 255)")  # fmt: skip
         if m == "segmentation":
             ids = x[:, 0].long()
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.num_segments):
