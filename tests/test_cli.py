@@ -80,6 +80,17 @@ def test_print_config_applies_overrides(toy_conf, capsys):
     assert cfg["trainer"]["_target_"] == "lightning.Trainer" and cfg["model"]["lr"] == 0.5
 
 
+def test_the_shipped_configs_take_run_version_and_delete_a_key_with_a_tilde(capsys):
+    """The README's multi-node lines set run.version (a key of every stage config, no '+'), and its
+    override syntax names ~key to delete one (refused as 'not key=value' before)."""
+    for conf in ("tokenizer", "var", "var_text", "control", "control_d16"):
+        args = ["fit", "-c", str(CONF / f"{conf}.yaml"), "--print-config", "run.version=run1",
+                "~callbacks.lr_monitor"]  # fmt: skip
+        assert main(args) == 0, conf
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        assert cfg["run"]["version"] == "run1" and "lr_monitor" not in cfg["callbacks"], conf
+
+
 def test_fit_resume_and_predict(toy_conf, capsys):
     runs = toy_conf.parent.parent / "runs" / "toy"
     assert main(["fit", "-c", str(toy_conf)]) == 0
@@ -265,6 +276,14 @@ def test_control_stage_without_paths_uses_the_newest_earlier_runs(tmp_path):
     # the newest VAR, and the tokenizer it was trained on (not the newest tokenizer)
     assert cfg.model.init_from == str(new_var) and cfg.model.tokenizer == str(old_tok)
     assert len(chosen) == 2 and "newest VAR run" in chosen[0] and "that VAR was trained on" in chosen[1]
+    # a VAR given by path: the tokenizer it was trained on too (the newest tokenizer was taken)
+    new_var.parent.parent.rename(tmp_path / "elsewhere")
+    moved = tmp_path / "elsewhere" / "checkpoints" / "last.ckpt"
+    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"model.init_from={moved}"])
+    chosen = fill_earlier_stages(cfg, "conf/control.yaml")
+    assert cfg.model.tokenizer == str(old_tok) and chosen == [
+        f"model.tokenizer={old_tok} (the tokenizer that VAR was trained on)"
+    ]
     cfg = compose(CONF / "var.yaml", [f"run.root={tmp_path}"])
     fill_earlier_stages(cfg, "conf/var.yaml")
     assert cfg.model.tokenizer == str(new_tok)
@@ -290,6 +309,9 @@ def test_a_checkpoint_names_the_earlier_stages_it_was_trained_on(tmp_path):
     chosen = fill_earlier_stages(cfg, "conf/control.yaml")
     assert cfg.model.init_from == str(ckpt) and cfg.model.tokenizer == str(ckpt)
     assert len(chosen) == 2 and all("ckpt_path holds the" in line for line in chosen)
+    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"model.init_from={ckpt}"])
+    fill_earlier_stages(cfg, "conf/control.yaml")  # a stage checkpoint as the VAR: its tokenizer is in it
+    assert cfg.model.tokenizer == str(ckpt)
 
     obj = torch.load(ckpt, weights_only=True)
     tok, var = tmp_path / "trained_on" / "tok.pt", tmp_path / "trained_on" / "var.pt"
@@ -349,6 +371,10 @@ def test_a_control_checkpoint_alone_draws_a_job(tmp_path, capsys):
     assert "varctl predict: 3 written, 0 skipped (existing), 0 failed" in out
     written = [np.array(Image.open(tmp_path / "maps" / "generated" / f"e{i}.png")) for i in range(3)]
     assert all(w.std() > 0 for w in written) and not np.array_equal(written[0], written[1])
+    # all done: a rerun draws nothing, and one with other settings says its images are not theirs
+    assert main(args) == 0 and "0 written, 3 skipped (existing)" in capsys.readouterr().out
+    assert main([*args, "data.seed=5"]) == 2
+    assert "holds images drawn with other settings (data.seed was 0, now 5" in capsys.readouterr().err
 
 
 def test_a_checkpoint_that_does_not_fit_the_config_names_the_settings_of_its_run(tmp_path, capsys):

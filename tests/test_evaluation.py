@@ -136,10 +136,13 @@ def test_evaluate_tool_scores_folders_caches_the_reference_and_tabulates(judge_f
     assert len(results) == 2 and results[1][1]["provenance"]["reference_stats"]["judge"]["how"] == "cached"
     # a changed reference folder: the cache is refused
     (tmp_path / "run/ref/000.png").write_bytes((tmp_path / "run/ref/001.png").read_bytes())
-    with pytest.raises(SystemExit, match="source_fingerprint"):
+    with pytest.raises(SystemExit, match="source_fingerprint.*Recompute it .*--refresh-reference"):
         evaluate.main(
             [str(tmp_path / "run/same"), str(tmp_path / "run/ref"), *common, "--reference-stats", cache]
         )
+    missing = str(tmp_path / "pt_inception.pth")  # a weights file that is not there: named, no traceback
+    with pytest.raises(SystemExit, match=r"\[evaluate\] .*pt_inception\.pth"):
+        evaluate.main([str(tmp_path / "run/same"), str(tmp_path / "run/ref"), "--inception-weights", missing])
     capsys.readouterr()
     evaluate.main(["--table", str(tmp_path)])
     out = capsys.readouterr().out

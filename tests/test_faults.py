@@ -327,13 +327,13 @@ def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(tokenizer_file, tmp
             "trainer.max_steps=10", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
             "trainer.enable_progress_bar=false", "callbacks.images=null",
             "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
-    assert main(["fit", "-c", conf, *args, f"run.root={tmp_path}", "+run.version=whole"]) == 0
+    assert main(["fit", "-c", conf, *args, f"run.root={tmp_path}", "run.version=whole"]) == 0
     whole = _losses(tmp_path / "var" / "whole")
     assert len(whole) == 10 and len(set(whole.values())) == 10
     for kill, how in ((5, "sigkill"), (7, "crash")):  # a real kill mid-epoch; a crash in-process (cheaper)
         version = f"killed{kill}"
         kill_args = [f"+callbacks.kill={{_target_: toy.KillAt, step: {kill}, crash: {how == 'crash'}}}",
-                     f"+run.version={version}", f"run.root={tmp_path}"]  # fmt: skip
+                     f"run.version={version}", f"run.root={tmp_path}"]  # fmt: skip
         if how == "sigkill":
             proc = _cli("fit", "-c", conf, *args, *kill_args)
             _, err = proc.communicate(timeout=180)
@@ -365,8 +365,8 @@ def test_a_run_resumed_at_a_validation_step_repeats_the_uninterrupted_run(tokeni
             "callbacks.images.every_n_steps=1", "callbacks.images.max_images=2",
             "+callbacks.draws={_target_: toy.DrawsInValidation}", f"run.root={tmp_path}",
             "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
-    assert main(["fit", "-c", conf, *args, "+run.version=whole"]) == 0
-    crash = ["+callbacks.kill={_target_: toy.KillAt, step: 4, crash: true}", "+run.version=crashed"]
+    assert main(["fit", "-c", conf, *args, "run.version=whole"]) == 0
+    crash = ["+callbacks.kill={_target_: toy.KillAt, step: 4, crash: true}", "run.version=crashed"]
     with pytest.raises(RuntimeError, match="crashed before step 4"):
         main(["fit", "-c", conf, *args, *crash])
     last = tmp_path / "var" / "crashed" / "checkpoints" / "last.ckpt"
@@ -434,11 +434,11 @@ def test_a_run_with_loader_workers_resumes_with_the_same_losses(tokenizer_file, 
             "trainer.max_steps=6", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
             "trainer.enable_progress_bar=false", "callbacks.images=null", f"run.root={tmp_path}",
             "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
-    assert main(["fit", "-c", conf, *args, "+run.version=whole"]) == 0
+    assert main(["fit", "-c", conf, *args, "run.version=whole"]) == 0
     whole = _losses(tmp_path / "var" / "whole")
     crash = [
         f"+callbacks.kill={{_target_: toy.KillAt, step: {crash_step}, crash: true}}",
-        "+run.version=crashed",
+        "run.version=crashed",
     ]
     with pytest.raises(RuntimeError, match=f"crashed before step {crash_step}"):
         main(["fit", "-c", conf, *args, *crash])

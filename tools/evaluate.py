@@ -159,9 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
         first = im.size
     size = (args.resolution, args.resolution) if args.resolution else first
     settings = {"inception": "--inception-weights", "judge": "--judge-weights"}
-    nets, skipped = build_networks(
-        args.networks, {"inception": args.inception_weights, "judge": args.judge_weights}, settings
-    )
+    try:  # a weights file that is not there, or not the network's: named, before any image is read
+        nets, skipped = build_networks(
+            args.networks, {"inception": args.inception_weights, "judge": args.judge_weights}, settings
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"[evaluate] {e}") from None
     for message in skipped:
         print(f"[evaluate] {message}", flush=True)
     metrics: dict[str, float] = {}

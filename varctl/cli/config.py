@@ -53,7 +53,7 @@ def compose(config_file: str | Path, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"-c {config_file}: expected a .yaml file")
     if not path.is_file():
         raise ConfigError(f"-c {config_file}: file not found")
-    bad = [o for o in overrides if "=" not in o]
+    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
     if bad:
         raise ConfigError(f"overrides must look like key=value (Hydra syntax); got {bad} for {path}")
     GlobalHydra.instance().clear()

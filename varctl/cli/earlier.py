@@ -46,6 +46,22 @@ def _run_tokenizer(var_ckpt: Path) -> str | None:
     return str(tokenizer) if tokenizer and Path(tokenizer).is_file() else None
 
 
+def _tokenizer_of(var_file: str) -> tuple[str, str] | None:
+    """(tokenizer, why) that a VAR file was trained on: the one its run recorded (its hyper-parameters, or
+    its run's config_fit.yaml) while that file exists, else the checkpoint itself when it holds the
+    tokenizer's weights (a stage-2 checkpoint does); None for a file that says nothing (var_d16.pth)."""
+    saved = _saved_with(var_file)
+    if saved is not None:
+        hparams, kinds = saved
+        recorded = hparams.get("tokenizer")
+        if isinstance(recorded, str) and recorded != AUTO and Path(recorded).is_file():
+            return recorded, "the tokenizer that VAR was trained on"
+        if "vqvae" in kinds:
+            return var_file, "the VAR's checkpoint holds its tokenizer's weights"
+    tokenizer = _run_tokenizer(Path(var_file))
+    return None if tokenizer is None else (tokenizer, "the tokenizer that VAR was trained on")
+
+
 def _saved_with(ckpt: str) -> tuple[dict, set[str]] | None:
     """(hyper-parameters, model kinds whose weights the file holds) of a varctl Lightning checkpoint, or
     None when it is not one (a damaged file is named first, by ``check_checkpoint``). A sharded checkpoint
@@ -129,9 +145,12 @@ def fill_earlier_stages(cfg: DictConfig, config_file: str | Path, strict: bool =
             return chosen
         cfg.model.init_from = str(var)
         chosen.append(f"model.init_from={var} (the newest VAR run under {root})")
-        if _auto(cfg, "model.tokenizer") and (tokenizer := _run_tokenizer(var)) is not None:
-            cfg.model.tokenizer = tokenizer
-            chosen.append(f"model.tokenizer={tokenizer} (the tokenizer that VAR was trained on)")
+    init_from = OmegaConf.select(cfg, "model.init_from", default=None)
+    if _auto(cfg, "model.tokenizer") and isinstance(init_from, str) and Path(init_from).exists():
+        found = _tokenizer_of(init_from)  # a given VAR too: the tokenizer it was trained on, not the newest
+        if found is not None:
+            cfg.model.tokenizer = found[0]
+            chosen.append(f"model.tokenizer={found[0]} ({found[1]})")
     if _auto(cfg, "model.tokenizer"):
         tokenizer = newest(root, "tokenizer")
         if tokenizer is None:

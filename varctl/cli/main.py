@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from datamodules.jobs import OutputsDiffer
     from varctl.checkpoints import CheckpointMismatch, NonFiniteError
+    from varctl.metrics.generation import StaleReference
 
     try:
         run(args.command, data, args.config)
-    except (ConfigError, CheckpointMismatch, OutputsDiffer) as e:
+    except (ConfigError, CheckpointMismatch, OutputsDiffer, StaleReference) as e:
         print(f"varctl: config error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
@@ -300,6 +301,11 @@ def _call(trainer, command: str, model, datamodule, ckpt: str | None, out_dir: P
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
     else:
         trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt, return_predictions=False)
+        counts = getattr(datamodule, "counts", None)
+        if hasattr(datamodule, "record") and counts and counts["jobs"] == counts["skipped"] > 0:
+            from varctl.lit.jobs import record_jobs
+
+            record_jobs(model)  # nothing was left to draw (no predict hooks ran): the finished images too
         if trainer.is_global_zero:
             print(f"varctl predict: images written to {out_dir}", flush=True)
 

@@ -430,11 +430,13 @@ class ReferenceStats:
                 raise StaleReference(
                     f"reference statistics {path} were computed with {key}={meta.get(key)}, this evaluation "
                     f"has {key}={expect[key]}: the reference set, network, weights or resolution changed. "
-                    "Delete the file (it is recomputed) or name another reference_stats file"
+                    "Recompute it (model.evaluation.refresh_reference=true; tools/evaluate.py "
+                    "--refresh-reference), delete it, or name another reference_stats file"
                 )
         if len(features) != int(meta.get("num_images", -1)):
             raise StaleReference(f"reference statistics {path}: {len(features)} features for "
-                                 f"{meta.get('num_images')} images; delete it to recompute")  # fmt: skip
+                                 f"{meta.get('num_images')} images; recompute it (refresh_reference) or "
+                                 "delete it")  # fmt: skip
         return cls(features, meta)
 
 
