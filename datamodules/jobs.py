@@ -47,11 +47,11 @@ from datamodules.transforms import (
     map_to_tensor,
     resize_crop,
 )
-from varctl.files import atomic_write_text
 
 OVERRIDES = ("cfg", "control_cfg", "control_strength", "top_k", "top_p", "temperature")
 COLUMNS = ("name", *MODALITIES, "image", "mask", "label", "caption", "seed", "outpaint", *OVERRIDES)
-RECORD = "jobs_settings.json"  # in the output folder: what its images were drawn with
+SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+RECORD = "jobs_settings.jsonl"  # in the output folder: what each of its images was drawn with
 
 
 class OutputsDiffer(ValueError):
@@ -224,20 +224,41 @@ def _digest(value) -> str:
     return hashlib.sha1(json.dumps(value, default=str, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _changes(before: Mapping, now: Mapping) -> list[str]:
-    """What differs between two records (``GenerationJobs.record``) for the jobs of ``now``, in words."""
+def _read_record(path: str) -> tuple[dict[str, dict], dict[str, tuple[str, str]]]:
+    """(settings by id, (row digest, settings id) by image name: the last line wins) of a RECORD file."""
+    settings, images = {}, {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line cut short by a killed run: its image was not recorded
+                    continue
+                if "settings_id" in entry:
+                    settings[entry["settings_id"]] = entry["settings"]
+                elif "image" in entry:
+                    images[entry["image"]] = (entry["row"], entry["settings"])
+    return settings, images
+
+
+def _changes(old: Mapping, new: Mapping) -> list[str]:
+    """The settings that differ between two settings records, in words."""
     found = []
     for section in ("model", "data"):
-        old, new = before.get(section) or {}, now[section]
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        found += [f"{section}.{k} was {_short(old.get(k))}, now {_short(new.get(k))}" for k in keys]
-    jobs = before.get("jobs") or {}
-    rows = [n for n, d in now["jobs"].items() if n in jobs and jobs[n] != d]
-    if rows:
-        found.append(
-            f"the rows of {len(rows)} job(s) changed: {', '.join(rows[:5])}{' ...' * (len(rows) > 5)}"
-        )
+        a, b = old.get(section) or {}, new.get(section) or {}
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        found += [f"{section}.{k} was {_short(a.get(k))}, now {_short(b.get(k))}" for k in keys]
     return found
+
+
+def _append(path: str, entries: list[dict]) -> None:
+    """Whole lines appended in one write (O_APPEND: processes writing at once do not interleave them)."""
+    text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, text)
+    finally:
+        os.close(fd)
 
 
 def _short(value) -> str:
@@ -458,6 +479,8 @@ class GenerationJobs(VarDataModule):
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise ValueError(f"data.output={self.output_dir} is a file: expected a folder (made if missing)")
         self.counts = {"jobs": 0, "skipped": 0}
+        self._done: dict[str, str] = {}  # the finished outputs' row digests (items)
+        self._job_digests: dict[str, str] = {}
         self.allow_zero_length_dataloader_with_multiple_devices = True  # a process may have no job left
 
     def jobs(self) -> list[Job]:
@@ -499,6 +522,7 @@ class GenerationJobs(VarDataModule):
                     continue
                 items.append((job, name, seed))
         self.counts = {"jobs": len(items) + skipped, "skipped": skipped}
+        self._done = done  # name -> row digest of the outputs found finished
         self._job_digests = {**done, **{name: self._job_digest(job, seed) for job, name, seed in items}}
         rank_zero_info(
             f"data=jobs: {len(items)} images to draw, {skipped} skipped (in {self.output_dir} already; "
@@ -509,37 +533,44 @@ class GenerationJobs(VarDataModule):
         return items
 
     def record(self, model: Mapping, write: bool = True) -> None:
-        """Check the images already in the output folder against this run and record what it draws with
-        (``RECORD``: ``model``, the model's weights digest and sampling section, this data's settings and a
-        digest of every job's row and seed). Images of other weights, other sampling settings or a job whose
-        row has changed since are not taken for finished outputs: OutputsDiffer, unless ``overwrite``. Images
-        without a record (an earlier varctl, or put there) are kept, with a warning. ``write``: record this
-        run's settings (rank zero; the others only check)."""
+        """Check the images already in the output folder against this run; ``write``: note this run's
+        settings in ``RECORD`` (rank zero; the others only check). ``RECORD`` is a log: a line per run's
+        settings (``model``: the weights' digests and sampling section; this data's settings), and a line per
+        image once it is written (``drawn``: its name, row digest and settings). An image of other settings,
+        or of a job whose row has changed since, is not taken for a finished output: OutputsDiffer, unless
+        ``overwrite``. Images without a line (an earlier varctl, or put there) are kept, with a warning."""
         data = {"seed": self.seed, "samples_per_input": self.samples_per_input, "outpaint": self.outpaint,
                 "crop": self.crop, "resolution": self.resolution}  # fmt: skip
-        now = json.loads(json.dumps({"model": model, "data": data, "jobs": self._job_digests}, default=str))
+        settings = json.loads(json.dumps({"model": model, "data": data}, default=str))
+        self._settings_id = _digest(settings)
         path = os.path.join(self.output_dir, RECORD)
-        skipped = self.counts["skipped"]
-        if skipped and not self.overwrite:
-            if not os.path.isfile(path):
-                rank_zero_warn(f"{self.output_dir}: {skipped} existing images have no record of their "
+        recorded, images = _read_record(path)
+        if self._done and not self.overwrite:
+            unknown = [n for n in self._done if n not in images]
+            rows = [n for n, d in self._done.items() if n in images and images[n][0] != d]
+            other = sorted({images[n][1] for n in self._done if n in images} - {self._settings_id})
+            if rows or other:
+                what = [c for sid in other for c in _changes(recorded.get(sid) or {}, settings)][:6]
+                if rows:
+                    what.append(f"the rows of {len(rows)} job(s) changed: {', '.join(rows[:5])}"
+                                f"{' ...' * (len(rows) > 5)}")  # fmt: skip
+                raise OutputsDiffer(
+                    f"{self.output_dir} holds images drawn with other settings ({'; '.join(what)}; per "
+                    f"{RECORD}): set data.overwrite=true to draw them again, or data.output to another folder"
+                )
+            if unknown:
+                rank_zero_warn(f"{self.output_dir}: {len(unknown)} existing images have no record of their "
                                f"settings ({RECORD}); they are kept as finished")  # fmt: skip
-            else:
-                with open(path, encoding="utf-8") as f:
-                    changes = _changes(json.load(f), now)
-                if changes:
-                    raise OutputsDiffer(
-                        f"{self.output_dir} holds images drawn with other settings ({'; '.join(changes)}; "
-                        f"per {RECORD}): set data.overwrite=true to draw them all again, or data.output to "
-                        "another folder"
-                    )
-        if not write:
-            return
-        os.makedirs(self.output_dir, exist_ok=True)
-        if os.path.isfile(path) and not self.overwrite:  # keep the rows this run does not draw
-            with open(path, encoding="utf-8") as f:
-                now["jobs"] = {**(json.load(f).get("jobs") or {}), **now["jobs"]}
-        atomic_write_text(path, json.dumps(now, indent=1, sort_keys=True) + "\n")
+        if write and self._settings_id not in recorded:
+            os.makedirs(self.output_dir, exist_ok=True)
+            _append(path, [{"settings_id": self._settings_id, "settings": settings}])
+
+    def drawn(self, names: Sequence[str]) -> None:
+        """Note images just written (``ImageWriter``), with the row and settings they were drawn with."""
+        sid = getattr(self, "_settings_id", None)
+        if sid is not None and names:
+            entries = [{"image": n, "row": self._job_digests.get(n), "settings": sid} for n in names]
+            _append(os.path.join(self.output_dir, RECORD), entries)
 
     def _job_digest(self, job: Job, seed: int) -> str:
         """What a job's image depends on in its row: its files (relative to the folder or list, so that the
@@ -573,8 +604,20 @@ class GenerationJobs(VarDataModule):
                                       self.outpaint)}  # fmt: skip
 
     def predict_dataloader(self) -> DataLoader:
+        """Lightning asks for it once the weights are in place (a checkpoint restored) and before any batch,
+        also when nothing is left to draw: the output folder's images are checked against the model here
+        (``record``)."""
         dataset, trainer = self.dataset("predict"), self.trainer
         world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        if world > 1 and type(trainer.strategy).__name__ in SHARDED:
+            raise ValueError(
+                f"data=jobs runs on one process or under DDP, not {type(trainer.strategy).__name__} (a "
+                "process with no job left would leave the others waiting in the sharded model's "
+                "collectives): use trainer=gpu or trainer=ddp"
+            )
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if hasattr(module, "job_settings"):
+            self.record(module.job_settings(), write=trainer.is_global_zero)
         sampler = JobShares(dataset, world, trainer.global_rank) if world > 1 else None
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=collate_jobs)  # fmt: skip

@@ -164,7 +164,7 @@ if strategy_name == "ddp":
     trainer(1, callbacks=[writer]).predict(control, jobs, return_predictions=False)
     counts = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
     torch.distributed.all_gather(counts, torch.tensor(writer.written))
-    files = sorted(os.listdir(jobs.output_dir))  # the images and jobs_settings.json
+    files = sorted(os.listdir(jobs.output_dir))  # the images and jobs_settings.jsonl
     # resumed with one image left, fewer than the processes: one process has nothing to draw
     tr.strategy.barrier()
     if tr.global_rank == 0:

@@ -284,6 +284,13 @@ def test_control_stage_without_paths_uses_the_newest_earlier_runs(tmp_path):
     assert cfg.model.tokenizer == str(old_tok) and chosen == [
         f"model.tokenizer={old_tok} (the tokenizer that VAR was trained on)"
     ]
+    bare = tmp_path / "files" / "var_d16.pth"  # a file outside a run: no run config beside it is read
+    bare.parent.mkdir()
+    bare.write_bytes(b"")
+    (tmp_path / "config_fit.yaml").write_text(yaml.safe_dump({"model": {"tokenizer": str(old_tok)}}))
+    cfg = compose(CONF / "control.yaml", [f"run.root={tmp_path}", f"model.init_from={bare}"])
+    fill_earlier_stages(cfg, "conf/control.yaml")
+    assert cfg.model.tokenizer == str(new_tok)  # the newest run, as for any VAR file that records nothing
     cfg = compose(CONF / "var.yaml", [f"run.root={tmp_path}"])
     fill_earlier_stages(cfg, "conf/var.yaml")
     assert cfg.model.tokenizer == str(new_tok)

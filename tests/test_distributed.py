@@ -100,7 +100,7 @@ def test_generation_jobs_draw_every_input_exactly_once_under_ddp(ddp, tmp_path):
     result, out = ddp
     jobs = result["jobs"]
     assert sum(jobs["written"]) == 5 and min(jobs["written"]) >= 2
-    assert jobs["files"] == ["jobs_settings.json"] + [f"map_{i}.png" for i in range(5)]
+    assert jobs["files"] == ["jobs_settings.jsonl"] + [f"map_{i}.png" for i in range(5)]
     assert jobs["resumed"] == [0, 1] or jobs["resumed"] == [1, 0]  # one left: one process draws it
     assert jobs["files_resumed"] == jobs["files"]
     module = ControlModule.load_from_checkpoint(out / "control.ckpt", map_location="cpu")

@@ -10,6 +10,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -355,20 +356,26 @@ def test_a_row_the_model_cannot_draw_refuses_the_list_before_anything_is_drawn(c
 
 
 def test_a_resumed_job_refuses_images_drawn_with_other_settings(control, edge_maps, tmp_path, capsys):
-    """The output folder records what its images were drawn with (jobs_settings.json): a rerun with other
-    weights, sampling settings, data seed or a changed row does not take them for finished (a folder of
-    mixed settings reported as a clean resume); the same settings resume; images without a record are kept."""
+    """The output folder logs what each image was drawn with (jobs_settings.jsonl): a rerun with other
+    weights, sampling settings, data seed, or a changed row of a drawn job does not take its image for
+    finished (a folder of mixed settings reported as a clean resume); rows of jobs not drawn yet may change;
+    the same settings resume; a redraw cut short leaves the images it did not reach refused; images without
+    a record are kept."""
     edges = [str(edge_maps / "edges" / f"shape_{i}.png") for i in range(3)]
 
     def run(rows, **kw):
         (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return predict(control, GenerationJobs(list=str(tmp_path / "jobs.jsonl"), batch_size=2, **kw))
 
+    def log():
+        return [json.loads(line) for line in (out / "jobs_settings.jsonl").read_text().splitlines()]
+
     rows = [{"name": f"s{i}", "edges": e, "label": 1} for i, e in enumerate(edges)]
     out = tmp_path / "generated"
     run(rows)
-    record = json.loads((out / "jobs_settings.json").read_text())
-    assert sorted(record["jobs"]) == ["s0", "s1", "s2"] and record["data"]["seed"] == 0
+    (first,) = [e for e in log() if "settings_id" in e]
+    assert first["settings"]["data"]["seed"] == 0
+    assert sorted(e["image"] for e in log() if "image" in e) == ["s0", "s1", "s2"]
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     (out / "s2.png").unlink()  # interrupted
 
@@ -391,13 +398,34 @@ def test_a_resumed_job_refuses_images_drawn_with_other_settings(control, edge_ma
         n: stamps[n] for n in ("s0.png", "s1.png")
     }
 
+    rows[2] = {**rows[2], "label": 3}  # the row of a job not drawn yet: free to change
     run(rows)  # the same settings: resumes
     assert "1 written, 2 skipped (existing)" in capsys.readouterr().out
-    run([*rows[:1], {**rows[1], "label": 2}, rows[2]], overwrite=True)  # redrawn: recorded anew
-    assert json.loads((out / "jobs_settings.json").read_text())["jobs"]["s1"] != record["jobs"]["s1"]
+    # a redraw with other settings that reached s0 only (its list held s0 alone): s1 is still seed 0's
+    run(rows[:1], overwrite=True, seed=5)
+    with pytest.raises(OutputsDiffer, match=re.escape("data.seed was 0, now 5")):
+        run(rows, seed=5)
+    run(rows, seed=5, overwrite=True)
+    assert "3 written, 0 skipped" in capsys.readouterr().out
 
-    (out / "jobs_settings.json").unlink()  # images from elsewhere: kept, with a warning
+    (out / "jobs_settings.jsonl").unlink()  # images from elsewhere: kept, with a warning
     (out / "s0.png").unlink()
     with pytest.warns(UserWarning, match="2 existing images have no record of their settings"):
         run(rows, seed=7)
     assert "1 written, 2 skipped (existing)" in capsys.readouterr().out
+
+
+def test_jobs_under_a_sharded_strategy_are_refused(edge_maps):
+    """A process with no job left skips predict, and under FSDP the others would wait for it in the sharded
+    model's collectives: one process or DDP only, said before any image."""
+
+    class ModelParallelStrategy:  # the name is what is checked
+        pass
+
+    dm = GenerationJobs(root=str(edge_maps))
+    dm.connect(32, ("image", "label", "control"))
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, strategy=ModelParallelStrategy())
+    with pytest.raises(
+        ValueError, match="data=jobs runs on one process or under DDP, not ModelParallelStrategy"
+    ):
+        dm.predict_dataloader()

@@ -68,7 +68,10 @@ class ImageWriter(BasePredictionWriter):
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
         if isinstance(prediction, dict) and prediction.get("exact_names"):
-            return self._write_jobs(prediction)
+            self._write_jobs(prediction)
+            if hasattr(trainer.datamodule, "drawn"):  # the jobs' settings record: these images are done
+                trainer.datamodule.drawn(prediction["names"])
+            return
         if not isinstance(prediction, dict) or "images" not in prediction:
             raise TypeError(
                 f"{type(pl_module).__name__}.predict_step must return a dict with 'images' (B,3,H,W) in "

@@ -58,6 +58,8 @@ def _tokenizer_of(var_file: str) -> tuple[str, str] | None:
             return recorded, "the tokenizer that VAR was trained on"
         if "vqvae" in kinds:
             return var_file, "the VAR's checkpoint holds its tokenizer's weights"
+    if Path(var_file).parent.name != "checkpoints":  # a file outside a run: no run config to read
+        return None
     tokenizer = _run_tokenizer(Path(var_file))
     return None if tokenizer is None else (tokenizer, "the tokenizer that VAR was trained on")
 

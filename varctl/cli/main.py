@@ -261,7 +261,8 @@ def _run(command: str, data: dict, config_file: str | Path):
     if getattr(datamodule, "output_dir", None) is not None:  # generation jobs write where the user says
         out_dir = Path(datamodule.output_dir)
         limit = data["trainer"].get("limit_predict_batches")
-        if command == "predict" and limit not in (None, 1.0):  # the stage's preview limit: not for jobs
+        whole = limit is None or (isinstance(limit, float) and limit == 1.0)  # the int 1 is one batch
+        if command == "predict" and not whole:  # the stage's preview limit: not for jobs
             print(f"varctl predict: data=jobs draws every job (trainer.limit_predict_batches={limit} is for "
                   "the stage's own preview and does not apply)", flush=True)  # fmt: skip
             data["trainer"] = {**data["trainer"], "limit_predict_batches": None}
@@ -301,11 +302,6 @@ def _call(trainer, command: str, model, datamodule, ckpt: str | None, out_dir: P
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
     else:
         trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt, return_predictions=False)
-        counts = getattr(datamodule, "counts", None)
-        if hasattr(datamodule, "record") and counts and counts["jobs"] == counts["skipped"] > 0:
-            from varctl.lit.jobs import record_jobs
-
-            record_jobs(model)  # nothing was left to draw (no predict hooks ran): the finished images too
         if trainer.is_global_zero:
             print(f"varctl predict: images written to {out_dir}", flush=True)
 

@@ -12,20 +12,17 @@ from varctl.callbacks.images import control_pictures
 from varctl.models.var_generate import Known
 
 
-def record_jobs(module) -> None:
-    """Before a job list is drawn (``on_predict_start``, once the weights are loaded): the output folder's
-    images are checked against this run's weights and settings, which rank zero records there
-    (``GenerationJobs.record``). Every process checks for itself, without a collective: under DDP a process
-    with no job left skips the predict hooks."""
+def job_settings(module) -> dict:
+    """What a job's image depends on in the model (``GenerationJobs.record``): the stage, the digests of the
+    weights that draw (the EMA where there is one) and of the tokenizer, and the predict section."""
     from varctl.lit.var import weights_digest
 
-    model = {
+    return {
         "stage": type(module).__name__,
         "weights": weights_digest(module.eval_model),
         "tokenizer": weights_digest(module.vae),
         "predict": dataclasses.asdict(module.predictions),
     }
-    module.trainer.datamodule.record(model, write=module.trainer.is_global_zero)
 
 
 def job_step(module, batch: dict, control: bool) -> dict:
@@ -75,8 +72,10 @@ def _draw(module, batch, rows, overrides, present, edit, control: bool) -> torch
         kwargs["control_maps"] = {m: batch["control"][m][idx] for m in present}
     if module.text_encoder is not None:
         cond = module.text_encoder([batch["caption"][i] for i in rows])
-    else:  # label -1: unconditional (the null class); the labels were checked (check_data)
+    else:  # label -1: unconditional (the null class); check_data refuses a list with others, unless unused
         labels, n = batch["label"][idx], module.var.config.num_classes
+        if int(labels.max()) >= n or int(labels.min()) < -1:
+            raise ValueError(f"labels {labels.tolist()}: the model has {n} classes, expected [0, {n}) or -1")
         cond = torch.where(labels < 0, torch.full_like(labels, n), labels)
     return module.eval_model.generate(cond, vae=module.vae, **kwargs)
 

@@ -30,7 +30,7 @@ from varctl.checkpoints import FitsCheckpoint
 from varctl.lit import optim
 from varctl.lit.compiling import compile_var
 from varctl.lit.evaluation import log_evaluation, rows_of, split_fingerprint, start_evaluation, unrepeated
-from varctl.lit.jobs import job_step, record_jobs
+from varctl.lit.jobs import job_settings, job_step
 from varctl.lit.legacy import is_legacy, legacy_state_dict
 from varctl.lit.settings import Evaluation, OptimizerSettings, Predictions, Samples, plain_hparams
 from varctl.lit.sharding import ignore_in_fsdp1, shard_var
@@ -458,9 +458,9 @@ class VARModule(FitsCheckpoint, L.LightningModule):
         text = self.text_encoder is not None
         return self.predictions.jobs(text, self.var.config.num_classes, self.class_name)
 
-    def on_predict_start(self) -> None:
-        if hasattr(self.trainer.datamodule, "record"):  # data=jobs: the output folder's settings record
-            record_jobs(self)
+    def job_settings(self) -> dict:
+        """What generation jobs record beside their images (data=jobs, ``GenerationJobs.record``)."""
+        return job_settings(self)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         if batch.get("job"):  # data=jobs: in-painting, out-painting, editing of the user's images

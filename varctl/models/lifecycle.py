@@ -229,12 +229,16 @@ class Model(nn.Module):
             for leaf in module._non_persistent_buffers_set
             if module._buffers.get(leaf) is not None and module._buffers[leaf].is_meta
         ]
-        if unsaved and not any(t.is_meta for t in state_dict.values()):
-            made = cls(config)
+        device = next((t.device for t in state_dict.values() if isinstance(t, torch.Tensor)), None)
+        if unsaved and device is not None and device.type != "meta":
+            fresh = None  # a whole new model, built only for a module that cannot make its constants itself
             for owner, leaf in unsaved:
-                model.get_submodule(owner).register_buffer(
-                    leaf, made.get_submodule(owner)._buffers[leaf], persistent=False
-                )
+                module = model.get_submodule(owner)
+                made = module.constants() if hasattr(module, "constants") else {}
+                if leaf not in made:
+                    fresh = cls(config) if fresh is None else fresh
+                    made = {leaf: fresh.get_submodule(owner)._buffers[leaf]}
+                module.register_buffer(leaf, made[leaf].to(device), persistent=False)
         return model
 
     # ------------------------------------------------------------------------------------------ writing

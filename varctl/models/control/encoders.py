@@ -160,11 +160,20 @@ class PretrainedEncoder(nn.Module):
                 conv.weight.copy_(torch.eye(E).view(E, E, 1, 1))
                 conv.bias.zero_()
         self.proj = nn.Conv2d(E, cfg.feature_dim, 1)
-        self.register_buffer("palette", _palette(cfg.num_segments), persistent=False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for name, value in self.constants().items():
+            self.register_buffer(name, value, persistent=False)
         self.weights_ready = cfg.encoder_weights == "random"
         self.register_load_state_dict_post_hook(_weights_restored)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """The buffers no file holds (a restored branch makes them here, on the CPU): the segment palette and
+        the ImageNet normalisation."""
+        with torch.device("cpu"):
+            return {
+                "palette": _palette(self.config.num_segments),
+                "mean": torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                "std": torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+            }
 
     def load_pretrained(self, missing_ok: bool = False) -> None:
         """Read ``encoder_weights``; "random" keeps the random weights (tests only). ``missing_ok``: a file
