@@ -158,28 +158,28 @@ if strategy_name == "ddp":
             edges = (scenes[i]["control"]["edges"][0].numpy() * 255).astype("uint8")
             Image.fromarray(edges).save(os.path.join(maps, "edges", f"map_{i}.png"))
     tr.strategy.barrier()
-    jobs = GenerationJobs(root=maps, batch_size=2)
-    jobs.connect(**control.data_requirements())
-    writer = ImageWriter(jobs.output_dir)
-    trainer(1, callbacks=[writer]).predict(control, jobs, return_predictions=False)
-    counts = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
-    torch.distributed.all_gather(counts, torch.tensor(writer.written))
-    files = sorted(os.listdir(jobs.output_dir))  # the images and jobs_settings.jsonl
+
+    def draw_jobs() -> tuple[list[int], str]:
+        """The folder's jobs drawn by both processes: (images each wrote, the output folder)."""
+        jobs = GenerationJobs(root=maps, batch_size=2)
+        jobs.connect(**control.data_requirements())
+        writer = ImageWriter(jobs.output_dir)
+        trainer(1, callbacks=[writer]).predict(control, jobs, return_predictions=False)
+        counts = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
+        torch.distributed.all_gather(counts, torch.tensor(writer.written))
+        return [int(c) for c in counts], jobs.output_dir
+
+    counts, output = draw_jobs()
+    files = sorted(os.listdir(output))  # the images and jobs_settings.jsonl
     # resumed with one image left, fewer than the processes: one process has nothing to draw
     tr.strategy.barrier()
     if tr.global_rank == 0:
-        os.remove(os.path.join(jobs.output_dir, "map_3.png"))
+        os.remove(os.path.join(output, "map_3.png"))
     tr.strategy.barrier()
-    last = GenerationJobs(root=maps, batch_size=2)
-    last.connect(**control.data_requirements())
-    writer = ImageWriter(last.output_dir)
-    trainer(1, callbacks=[writer]).predict(control, last, return_predictions=False)
-    resumed = [torch.zeros((), dtype=torch.int64) for _ in range(2)]
-    torch.distributed.all_gather(resumed, torch.tensor(writer.written))
+    resumed, _ = draw_jobs()
     if tr.global_rank == 0:
-        result["jobs"] = {"written": [int(c) for c in counts], "maps": maps, "files": files,
-                          "resumed": [int(c) for c in resumed],
-                          "files_resumed": sorted(os.listdir(jobs.output_dir))}  # fmt: skip
+        result["jobs"] = {"written": counts, "maps": maps, "files": files, "resumed": resumed,
+                          "files_resumed": sorted(os.listdir(output))}  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------- injectors
 # the other injectors, 2 steps each; CAR fine-tunes the backbone too (side blocks + sharded backbone)

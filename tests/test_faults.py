@@ -315,18 +315,24 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def tiny_var(tokenizer_file) -> list[str]:
+    """conf/var.yaml overrides for a tiny VAR on 24 flipped scenes, 6 batches an epoch, condition dropout,
+    every step logged, checkpoints without a top-k."""
+    return [f"model.tokenizer={tokenizer_file}", "model.var.depth=2", "+model.var.embed_dim=64",
+            "+model.var.num_heads=2", "model.var.cond_drop_rate=0.3", "model.optimizer.warmup_steps=2",
+            "data.num_train=24", "data.num_val=4", "data.batch_size=4", "data.flip=0.5",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+            "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
+
+
 def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(tokenizer_file, tmp_path):
     """The VAR stage on the built-in scenes, 6 batches an epoch, shuffled, flipped (global RNG, no workers),
     condition dropout: a run SIGKILLed before step 5 (mid-epoch) or step 7 (after the epoch's last batch)
     and resumed from last.ckpt logs, from the first resumed step to the end, exactly the losses of the
     uninterrupted run."""
     conf = str(ROOT / "conf" / "var.yaml")
-    args = [f"model.tokenizer={tokenizer_file}", "model.var.depth=2", "+model.var.embed_dim=64",
-            "+model.var.num_heads=2", "model.var.cond_drop_rate=0.3", "model.optimizer.warmup_steps=2",
-            "data.num_train=24", "data.num_val=4", "data.batch_size=4", "data.flip=0.5",
-            "trainer.max_steps=10", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false", "callbacks.images=null",
-            "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
+    args = [*tiny_var(tokenizer_file), "trainer.max_steps=10", "trainer.limit_val_batches=0",
+            "callbacks.images=null", "callbacks.checkpoint.every_n_train_steps=1"]  # fmt: skip
     assert main(["fit", "-c", conf, *args, f"run.root={tmp_path}", "run.version=whole"]) == 0
     whole = _losses(tmp_path / "var" / "whole")
     assert len(whole) == 10 and len(set(whole.values())) == 10
@@ -357,14 +363,10 @@ def test_a_run_resumed_at_a_validation_step_repeats_the_uninterrupted_run(tokeni
     callback that draws) must leave the global generators as they were, or the resumed run's flips and
     condition dropout differ from the uninterrupted run's."""
     conf = str(ROOT / "conf" / "var.yaml")
-    args = [f"model.tokenizer={tokenizer_file}", "model.var.depth=2", "+model.var.embed_dim=64",
-            "+model.var.num_heads=2", "model.var.cond_drop_rate=0.3", "model.optimizer.warmup_steps=2",
-            "data.num_train=24", "data.num_val=4", "data.batch_size=4", "data.flip=0.5",
-            "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-            "callbacks.images.every_n_steps=1", "callbacks.images.max_images=2",
-            "+callbacks.draws={_target_: toy.DrawsInValidation}", f"run.root={tmp_path}",
-            "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.save_top_k=0"]  # fmt: skip
+    args = [*tiny_var(tokenizer_file), "trainer.max_steps=6", "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1", "callbacks.images.every_n_steps=1",
+            "callbacks.images.max_images=2", "+callbacks.draws={_target_: toy.DrawsInValidation}",
+            f"run.root={tmp_path}", "callbacks.checkpoint.every_n_train_steps=3"]  # fmt: skip
     assert main(["fit", "-c", conf, *args, "run.version=whole"]) == 0
     crash = ["+callbacks.kill={_target_: toy.KillAt, step: 4, crash: true}", "run.version=crashed"]
     with pytest.raises(RuntimeError, match="crashed before step 4"):

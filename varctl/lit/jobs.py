@@ -12,19 +12,6 @@ from varctl.callbacks.images import control_pictures
 from varctl.models.var_generate import Known
 
 
-def job_settings(module) -> dict:
-    """What a job's image depends on in the model (``GenerationJobs.record``): the stage, the digests of the
-    weights that draw (the EMA where there is one) and of the tokenizer, and the predict section."""
-    from varctl.lit.var import weights_digest
-
-    return {
-        "stage": type(module).__name__,
-        "weights": weights_digest(module.eval_model),
-        "tokenizer": weights_digest(module.vae),
-        "predict": dataclasses.asdict(module.predictions),
-    }
-
-
 def job_step(module, batch: dict, control: bool) -> dict:
     """Images for the jobs of ``batch``; rows with the same overrides, modalities and kind are drawn
     together, each with its own generator, so a job's image does not depend on its batch. A row that fails

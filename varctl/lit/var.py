@@ -12,6 +12,7 @@ Legend: B batch, L all tokens, V vocabulary, Cv code channels.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 from pathlib import Path
@@ -30,7 +31,7 @@ from varctl.checkpoints import FitsCheckpoint
 from varctl.lit import optim
 from varctl.lit.compiling import compile_var
 from varctl.lit.evaluation import log_evaluation, rows_of, split_fingerprint, start_evaluation, unrepeated
-from varctl.lit.jobs import job_settings, job_step
+from varctl.lit.jobs import job_step
 from varctl.lit.legacy import is_legacy, legacy_state_dict
 from varctl.lit.settings import Evaluation, OptimizerSettings, Predictions, Samples, plain_hparams
 from varctl.lit.sharding import ignore_in_fsdp1, shard_var
@@ -459,8 +460,15 @@ class VARModule(FitsCheckpoint, L.LightningModule):
         return self.predictions.jobs(text, self.var.config.num_classes, self.class_name)
 
     def job_settings(self) -> dict:
-        """What generation jobs record beside their images (data=jobs, ``GenerationJobs.record``)."""
-        return job_settings(self)
+        """What generation jobs record beside their images (data=jobs, ``GenerationJobs.record``): the stage,
+        the digests of the weights that draw (the EMA where there is one) and of the tokenizer, and the
+        predict section."""
+        return {
+            "stage": type(self).__name__,
+            "weights": weights_digest(self.eval_model),
+            "tokenizer": weights_digest(self.vae),
+            "predict": dataclasses.asdict(self.predictions),
+        }
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         if batch.get("job"):  # data=jobs: in-painting, out-painting, editing of the user's images
