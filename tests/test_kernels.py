@@ -128,3 +128,81 @@ def test_decoder_at_inference_matches_its_direct_decode():
             direct = decoder(z)
     torch.testing.assert_close(ours, direct, atol=1e-4, rtol=0)
     assert not torch.equal(ours, direct) or not torch.backends.nnpack.is_available()
+
+
+def test_decoder_at_inference_decodes_image_by_image(monkeypatch):
+    """A batch is decoded one image at a time where NNPACK runs (no conv output copied into a batch): the
+    same images as each image decoded alone, bit for bit, and the training path keeps the batch."""
+    torch.manual_seed(0)
+    decoder = Decoder(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, groups=8).eval()
+    z = torch.randn(3, 4, 32, 32)
+    batches = []
+    monkeypatch.setattr(decoder, "_decode", lambda z, f=decoder._decode: batches.append(len(z)) or f(z))
+    with torch.no_grad():
+        ours = decoder(z)
+        alone = torch.cat([decoder(z[i : i + 1]) for i in range(3)])
+    assert torch.equal(ours, alone)
+    if torch.backends.nnpack.is_available():
+        assert batches == [1, 1, 1] + [1, 1, 1]
+    batches.clear()
+    with torch.no_grad(), torch.backends.nnpack.flags(enabled=False):
+        direct = decoder(z)  # without NNPACK the batch stays whole
+    assert batches == [3]
+    torch.testing.assert_close(ours, direct, atol=1e-4, rtol=0)
+    batches.clear()
+    trained = decoder(z.requires_grad_())
+    assert batches == [3] and trained.grad_fn is not None
+    torch.testing.assert_close(trained.detach(), direct, atol=1e-5, rtol=0)
+
+
+def test_resnet_block_adds_its_skip_in_place_with_the_same_values_and_gradients():
+    from varctl.models.vae_blocks import ResnetBlock
+
+    torch.manual_seed(0)
+    for c_in, c_out in ((8, 8), (8, 16)):
+        block = ResnetBlock(c_in, c_out, groups=4)
+        x = torch.randn(2, c_in, 8, 8, requires_grad=True)
+        out = block(x)
+
+        def reference(x):  # the out-of-place sum, in the official order
+            h = block.conv1(F.silu(block.norm1(x)))
+            h = block.conv2(F.silu(block.norm2(h)))
+            return block.nin_shortcut(x) + h
+
+        ref = reference(x)
+        assert torch.equal(out, ref)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+        assert torch.equal(g, g_ref)
+
+
+def test_ffn_gelu_in_place_at_inference_only():
+    from varctl.models.transformer import FFN
+
+    torch.manual_seed(0)
+    ffn = FFN(16, 64)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():  # in place, the same values
+        assert torch.equal(ffn(x), ffn.fc2(F.gelu(ffn.fc1(x), approximate="tanh")))
+    reference = ffn.fc2(F.gelu(ffn.fc1(x), approximate="tanh"))
+    out = ffn(x)  # with grad: the module GELU, whose backward needs its input
+    assert torch.equal(out, reference)
+    (g,) = torch.autograd.grad(out.sum(), ffn.fc1.weight)
+    (g_ref,) = torch.autograd.grad(reference.sum(), ffn.fc1.weight)
+    assert torch.equal(g, g_ref)
+
+
+def test_linear_rows_beyond_the_cpus_limit_go_to_f_linear(monkeypatch):
+    calls = _calls(monkeypatch, "linear")
+    monkeypatch.setattr(kernels, "ONEDNN_MAX_ROWS", 6)
+    torch.manual_seed(0)
+    layer = Linear(8, 4)
+    few, many = torch.randn(2, 3, 8), torch.randn(7, 8)
+    with torch.no_grad():
+        layer(few)
+        assert calls == [few.shape]  # 6 rows: oneDNN
+        assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))  # 7: MKL's F.linear
+    assert calls == [few.shape]
+    for capability, limit in (("AVX2", kernels.ONEDNN_MAX_ROWS_AVX2), ("AVX512", None), ("DEFAULT", None)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert kernels.onednn_max_rows() == limit  # measured: AVX2 only (the module docstring)

@@ -4,8 +4,11 @@ PyTorch runs a float32 ``F.linear`` on the CPU as an MKL sgemm, while its convol
 matmuls) already go through oneDNN. On the 2-core AMD EPYC (Zen 4) varctl is benchmarked on, oneDNN's
 float32 matmul is 1.3x faster at VAR-d16's full-scale shapes and 2-3x faster at the few-token matmuls of the
 first scales, which MKL runs far below the machine's peak (``tools/bench_sample.py`` prints the effect, with
-the official code beside). Both compute the same products and sums; only the summation order differs, so
-results agree to float32 rounding (relative ~1e-6): the parity tests hold either way.
+the official code beside). On a 2-core AMD EPYC with AVX2 only, oneDNN is 1.3-1.7x faster than MKL at 8-32
+rows but 5-20 % slower from a few hundred rows on (d16's last scales: 800-2048 rows at batch 4 with
+guidance): there products of more than ``ONEDNN_MAX_ROWS_AVX2`` rows go to MKL. Both compute the same
+products and sums; only the summation order differs, so results agree to float32 rounding (relative ~1e-6):
+the parity tests hold either way.
 
 The oneDNN op is the one TorchInductor emits for CPU linear layers (``torch.ops.mkldnn._linear_pointwise``);
 it has no backward, so it is used only where no gradient is needed, never under autocast (whose casts
@@ -30,6 +33,18 @@ from torch import nn
 _ONEDNN_LINEAR = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 )
+# On an AVX2 CPU (no AVX-512) oneDNN wins only on products of few rows (module docstring): larger ones go to
+# MKL. Measured at d16 sampling at batch 4 (transformer alone, medians of 4): all through oneDNN 22.3 s,
+# oneDNN up to 64 rows 18.5 s, up to 256 rows 17.3 s.
+ONEDNN_MAX_ROWS_AVX2 = 256
+
+
+def onednn_max_rows() -> int | None:
+    """The most rows a float32 product on this CPU goes through oneDNN with (None: any number)."""
+    return ONEDNN_MAX_ROWS_AVX2 if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
+
+
+ONEDNN_MAX_ROWS = onednn_max_rows()
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -42,6 +57,7 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()  # inductor picks its own kernels (this op wants frozen weights)
+        and (ONEDNN_MAX_ROWS is None or x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1])
     )
 
 
@@ -62,13 +78,30 @@ class Linear(nn.Linear):
 WINOGRAD_MIN_PIXELS = 64 * 64  # below it, oneDNN's direct convolution is as fast or faster (measured)
 
 
-def _winograd(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+def _nnpack_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         torch._C._get_nnpack_enabled()
         and torch.backends.nnpack.is_available()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 4
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def image_by_image(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a decoder given the batch ``x`` (and a weight of its, for the gradient check) should run
+    one image at a time: where its large convolutions go through NNPACK, which takes one image per call.
+    Decoded whole, each of those outputs is copied into a batch, and a 256 px batch's maps (40 MiB an image)
+    are fresh memory the copy faults in: 5 % of sampling d16 at batch 4 on the CPU."""
+    return len(x) > 1 and _nnpack_inference(x, weight)
+
+
+def _winograd(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    return (
+        _nnpack_inference(x, conv.weight)
         and x.shape[-2] * x.shape[-1] >= WINOGRAD_MIN_PIXELS
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
@@ -76,9 +109,6 @@ def _winograd(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varctl.models.kernels import DecoderConv2d
+from varctl.models.kernels import DecoderConv2d, image_by_image
 
 GROUPS = 32  # official GroupNorm groups; every channel count must be a multiple of the groups used
 GN_EPS = 1e-6
@@ -50,7 +50,7 @@ class ResnetBlock(nn.Module):
         h = self.conv1(h)
         h = F.silu(self.norm2(h), inplace=True)
         h = self.conv2(self.dropout(h))
-        return self.nin_shortcut(x) + h
+        return h.add_(self.nin_shortcut(x))  # the conv's fresh output (its backward does not need it)
 
 
 class AttnBlock(nn.Module):
@@ -211,6 +211,11 @@ class Decoder(nn.Module):
         self.conv_out = conv(c_in, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if image_by_image(z, self.conv_in.weight):  # NNPACK's convolutions take one image a call
+            return torch.cat([self._decode(z[i : i + 1]) for i in range(len(z))])
+        return self._decode(z)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
