@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -204,6 +205,35 @@ def test_sigterm_writes_last_checkpoint_before_exit(toy_conf):
     assert main(["fit", "-c", str(toy_conf), *resume]) == 0
     assert sorted(p.name for p in _ckpts(toy_conf).iterdir()) == ["last.ckpt"]
     assert _load(_ckpts(toy_conf) / "last.ckpt")["global_step"] == 8
+
+
+@pytest.mark.parametrize("interval", [2, 4])  # validation mid-epoch, and at the end of the epoch
+def test_sigterm_during_validation_is_saved_so_that_the_resumed_run_validates_again(
+    toy_conf, capfd, interval
+):
+    """A SIGTERM in the first of four validation batches: the run saves and stops there, and the resumed run
+    repeats that validation whole before training on (Lightning's resume took it for finished: the point
+    was lost), and ends at the uninterrupted run's step (and weights, resumed at an epoch's end)."""
+    args = [f"trainer.val_check_interval={interval}", "callbacks.checkpoint.every_n_train_steps=100",
+            "callbacks.images=null", "trainer.max_steps=8"]  # fmt: skip
+    assert main(["fit", "-c", str(toy_conf), *args, "run.version=whole"]) == 0
+    whole_validations = re.findall(r"\[toy\] validation batch (\d) at step (\d)", capfd.readouterr().out)
+    proc = _cli(
+        "fit", "-c", str(toy_conf), *args, "run.version=term", f"+model.sigterm_in_validation={interval}"
+    )
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert f"varctl: SIGTERM at step {interval}: saved" in out
+    last = toy_conf.parent.parent / "runs" / "toy" / "term" / "checkpoints" / "last.ckpt"
+    assert main(["fit", "-c", str(toy_conf), *args, f"ckpt_path={last}"]) == 0
+    resumed = re.findall(r"\[toy\] validation batch (\d) at step (\d)", capfd.readouterr().out)
+    steps = range(interval, 9, interval)
+    assert whole_validations == [(str(b), str(s)) for s in steps for b in range(4)]
+    assert resumed == whole_validations  # the interrupted validation again, whole, then the later ones
+    whole = _load(toy_conf.parent.parent / "runs" / "toy" / "whole" / "checkpoints" / "last.ckpt")
+    assert _load(last)["global_step"] == whole["global_step"] == 8
+    if interval == 4:  # the toy's plain loader has no mid-epoch state (the datamodules' loaders have)
+        assert torch.equal(_load(last)["state_dict"]["scale"], whole["state_dict"]["scale"])
 
 
 def test_sigterm_during_gradient_accumulation_stops_at_the_end_of_the_window(toy_conf):

@@ -32,11 +32,13 @@ class ToyData(L.LightningDataModule):
 class ToyModule(L.LightningModule):
     """One scale parameter fitted to 1. Faults for tests/test_faults.py: a NaN loss at the optimizer steps
     ``nan_steps`` (counted from 1), weights made NaN after step ``poison_after``, SIGTERM sent to the process
-    during step ``sigterm_at``, ``big`` extra weights for slow saves, ``sleep`` seconds per step."""
+    during step ``sigterm_at`` (or in the first validation batch after step ``sigterm_in_validation``),
+    ``big`` extra weights for slow saves, ``sleep`` seconds per step. Validation records the step of every
+    validation batch in ``validated`` (a list the tests read after ``fit``)."""
 
     def __init__(self, resolution: int = 8, lr: float = 0.1, name: str = "toy", nan_steps=(),
                  poison_after: int | None = None, sigterm_at: int | None = None, big: int = 0,
-                 sleep: float = 0.0):  # fmt: skip
+                 sleep: float = 0.0, sigterm_in_validation: int | None = None):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
         self.scale = torch.nn.Parameter(torch.zeros(1))
@@ -63,9 +65,13 @@ class ToyModule(L.LightningModule):
                 self.scale.fill_(float("nan"))
 
     def validation_step(self, batch, batch_idx):
+        if self.global_step == self.hparams.sigterm_in_validation and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
         self.log("val/loss", ((batch[0] * self.scale - batch[0]) ** 2).mean())
+        print(f"[toy] validation batch {batch_idx} at step {self.global_step}", flush=True)
 
-    test_step = validation_step
+    def test_step(self, batch, batch_idx):
+        self.log("val/loss", ((batch[0] * self.scale - batch[0]) ** 2).mean())
 
     def predict_step(self, batch, batch_idx):
         return {"images": (batch[0] * self.scale + 1) / 2, "names": [f"img{i}" for i in range(len(batch[0]))]}

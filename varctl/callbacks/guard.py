@@ -13,6 +13,8 @@ where it was stopped.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from pathlib import Path
 
 import lightning as L
@@ -84,6 +86,29 @@ class NonFiniteGuard(L.Callback):
         self.skipped, self.consecutive = int(state_dict["skipped"]), int(state_dict["consecutive"])
 
 
+@contextlib.contextmanager
+def _validation_repeated(trainer):
+    """While saving in a validation that a SIGTERM cut short, the validation loop's progress reads as
+    interrupted in its first batch, so that the resumed run validates these weights again, from the start.
+    Saved as it stands (its batches so far done, the last one not), Lightning's resume took the validation
+    for finished and went on training: that validation point was lost, and anything it decides (a best-model
+    checkpoint, early stopping) never saw it."""
+    if not (trainer.state.fn == "fit" and trainer.validating and not trainer.sanity_checking):
+        yield
+        return
+    progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+    state = copy.deepcopy(progress.state_dict())
+    before = progress.total.completed - progress.current.completed  # batches of the run's earlier validations
+    for counter, done in ((progress.total, before), (progress.current, 0)):
+        counter.ready = counter.started = done + 1
+        counter.processed = counter.completed = done
+    progress.is_last_batch = False
+    try:
+        yield
+    finally:
+        progress.load_state_dict(state)
+
+
 class PreemptionCheckpoint(L.Callback):
     """On SIGTERM, write ``last.ckpt`` in the checkpoint callback's folder before the run exits.
 
@@ -92,7 +117,8 @@ class PreemptionCheckpoint(L.Callback):
     epoch's order was drawn twice). With gradient accumulation it waits for the batch whose optimizer step
     ends the window: a save between its micro-batches lost the gradients accumulated so far, and the
     resumed run took that step on the remaining micro-batches alone. A SIGTERM that Lightning acts on
-    elsewhere (during validation) is saved when it stops the run, as before."""
+    elsewhere (during validation) is saved when it stops the run, as interrupted in the validation's first
+    batch: the resumed run validates again (``_validation_repeated``)."""
 
     def __init__(self):
         self._steps_before = 0
@@ -133,7 +159,8 @@ class PreemptionCheckpoint(L.Callback):
         if isinstance(trainer.checkpoint_callback, ModelCheckpoint):  # recorded in the file it writes:
             # the resumed run's ModelCheckpoint then overwrites this last.ckpt instead of writing last-v1.ckpt
             trainer.checkpoint_callback.last_model_path = str(path)
-        trainer.save_checkpoint(path)  # every rank takes part (sharded strategies); rank 0 writes
+        with _validation_repeated(trainer):
+            trainer.save_checkpoint(path)  # every rank takes part (sharded strategies); rank 0 writes
         self._saved = True
         if trainer.is_global_zero:
             print(f"varctl: SIGTERM at step {trainer.global_step}: saved {path}", flush=True)
