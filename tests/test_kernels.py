@@ -203,3 +203,20 @@ def test_linear_rows_beyond_the_cpus_limit_go_to_f_linear(monkeypatch):
     for capability, limit in (("AVX2", kernels.ONEDNN_MAX_ROWS_AVX2), ("AVX512", None), ("DEFAULT", None)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         assert kernels.onednn_max_rows() == limit  # measured: AVX2 only (the module docstring)
+
+
+def test_resnet_block_keeps_the_promoted_dtype_of_a_mixed_sum():
+    from varctl.models.vae_blocks import ResnetBlock
+
+    class ToFloat(nn.Module):
+        def forward(self, x):
+            return x.float()
+
+    torch.manual_seed(0)
+    block = ResnetBlock(8, 8, groups=4).to(torch.bfloat16)
+    block.nin_shortcut = ToFloat()  # a float32 skip beside bfloat16 convolutions: the sum is float32
+    x = torch.randn(1, 8, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        h = block.conv2(F.silu(block.norm2(block.conv1(F.silu(block.norm1(x))))))
+        out = block(x)
+    assert out.dtype == torch.float32 and torch.equal(out, x.float() + h)

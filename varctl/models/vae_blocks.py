@@ -50,7 +50,9 @@ class ResnetBlock(nn.Module):
         h = self.conv1(h)
         h = F.silu(self.norm2(h), inplace=True)
         h = self.conv2(self.dropout(h))
-        return h.add_(self.nin_shortcut(x))  # the conv's fresh output (its backward does not need it)
+        skip = self.nin_shortcut(x)
+        # in place into the conv's fresh output (its backward does not need it), where no dtype is promoted
+        return h.add_(skip) if skip.dtype == h.dtype else skip + h
 
 
 class AttnBlock(nn.Module):
