@@ -139,6 +139,11 @@ def test_decoder_at_inference_decodes_image_by_image(monkeypatch):
     batches = []
     monkeypatch.setattr(decoder, "_decode", lambda z, f=decoder._decode: batches.append(len(z)) or f(z))
     with torch.no_grad():
+        decoder(z)  # 64 px images: below IMAGE_BY_IMAGE_MIN_PIXELS, small maps run better batched
+    assert batches == [3]
+    batches.clear()
+    monkeypatch.setattr(kernels, "IMAGE_BY_IMAGE_MIN_PIXELS", 64 * 64)
+    with torch.no_grad():
         ours = decoder(z)
         alone = torch.cat([decoder(z[i : i + 1]) for i in range(3)])
     assert torch.equal(ours, alone)

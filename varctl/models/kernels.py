@@ -91,12 +91,18 @@ def _nnpack_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def image_by_image(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a decoder given the batch ``x`` (and a weight of its, for the gradient check) should run
-    one image at a time: where its large convolutions go through NNPACK, which takes one image per call.
-    Decoded whole, each of those outputs is copied into a batch, and a 256 px batch's maps (40 MiB an image)
-    are fresh memory the copy faults in: 5 % of sampling d16 at batch 4 on the CPU."""
-    return len(x) > 1 and _nnpack_inference(x, weight)
+# Decoded images of at least this many pixels are decoded one at a time (``image_by_image``). Measured on a
+# 2-core AVX2 EPYC, batch 4: 256 px 1.16-1.19x faster one at a time, 128 px 0.88-1.06x, and the demo's 64 px
+# tokenizer (batch 16) 0.4x: its small maps run better batched.
+IMAGE_BY_IMAGE_MIN_PIXELS = 256 * 256
+
+
+def image_by_image(x: torch.Tensor, weight: torch.Tensor, out_pixels: int) -> bool:
+    """Whether a decoder given the batch ``x`` (and a weight of its, for the gradient check), decoding images
+    of ``out_pixels`` pixels, should run one image at a time: where its large convolutions go through
+    NNPACK, which takes one image per call. Decoded whole, each of those outputs is copied into a batch, and
+    a 256 px batch's maps (40 MiB an image) are fresh memory the copy faults in."""
+    return len(x) > 1 and out_pixels >= IMAGE_BY_IMAGE_MIN_PIXELS and _nnpack_inference(x, weight)
 
 
 def _winograd(conv: nn.Conv2d, x: torch.Tensor) -> bool:

@@ -213,7 +213,8 @@ class Decoder(nn.Module):
         self.conv_out = conv(c_in, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if image_by_image(z, self.conv_in.weight):  # NNPACK's convolutions take one image a call
+        scale = 2 ** (len(self.up) - 1)
+        if image_by_image(z, self.conv_in.weight, z.shape[-2] * z.shape[-1] * scale * scale):
             return torch.cat([self._decode(z[i : i + 1]) for i in range(len(z))])
         return self._decode(z)
 
