@@ -8,10 +8,13 @@ from dataclasses import asdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import PATCH_NUMS, TINY, perturbed
 
 from varctl.models import VAR, VARConfig
+from varctl.models.control import ControlBranch, ControlConfig
 from varctl.models.sampling import filter_logits, guidance_schedule
+from varctl.models.transformer import QueryGroups
 from varctl.models.var import TextCondition
 from varctl.models.vqvae import VQVAE, VQVAEConfig
 
@@ -98,6 +101,57 @@ def test_backward_reaches_every_parameter(vae, golden):
     x = golden["x_BLCv_wo_first_l"]
     model(_text(4), x).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_teacher_forcing_attends_by_groups_of_scales_as_one_masked_call_would(monkeypatch):
+    """Scales of 64 tokens and more attend as groups of their own, without a bias, to the keys up to their
+    end; the smaller ones before them as one masked group. Logits and gradients equal one masked call's,
+    for the backbone and CAR's side blocks; small schedules keep the one masked call."""
+    official = QueryGroups.of(torch.zeros(1, 1, 680, 680), VARConfig().begin_ends)
+    assert [(b, e, m is None) for b, e, m in official] == [
+        (0, 91, False), (91, 155, True), (155, 255, True), (255, 424, True), (424, 680, True)
+    ]  # fmt: skip
+    pairs = sum((e - b) * e for b, e, _ in official)
+    assert pairs / 680**2 < 0.63  # of the score matrix one masked call computes
+    tiny = VAR.build("tiny")
+    assert tiny.query_groups() is tiny.attn_bias_for_masking
+
+    torch.manual_seed(0)
+    fields = dict(num_classes=10, vocab_size=64, z_channels=8, embed_dim=64, num_heads=4, cond_drop_rate=0.0)
+    var = perturbed(VAR.build("d2", patch_nums=(1, 2, 4, 8, 10), **fields)).train()
+    groups = var.query_groups()
+    assert [(b, e, m is None) for b, e, m in groups] == [(0, 21, False), (21, 85, True), (85, 185, True)]
+    assert torch.equal(groups[0][2], var.attn_bias_for_masking[:, :, :21, :21])
+    config = ControlConfig.for_var(var.config, resolution=160, injector="car", width=8, feature_dim=16)
+    branch = perturbed(ControlBranch.build(config).init_from_backbone(var)).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, var.config.L - 1, 8, generator=g)
+    edges = (torch.rand(2, 1, 160, 160, generator=g) > 0.9).float()
+    labels = torch.tensor([1, 2])
+
+    def run():
+        outs = [var(labels, x), var(labels, x, control=branch.encode({"edges": edges}))]
+        params = [*var.parameters(), *branch.parameters()]
+        grads = torch.autograd.grad(sum(o.square().mean() for o in outs), params, allow_unused=True)
+        return outs, [g for g in grads if g is not None]
+
+    sdpa, rows = F.scaled_dot_product_attention, []
+
+    def counted(q, *args, **kwargs):
+        rows.append(q.shape[2])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
+    outs, grads = run()  # the backbone's 2 blocks twice, CAR's side block once: 3 groups each
+    assert sorted(rows) == sorted([21, 64, 100] * 5)
+    monkeypatch.setattr(VAR, "query_groups", lambda self: self.attn_bias_for_masking)
+    ref_outs, ref_grads = run()
+    for out, ref in zip(outs, ref_outs):
+        assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+    assert len(grads) == len(ref_grads) > 0
+    scale = max(ref.abs().max() for ref in ref_grads)  # some gradients are float noise around zero
+    for g_, ref in zip(grads, ref_grads):
+        assert (g_ - ref).abs().max() <= 1e-5 * scale
 
 
 # ---------------------------------------------------------------------------------------------- sampling

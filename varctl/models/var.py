@@ -22,7 +22,7 @@ from torch import nn
 from varctl.models.kernels import Linear
 from varctl.models.lifecycle import Model
 from varctl.models.text import TextCondition
-from varctl.models.transformer import AdaLNBlock, AdaLNHead, SharedAdaLin, key_padding_bias
+from varctl.models.transformer import AdaLNBlock, AdaLNHead, QueryGroups, SharedAdaLin, key_padding_bias
 from varctl.models.var_config import OFFICIAL_PATCH_NUMS, VARConfig, check_vae_fits, config_from_state_dict
 from varctl.models.var_generate import GenerateMixin
 
@@ -236,6 +236,8 @@ class VAR(GenerateMixin, Model):
                 P = prefix.shape[1]
                 x_BLC = torch.cat((prefix.to(x_BLC.dtype), x_BLC), dim=1)
             mask = session.attention_bias(mask, 0, cfg.L)
+        if mask is self.attn_bias_for_masking:  # no prefix: attention by groups of scales (less work)
+            mask = self.query_groups()
         for i, block in enumerate(self.blocks):
             if session is not None:
                 x_BLC = session.block_input(i, x_BLC, 0, cfg.L)
@@ -244,6 +246,10 @@ class VAR(GenerateMixin, Model):
             if session is not None:
                 x_BLC = session.block_output(i, x_BLC, 0, cfg.L)
         return self._head(x_BLC[:, P:] if P else x_BLC, self.head_nm.modulation(cond_BD))
+
+    def query_groups(self) -> QueryGroups | torch.Tensor:
+        """Teacher forcing's block-causal attention over the whole sequence, as ``QueryGroups``."""
+        return QueryGroups.of(self.attn_bias_for_masking, self.config.begin_ends)
 
     def _check_control(self, control, B: int) -> None:
         if control is None:
