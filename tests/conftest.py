@@ -8,12 +8,17 @@ import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: one process per core, one thread each (and in the
+    os.environ["OMP_NUM_THREADS"] = "1"  # processes the tests start); more threads only spin-wait
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import PATCH_NUMS, REFERENCE, TINY  # noqa: E402, F401
 
 from varctl.models import VAR, VQVAE, VQVAEConfig  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
