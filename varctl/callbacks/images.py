@@ -60,11 +60,20 @@ class ImageLogger(Callback):
     ``every_n_steps`` optimizer steps, training grids (tokenizer) every ``every_n_steps`` steps.
 
     Every process makes the grids (sampling a sharded model needs all of them); the first one writes them.
+    The step of the last validation grid is saved in checkpoints, so a resumed run keeps the schedule of
+    the uninterrupted one; a training grid is made once per optimizer step, not once per accumulated batch.
     """
 
     def __init__(self, every_n_steps: int = 500, max_images: int = 8):
         self.every_n_steps, self.max_images = int(every_n_steps), int(max_images)
         self._last_val_step: int | None = None
+        self._last_train_step: int | None = None
+
+    def state_dict(self) -> dict:
+        return {"last_val_step": self._last_val_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._last_val_step = state_dict.get("last_val_step")
 
     def _write(self, trainer, grids: dict[str, ImageGrid]) -> None:
         if not trainer.is_global_zero:
@@ -83,7 +92,10 @@ class ImageLogger(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step - 1  # optimizer steps done before this batch
-        if self._enabled(trainer) and hasattr(pl_module, "train_images") and step % self.every_n_steps == 0:
+        if not (self._enabled(trainer) and hasattr(pl_module, "train_images")):
+            return
+        if step >= 0 and step % self.every_n_steps == 0 and step != self._last_train_step:
+            self._last_train_step = step  # the batches accumulated before the next step see the same step
             with torch.no_grad():
                 self._write(trainer, pl_module.train_images(batch, outputs, self.max_images))
 
