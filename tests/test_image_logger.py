@@ -47,7 +47,8 @@ def test_a_resumed_run_writes_the_validation_grids_of_the_uninterrupted_run(tmp_
     assert whole == [2, 6, 10]  # validations at 2, 4, ..., 10; a grid once 3 steps have passed
     written.clear()
     first = fit(tmp_path / "cut", 6, every=3, val_check_interval=2)
-    fit(tmp_path / "cut", 10, every=3, val_check_interval=2, ckpt_path=first.checkpoint_callback.best_model_path)
+    last = first.checkpoint_callback.best_model_path  # saved at step 6
+    fit(tmp_path / "cut", 10, every=3, val_check_interval=2, ckpt_path=last)
     assert [step for kind, step in written if kind == "val"] == whole  # before: 2, 6, then 8 (not 10)
 
 
