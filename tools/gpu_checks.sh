@@ -33,7 +33,7 @@ step() {  # step SECONDS command...: run it unless the pass's deadline would pas
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$LOG"
 $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$LOG"
 step 120 $PY tools/bench_sample.py --device cuda --batch-sizes 1 16 64 --bf16 --repeats 3
-step 90 $PY tools/bench_train.py --device cuda --bf16 --batch-size 32 --repeats 5
+step 120 $PY tools/bench_train.py --device cuda --bf16 --batch-size 32 --repeats 5 --one-masked-call
 step 90 $PY tools/bench_fast_sampling.py speed --device cuda --batch-sizes 1 16 64 --repeats 3
 step 60 $PY tools/bench_control_sampling.py --device cuda --batch-size 16 --repeats 5
 step 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
