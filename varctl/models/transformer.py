@@ -95,11 +95,12 @@ class QueryGroups(tuple):
     """Teacher forcing's block-causal attention, computed by groups of query rows: ((begin, end, bias), ...).
 
     The queries [begin, end) of a group attend to the keys [0, end) only: no token sees a later scale, so the
-    keys past the group's end would only be masked out. A group that is one scale needs no bias at all (it
-    sees all of its keys); smaller scales are merged into groups of at least ``MIN_TOKENS`` queries, with the
-    slice of the block-causal bias. At VAR-d16's 680 tokens this computes 63 % of the score matrix that one
-    masked call computes, and the large groups go to the mask-free attention kernels. The result equals the
-    masked attention's up to float rounding (different summation lengths)."""
+    keys past the group's end would only be masked out. Each scale of ``MIN_TOKENS`` tokens or more is a group
+    of its own and needs no bias at all (it sees all of its keys); the smaller scales before it form one group
+    with the slice of the block-causal bias. At VAR-d16's 680 tokens this computes 63 % of the score matrix
+    that one masked call computes, and the large groups go to the mask-free attention kernels. The result
+    equals the masked attention's up to float rounding (different summation lengths). In training the group
+    outputs and their concatenation are both kept for the backward pass: one (B, L, C) map more per block."""
 
     MIN_TOKENS = 64
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from varctl.models.control.config import ControlConfig
+from varctl.models.transformer import QueryGroups
 
 
 @dataclass
@@ -119,7 +120,7 @@ class Session:
         s = self.strength(begin, end, r)
         return r if s is None else r * s
 
-    def mask(self, begin: int, end: int, groups: bool = False):
+    def mask(self, begin: int, end: int, groups: bool = False) -> torch.Tensor | QueryGroups | None:
         """The block-causal attention bias of tokens [begin, end) on tokens [0, end) (the KV caches, or the
         whole sequence in teacher forcing); None while sampling one scale, which sees all of them.
         ``groups``: for attention that takes ``QueryGroups`` (the VAR's blocks), teacher forcing's whole
