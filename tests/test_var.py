@@ -103,10 +103,12 @@ def test_backward_reaches_every_parameter(vae, golden):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_teacher_forcing_attends_by_groups_of_scales_as_one_masked_call_would(monkeypatch):
+@pytest.mark.parametrize("injector", ["car", "ecm"])
+def test_teacher_forcing_attends_by_groups_of_scales_as_one_masked_call_would(monkeypatch, injector):
     """Scales of 64 tokens and more attend as groups of their own, without a bias, to the keys up to their
     end; the smaller ones before them as one masked group. Logits and gradients equal one masked call's,
-    for the backbone and CAR's side blocks; small schedules keep the one masked call."""
+    for the backbone and the injectors' own attention (CAR's side blocks, ECM's adapters); small schedules
+    keep the one masked call."""
     official = QueryGroups.of(torch.zeros(1, 1, 680, 680), VARConfig().begin_ends)
     assert [(b, e, m is None) for b, e, m in official] == [
         (0, 91, False), (91, 155, True), (155, 255, True), (255, 424, True), (424, 680, True)
@@ -122,7 +124,7 @@ def test_teacher_forcing_attends_by_groups_of_scales_as_one_masked_call_would(mo
     groups = var.query_groups()
     assert [(b, e, m is None) for b, e, m in groups] == [(0, 21, False), (21, 85, True), (85, 185, True)]
     assert torch.equal(groups[0][2], var.attn_bias_for_masking[:, :, :21, :21])
-    config = ControlConfig.for_var(var.config, resolution=160, injector="car", width=8, feature_dim=16)
+    config = ControlConfig.for_var(var.config, resolution=160, injector=injector, width=8, feature_dim=16)
     branch = perturbed(ControlBranch.build(config).init_from_backbone(var)).train()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, var.config.L - 1, 8, generator=g)
@@ -142,7 +144,7 @@ def test_teacher_forcing_attends_by_groups_of_scales_as_one_masked_call_would(mo
         return sdpa(q, *args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
-    outs, grads = run()  # the backbone's 2 blocks twice, CAR's side block once: 3 groups each
+    outs, grads = run()  # the backbone's 2 blocks twice, CAR's side block or ECM's adapter: 3 groups each
     assert sorted(rows) == sorted([21, 64, 100] * 5)
     monkeypatch.setattr(VAR, "query_groups", lambda self: self.attn_bias_for_masking)
     ref_outs, ref_grads = run()

@@ -122,22 +122,18 @@ class QueryGroups(tuple):
         return mask_11LL if len(groups) == 1 else cls(groups)
 
 
-def attention(q, k, v, attn_bias, dropout_p: float, scale: float | None) -> torch.Tensor:
+def attention(q, k, v, attn_bias, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention of q, k, v (B, H, L, c) under ``attn_bias`` (a tensor, None or
     ``QueryGroups``), returned as (B, L, H, c)."""
-    if not isinstance(attn_bias, QueryGroups):
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
+
+    def sdpa(q, k, v, bias):
+        bias = None if bias is None else bias.to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
         return out.transpose(1, 2)
-    outs = [
-        F.scaled_dot_product_attention(
-            q[:, :, begin:end], k[:, :, :end], v[:, :, :end], dropout_p=dropout_p, scale=scale,
-            attn_mask=None if bias is None else bias.to(v.dtype),
-        ).transpose(1, 2)
-        for begin, end, bias in attn_bias
-    ]  # fmt: skip
-    return torch.cat(outs, dim=1)
+
+    if not isinstance(attn_bias, QueryGroups):
+        return sdpa(q, k, v, attn_bias)
+    return torch.cat([sdpa(q[:, :, b:e], k[:, :, :e], v[:, :, :e], bias) for b, e, bias in attn_bias], dim=1)
 
 
 class SelfAttention(nn.Module):

@@ -120,15 +120,14 @@ class Session:
         s = self.strength(begin, end, r)
         return r if s is None else r * s
 
-    def mask(self, begin: int, end: int, groups: bool = False) -> torch.Tensor | QueryGroups | None:
-        """The block-causal attention bias of tokens [begin, end) on tokens [0, end) (the KV caches, or the
-        whole sequence in teacher forcing); None while sampling one scale, which sees all of them.
-        ``groups``: for attention that takes ``QueryGroups`` (the VAR's blocks), teacher forcing's whole
-        sequence as those groups."""
+    def mask(self, begin: int, end: int) -> torch.Tensor | QueryGroups | None:
+        """The block-causal attention bias of tokens [begin, end) on tokens [0, end) (the KV caches), for
+        ``transformer.attention``; teacher forcing's whole sequence as the VAR's ``QueryGroups``; None while
+        sampling one scale, which sees all of them."""
         var = self.ctx.var
         if self.ctx.cached and len(self.scales(begin, end)) == 1:
             return None
-        if groups and not self.ctx.cached and (begin, end) == (0, var.config.L):
+        if not self.ctx.cached and (begin, end) == (0, var.config.L):
             return var.query_groups()
         return var.attn_bias_for_masking[:, :, begin:end, :end]
 

@@ -67,7 +67,7 @@ class CARSession(Session):
         if i == 0 and self.off_from(begin):  # switched off from here on: nothing to run or to cache
             self.outputs = []
         elif i == 0:  # run the side branch on this call's input tokens, once per scale
-            mask = self.mask(begin, end, groups=True)
+            mask = self.mask(begin, end)
             f = self.features(begin, end)
             h = x + inj.fuse_in(f.to(inj.fuse_in.weight.dtype)).to(x.dtype)
             self.outputs = []

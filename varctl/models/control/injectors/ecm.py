@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from varctl.models.control.injectors.base import Injector, Session
-from varctl.models.transformer import KVCache
+from varctl.models.transformer import KVCache, attention
 
 
 class Adapter(nn.Module):
@@ -37,8 +37,7 @@ class Adapter(nn.Module):
         q, k, v = self.qkv(u).view(R, n, 3, self.heads, A // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
-        return self.attn_proj(out.transpose(1, 2).reshape(R, n, A))
+        return self.attn_proj(attention(q, k, v, mask).reshape(R, n, A))
 
 
 class GatedFFN(nn.Module):
