@@ -20,6 +20,7 @@ from varctl.lit.optim import (
     update_average,
     warmup_decay_scheduler,
 )
+from varctl.models.var import VAR, VARConfig
 
 
 class Net(nn.Module):
@@ -39,11 +40,32 @@ class Net(nn.Module):
 
 
 def test_no_decay_names_cover_biases_norms_embeddings_positions():
-    names = no_weight_decay_names(Net())
+    net = Net()
+    net.table = nn.Embedding(4, 8)  # an embedding table (a codebook): not decayed
+    names = no_weight_decay_names(net)
     assert names == {
-        "class_emb.weight", "pos_1LC", "word_embed.bias", "norm.weight", "norm.bias",
-        "attn.scale_mul_1H11", "head.bias", "gate",
+        "table.weight", "pos_1LC", "word_embed.bias", "norm.weight", "norm.bias", "attn.scale_mul_1H11",
+        "head.bias", "gate",
     }  # fmt: skip
+
+
+# The official VAR trainer's weight-decay filter (train.py, utils/lr_control.py filter_params): no decay for
+# 1-D parameters, biases, and names containing one of these keys.
+OFFICIAL_NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC",
+                          "pos_start", "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias",
+                          "scale_mul")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["d16", "d30"])
+def test_a_var_is_decayed_as_the_official_trainer_decays_it(name):
+    with torch.device("meta"):
+        var = VAR(VARConfig.from_name(name))
+    official = {
+        n for n, p in var.named_parameters()
+        if p.ndim == 1 or n.endswith("bias") or any(k in n for k in OFFICIAL_NO_DECAY_KEYS)
+    }  # fmt: skip
+    assert no_weight_decay_names(var) == official
+    assert "class_emb.weight" not in official and "lvl_embed.weight" in official
 
 
 def test_param_groups_split_and_skip_frozen():
@@ -52,7 +74,12 @@ def test_param_groups_split_and_skip_frozen():
     by_name = {g["name"]: g for g in groups}
     assert by_name["decay"]["weight_decay"] == 0.05 and by_name["no_decay"]["weight_decay"] == 0.0
     ids = {id(p) for p in by_name["decay"]["params"]}
-    assert ids == {id(net.word_embed.weight), id(net.attn.proj.weight), id(net.head.weight)}
+    assert ids == {
+        id(net.class_emb.weight),
+        id(net.word_embed.weight),
+        id(net.attn.proj.weight),
+        id(net.head.weight),
+    }
     n_all = sum(len(g["params"]) for g in groups)
     assert n_all == sum(p.requires_grad for p in net.parameters()) == 11
     # names computed before wrapping still match wrapped names

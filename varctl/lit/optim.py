@@ -3,8 +3,9 @@ schedule (``configure_adamw``), and an exponential moving average (EMA) of the w
 
 The recipe follows VAR (Tian et al., 2024, sec. 4 and the official trainer): AdamW with betas (0.9, 0.95),
 lr = 1e-4 * batch / 256, weight decay 0.05 on matrices only, linear warmup then decay to a final fraction.
-One difference: embedding tables (``nn.Embedding``) get no decay here, so the VAR's class embedding is not
-decayed where the official trainer's name filter decays it (the tokenizer's codebook must not be either).
+On a VAR the decayed parameters are those of the official trainer's name filter (``filter_params`` in its
+utils/lr_control.py), the class embedding included; other embedding tables, such as the tokenizer's
+codebook, are not decayed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from varctl.lit.settings import OptimizerSettings
 # per-head attention scales, shared AdaLN tables, null/start tokens.
 NO_DECAY_PREFIXES = ("pos_", "scale_mul", "ada_gss", "start_token", "cls_token", "null_", "lvl_")
 _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+# Embedding tables that are decayed all the same: the official VAR trainer decays its class embedding.
+DECAYED_EMBEDDINGS = ("class_emb",)
 # Wrappers that FSDP and activation checkpointing insert into parameter names.
 _WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -36,13 +39,14 @@ def clean_name(name: str) -> str:
 
 
 def no_weight_decay_names(module: nn.Module) -> set[str]:
-    """Names of trainable parameters that get no weight decay: biases, norms, embeddings, positional
-    tables, scale_mul, and any parameter with fewer than two dimensions.
+    """Names of trainable parameters that get no weight decay: biases, norms, embeddings (except a VAR's
+    class embedding), positional tables, scale_mul, and any parameter with fewer than two dimensions.
 
     Call it on the plain (unwrapped) module: FSDP1 flattens parameters to 1-D shards, which hides their rank.
     """
     names = set()
     for mod_name, mod in module.named_modules():
+        decayed_table = isinstance(mod, nn.Embedding) and mod_name.rsplit(".", 1)[-1] in DECAYED_EMBEDDINGS
         for p_name, p in mod.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
@@ -50,7 +54,7 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
             if (
                 p.ndim < 2
                 or p_name == "bias"
-                or isinstance(mod, _NO_DECAY_MODULES)
+                or (isinstance(mod, _NO_DECAY_MODULES) and not decayed_table)
                 or p_name.startswith(NO_DECAY_PREFIXES)
             ):
                 names.add(full)
