@@ -1,5 +1,6 @@
 """AdamW groups, lr scaling and schedule, and the EMA of weights (varctl/lit/optim.py)."""
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -13,9 +14,11 @@ from varctl.lit.optim import (
     clean_name,
     clip_gradients,
     configure_adamw,
+    decayed_embedding_names,
     lr_factor,
     no_weight_decay_names,
     param_groups,
+    regroup_optimizer_state,
     scaled_lr,
     update_average,
     warmup_decay_scheduler,
@@ -241,3 +244,27 @@ def test_clip_gradients_with_a_fused_optimizer(precision):
         assert calls == [] and norm.item() == pytest.approx(0.5, rel=1e-4)
     else:
         assert calls == [{"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"}] and norm > 1
+
+
+def test_an_optimizer_state_saved_with_other_groups_is_moved_to_todays():
+    """A run saved when the class embedding was not decayed resumes with each parameter's Adam moments."""
+    net = Net()
+    today = no_weight_decay_names(net)
+    before = today | decayed_embedding_names(net)
+    assert before - today == {"class_emb.weight"}
+    old = adamw(param_groups(net, 0.05, before), lr=1e-3)
+    for _ in range(2):
+        sum((p * torch.randn_like(p)).sum() for p in net.parameters() if p.requires_grad).backward()
+        old.step()
+        old.zero_grad()
+    state = copy.deepcopy(old.state_dict())
+    assert regroup_optimizer_state(state, net, before, today)
+    new = adamw(param_groups(net, 0.05, today), lr=1e-3)
+    new.load_state_dict(state)
+    assert [g["weight_decay"] for g in new.param_groups] == [0.05, 0.0]
+    assert any(p is net.class_emb.weight for p in new.param_groups[0]["params"])
+    for p in (p for p in net.parameters() if p.requires_grad):
+        assert torch.equal(new.state[p]["exp_avg_sq"], old.state[p]["exp_avg_sq"])
+    # today's groups, or groups that are not those of the names given, are left alone
+    assert not regroup_optimizer_state(copy.deepcopy(new.state_dict()), net, today, today)
+    assert not regroup_optimizer_state(copy.deepcopy(new.state_dict()), net, before, today)

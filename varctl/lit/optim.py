@@ -80,6 +80,44 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str] | No
     return [g for g in groups if g["params"]]
 
 
+def decayed_embedding_names(module: nn.Module) -> set[str]:
+    """Names of the embedding tables decayed since the class embedding is (``DECAYED_EMBEDDINGS``): runs
+    saved before then kept them in the no-decay group."""
+    return {
+        clean_name(f"{mod_name}.{p_name}")
+        for mod_name, mod in module.named_modules()
+        if isinstance(mod, nn.Embedding) and mod_name.rsplit(".", 1)[-1] in DECAYED_EMBEDDINGS
+        for p_name, p in mod.named_parameters(recurse=False)
+        if p.requires_grad
+    }
+
+
+def regroup_optimizer_state(state: dict, module: nn.Module, saved: set[str], no_decay: set[str]) -> bool:
+    """Move, in place, an optimizer state dict saved with ``param_groups(module, ..., saved)`` into the
+    groups of ``param_groups(module, ..., no_decay)``: torch numbers the parameters across the groups, so a
+    parameter that changed group changes every later number. Returns whether it moved anything; a state
+    whose groups do not hold the parameters ``saved`` puts there is left as it is."""
+    names = [clean_name(n) for n, p in module.named_parameters() if p.requires_grad]
+
+    def split(plain: set[str]) -> dict[str, list[str]]:
+        groups = {"decay": [n for n in names if n not in plain], "no_decay": [n for n in names if n in plain]}
+        return {k: v for k, v in groups.items() if v}
+
+    before, after = split(saved), split(no_decay)
+    groups = state.get("param_groups", [])
+    if before == after or [g.get("name") for g in groups] != list(before) or list(after) != list(before):
+        return False
+    if [len(g["params"]) for g in groups] != [len(v) for v in before.values()]:
+        return False
+    number = {name: i for i, name in enumerate(n for v in after.values() for n in v)}
+    old = [n for v in before.values() for n in v]
+    ids = [p for g in groups for p in g["params"]]
+    state["state"] = {number[old[ids.index(i)]]: v for i, v in state.get("state", {}).items()}
+    for group, members in zip(groups, after.values()):
+        group["params"] = [number[n] for n in members]
+    return True
+
+
 def scaled_lr(
     base_lr: float, batch_size: int, world_size: int = 1, accumulate: int = 1, reference_batch: int = 256
 ):

@@ -41,6 +41,9 @@ from varctl.models.var import VAR
 from varctl.models.var_config import VARConfig
 from varctl.models.vqvae import VQVAE
 
+# checkpoint key: the names of the parameters the optimizer's no-decay group held
+NO_DECAY_KEY = "varctl_no_decay"
+
 
 def weights_digest(module: nn.Module) -> str:
     """sha256 of a module's state (names, shapes, dtypes and values, in order): what a cache was made with."""
@@ -507,6 +510,7 @@ class VARModule(FitsCheckpoint, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["varctl"] = self.checkpoint_entries()
+        checkpoint[NO_DECAY_KEY] = sorted(self._no_decay)  # what the optimizer's groups were made of
         # the frozen text encoder is rebuilt from `text_encoder` (its pretrained weights), not stored
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("text_encoder.")]:
@@ -519,6 +523,16 @@ class VARModule(FitsCheckpoint, L.LightningModule):
             return
         if is_legacy(state):
             checkpoint["state_dict"] = state = legacy_state_dict(state)
+        # a run saved before the class embedding was decayed kept it in the no-decay group
+        saved = checkpoint.get(NO_DECAY_KEY)
+        if saved is None:
+            saved = self._no_decay | optim.decayed_embedding_names(self.model)
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            if optim.regroup_optimizer_state(optimizer_state, self.model, set(saved), self._no_decay):
+                rank_zero_info(
+                    "varctl: the checkpoint's optimizer groups are moved to today's weight-decay groups "
+                    f"({', '.join(sorted(set(saved) ^ self._no_decay))} changed group)"
+                )
         if self.text_encoder is not None:
             for k, v in self.text_encoder.state_dict().items():
                 state.setdefault(f"text_encoder.{k}", v)
