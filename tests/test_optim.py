@@ -268,3 +268,6 @@ def test_an_optimizer_state_saved_with_other_groups_is_moved_to_todays():
     # today's groups, or groups that are not those of the names given, are left alone
     assert not regroup_optimizer_state(copy.deepcopy(new.state_dict()), net, today, today)
     assert not regroup_optimizer_state(copy.deepcopy(new.state_dict()), net, before, today)
+    other = copy.deepcopy(old.state_dict())  # numbered in another order (as FSDP's full state is)
+    other["param_groups"][0]["params"].reverse()
+    assert not regroup_optimizer_state(other, net, before, today)

@@ -96,7 +96,8 @@ def regroup_optimizer_state(state: dict, module: nn.Module, saved: set[str], no_
     """Move, in place, an optimizer state dict saved with ``param_groups(module, ..., saved)`` into the
     groups of ``param_groups(module, ..., no_decay)``: torch numbers the parameters across the groups, so a
     parameter that changed group changes every later number. Returns whether it moved anything; a state
-    whose groups do not hold the parameters ``saved`` puts there is left as it is."""
+    whose groups do not hold the parameters ``saved`` puts there, or not numbered by torch's optimizer (a
+    sharded strategy's), is left as it is."""
     names = [clean_name(n) for n, p in module.named_parameters() if p.requires_grad]
 
     def split(plain: set[str]) -> dict[str, list[str]]:
@@ -107,15 +108,23 @@ def regroup_optimizer_state(state: dict, module: nn.Module, saved: set[str], no_
     groups = state.get("param_groups", [])
     if before == after or [g.get("name") for g in groups] != list(before) or list(after) != list(before):
         return False
-    if [len(g["params"]) for g in groups] != [len(v) for v in before.values()]:
-        return False
+    old = [n for v in before.values() for n in v]  # torch's numbers: the groups' parameters in order
+    if [g["params"] for g in groups] != [list(range(b, b + len(v))) for b, v in _starts(before)]:
+        return False  # not those groups, or not torch's numbering (FSDP numbers in the model's order)
     number = {name: i for i, name in enumerate(n for v in after.values() for n in v)}
-    old = [n for v in before.values() for n in v]
-    ids = [p for g in groups for p in g["params"]]
-    state["state"] = {number[old[ids.index(i)]]: v for i, v in state.get("state", {}).items()}
+    state["state"] = {number[old[i]]: v for i, v in state.get("state", {}).items()}
     for group, members in zip(groups, after.values()):
         group["params"] = [number[n] for n in members]
     return True
+
+
+def _starts(groups: dict[str, list[str]]) -> list[tuple[int, list[str]]]:
+    """Each group's first parameter number and its names."""
+    out, start = [], 0
+    for names in groups.values():
+        out.append((start, names))
+        start += len(names)
+    return out
 
 
 def scaled_lr(
