@@ -270,6 +270,10 @@ def test_checkpoint_rebuilds_plain_models(trained, vae_file):
         torch.testing.assert_close(plain(labels, x), m.var(labels, x), rtol=0, atol=0)
     obj = torch.load(ckpt, weights_only=False)
     assert obj["varctl"]["var"]["prefix"] == "model." and obj["varctl"]["vqvae"]["prefix"] == "vae."
+    # the optimizer's no-decay group, by name (a resume moves a state saved with other groups)
+    no_decay = set(obj["varctl_no_decay"])
+    assert "lvl_embed.weight" in no_decay and "class_emb.weight" not in no_decay
+    assert len(no_decay) == len(obj["optimizer_states"][0]["param_groups"][1]["params"])
     vae = VQVAE.load(ckpt)
     ref = VQVAE.load(vae_file)
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), ref.state_dict().values()))

@@ -81,8 +81,8 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str] | No
 
 
 def decayed_embedding_names(module: nn.Module) -> set[str]:
-    """Names of the embedding tables decayed since the class embedding is (``DECAYED_EMBEDDINGS``): runs
-    saved before then kept them in the no-decay group."""
+    """Names of the trainable embedding tables that are weight-decayed (``DECAYED_EMBEDDINGS``); runs saved
+    before they were kept them in the no-decay group."""
     return {
         clean_name(f"{mod_name}.{p_name}")
         for mod_name, mod in module.named_modules()
