@@ -38,6 +38,10 @@ def clean_name(name: str) -> str:
     return name
 
 
+def _decayed_table(mod_name: str, mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Embedding) and mod_name.rsplit(".", 1)[-1] in DECAYED_EMBEDDINGS
+
+
 def no_weight_decay_names(module: nn.Module) -> set[str]:
     """Names of trainable parameters that get no weight decay: biases, norms, embeddings (except a VAR's
     class embedding), positional tables, scale_mul, and any parameter with fewer than two dimensions.
@@ -46,7 +50,7 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
     """
     names = set()
     for mod_name, mod in module.named_modules():
-        decayed_table = isinstance(mod, nn.Embedding) and mod_name.rsplit(".", 1)[-1] in DECAYED_EMBEDDINGS
+        decayed_table = _decayed_table(mod_name, mod)
         for p_name, p in mod.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
@@ -61,6 +65,16 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
     return names
 
 
+def _split(module: nn.Module, no_decay: set[str]) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The trainable (name, parameter)s of the ``decay`` and ``no_decay`` groups, empty groups left out."""
+    groups = {"decay": [], "no_decay": []}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            name = clean_name(name)
+            groups["no_decay" if name in no_decay else "decay"].append((name, p))
+    return {k: v for k, v in groups.items() if v}
+
+
 def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict]:
     """Two AdamW groups, ``decay`` and ``no_decay``; frozen parameters are left out.
 
@@ -68,16 +82,11 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str] | No
     """
     if no_decay is None:
         no_decay = no_weight_decay_names(module)
-    decay_params, plain_params = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (plain_params if clean_name(name) in no_decay else decay_params).append(p)
-    groups = [
-        {"params": decay_params, "weight_decay": weight_decay, "name": "decay"},
-        {"params": plain_params, "weight_decay": 0.0, "name": "no_decay"},
+    decays = {"decay": weight_decay, "no_decay": 0.0}
+    return [
+        {"params": [p for _, p in members], "weight_decay": decays[name], "name": name}
+        for name, members in _split(module, no_decay).items()
     ]
-    return [g for g in groups if g["params"]]
 
 
 def decayed_embedding_names(module: nn.Module) -> set[str]:
@@ -86,7 +95,7 @@ def decayed_embedding_names(module: nn.Module) -> set[str]:
     return {
         clean_name(f"{mod_name}.{p_name}")
         for mod_name, mod in module.named_modules()
-        if isinstance(mod, nn.Embedding) and mod_name.rsplit(".", 1)[-1] in DECAYED_EMBEDDINGS
+        if _decayed_table(mod_name, mod)
         for p_name, p in mod.named_parameters(recurse=False)
         if p.requires_grad
     }
@@ -98,33 +107,19 @@ def regroup_optimizer_state(state: dict, module: nn.Module, saved: set[str], no_
     parameter that changed group changes every later number. Returns whether it moved anything; a state
     whose groups do not hold the parameters ``saved`` puts there, or not numbered by torch's optimizer (a
     sharded strategy's), is left as it is."""
-    names = [clean_name(n) for n, p in module.named_parameters() if p.requires_grad]
-
-    def split(plain: set[str]) -> dict[str, list[str]]:
-        groups = {"decay": [n for n in names if n not in plain], "no_decay": [n for n in names if n in plain]}
-        return {k: v for k, v in groups.items() if v}
-
-    before, after = split(saved), split(no_decay)
+    before, after = ({k: [n for n, _ in m] for k, m in _split(module, d).items()} for d in (saved, no_decay))
     groups = state.get("param_groups", [])
     if before == after or [g.get("name") for g in groups] != list(before) or list(after) != list(before):
         return False
-    old = [n for v in before.values() for n in v]  # torch's numbers: the groups' parameters in order
-    if [g["params"] for g in groups] != [list(range(b, b + len(v))) for b, v in _starts(before)]:
+    old = [n for names in before.values() for n in names]  # torch's numbering: group by group
+    sizes, saved_numbers = [len(names) for names in before.values()], [i for g in groups for i in g["params"]]
+    if [len(g["params"]) for g in groups] != sizes or saved_numbers != list(range(len(old))):
         return False  # not those groups, or not torch's numbering (FSDP numbers in the model's order)
-    number = {name: i for i, name in enumerate(n for v in after.values() for n in v)}
+    number = {n: i for i, n in enumerate(n for names in after.values() for n in names)}
     state["state"] = {number[old[i]]: v for i, v in state.get("state", {}).items()}
-    for group, members in zip(groups, after.values()):
-        group["params"] = [number[n] for n in members]
+    for group, names in zip(groups, after.values()):
+        group["params"] = [number[n] for n in names]
     return True
-
-
-def _starts(groups: dict[str, list[str]]) -> list[tuple[int, list[str]]]:
-    """Each group's first parameter number and its names."""
-    out, start = [], 0
-    for names in groups.values():
-        out.append((start, names))
-        start += len(names)
-    return out
 
 
 def scaled_lr(

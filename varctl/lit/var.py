@@ -523,15 +523,15 @@ class VARModule(FitsCheckpoint, L.LightningModule):
             return
         if is_legacy(state):
             checkpoint["state_dict"] = state = legacy_state_dict(state)
-        # a run saved before the class embedding was decayed kept it in the no-decay group
         saved = checkpoint.get(NO_DECAY_KEY)
-        if saved is None:
+        if saved is None:  # a run saved before the class embedding was decayed kept it in the no-decay group
             saved = self._no_decay | optim.decayed_embedding_names(self.model)
+        saved = set(saved)
         for optimizer_state in checkpoint.get("optimizer_states", []):
-            if optim.regroup_optimizer_state(optimizer_state, self.model, set(saved), self._no_decay):
+            if optim.regroup_optimizer_state(optimizer_state, self.model, saved, self._no_decay):
                 rank_zero_info(
                     "varctl: the checkpoint's optimizer groups are moved to today's weight-decay groups "
-                    f"({', '.join(sorted(set(saved) ^ self._no_decay))} changed group)"
+                    f"({', '.join(sorted(saved ^ self._no_decay))} changed group)"
                 )
         if self.text_encoder is not None:
             for k, v in self.text_encoder.state_dict().items():
