@@ -123,6 +123,17 @@ def test_fit_resume_and_predict(toy_conf, capsys):
     assert img.std() > 1.0
 
 
+def test_a_run_without_the_checkpoint_callback_writes_no_checkpoint(toy_conf):
+    """callbacks.checkpoint=null: no file, where Lightning would add its own ModelCheckpoint (a save per
+    validation and epoch); trainer.enable_checkpointing=true still asks for Lightning's."""
+    runs = toy_conf.parent.parent / "runs" / "toy"
+    assert main(["fit", "-c", str(toy_conf), "callbacks.checkpoint=null", "run.version=off"]) == 0
+    assert (runs / "off" / "config_fit.yaml").is_file() and not list(runs.rglob("*.ckpt"))
+    on = ["callbacks.checkpoint=null", "run.version=on", "+trainer.enable_checkpointing=true"]
+    assert main(["fit", "-c", str(toy_conf), *on]) == 0
+    assert [p.name for p in runs.rglob("*.ckpt")] == ["epoch=1-step=8.ckpt"]
+
+
 def test_explicit_existing_version_is_not_overwritten(toy_conf, capsys):
     assert main(["fit", "-c", str(toy_conf), "run.version=v1"]) == 0
     capsys.readouterr()

@@ -217,6 +217,7 @@ def run(command: str, data: dict, config_file: str | Path):
 
 def _run(command: str, data: dict, config_file: str | Path):
     import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from varctl.callbacks import EvaluationWriter, ImageWriter
@@ -270,7 +271,13 @@ def _run(command: str, data: dict, config_file: str | Path):
         callbacks.append(ImageWriter(out_dir))
     if command == "test":  # <run>/eval/test.json: the scores with what produced them
         callbacks.append(EvaluationWriter(log_dir / "eval", data, ckpt))
-    trainer = _build(data, "trainer", config_file, logger=logger, callbacks=callbacks)
+    extra = {}  # callbacks.checkpoint=null: no checkpoints, rather than Lightning's default ModelCheckpoint
+    if (
+        not any(isinstance(c, ModelCheckpoint) for c in callbacks)
+        and "enable_checkpointing" not in data["trainer"]
+    ):
+        extra["enable_checkpointing"] = False
+    trainer = _build(data, "trainer", config_file, logger=logger, callbacks=callbacks, **extra)
     if command == "fit" and hasattr(model, "check_trainer"):
         try:
             model.check_trainer(trainer)  # trainer settings the stage cannot train with: nothing written yet
