@@ -50,8 +50,9 @@ def rank_sums(state: dict) -> list[float]:
     return [s.item() for s in sums]
 
 
-def total(path) -> float:
-    return sum(finite_sum(v).item() for v in VAR.load(path).state_dict().values() if v.is_floating_point())
+def total(path, ema: bool = False) -> float:
+    state = VAR.load(path, ema=ema).state_dict()
+    return sum(finite_sum(v).item() for v in state.values() if v.is_floating_point())
 
 
 def finite_sum(v: torch.Tensor) -> torch.Tensor:
@@ -124,8 +125,8 @@ result["var_test_loss"] = float(tr.callback_metrics["test/loss"])
 torch.manual_seed(0)
 spec = {"modalities": ["edges"], "width": 8, "feature_dim": 32, "max_width": 32}
 optimizer = {"lr": 1e-3, "lr_scale_by_batch": False}
-control = ControlModule(
-    vae_file, init_from=var_ckpt, control=spec, optimizer=optimizer, scores={"batches": 1}
+control = ControlModule(  # with EMA: the average shares the frozen backbone (FSDP2 shards a copy of it)
+    vae_file, init_from=var_ckpt, control=spec, optimizer=optimizer, scores={"batches": 1}, ema_decay=0.9
 )
 tr = trainer(3)
 tr.fit(control, data(control, controls=["edges"]))
@@ -138,6 +139,7 @@ if tr.global_rank == 0:
     result["control"] = {
         "rank_sums": sums, "loaded": sum(v.double().sum().item() for v in branch.state_dict().values()),
         "base_sum": total(var_ckpt), "ckpt_sum": total(control_ckpt),
+        "ema_sum": total(control_ckpt, ema=True), "ema_updates": int(control.ema.n_averaged) - 1,
         "f1": float(tr.callback_metrics["val/edges_f1"]),
         "f1_shuffled": float(tr.callback_metrics["val_shuffled/edges_f1"]),
     }  # fmt: skip

@@ -168,6 +168,10 @@ def test_ema_of_the_branch_is_saved_and_used(files, tmp_path):
     ckpt = tmp_path / "ema.ckpt"
     trainer.save_checkpoint(ckpt)
     assert m.eval_model is m.ema.module
+    frozen = m.var.blocks[0].attn.mat_qkv.weight  # the frozen backbone is its own average: not copied
+    assert m.ema.module.var.blocks[0].attn.mat_qkv.weight is frozen and not frozen.requires_grad
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert torch.equal(saved["ema.module.var.blocks.0.attn.mat_qkv.weight"], frozen)
     averaged, trained = ControlBranch.load(ckpt, ema=True), ControlBranch.load(ckpt)
     assert torch.equal(averaged.injector.proj_weight, m.ema.module.control.injector.proj_weight)
     assert torch.equal(trained.injector.proj_weight, m.control.injector.proj_weight)

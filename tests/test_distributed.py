@@ -62,13 +62,14 @@ def test_var_replicas_agree_and_the_checkpoint_is_a_plain_var(strategy, request)
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_control_branch_replicas_agree_and_the_backbone_stays(strategy, request):
-    """The replicas' branches agree, the checkpoint holds the full branch and the unchanged backbone, the
-    control metrics are reduced over both processes."""
+    """The replicas' branches agree, the checkpoint holds the full branch and the unchanged backbone (its
+    EMA too), the control metrics are reduced over both processes."""
     result = request.getfixturevalue(strategy)
     control = (result[0] if strategy == "ddp" else result)["control"]
     assert control["rank_sums"][0] == control["rank_sums"][1]
     assert control["loaded"] == pytest.approx(control["rank_sums"][0], rel=1e-9)
     assert control["ckpt_sum"] == control["base_sum"]  # frozen backbone
+    assert control["ema_sum"] == control["base_sum"] and control["ema_updates"] == 3  # and its average
     assert 0.0 <= control["f1"] <= 1.0 and 0.0 <= control["f1_shuffled"] <= 1.0
 
 

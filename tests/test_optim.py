@@ -1,6 +1,7 @@
 """AdamW groups, lr scaling and schedule, and the EMA of weights (varctl/lit/optim.py)."""
 
 import copy
+import io
 import math
 from types import SimpleNamespace
 
@@ -188,6 +189,35 @@ def test_ema_keeps_float32_of_a_bf16_model():
     assert ema.module.weight.dtype == torch.float32
     update_average(ema, src)
     torch.testing.assert_close(ema.module.weight, src.weight.float())  # half of twice the same weights
+
+
+def test_ema_shares_the_frozen_float32_parameters_and_averages_the_rest():
+    """A frozen float32 parameter is its own average: the copy holds the same tensor, never a second one,
+    and a checkpoint of both holds it once. Trainable ones are copied and averaged; a frozen bf16 one is
+    copied as float32 (the average's dtype)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2), nn.Linear(2, 2).to(torch.bfloat16))
+    net[0].requires_grad_(False)
+    net[2].requires_grad_(False)
+    ema = averaged(net, decay=0.5, warmup=False)
+    assert ema.module[0].weight is net[0].weight and ema.module[0].bias is net[0].bias
+    assert ema.module[1].weight is not net[1].weight and ema.module[2].weight.dtype == torch.float32
+    assert net[0].weight.dtype == torch.float32 and net[2].weight.dtype == torch.bfloat16  # left as they were
+    frozen, before = net[0].weight.clone(), net[1].weight.detach().clone()
+    with torch.no_grad():
+        net[1].weight.add_(1.0)
+    update_average(ema, net)
+    torch.testing.assert_close(ema.module[1].weight, before + 0.5)  # halfway to the new weights
+    assert torch.equal(net[0].weight, frozen) and not net[0].weight.requires_grad
+
+    def saved_bytes(average) -> int:
+        buffer = io.BytesIO()
+        torch.save({"model": net.state_dict(), "ema": average.state_dict()}, buffer)
+        return buffer.tell()
+
+    copied = copy.deepcopy(ema)  # what the average held before: a second set of the frozen weights
+    copied.module[0].weight = nn.Parameter(net[0].weight.detach().clone(), requires_grad=False)
+    assert saved_bytes(copied) - saved_bytes(ema) >= net[0].weight.numel() * 4  # the 64 x 64 float32 once
 
 
 def test_ema_state_roundtrip_restores_average_and_count():

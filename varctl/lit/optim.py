@@ -10,6 +10,7 @@ codebook, are not decayed.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -17,6 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
 
 from varctl.lit.settings import OptimizerSettings
@@ -230,6 +232,11 @@ def averaged(module: nn.Module, decay: float, warmup: bool = True) -> AveragedMo
     are copied at each update). The copy made here counts as the first average, so update k (0-based) uses
     the decay min(decay, (1 + k) / (10 + k)) with ``warmup``: early, noisy weights fade fast.
 
+    Frozen float32 parameters (a control stage's backbone, a frozen pretrained encoder) are their own
+    average: the copy shares them instead of holding a second set (at d16, 1.2 GB of memory and of every
+    checkpoint, and a pass over them per update). Decide what is frozen before calling this. FSDP2 shards
+    the copy on its own (``fully_shard`` gives each module new parameters), so sharded runs keep two sets.
+
     Lightning's ``WeightAveraging`` callback is not used: it averages the whole LightningModule (frozen
     tokenizer and text encoder included), cannot shard the copy under FSDP2, and swaps the averaged weights
     into the checkpoint's state_dict, where ``VAR.load`` expects the trained ones.
@@ -241,9 +248,13 @@ def averaged(module: nn.Module, decay: float, warmup: bool = True) -> AveragedMo
         k = int(n_averaged) - 1  # updates before this one
         d = min(decay, (1 + k) / (10 + k)) if warmup else decay
         for a, p in zip(averaged_params, params):  # one lerp per tensor: works on FSDP2 shards (DTensors)
-            a.lerp_(p.to(a.dtype), 1.0 - d)
+            if isinstance(a, DTensor) or a.data_ptr() != p.data_ptr():  # a shared frozen one stays
+                a.lerp_(p.to(a.dtype), 1.0 - d)
 
-    ema = AveragedModel(module, multi_avg_fn=ema_step).float().requires_grad_(False)
+    frozen = {id(p): p for p in module.parameters() if not p.requires_grad and p.dtype == torch.float32}
+    ema = AveragedModel(nn.Module(), multi_avg_fn=ema_step)
+    ema.module = copy.deepcopy(module, memo=frozen)  # the frozen ones are not copied
+    ema = ema.float().requires_grad_(False)
     ema.n_averaged.fill_(1)
     return ema
 
