@@ -123,7 +123,7 @@ def test_fit_resume_and_predict(toy_conf, capsys):
     assert img.std() > 1.0
 
 
-def test_a_run_without_the_checkpoint_callback_writes_no_checkpoint(toy_conf):
+def test_a_run_without_the_checkpoint_callback_writes_no_checkpoint(toy_conf, capsys):
     """callbacks.checkpoint=null: no file, where Lightning would add its own ModelCheckpoint (a save per
     validation and epoch); trainer.enable_checkpointing=true still asks for Lightning's."""
     runs = toy_conf.parent.parent / "runs" / "toy"
@@ -132,6 +132,11 @@ def test_a_run_without_the_checkpoint_callback_writes_no_checkpoint(toy_conf):
     on = ["callbacks.checkpoint=null", "run.version=on", "+trainer.enable_checkpointing=true"]
     assert main(["fit", "-c", str(toy_conf), *on]) == 0
     assert [p.name for p in runs.rglob("*.ckpt")] == ["epoch=1-step=8.ckpt"]
+    # the contrary settings are a config error naming them, not a traceback through Hydra
+    assert main(["fit", "-c", str(toy_conf), "+trainer.enable_checkpointing=false", "run.version=x"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer: Trainer was configured with `enable_checkpointing=False` but found" in err
+    assert not (runs / "x").exists()
 
 
 def test_explicit_existing_version_is_not_overwritten(toy_conf, capsys):

@@ -184,10 +184,11 @@ def _fresh(path: Path) -> Path:
 
 def _build(data: dict, key: str, config_file: str | Path, **kwargs):
     """Instantiate the node at ``key`` (dotted: ``callbacks.nonfinite``) with ``kwargs``; a constructor's own
-    check of its settings (ValueError, FileNotFoundError: messages that name the key) becomes a ConfigError
-    instead of a traceback through Hydra."""
+    check of its settings (ValueError, FileNotFoundError, Lightning's MisconfigurationException: messages
+    that name the setting) becomes a ConfigError instead of a traceback through Hydra."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from varctl.cli.config import ConfigError
 
@@ -198,7 +199,7 @@ def _build(data: dict, key: str, config_file: str | Path, **kwargs):
         return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError)):
+        if isinstance(cause, (ValueError, FileNotFoundError, MisconfigurationException)):
             raise ConfigError(f"{config_file}: {key}: {cause}") from cause
         raise
 
