@@ -51,7 +51,7 @@ def weights_digest(module: nn.Module) -> str:
     for name, t in module.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")  # the tensor's bytes, not a copy
     return h.hexdigest()
 
 
