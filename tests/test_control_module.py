@@ -184,6 +184,21 @@ def test_ema_of_the_branch_is_saved_and_used(files, tmp_path):
         ControlBranch.load(tmp_path / "plain.ckpt", ema=True)
 
 
+def test_a_backbone_frozen_on_resume_keeps_its_trained_weights_not_their_average(files):
+    """Saved with the backbone tuned (its EMA differs from it), resumed frozen: the average shares the
+    frozen weights, and the checkpoint's trained weights fill them, not its average of them."""
+    tuned = make_control(files, ema_decay=0.5, train_backbone=True)
+    with torch.no_grad():
+        tuned.var.blocks[0].attn.mat_qkv.weight.add_(1.0)  # as training moves it: its average lags
+    checkpoint = {"state_dict": dict(tuned.state_dict()), "hyper_parameters": dict(tuned.hparams)}
+    frozen = make_control(files, ema_decay=0.5)
+    frozen.on_load_checkpoint(checkpoint)  # what Lightning calls before loading the state_dict
+    frozen.load_state_dict(checkpoint["state_dict"])
+    weight = frozen.var.blocks[0].attn.mat_qkv.weight
+    assert torch.equal(weight, tuned.var.blocks[0].attn.mat_qkv.weight) and not weight.requires_grad
+    assert frozen.ema.module.var.blocks[0].attn.mat_qkv.weight is weight
+
+
 def test_settings_errors_name_the_key(files, tmp_path):
     with pytest.raises(ValueError, match=r"model\.init_from must name the VAR to control"):
         make_control(files, init_from=None)

@@ -220,6 +220,34 @@ def test_ema_shares_the_frozen_float32_parameters_and_averages_the_rest():
     assert saved_bytes(copied) - saved_bytes(ema) >= net[0].weight.numel() * 4  # the 64 x 64 float32 once
 
 
+def test_a_checkpoint_loads_a_shared_frozen_weight_from_the_models_entry():
+    """A run that trained a weight and froze it on resume: the checkpoint's average of it differs, and both
+    entries load into the one shared tensor. The model's entry decides, whatever the loading order."""
+    from varctl.lit.optim import load_shared_from_model
+
+    parent = nn.Module()
+    parent.model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    parent.ema = averaged(parent.model, decay=0.5, warmup=False)  # trained: nothing shared
+    with torch.no_grad():
+        parent.model[0].weight.add_(1.0)
+    update_average(parent.ema, parent.model)
+    state = parent.state_dict()
+    assert not torch.equal(state["model.0.weight"], state["ema.module.0.weight"])
+
+    resumed = nn.Module()
+    resumed.model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    resumed.model[0].requires_grad_(False)  # frozen now
+    resumed.ema = averaged(resumed.model, decay=0.5, warmup=False)
+    state = dict(state)
+    assert load_shared_from_model(state, resumed.model, resumed.ema, "model.", "ema.module.") == [
+        "0.weight"
+    ]  # the bias did not move: its two entries were equal
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.model[0].weight, parent.model[0].weight)  # the trained weight, not its average
+    assert resumed.ema.module[0].weight is resumed.model[0].weight
+    assert torch.equal(resumed.ema.module[1].weight, parent.ema.module[1].weight)  # a trained one's average
+
+
 def test_ema_state_roundtrip_restores_average_and_count():
     parent = nn.Module()
     parent.net = nn.Linear(2, 2)

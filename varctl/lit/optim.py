@@ -259,6 +259,22 @@ def averaged(module: nn.Module, decay: float, warmup: bool = True) -> AveragedMo
     return ema
 
 
+def load_shared_from_model(state: dict, module: nn.Module, ema: AveragedModel, prefix: str, ema_prefix: str):
+    """Before ``state`` (a checkpoint's state_dict) is loaded: where ``ema`` shares a frozen parameter with
+    ``module`` (``averaged``), the checkpoint's two entries for it load into one tensor, and the one loaded
+    last would win. The model's entry is copied over the average's, so a run whose backbone trained before
+    and is frozen now keeps its trained weights (a frozen weight's average is the weight). Returns the names
+    whose two entries differed."""
+    differed = []
+    for name, param in module.named_parameters():
+        key, ema_key = prefix + name, ema_prefix + name
+        if key in state and ema_key in state and ema.module.get_parameter(name) is param:
+            if not torch.equal(state[key], state[ema_key]):
+                differed.append(name)
+            state[ema_key] = state[key]
+    return differed
+
+
 @torch.no_grad()
 def update_average(ema: AveragedModel, module: nn.Module) -> None:
     """One EMA step towards ``module``'s current weights."""

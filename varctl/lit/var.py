@@ -27,7 +27,7 @@ from torch import nn
 
 from datamodules.token_cache import CachedTokens, TokenCache, check_cache_folder
 from varctl.callbacks.images import ImageGrid
-from varctl.checkpoints import FitsCheckpoint
+from varctl.checkpoints import FitsCheckpoint, short_list
 from varctl.lit import optim
 from varctl.lit.compiling import compile_var
 from varctl.lit.evaluation import log_evaluation, rows_of, split_fingerprint, start_evaluation, unrepeated
@@ -532,6 +532,13 @@ class VARModule(FitsCheckpoint, L.LightningModule):
                 rank_zero_info(
                     "varctl: the checkpoint's optimizer groups are moved to today's weight-decay groups "
                     f"({', '.join(sorted(saved ^ self._no_decay))} changed group)"
+                )
+        if self.ema is not None:
+            differed = optim.load_shared_from_model(state, self.model, self.ema, "model.", "ema.module.")
+            if differed:
+                rank_zero_info(
+                    f"varctl: {len(differed)} frozen weights ({short_list(differed, 3)}) had another average "
+                    "in the checkpoint (they trained then): their average is now the weights themselves"
                 )
         if self.text_encoder is not None:
             for k, v in self.text_encoder.state_dict().items():
