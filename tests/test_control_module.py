@@ -486,6 +486,28 @@ def test_a_pretrained_encoder_checkpoint_restores_without_the_weights_file(files
         make_trainer(tmp_path, max_steps=1).fit(make_control(files, control={**BRANCH, **vit}), dm)
 
 
+def test_the_average_shares_the_pretrained_encoder(files, tmp_path):
+    """With EMA, the frozen encoder's weights are one set, read from the file when the branch is built: the
+    average has them too, and validates after the file is gone."""
+    import timm
+
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    weights = tmp_path / "vit.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, **kwargs).state_dict(),
+               weights)  # fmt: skip
+    vit = {"encoder": "pretrained", "encoder_weights": str(weights), "encoder_name": "vit_tiny_patch16_224",
+           "encoder_input": 32, "encoder_layers": [0], "encoder_kwargs": kwargs}  # fmt: skip
+    m = make_control(files, control={**BRANCH, **vit}, ema_decay=0.5)
+    weights.unlink()
+    live, average = m.control.encoder, m.ema.module.control.encoder
+    assert (
+        average.weights_ready
+        and average.backbone.patch_embed.proj.weight is live.backbone.patch_embed.proj.weight
+    )
+    val = make_trainer(tmp_path, limit_val_batches=1).validate(m, make_data(m, num_train=64), verbose=False)
+    assert m.eval_model is m.ema.module and math.isfinite(val[0]["val/loss"])
+
+
 def test_control_branch_trains_and_scores_on_sketches(files, tmp_path):
     torch.manual_seed(0)
     m = make_control(files, control={"modalities": ["sketch"], "width": 8, "feature_dim": 32,
