@@ -194,6 +194,7 @@ def test_sigterm_writes_last_checkpoint_before_exit(toy_conf):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, out  # a preempted run does not report success (128 + SIGTERM)
     assert "varctl: SIGTERM at step 5: saved" in out, err[-2000:]
+    assert f"varctl: stopped by SIGTERM; resume: ckpt_path={_ckpts(toy_conf) / 'last.ckpt'}" in err
     last = _load(_ckpts(toy_conf) / "last.ckpt")
     assert last["global_step"] == 5
     (state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
@@ -205,6 +206,19 @@ def test_sigterm_writes_last_checkpoint_before_exit(toy_conf):
     assert main(["fit", "-c", str(toy_conf), *resume]) == 0
     assert sorted(p.name for p in _ckpts(toy_conf).iterdir()) == ["last.ckpt"]
     assert _load(_ckpts(toy_conf) / "last.ckpt")["global_step"] == 8
+
+
+def test_sigterm_without_checkpoints_says_that_nothing_was_saved(toy_conf):
+    """callbacks.checkpoint=null: the preempted run writes nothing and says so, instead of naming a resume
+    file that does not exist."""
+    args = ["+model.sigterm_at=3", "callbacks.checkpoint=null", "callbacks.images=null",
+            "trainer.max_steps=50"]  # fmt: skip
+    proc = _cli("fit", "-c", str(toy_conf), *args)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "varctl: SIGTERM at step 3: not saved (callbacks.checkpoint=null)" in out, err[-2000:]
+    assert "varctl: stopped by SIGTERM; no checkpoint was written (none asked for)" in err
+    assert not list((toy_conf.parent.parent / "runs").rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize("interval", [2, 4])  # validation mid-epoch, and at the end of the epoch

@@ -124,9 +124,11 @@ class PreemptionCheckpoint(L.Callback):
         self._steps_before = 0
         self._deferred = False  # a SIGTERM held back until the end of the accumulation window
         self._saved = False
+        self.saved_path: Path | None = None  # what the SIGTERM's save wrote (None: nothing)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._deferred = self._saved = False
+        self.saved_path = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._steps_before = trainer.global_step
@@ -153,7 +155,11 @@ class PreemptionCheckpoint(L.Callback):
 
     def _save(self, trainer) -> None:
         folder = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if folder is None:
+        if folder is None:  # the run was told to write no checkpoint
+            self._saved = True
+            if trainer.is_global_zero:
+                step = trainer.global_step
+                print(f"varctl: SIGTERM at step {step}: not saved (callbacks.checkpoint=null)", flush=True)
             return
         path = Path(folder) / "last.ckpt"
         if isinstance(trainer.checkpoint_callback, ModelCheckpoint):  # recorded in the file it writes:
@@ -161,6 +167,6 @@ class PreemptionCheckpoint(L.Callback):
             trainer.checkpoint_callback.last_model_path = str(path)
         with _validation_repeated(trainer):
             trainer.save_checkpoint(path)  # every rank takes part (sharded strategies); rank 0 writes
-        self._saved = True
+        self._saved, self.saved_path = True, path
         if trainer.is_global_zero:
             print(f"varctl: SIGTERM at step {trainer.global_step}: saved {path}", flush=True)

@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"varctl: {e}", file=sys.stderr)
         return 1
-    except SIGTERMException:  # preempted: last.ckpt is written (callbacks.preemption); not a success
-        print("varctl: stopped by SIGTERM; resume: ckpt_path=<run>/checkpoints/last.ckpt", file=sys.stderr)
+    except SIGTERMException as e:  # preempted: last.ckpt is written (callbacks.preemption); not a success
+        saved = getattr(e, "saved_path", None)
+        resume = f"resume: ckpt_path={saved}" if saved else "no checkpoint was written (none asked for)"
+        print(f"varctl: stopped by SIGTERM; {resume}", file=sys.stderr)
         return 128 + 15
     finally:
         _close_process_group()
@@ -220,8 +222,9 @@ def _run(command: str, data: dict, config_file: str | Path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from varctl.callbacks import EvaluationWriter, ImageWriter
+    from varctl.callbacks import EvaluationWriter, ImageWriter, PreemptionCheckpoint
     from varctl.checkpoints import AtomicCheckpointIO
     from varctl.cli.config import ConfigError, as_yaml
     from varctl.files import atomic_write_text
@@ -297,7 +300,12 @@ def _run(command: str, data: dict, config_file: str | Path):
     with warnings.catch_warnings():
         if _eval_modules_frozen(model):  # the frozen tokenizer (and backbone) are in eval mode on purpose
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        _call(trainer, command, model, datamodule, ckpt, out_dir)
+        try:
+            _call(trainer, command, model, datamodule, ckpt, out_dir)
+        except SIGTERMException as e:  # what the preemption callback saved, for the message of main()
+            saved = [c.saved_path for c in callbacks if isinstance(c, PreemptionCheckpoint)]
+            e.saved_path = saved[0] if saved else None
+            raise
     return trainer
 
 
