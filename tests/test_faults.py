@@ -221,6 +221,19 @@ def test_sigterm_without_checkpoints_says_that_nothing_was_saved(toy_conf):
     assert not list((toy_conf.parent.parent / "runs").rglob("*.ckpt"))
 
 
+def test_sigterm_stops_predict_before_its_next_batch(toy_conf):
+    """Lightning's SIGTERM handler let predict run to its last batch; the job now stops after the batch in
+    progress, whose images are written, and exits with 143."""
+    assert main(["fit", "-c", str(toy_conf), "run.version=v", "trainer.max_steps=2"]) == 0
+    run = toy_conf.parent.parent / "runs" / "toy" / "v"
+    proc = _cli("predict", "-c", str(toy_conf), f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                "+model.sigterm_in_predict=1")  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out + err[-2000:]
+    assert "varctl: stopped by SIGTERM before the next batch; the images written are kept" in err
+    assert len(list((run / "predictions").glob("*.png"))) == 8  # batches 0 and 1 of 4 (16 images, 4 a batch)
+
+
 @pytest.mark.parametrize("interval", [2, 4])  # validation mid-epoch, and at the end of the epoch
 def test_sigterm_during_validation_is_saved_so_that_the_resumed_run_validates_again(
     toy_conf, capfd, interval

@@ -32,13 +32,15 @@ class ToyData(L.LightningDataModule):
 class ToyModule(L.LightningModule):
     """One scale parameter fitted to 1. Faults for tests/test_faults.py: a NaN loss at the optimizer steps
     ``nan_steps`` (counted from 1), weights made NaN after step ``poison_after``, SIGTERM sent to the process
-    during step ``sigterm_at`` (or in the first validation batch after step ``sigterm_in_validation``),
+    during step ``sigterm_at`` (or in the first validation batch after step ``sigterm_in_validation``, or in
+    predict batch ``sigterm_in_predict``),
     ``big`` extra weights for slow saves, ``sleep`` seconds per step. Validation records the step of every
     validation batch in ``validated`` (a list the tests read after ``fit``)."""
 
     def __init__(self, resolution: int = 8, lr: float = 0.1, name: str = "toy", nan_steps=(),
                  poison_after: int | None = None, sigterm_at: int | None = None, big: int = 0,
-                 sleep: float = 0.0, sigterm_in_validation: int | None = None):  # fmt: skip
+                 sleep: float = 0.0, sigterm_in_validation: int | None = None,
+                 sigterm_in_predict: int | None = None):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
         self.scale = torch.nn.Parameter(torch.zeros(1))
@@ -74,6 +76,8 @@ class ToyModule(L.LightningModule):
         self.log("val/loss", ((batch[0] * self.scale - batch[0]) ** 2).mean())
 
     def predict_step(self, batch, batch_idx):
+        if batch_idx == self.hparams.sigterm_in_predict:
+            os.kill(os.getpid(), signal.SIGTERM)
         return {"images": (batch[0] * self.scale + 1) / 2, "names": [f"img{i}" for i in range(len(batch[0]))]}
 
     def configure_optimizers(self):

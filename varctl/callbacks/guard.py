@@ -118,7 +118,8 @@ class PreemptionCheckpoint(L.Callback):
     ends the window: a save between its micro-batches lost the gradients accumulated so far, and the
     resumed run took that step on the remaining micro-batches alone. A SIGTERM that Lightning acts on
     elsewhere (during validation) is saved when it stops the run, as interrupted in the validation's first
-    batch: the resumed run validates again (``_validation_repeated``)."""
+    batch: the resumed run validates again (``_validation_repeated``). A predict job stops before its next
+    batch (``on_predict_batch_start``)."""
 
     def __init__(self):
         self._steps_before = 0
@@ -148,6 +149,13 @@ class PreemptionCheckpoint(L.Callback):
             return
         self._save(trainer)
         signals.received_sigterm, self._deferred = True, False  # Lightning stops once this batch is done
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0):
+        # outside fit and evaluation, Lightning's SIGTERM handler only records the signal: a predict job went
+        # on to its last batch. It stops before the next batch instead, each process on its own (their
+        # batches need not be as many), the outputs of the batches done written.
+        if trainer.received_sigterm:
+            raise SIGTERMException()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and not self._saved:

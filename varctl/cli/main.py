@@ -90,9 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"varctl: {e}", file=sys.stderr)
         return 1
     except SIGTERMException as e:  # preempted: last.ckpt is written (callbacks.preemption); not a success
-        saved = getattr(e, "saved_path", None)
-        resume = f"resume: ckpt_path={saved}" if saved else "no checkpoint was written (none asked for)"
-        print(f"varctl: stopped by SIGTERM; {resume}", file=sys.stderr)
+        saved, command = getattr(e, "saved_path", None), getattr(e, "command", None)
+        if saved:
+            then = f"; resume: ckpt_path={saved}"
+        elif command == "fit":
+            then = "; no checkpoint was written (none asked for)"
+        elif command == "predict":
+            then = " before the next batch; the images written are kept (jobs skip them when run again)"
+        else:
+            then = ""
+        print(f"varctl: stopped by SIGTERM{then}", file=sys.stderr)
         return 128 + 15
     finally:
         _close_process_group()
@@ -302,9 +309,9 @@ def _run(command: str, data: dict, config_file: str | Path):
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         try:
             _call(trainer, command, model, datamodule, ckpt, out_dir)
-        except SIGTERMException as e:  # what the preemption callback saved, for the message of main()
+        except SIGTERMException as e:  # for the message of main(): the command, what the preemption saved
             saved = [c.saved_path for c in callbacks if isinstance(c, PreemptionCheckpoint)]
-            e.saved_path = saved[0] if saved else None
+            e.command, e.saved_path = command, saved[0] if saved else None
             raise
     return trainer
 
