@@ -14,8 +14,11 @@ the items without them where the dataset can: no image is decoded or drawn. A ra
 and is refused.
 
 The folder is written atomically (a temporary folder, renamed), and the arrays are memory-mapped when read,
-so a cache larger than memory works. Only a new or empty folder, or a cache, takes a cache: a folder of other
-files is refused before the run (``check_cache_folder``), never replaced.
+so a cache larger than memory works. A build keeps its progress beside the folder (``.<name>.progress/``:
+one file per ``progress_every`` batches, each written atomically, and the meta it is for): a build that was
+killed (preemption, a crash) goes on from its last part when it runs again with the same meta; a progress
+folder made for other inputs is discarded. Only a new or empty folder, or a cache, takes a cache: a folder
+of other files is refused before the run (``check_cache_folder``), never replaced.
 
 Legend: N images, L tokens per image (all scales).
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from varctl.files import atomic_dir
+from varctl.files import atomic_dir, atomic_path, atomic_write_text
 
 FORMAT = "varctl-token-cache-1"
 
@@ -64,9 +68,12 @@ class TokenCache:
         meta: Mapping,
         batch_size: int = 64,
         log_every: int = 0,
+        progress_every: int = 32,
     ) -> TokenCache:
         """Tokenize every image of ``dataset`` (and its mirror when the dataset flips) with ``vae``, one
-        image at a time through the encoder in batches of ``batch_size``; write the cache to ``path``."""
+        image at a time through the encoder in batches of ``batch_size``; write the cache to ``path``. The
+        tokens made so far are kept every ``progress_every`` batches: a build that was killed goes on from
+        there (module docstring)."""
         flip = float(getattr(dataset, "flip", 0.0) or 0.0)
         if getattr(dataset, "crop", None) == "random" and getattr(dataset, "train", False):
             raise ValueError(
@@ -76,9 +83,13 @@ class TokenCache:
         if flip:
             plain.flip = 0.0  # the dataset's own images; their mirrors are tokenized below
         dtype = cls._dtype(vae.config.vocab_size)
-        tokens, mirrored = [], []
+        progress = _Progress(path, {**meta, "images": len(plain), "batch_size": batch_size, "flip": flip})
+        tokens, mirrored, unusable = progress.resume()
+        done = sum(len(t) for t in tokens)
+        if done:
+            print(f"[token cache] going on after {done}/{len(plain)} images ({progress.folder})", flush=True)
         device = next(vae.parameters()).device
-        for start in range(0, len(plain), batch_size):
+        for start in range(done, len(plain), batch_size):
             images = torch.stack(
                 [plain[i]["image"] for i in range(start, min(start + batch_size, len(plain)))]
             )
@@ -88,14 +99,18 @@ class TokenCache:
                 if flip:
                     idx = vae.img_to_idx(images.flip(-1))
                     mirrored.append(torch.cat(idx, dim=1).cpu().numpy().astype(dtype))
+            # samples that could not be read were replaced by the next usable one (files.FileDataset): a
+            # dataset read without pixels replaces them the same way
+            unusable |= {int(i) for i in getattr(plain, "_unusable", {})}
+            batches = (start - done) // batch_size + 1
+            if batches % progress_every == 0 and start + len(images) < len(plain):
+                progress.keep(tokens, mirrored, unusable)
             if log_every and (start // batch_size + 1) % log_every == 0:
                 print(f"[token cache] {start + len(images)}/{len(plain)} images", flush=True)
-        # samples that could not be read were replaced by the next usable one (files.FileDataset): a
-        # dataset read without pixels replaces them the same way
-        unusable = sorted(int(i) for i in getattr(plain, "_unusable", {}))
-        meta = {**meta, "unusable": unusable} if unusable else meta
+        meta = {**meta, "unusable": sorted(unusable)} if unusable else meta
         cache = cls(np.concatenate(tokens), np.concatenate(mirrored) if flip else None, meta)
         cache.save(path)
+        progress.remove()
         return cls.load(path, meta)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -157,6 +172,64 @@ def check_cache_folder(path: str | os.PathLike, key: str = "model.token_cache") 
             f"{key}={path}: the folder holds other files and is not a varctl token cache (no meta.json of "
             f"{FORMAT}); name a new or empty folder for the cache (nothing in this one was touched)"
         )
+
+
+class _Progress:
+    """What a build has tokenized so far, beside the cache folder ``path``: ``.<name>.progress/`` holds
+    ``meta.json`` (the build's inputs) and parts ``part_<first image>.npz`` (tokens, mirrored tokens, the
+    unusable samples met so far), each written atomically, so a killed build leaves whole parts."""
+
+    def __init__(self, path: str | os.PathLike, meta: Mapping):
+        path = Path(path)
+        self.folder = path.parent / f".{path.name}.progress"
+        self.meta = json.loads(json.dumps(dict(meta), sort_keys=True, default=str))
+        self.kept = 0  # images in the parts written
+
+    def resume(self) -> tuple[list[np.ndarray], list[np.ndarray], set[int]]:
+        """The parts of a build of the same inputs, in order (a progress folder of others is discarded)."""
+        tokens, mirrored, unusable = [], [], set()
+        meta_file = self.folder / "meta.json"
+        try:
+            same = json.loads(meta_file.read_text()) == self.meta
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            if self.folder.exists():
+                print(f"[token cache] {self.folder} was made for other inputs: discarded", flush=True)
+                shutil.rmtree(self.folder)
+            return tokens, mirrored, unusable
+        for part in sorted(self.folder.glob("part_*.npz")):
+            if int(part.stem.split("_")[1]) != self.kept:
+                break  # not the next images (cannot happen with whole parts): start again from here
+            with np.load(part) as arrays:
+                tokens.append(arrays["tokens"])
+                if "flipped" in arrays:
+                    mirrored.append(arrays["flipped"])
+                unusable = {int(i) for i in arrays["unusable"]}
+            self.kept += len(tokens[-1])
+        return tokens, mirrored, unusable
+
+    def keep(self, tokens: list[np.ndarray], mirrored: list[np.ndarray], unusable: set[int]) -> None:
+        """Write the tokens made since the last part as a new part."""
+        if not (self.folder / "meta.json").exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / "meta.json", json.dumps(self.meta, sort_keys=True))
+        total = sum(len(t) for t in tokens)
+        new, first, seen = [], self.kept, 0
+        for i, t in enumerate(tokens):  # the arrays past the images already kept
+            if seen >= self.kept:
+                new.append(i)
+            seen += len(t)
+        arrays = {"tokens": np.concatenate([tokens[i] for i in new])}
+        if mirrored:
+            arrays["flipped"] = np.concatenate([mirrored[i] for i in new])
+        arrays["unusable"] = np.array(sorted(unusable), dtype=np.int64)
+        with atomic_path(self.folder / f"part_{first:010d}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        self.kept = total
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class CachedTokens(Dataset):

@@ -3,6 +3,7 @@ with the same losses as from images, flips included; a cache made for another to
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -189,3 +190,57 @@ def test_a_stage_without_pixels_reads_no_image(tokenizer_file, tmp_path, monkeyp
     assert full[2]["label"] == full[3]["label"] == train.records[3].label != train.records[2].label
     monkeypatch.setattr(file_data, "load_image", lambda *a: pytest.fail("an image file was read"))
     _same_but_the_image(full, _items(CachedTokens(train, cache, pixels=False), seed=5))
+
+
+class Reads(torch.utils.data.Dataset):
+    """A dataset that counts the images read (copies share the count) and fails at read ``fail_at``, as a
+    build killed there would stop."""
+
+    def __init__(self, inner, fail_at: int | None = None):
+        self.inner, self.fail_at, self.count = inner, fail_at, [0]
+
+    @property
+    def flip(self):
+        return self.inner.flip
+
+    @flip.setter
+    def flip(self, value):  # as the build sets it on its copy: that copy's own scenes
+        self.inner = copy.copy(self.inner)
+        self.inner.flip = value
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if self.count[0] == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        self.count[0] += 1
+        return self.inner[i]
+
+
+def test_a_killed_build_goes_on_from_its_last_part_and_gives_the_same_cache(tokenizer_file, tmp_path, capsys):
+    vae = VQVAE.load(tokenizer_file).eval()
+    scenes = synthetic.SyntheticShapes(20, 32, flip=0.5, keys=("image", "label"))
+    meta = {"data": "scenes"}
+    whole = TokenCache.build(Reads(scenes), vae, tmp_path / "whole", meta, batch_size=3, progress_every=2)
+
+    path, progress = tmp_path / "tokens", tmp_path / ".tokens.progress"
+    with pytest.raises(KeyboardInterrupt):  # killed while reading the 15th image: parts of 6 and 12 kept
+        TokenCache.build(Reads(scenes, fail_at=14), vae, path, meta, batch_size=3, progress_every=2)
+    assert not path.exists() and sorted(p.name for p in progress.glob("part_*")) == [
+        "part_0000000000.npz", "part_0000000006.npz"
+    ]  # fmt: skip
+    again = Reads(scenes)
+    resumed = TokenCache.build(again, vae, path, meta, batch_size=3, progress_every=2)
+    assert again.count[0] == 8 and "going on after 12/20 images" in capsys.readouterr().out
+    assert np.array_equal(resumed.tokens, whole.tokens) and np.array_equal(resumed.flipped, whole.flipped)
+    assert not progress.exists()
+
+    # the progress of a build of other inputs is discarded, not mixed in
+    with pytest.raises(KeyboardInterrupt):
+        TokenCache.build(
+            Reads(scenes, fail_at=14), vae, tmp_path / "t2", meta, batch_size=3, progress_every=2
+        )
+    other = Reads(scenes)
+    TokenCache.build(other, vae, tmp_path / "t2", {"data": "other"}, batch_size=3, progress_every=2)
+    assert other.count[0] == 20 and "was made for other inputs: discarded" in capsys.readouterr().out
