@@ -198,6 +198,7 @@ class Reads(torch.utils.data.Dataset):
 
     def __init__(self, inner, fail_at: int | None = None):
         self.inner, self.fail_at, self.count = inner, fail_at, [0]
+        self._unusable = {}  # as files.FileDataset records a damaged file (here image 3, once read)
 
     @property
     def flip(self):
@@ -215,6 +216,8 @@ class Reads(torch.utils.data.Dataset):
         if self.count[0] == self.fail_at:
             raise KeyboardInterrupt("killed")
         self.count[0] += 1
+        if i == 3:
+            self._unusable[3] = "damaged"
         return self.inner[i]
 
 
@@ -234,6 +237,7 @@ def test_a_killed_build_goes_on_from_its_last_part_and_gives_the_same_cache(toke
     resumed = TokenCache.build(again, vae, path, meta, batch_size=3, progress_every=2)
     assert again.count[0] == 8 and "going on after 12/20 images" in capsys.readouterr().out
     assert np.array_equal(resumed.tokens, whole.tokens) and np.array_equal(resumed.flipped, whole.flipped)
+    assert resumed.meta["unusable"] == whole.meta["unusable"] == [3]  # met before the kill, kept in its parts
     assert not progress.exists()
 
     # the progress of a build of other inputs is discarded, not mixed in
