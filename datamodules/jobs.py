@@ -1,7 +1,9 @@
 """Generation jobs: what ``predict`` draws for a user's own inputs (``data=jobs``), with no train/val data.
 
 A job is one output image. Its inputs are control maps (control-to-image), an image and a mask (in-painting,
-or editing with a new class or caption), or an image alone with ``outpaint`` set (out-painting), given as
+or editing with a new class or caption), an image alone with ``outpaint`` set (out-painting), or, in a list,
+no file but a ``label`` or ``caption`` and a ``name`` (a sample of a class or text model: for example the
+images of an FID set, drawn as resumable jobs), given as
 
 - a folder (``root``): one subfolder per modality (``edges/``, ``depth/``, ``segmentation/``) and optionally
   ``images/`` and ``masks/``, files matched by stem; or
@@ -178,10 +180,20 @@ def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
         if extra:
             raise ValueError(f"{where}: maps {extra} given but data.controls is {list(controls)}")
         files = {k: os.path.join(base, str(row[k])) for k in (*controls, "image", "mask") if k in row}
-        if not files.keys() - {"mask"}:
-            raise ValueError(f"{where}: a job needs control maps ({list(controls)}) or an image")
         if "mask" in files and "image" not in files:
             raise ValueError(f"{where}: a mask needs the image it applies to (column 'image')")
+        sampling = not files and ("label" in row or "caption" in row)  # a class or caption, drawn anew
+        if not files and not sampling:
+            raise ValueError(
+                f"{where}: a job needs control maps ({list(controls)}), an image, or (to draw a sample) a "
+                "label or caption"
+            )
+        if sampling and ("name" not in row or "outpaint" in row):
+            raise ValueError(
+                f"{where}: a sampling job (a label or caption, no input file) needs a name"
+                if "name" not in row
+                else f"{where}: outpaint needs an image (column 'image')"
+            )
         name = str(row.get("name") or stem(files.get("image") or next(iter(files.values()))))
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ValueError(f"{where}: the name {name!r} must stay inside the output folder (no absolute "
@@ -318,6 +330,8 @@ class JobDataset(Dataset):
 
     def _load(self, job: Job) -> dict:
         R = self.resolution
+        if not job.maps and job.image is None:  # a sampling job (its label or caption): nothing to load
+            return {}  # (a control model refuses it before the run: check_conditions)
         if job.maps and not self.controls and job.mask is None and job.outpaint is None and not self.outpaint:
             raise ValueError(f"control maps {sorted(job.maps)} need a control model (conf/control.yaml)")
         image = None if job.image is None else load_image(job.image)
@@ -586,8 +600,12 @@ class GenerationJobs(VarDataModule):
         """The jobs to draw against the model that draws them (its number of classes; None: a text model):
         a label it lacks, a caption for a class model or a label for a text model (which would be ignored)
         refuse the run before anything is drawn, naming the row."""
-        for job, _, _ in self.dataset("predict").items:
+        dataset = self.dataset("predict")
+        for job, _, _ in dataset.items:
             where = job.where or job.name
+            if dataset.controls and not job.maps and job.image is None:
+                raise ValueError(f"{where}: a sampling job (no input file), but a control model draws from "
+                                 f"control maps {list(dataset.controls)}: give them")  # fmt: skip
             if num_classes is None and job.label != -1:
                 raise ValueError(f"{where}: label {job.label} given, but the model is text-conditioned: give "
                                  "a caption")  # fmt: skip

@@ -171,8 +171,16 @@ def test_job_list_errors_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: unknown column\(s\) \['colour'\]"):
         GenerationJobs(list=str(bad)).jobs()
     bad.write_text('{"mask": "m.png"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: a job needs control maps"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: a mask needs the image it applies to"):
         GenerationJobs(list=str(bad)).jobs()
+    for row, message in [
+        ({"name": "x", "seed": 3}, "a job needs control maps (['edges']), an image, or (to draw a sample)"),
+        ({"label": 1}, "a sampling job (a label or caption, no input file) needs a name"),
+        ({"name": "x", "label": 1, "outpaint": {"scale": 0.5, "x": 0, "y": 0}}, "outpaint needs an image"),
+    ]:  # fmt: skip
+        bad.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=re.escape("bad.jsonl:1: " + message)):
+            GenerationJobs(list=str(bad), controls=["edges"]).jobs()
     bad.write_text('{"edges": "a.png", "name": "x"}\n{"edges": "b.png", "name": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: the name 'x' is used by line 1"):
         GenerationJobs(list=str(bad)).jobs()
@@ -180,6 +188,39 @@ def test_job_list_errors_name_the_line(tmp_path):
         GenerationJobs()
     with pytest.raises(ValueError, match="for `predict` only"):
         GenerationJobs(root=str(tmp_path)).train_dataloader()
+
+
+def test_a_list_of_labels_draws_class_samples_as_resumable_jobs(files, control, tmp_path, capsys):
+    """Rows with a label and a name but no file: samples of a class model (an FID set, say), K per row, each
+    as ``generate`` draws it alone with the job's seed; a rerun draws nothing. A control model refuses such a
+    row before anything is drawn."""
+    rows = [{"name": "c1", "label": 1}, {"name": "c2", "label": 2, "seed": 5}, {"name": "free", "label": -1}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    module = VARModule(files[0], init_from=files[1]).eval()
+    jobs = {"list": str(tmp_path / "jobs.jsonl"), "output": str(tmp_path / "out"), "samples_per_input": 2}
+    predict(module, GenerationJobs(**jobs, batch_size=4))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "c1_0.png", "c1_1.png", "c2_0.png", "c2_1.png", "free_0.png", "free_1.png"
+    ]  # fmt: skip
+    kw = module.predictions.generate_kwargs()
+    for name, label, seed in [
+        ("c1_1", 1, job_seed(0, "c1_1")),
+        ("c2_0", 2, 5),
+        ("free_0", 10, job_seed(0, "free_0")),
+    ]:
+        with torch.no_grad():  # label -1 (free): the null class, 10
+            want = module.var.generate(torch.tensor([label]), vae=module.vae, **{**kw, "seed": [seed]})[0]
+        got = torch.from_numpy(read(out / f"{name}.png")).permute(2, 0, 1) / 255
+        assert (got - want).abs().max() <= 1 / 255 + 1e-6, name
+    assert not np.array_equal(read(out / "c1_0.png"), read(out / "c1_1.png"))
+    capsys.readouterr()
+    predict(module, GenerationJobs(**jobs))
+    assert "0 written, 6 skipped (existing), 0 failed" in capsys.readouterr().out
+    message = "jobs.jsonl:1: a sampling job (no input file), but a control model draws from control maps"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        predict(control, GenerationJobs(**{**jobs, "output": str(tmp_path / "control")}))
+    assert not (tmp_path / "control").exists() or not any((tmp_path / "control").iterdir())
 
 
 def photos(root: Path, n: int = 2) -> None:
