@@ -78,6 +78,11 @@ class Job:
     overrides: Mapping[str, object] = field(default_factory=dict)
     where: str = ""
 
+    @property
+    def sampling(self) -> bool:
+        """A sample of its label or caption alone: no input file."""
+        return not self.maps and self.image is None
+
 
 def check_outpaint(value, where: str) -> dict[str, float] | None:
     """``{scale, x, y}``: the input takes ``scale`` of the canvas side, placed at fractions x, y of the free
@@ -330,7 +335,7 @@ class JobDataset(Dataset):
 
     def _load(self, job: Job) -> dict:
         R = self.resolution
-        if not job.maps and job.image is None:  # a sampling job (its label or caption): nothing to load
+        if job.sampling:  # its label or caption alone: nothing to load
             return {}  # (a control model refuses it before the run: check_conditions)
         if job.maps and not self.controls and job.mask is None and job.outpaint is None and not self.outpaint:
             raise ValueError(f"control maps {sorted(job.maps)} need a control model (conf/control.yaml)")
@@ -603,7 +608,7 @@ class GenerationJobs(VarDataModule):
         dataset = self.dataset("predict")
         for job, _, _ in dataset.items:
             where = job.where or job.name
-            if dataset.controls and not job.maps and job.image is None:
+            if dataset.controls and job.sampling:
                 raise ValueError(f"{where}: a sampling job (no input file), but a control model draws from "
                                  f"control maps {list(dataset.controls)}: give them")  # fmt: skip
             if num_classes is None and job.label != -1:

@@ -183,7 +183,7 @@ class _Progress:
         path = Path(path)
         self.folder = path.parent / f".{path.name}.progress"
         self.meta = json.loads(json.dumps(dict(meta), sort_keys=True, default=str))
-        self.kept = 0  # images in the parts written
+        self.kept = 0  # the token arrays in the parts written (a part holds those made since the last)
 
     def resume(self) -> tuple[list[np.ndarray], list[np.ndarray], set[int]]:
         """The parts of a build of the same inputs, in order (a progress folder of others is discarded)."""
@@ -199,14 +199,14 @@ class _Progress:
                 shutil.rmtree(self.folder)
             return tokens, mirrored, unusable
         for part in sorted(self.folder.glob("part_*.npz")):
-            if int(part.stem.split("_")[1]) != self.kept:
+            if int(part.stem.split("_")[1]) != sum(len(t) for t in tokens):
                 break  # not the next images (cannot happen with whole parts): start again from here
             with np.load(part) as arrays:
                 tokens.append(arrays["tokens"])
                 if "flipped" in arrays:
                     mirrored.append(arrays["flipped"])
                 unusable = {int(i) for i in arrays["unusable"]}
-            self.kept += len(tokens[-1])
+        self.kept = len(tokens)
         return tokens, mirrored, unusable
 
     def keep(self, tokens: list[np.ndarray], mirrored: list[np.ndarray], unusable: set[int]) -> None:
@@ -214,19 +214,14 @@ class _Progress:
         if not (self.folder / "meta.json").exists():
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.folder / "meta.json", json.dumps(self.meta, sort_keys=True))
-        total = sum(len(t) for t in tokens)
-        new, first, seen = [], self.kept, 0
-        for i, t in enumerate(tokens):  # the arrays past the images already kept
-            if seen >= self.kept:
-                new.append(i)
-            seen += len(t)
-        arrays = {"tokens": np.concatenate([tokens[i] for i in new])}
+        first = sum(len(t) for t in tokens[: self.kept])  # the part's first image
+        arrays = {"tokens": np.concatenate(tokens[self.kept :])}
         if mirrored:
-            arrays["flipped"] = np.concatenate([mirrored[i] for i in new])
+            arrays["flipped"] = np.concatenate(mirrored[self.kept :])
         arrays["unusable"] = np.array(sorted(unusable), dtype=np.int64)
         with atomic_path(self.folder / f"part_{first:010d}.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        self.kept = total
+        self.kept = len(tokens)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
