@@ -1,15 +1,20 @@
 """Shards (datamodules/shards.py, tools/make_shards.py): written from the built-in scenes and from a pairs
 tree they give the source's batches value for value; two DDP processes read disjoint samples covering the
 split; a run stopped mid-epoch resumes with the very batches of the uninterrupted one (loader, Lightning,
-DDP); the converter writes atomically; missing shards and another resolution are errors naming data.root
+DDP); the converter writes atomically, a stopped or failed conversion goes on to the same shards and leaves
+nothing of litdata running; missing shards and another resolution are errors naming data.root
 and both resolutions."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import pytest
 import torch
 from dist_shards import fit
 from helpers import ALL, save, textured
+from litdata import StreamingDataset
 from PIL import Image
 
 from datamodules import ShardDataModule
@@ -197,7 +203,8 @@ def test_the_converter_writes_atomically_and_refuses_to_overwrite(scenes, tmp_pa
     monkeypatch.setattr(make_shards, "write_shards", lambda *a: 1 / 0)  # fails while writing
     with pytest.raises(ZeroDivisionError):
         convert(tmp_path / "failed", SCENES)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # nothing left, not even a temporary
+    # no --out: the work folder alone, which the same command goes on from
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".failed.partial", "again"]
     assert convert(tmp_path / "bad", ["data=folder", f"data.root={tmp_path / 'none'}"]) == 2
     assert "data.root" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
@@ -215,3 +222,119 @@ def test_missing_shards_and_another_resolution_are_named(scenes, tmp_path, token
             f"data.root={tmp_path / 'missing'}", f"run.root={tmp_path}"]  # fmt: skip
     assert varctl(args) == 2
     assert f"data.root={tmp_path / 'missing'}: no shards found" in capsys.readouterr().err
+
+
+class Reads(torch.utils.data.Dataset):
+    """A split that counts its reads across litdata's forked workers and fails at sample ``fail_at``."""
+
+    def __init__(self, dataset, reads, fail_at: int | None = None):
+        self.dataset, self.reads, self.fail_at = dataset, reads, fail_at
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        with self.reads.get_lock():
+            self.reads.value += 1
+        if index == self.fail_at:
+            raise ValueError("unreadable file")
+        return self.dataset[index]
+
+
+BUILD_DATA = make_shards.build_data
+
+
+def reading(monkeypatch, reads, fail_at: int | None = None) -> None:
+    """Make the converter read its train split through ``Reads``."""
+    build = BUILD_DATA
+
+    def build_data(*args):
+        datamodule, section, changed = build(*args)
+        datamodule.datasets["train"] = Reads(datamodule.datasets["train"], reads, fail_at)
+        return datamodule, section, changed
+
+    monkeypatch.setattr(make_shards, "build_data", build_data)
+
+
+def assert_same_shards(a: Path, b: Path) -> None:
+    for split in ("train", "val"):
+        x, y = list(StreamingDataset(f"{a}/{split}")), list(StreamingDataset(f"{b}/{split}"))
+        assert len(x) == len(y) > 0
+        for p, q in zip(x, y):
+            assert p["index"] == q["index"] and p["image"] == q["image"] and p["label"] == q["label"]
+            assert all(np.array_equal(p["control"][m], q["control"][m]) for m in p["control"])
+
+
+def running_in_group(group: int) -> list[int]:
+    """The processes of process group ``group`` that are not zombies (killed, waiting to be reaped)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state ppid pgrp ...
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+SMALL_CHUNKS = ["--chunk-bytes", "16KB"]  # two 32 px samples a chunk: a conversion stops between chunks
+
+
+def test_a_stopped_conversion_goes_on_where_it_stopped_and_gives_the_same_shards(tmp_path, monkeypatch):
+    """SIGTERM mid-split: exit 143 (litdata alone exits 0 on Ctrl-C), no --out, the work folder kept; the
+    same command goes on from litdata's checkpoints (fewer reads than samples) to the shards of an
+    uninterrupted conversion."""
+    overrides = [*SCENES, "data.num_train=240"]
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert convert(whole, overrides, *SMALL_CHUNKS) == 0
+    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--out", str(out), "--resolution", "32",
+           "--workers", "2", *SMALL_CHUNKS, *overrides]  # fmt: skip
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / ".out.partial"
+    try:
+        while len(list((partial / "train").glob("chunk-*.bin"))) < 8 and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err
+    assert f"make_shards: stopped\nmake_shards: what was written is kept in {partial}" in err
+    assert not out.exists() and (partial / "train" / ".checkpoints").is_dir()
+
+    reads = multiprocessing.Value("i", 0)
+    reading(monkeypatch, reads)
+    assert make_shards.main(["--out", str(out), "--resolution", "32", *SMALL_CHUNKS, *overrides]) == 0
+    assert 0 < reads.value <= 240 - 8  # --workers 2 as the stopped run: at least 4 chunks of 2 were kept
+    assert_same_shards(out, whole)
+    assert not partial.exists()
+
+
+def test_a_failing_sample_is_named_and_nothing_of_litdata_is_left_running(
+    scenes, tmp_path, monkeypatch, capsys
+):
+    """A sample that raises in a litdata worker: exit 1 naming split, sample and cause; litdata's process
+    group is gone (litdata alone leaves a helper blocked for ever); the fixed source goes on from the chunks
+    written; a work folder of other inputs is discarded."""
+    out, reads, partial = tmp_path / "out", multiprocessing.Value("i", 0), tmp_path / ".out.partial"
+    for overrides in (SCENES, [*SCENES, "data.num_val=4"]):
+        reading(monkeypatch, reads, fail_at=27)
+        assert convert(out, SCENES, *SMALL_CHUNKS) == 1
+        assert "make_shards: failed: train sample 27: ValueError: unreadable file" in capsys.readouterr().err
+        deadline = time.monotonic() + 10  # SIGKILL is delivered, not waited for
+        while running_in_group(make_shards.last_group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running_in_group(make_shards.last_group) == []
+        assert not out.exists() and json.loads((partial / "job.json").read_text())["done"] == {}
+
+        reading(monkeypatch, reads)
+        reads.value = 0
+        assert convert(out, overrides, *SMALL_CHUNKS) == 0
+        printed = capsys.readouterr().out
+        if overrides == SCENES:  # the 26 samples before the failure were kept, in chunks of 2
+            assert "going on with the stopped conversion" in printed and reads.value == 40 - 26
+            assert_same_shards(out, scenes)
+        else:
+            assert "was made for other inputs: discarded" in printed and reads.value == 40
+        shutil.rmtree(out)

@@ -9,16 +9,31 @@ conf/data/) with the overrides and checked as the CLI checks it, built through H
 connected at --resolution with every batch key (captions and control maps are stored when the data gives
 them) and set up. Each split is written with ``litdata.optimize`` in the source's order, read back (count,
 order, the largest segmentation id), and described in meta/. Train samples are written as val samples are,
-without flips or random crops: data=shards flips when it reads (``data.flip``). The output folder is
-written atomically (a temporary folder renamed into place) and an existing one is refused unless
---overwrite. Upload it to a bucket as it is to stream it from there (``data.root=s3://...``).
+without flips or random crops: data=shards flips when it reads (``data.flip``). Upload the folder to a bucket
+as it is to stream it from there (``data.root=s3://...``).
+
+The output folder appears complete or not at all, and a conversion that stops goes on where it stopped: it is
+written in ``.<name>.partial/`` beside --out, which keeps job.json (the source section, resolution, chunk
+size, writer processes and the splits done) and litdata's checkpoints (``use_checkpoint``: a worker's
+position after each chunk it wrote), and is renamed to --out at the end. The same command run again after a
+crash, Ctrl-C or SIGTERM goes on from the last chunks written and gives the same shards; the work folder of
+another conversion is discarded. An existing --out is refused unless --overwrite.
+
+litdata runs in a child process in a process group of its own, which the converter kills when it stops for
+any reason: litdata ends a Ctrl-C with exit status 0 (its SIGINT handler calls ``os._exit(0)``) and, when a
+sample fails in a worker, leaves that worker's helper process blocked for ever (holding the terminal's pipes
+open). Here a failing sample is an error naming it (exit 1), an interruption exits 130 / 143, and nothing of
+litdata outlives the converter.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,7 +45,7 @@ from omegaconf import OmegaConf
 from datamodules import BATCH_KEYS
 from datamodules.shards import FORMAT, META, encode_sample, meta_item
 from varctl.cli.config import ConfigError, compose, to_container, validate_section
-from varctl.files import atomic_dir
+from varctl.files import atomic_write_text, publish_dir, writer_id, writer_running
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # litdata's recommended chunk size: large enough for streaming throughput. Its shuffle permutes the chunks,
@@ -39,14 +54,20 @@ CHUNK_BYTES = "64MB"
 
 
 class Encoder:
-    """optimize's fn, run in litdata's worker processes: sample i of a dataset as its shard item."""
+    """optimize's fn, run in litdata's worker processes: sample i of a dataset as its shard item. A sample
+    that fails is reported on ``errors`` (by name and cause) before litdata wraps it in its own traceback."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, split: str, errors=None):
+        self.dataset, self.split, self.errors = dataset, split, errors
 
     def __call__(self, index: int) -> dict:
         torch.set_num_threads(1)  # as in DataLoader workers: the processes are the parallelism
-        return encode_sample(self.dataset[index], index)
+        try:
+            return encode_sample(self.dataset[index], index)
+        except Exception as e:
+            if self.errors is not None:
+                self.errors.put(f"{self.split} sample {index}: {type(e).__name__}: {e}"[:2000])
+            raise
 
 
 def build_data(config: Path, overrides: list[str], resolution: int | None):
@@ -81,20 +102,71 @@ def build_data(config: Path, overrides: list[str], resolution: int | None):
     return datamodule, section, changed
 
 
-def write_split(dataset, folder: Path, chunk_bytes: str, workers: int) -> tuple[list[str], int | None]:
-    """Write ``dataset`` to ``folder`` in its order; returns the stored maps and the largest segmentation id,
-    read back from the shards (which also checks that every sample is there, in order)."""
+def optimize_split(dataset, split: str, folder: Path, chunk_bytes: str, workers: int, errors) -> None:
+    """Write ``dataset`` to ``folder`` in its order with litdata, going on from the checkpoints there."""
     optimize(
-        fn=Encoder(dataset),
+        fn=Encoder(dataset, split, errors),
         inputs=list(range(len(dataset))),
         output_dir=str(folder),
         chunk_bytes=chunk_bytes,
         num_workers=max(1, min(workers, len(dataset))),
         keep_data_ordered=True,  # each worker writes a slice in order, so the shards keep the source's order
         reorder_files=False,
+        use_checkpoint=True,  # each worker records its position after each chunk: a stopped run goes on
         start_method="fork",  # as torch's DataLoader on Linux: the built dataset is shared, not re-imported
         verbose=False,
     )
+
+
+def optimize_meta(text: str, folder: Path, errors) -> None:
+    optimize(meta_item, [text], str(folder), chunk_bytes=CHUNK_BYTES, num_workers=1, verbose=False,
+             start_method="fork")  # fmt: skip
+
+
+last_group: int | None = None  # the process group of the last isolated call (tests check that it is gone)
+
+
+def _group_leader(target, args: tuple, errors) -> None:
+    """A child process, leader of a new process group, that runs ``target(*args, errors)``; what it raised
+    is put on ``errors`` (after what its workers put there)."""
+    os.setpgid(0, 0)
+    try:
+        target(*args, errors)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        errors.put(f"{type(e).__name__}: {e}"[:2000])
+        os._exit(1)
+    os._exit(0)
+
+
+def isolated(target, *args) -> None:
+    """Run ``target(*args, errors)`` in a child process in a process group of its own and kill that group
+    when it is done, failed or interrupted, so nothing it started is left running (litdata's helpers
+    included); RuntimeError with the first message on ``errors`` when it failed. Ctrl-C and SIGTERM reach
+    this process alone (the child's group is not the terminal's)."""
+    global last_group
+    context = multiprocessing.get_context("fork")
+    errors = context.SimpleQueue()  # short messages only: a full pipe would block the child
+    child = context.Process(target=_group_leader, args=(target, args, errors))
+    try:
+        child.start()
+        last_group = child.pid
+        child.join()
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, TypeError):  # the group is gone already, or never made
+            pass
+        child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(errors.get() if not errors.empty() else f"exit status {child.exitcode}")
+
+
+def write_split(dataset, folder: Path, chunk_bytes: str, workers: int) -> tuple[list[str], int | None]:
+    """Write ``dataset`` to ``folder`` in its order; returns the stored maps and the largest segmentation id,
+    read back from the shards (which also checks that every sample is there, in order)."""
+    if folder.exists() and not (folder / ".checkpoints" / "config.json").exists():
+        shutil.rmtree(folder)  # stopped before litdata recorded anything, or after it finished: write it anew
+    isolated(optimize_split, dataset, folder.name, folder, chunk_bytes, workers)
     controls, tops, count = [], [], 0
     for item in StreamingDataset(str(folder)):
         if item["index"] != count:
@@ -108,18 +180,70 @@ def write_split(dataset, folder: Path, chunk_bytes: str, workers: int) -> tuple[
     return controls, max(tops, default=None)
 
 
-def write_shards(datamodule, section: dict, folder: Path, chunk_bytes: str, workers: int) -> dict:
-    """Every split of ``datamodule`` under ``folder`` (train/, val/, test/) and meta/; returns the meta."""
-    splits, controls, tops = {}, [], []
+class Job:
+    """The work folder of a conversion to ``out``: ``.<name>.partial/`` beside it, with job.json (what is
+    converted, how: chunk size and writer processes, and the splits done with what they hold) and the splits'
+    folders as they are written."""
+
+    def __init__(self, out: Path, inputs: dict, chunk_bytes: str, workers: int):
+        self.folder = out.parent / f".{out.name}.partial"
+        self.file = self.folder / "job.json"
+        self.inputs = json.loads(json.dumps(inputs, sort_keys=True, default=str))
+        self.chunk_bytes, self.workers = chunk_bytes, workers
+        self.done: dict[str, dict] = {}
+
+    def start(self) -> None:
+        """Go on with the work folder of the same conversion, or start a new one (another's is discarded);
+        a conversion still running into it is refused."""
+        try:
+            job = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            job = None
+        writer = str((job or {}).get("writer", ""))
+        if writer != writer_id() and writer_running(writer):
+            raise ConfigError(f"{self.folder} is being written by {job['writer']}: wait for it, or stop it")
+        if job is not None and job.get("inputs") == self.inputs:
+            self.done = job.get("done", {})
+            how = (job.get("chunk_bytes", self.chunk_bytes), job.get("workers", self.workers))
+            if how != (self.chunk_bytes, self.workers):  # litdata goes on with the slices it started with
+                print(f"[make_shards] --chunk-bytes {how[0]} --workers {how[1]} as the stopped conversion",
+                      flush=True)  # fmt: skip
+                self.chunk_bytes, self.workers = how
+            print(f"[make_shards] going on with the stopped conversion in {self.folder} (splits done: "
+                  f"{', '.join(self.done) or 'none'})", flush=True)  # fmt: skip
+        elif self.folder.exists():
+            print(f"[make_shards] {self.folder} was made for other inputs: discarded", flush=True)
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def save(self) -> None:
+        job = {"inputs": self.inputs, "chunk_bytes": self.chunk_bytes, "workers": self.workers,
+               "done": self.done, "writer": writer_id()}  # fmt: skip
+        atomic_write_text(self.file, json.dumps(job, indent=1))
+
+    def finish(self, out: Path, overwrite: bool) -> None:
+        self.file.unlink()
+        publish_dir(self.folder, out, overwrite)
+
+
+def write_shards(datamodule, section: dict, job: Job) -> dict:
+    """Every split of ``datamodule`` under the job's folder (train/, val/, test/) and meta/, the splits done
+    already skipped; returns the meta."""
+    splits, controls, tops, folder = {}, [], [], job.folder
     for split, dataset in datamodule.datasets.items():
         if split == "predict":  # generation inputs, not data
             continue
-        start = time.perf_counter()
-        controls, top = write_split(dataset, folder / split, chunk_bytes, workers)
+        if split not in job.done:
+            start = time.perf_counter()
+            controls, top = write_split(dataset, folder / split, job.chunk_bytes, job.workers)
+            job.done[split] = {"samples": len(dataset), "controls": controls, "max_segment_id": top}
+            job.save()
+            seconds = time.perf_counter() - start
+            print(f"[make_shards] {split}: {len(dataset)} samples in {seconds:.1f} s", flush=True)
+        controls, top = job.done[split]["controls"], job.done[split]["max_segment_id"]
         tops += [] if top is None else [top]
         splits[split] = len(dataset)
-        seconds = time.perf_counter() - start
-        print(f"[make_shards] {split}: {len(dataset)} samples in {seconds:.1f} s", flush=True)
     meta = {
         "format": FORMAT,
         "resolution": datamodule.resolution,
@@ -131,9 +255,14 @@ def write_shards(datamodule, section: dict, folder: Path, chunk_bytes: str, work
         "source": section,
     }
     text = json.dumps(meta, default=str)
-    optimize(meta_item, [text], str(folder / META), chunk_bytes=chunk_bytes, num_workers=1, verbose=False,
-             start_method="fork")  # fmt: skip
+    if (folder / META).exists():
+        shutil.rmtree(folder / META)
+    isolated(optimize_meta, text, folder / META)
     return meta
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def size_of(folder: Path) -> int:
@@ -167,8 +296,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[make_shards] train samples written as val samples: {', '.join(changed)} "
               "(data=shards flips when it reads: data.flip)", flush=True)  # fmt: skip
     start = time.perf_counter()
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
-        meta = write_shards(datamodule, section, tmp, args.chunk_bytes, args.workers)
+    job = Job(out, {"source": section, "resolution": datamodule.resolution}, args.chunk_bytes, args.workers)
+    previous = signal.signal(signal.SIGTERM, _stop)  # a clean stop, as Ctrl-C's: the work folder is kept
+    try:
+        job.start()
+        meta = write_shards(datamodule, section, job)
+        job.finish(out, args.overwrite)
+    except ConfigError as e:
+        print(f"make_shards: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit, RuntimeError) as e:
+        code = e.code if isinstance(e, SystemExit) else 130 if isinstance(e, KeyboardInterrupt) else 1
+        what = f"failed: {e}" if isinstance(e, RuntimeError) else "stopped"
+        print(f"make_shards: {what}\nmake_shards: what was written is kept in {job.folder}: the same command "
+              "goes on from there", file=sys.stderr)  # fmt: skip
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     splits = ", ".join(f"{s} {n}" for s, n in meta["splits"].items())
     classes = "no class names" if meta["class_names"] is None else f"{len(meta['class_names'])} classes"
     seconds, mib = time.perf_counter() - start, size_of(out) / 2**20

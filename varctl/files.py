@@ -71,21 +71,30 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders: give it the permissions mkdir would
     try:
         yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        if path.exists() and not overwrite:  # made by someone else meanwhile
-            raise FileExistsError(f"{path} exists; pass overwrite to replace it")
-        old = path.with_name(f"{tmp.name}.old") if path.exists() else None
-        if old is not None:
-            os.replace(path, old)  # a folder cannot be renamed over a non-empty one
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+        publish_dir(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Move the filled folder ``tmp`` to ``path`` (beside it): its files are fsynced, then it is renamed in.
+    An existing ``path`` is refused (FileExistsError) unless ``overwrite``: then it is renamed aside, ``tmp``
+    renamed in and the old one deleted."""
+    tmp, path = Path(tmp), Path(path)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    if path.exists() and not overwrite:  # made by someone else meanwhile
+        raise FileExistsError(f"{path} exists; pass overwrite to replace it")
+    old = path.with_name(f"{tmp.name}.old") if path.exists() else None
+    if old is not None:
+        os.replace(path, old)  # a folder cannot be renamed over a non-empty one
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)
+    return path
 
 
 def writer_id() -> str:
@@ -93,20 +102,28 @@ def writer_id() -> str:
     return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9.-]', '-', socket.gethostname())}"
 
 
+def writer_running(writer: str) -> bool:
+    """Whether the process ``<pid>@<host>`` (``writer_id``) runs: False on another host or for a bad name."""
+    pid, _, host = writer.partition("@")
+    if host != writer_id().partition("@")[2] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
+
+
 def temporary_in_use(path: str | os.PathLike, idle_s: float = 600.0) -> bool:
     """Whether the temporary file ``path`` (of ``atomic_path``) may still be written: its writer, on this
     host, is alive; or, written on another host (or by a varctl that did not name writers), it changed in
     the last ``idle_s`` seconds (a save in progress keeps writing)."""
     path = Path(path)
-    m = re.search(r"\.(\d+)@([A-Za-z0-9.-]+)\.[^.]+\.tmp$", path.name)
-    if m and m[2] == writer_id().split("@", 1)[1]:
-        try:
-            os.kill(int(m[1]), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # it exists, owned by another user
-            pass
-        return True
+    m = re.search(r"\.(\d+@[A-Za-z0-9.-]+)\.[^.]+\.tmp$", path.name)
+    if m and m[1].split("@", 1)[1] == writer_id().split("@", 1)[1]:
+        return writer_running(m[1])
     try:
         return path.stat().st_mtime > time.time() - idle_s
     except FileNotFoundError:
