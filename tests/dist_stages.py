@@ -14,7 +14,7 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from datamodules.synthetic import SyntheticDataModule  # noqa: E402
-from varctl.callbacks import NonFiniteGuard  # noqa: E402
+from varctl.callbacks import NonFiniteGuard, TestProgress  # noqa: E402
 from varctl.checkpoints import AtomicCheckpointIO  # noqa: E402
 from varctl.lit.control import ControlModule  # noqa: E402
 from varctl.lit.tokenizer import TokenizerModule  # noqa: E402
@@ -120,6 +120,29 @@ if tr.global_rank == 0:
 tr = trainer(1)
 tr.test(var, data(var, num_val=15), verbose=False)
 result["var_test_loss"] = float(tr.callback_metrics["test/loss"])
+
+
+# the same test stopped after its third batch of four and run again (TestProgress): every process goes on
+# from the newest save they all have, here the one before the newest, which process 1 lost
+class StopAfter(L.Callback):
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 2:
+            raise RuntimeError("killed")
+
+
+progress = os.path.join(out, "test_progress")
+try:
+    trainer(1, callbacks=[TestProgress(progress, every_s=0), StopAfter()]).test(
+        var, data(var, num_val=15, batch_size=2), verbose=False
+    )
+except RuntimeError as e:
+    assert str(e) == "killed", e
+resumed = TestProgress(progress, every_s=0)
+tr = trainer(1, callbacks=[resumed])
+if tr.global_rank == 1:
+    os.unlink(resumed.files(tr)[0])
+tr.test(var, data(var, num_val=15, batch_size=2), verbose=False)
+result["var_test_loss_resumed"] = [float(tr.callback_metrics["test/loss"]), resumed.done]
 
 # ---------------------------------------------------------------------------------------------- control
 torch.manual_seed(0)

@@ -133,6 +133,15 @@ def test_generation_metrics_over_two_processes_equal_one_process(strategy, reque
     assert gathered == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_stopped_test_goes_on_from_the_newest_save_of_every_process(strategy, request):
+    """Stopped after 3 of 4 test batches a process, process 1's newest save lost: both go on from batch 2
+    (FSDP's collectives need as many forwards in each), to the loss of the uninterrupted test."""
+    result = request.getfixturevalue(strategy)
+    result = result[0] if strategy == "ddp" else result
+    assert result["var_test_loss_resumed"] == [pytest.approx(result["var_test_loss"], rel=1e-6), 2]
+
+
 def test_every_test_image_counts_once_over_two_processes(ddp, tokenizer_file):
     """15 (VAR) and 5 (tokenizer) test images on 2 processes: the one Lightning's sampler repeats is left
     out, so the test scores are the single process's."""

@@ -1,9 +1,11 @@
-"""Generation quality in `test` (varctl.lit.evaluation), the results file (varctl.callbacks.EvaluationWriter)
-and tools/evaluate.py. Feature network: the test judge (random weights, conftest.py): plumbing and values of
+"""Generation quality in `test` (varctl.lit.evaluation), the results file (varctl.callbacks.EvaluationWriter),
+a stopped test going on (varctl.callbacks.TestProgress) and tools/evaluate.py. Feature network: the test
+judge (random weights, conftest.py): plumbing and values of
 the wiring, not quality."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from PIL import Image
 
 from datamodules.synthetic import SyntheticDataModule, SyntheticShapes
-from varctl.callbacks import EvaluationWriter
+from varctl.callbacks import EvaluationWriter, TestProgress
 from varctl.lit.var import VARModule
 from varctl.metrics.generation import GenerationMetrics, JudgeFeatures, StaleReference
 from varctl.metrics.results import load_results, table
@@ -215,3 +217,62 @@ def test_rows_of_keeps_the_rows_of_tensors_lists_dicts_and_tuples():
     loss, maps = rows_of((x, {"edges": x + 1}), keep)  # token_losses' pair; a batch's control maps
     assert loss.tolist() == [[0, 1], [4, 5]] and maps["edges"].tolist() == [[1, 2], [5, 6]]
     assert rows_of(None, keep) is None and rows_of(x, torch.zeros(3, dtype=torch.bool)).shape == (0, 2)
+
+
+class StopAfter(L.Callback):
+    """Fails the test run after batch ``index``, as a killed run stops (no on_test_end)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.index:
+            raise RuntimeError("killed")
+
+
+def test_a_stopped_test_goes_on_where_it_stopped_with_the_scores_of_an_uninterrupted_one(
+    tokenizer_file, judge_file, tmp_path, capsys
+):
+    """TestProgress keeps every metric state (teacher-forcing losses, the generated and real features) each
+    batch; a test stopped after its second batch and run again samples the third batch alone and logs the
+    scores of the uninterrupted test (from its first batch when the newest save is lost); progress of
+    other weights is discarded."""
+    torch.manual_seed(0)
+    m, dm = make(tokenizer_file, judge_file, batches=3)
+    fresh = [copy.deepcopy(m) for _ in range(3)]
+    whole, _ = run_test(m, dm, tmp_path)
+    directory, config = tmp_path / "progress", {"model": {"x": 1}, "data": {"num_workers": 3}}
+
+    def test(module, *callbacks):
+        calls = []
+        generate = module.generate
+        module.generate = lambda *a, **k: calls.append(a) or generate(*a, **k)
+        progress = TestProgress(directory, config, every_s=0)  # after every batch
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_test_batches=3,
+                            callbacks=[progress, *callbacks])  # fmt: skip
+        return trainer.test(module, dm, verbose=False)[0], len(calls)
+
+    for lost_newest in (False, True):  # a kill between two processes' saves: the one before goes on
+        with pytest.raises(RuntimeError, match="killed"):
+            test(copy.deepcopy(fresh[0]), StopAfter(1))
+        files = sorted(directory.iterdir())
+        assert [p.name.split(".", 1)[1] for p in files] == ["rank0.previous.pt", "rank0.pt"]
+        if lost_newest:
+            files[1].unlink()
+        config["data"]["num_workers"] = 0  # loading settings change no score
+        scores, sampled = test(copy.deepcopy(fresh[1]))
+        done = 1 if lost_newest else 2
+        assert sampled == 3 - done and f"going on after {done} test batches" in capsys.readouterr().out
+        assert scores.keys() == whole.keys() and scores["test/num_generated_judge"] == 24
+        for key, value in whole.items():
+            assert scores[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        assert list(directory.iterdir()) == []  # removed when the test ended
+
+    with pytest.raises(RuntimeError, match="killed"):
+        test(fresh[0], StopAfter(1))
+    with torch.no_grad():
+        fresh[2].model.head.weight.mul_(2)  # other weights: the kept progress is not theirs
+    scores, sampled = test(fresh[2])
+    assert sampled == 3 and "made with other weights or settings: discarded" in capsys.readouterr().out
+    assert scores["test/loss"] != pytest.approx(whole["test/loss"], rel=1e-6)  # its own, from batch 0

@@ -5,6 +5,7 @@ files) and the outcome is checked: what the run says, its exit status, and what 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import re
@@ -232,6 +233,29 @@ def test_sigterm_stops_predict_before_its_next_batch(toy_conf):
     assert proc.returncode == 143, out + err[-2000:]
     assert "varctl: stopped by SIGTERM before the next batch; the images written are kept" in err
     assert len(list((run / "predictions").glob("*.png"))) == 8  # batches 0 and 1 of 4 (16 images, 4 a batch)
+
+
+def test_sigterm_stops_test_after_its_batch_and_the_same_command_goes_on(toy_conf, capsys):
+    """Lightning ended a test on SIGTERM after the batch, its scores lost; TestProgress keeps them, and the
+    same command goes on from the next batch to the results of the uninterrupted test."""
+    assert main(["fit", "-c", str(toy_conf), "run.version=v", "trainer.max_steps=2"]) == 0
+    ckpt = f"ckpt_path={toy_conf.parent.parent / 'runs' / 'toy' / 'v' / 'checkpoints' / 'last.ckpt'}"
+    results = toy_conf.parent.parent / "runs" / "toy" / "v" / "eval" / "test.json"
+    assert main(["test", "-c", str(toy_conf), ckpt]) == 0
+    whole = json.loads(results.read_text())["metrics"]
+    results.unlink()
+    proc = _cli("test", "-c", str(toy_conf), ckpt, env={"TOY_SIGTERM_IN_TEST": "1"})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out + err[-2000:]
+    assert "varctl test: SIGTERM after test batch 2: the scores so far are in" in out, out
+    assert "varctl: stopped by SIGTERM after the batch; the scores so far are kept" in err
+    assert not results.exists()
+    assert main(["test", "-c", str(toy_conf), ckpt]) == 0
+    assert "varctl test: going on after 2 test batches" in capsys.readouterr().out
+    resumed = json.loads(results.read_text())["metrics"]
+    assert resumed.keys() == whole.keys() and "test/mse" in whole
+    assert resumed["test/mse"] == pytest.approx(whole["test/mse"], rel=1e-6)
+    assert not list((toy_conf.parent.parent / "runs" / "toy" / "test_progress").iterdir())
 
 
 @pytest.mark.parametrize("interval", [2, 4])  # validation mid-epoch, and at the end of the epoch

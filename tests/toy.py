@@ -10,6 +10,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
+import torchmetrics
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -33,7 +34,7 @@ class ToyModule(L.LightningModule):
     """One scale parameter fitted to 1. Faults for tests/test_faults.py: a NaN loss at the optimizer steps
     ``nan_steps`` (counted from 1), weights made NaN after step ``poison_after``, SIGTERM sent to the process
     during step ``sigterm_at`` (or in the first validation batch after step ``sigterm_in_validation``, or in
-    predict batch ``sigterm_in_predict``),
+    predict batch ``sigterm_in_predict``, or test batch ``$TOY_SIGTERM_IN_TEST``),
     ``big`` extra weights for slow saves, ``sleep`` seconds per step. Validation records the step of every
     validation batch in ``validated`` (a list the tests read after ``fit``)."""
 
@@ -43,6 +44,7 @@ class ToyModule(L.LightningModule):
                  sigterm_in_predict: int | None = None):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
+        self.test_mse, self.test_batches_done = torchmetrics.MeanMetric(), 0
         self.scale = torch.nn.Parameter(torch.zeros(1))
         self.register_buffer("ballast", torch.zeros(int(big)))
 
@@ -73,7 +75,12 @@ class ToyModule(L.LightningModule):
         print(f"[toy] validation batch {batch_idx} at step {self.global_step}", flush=True)
 
     def test_step(self, batch, batch_idx):
-        self.log("val/loss", ((batch[0] * self.scale - batch[0]) ** 2).mean())
+        if str(batch_idx) == os.environ.get("TOY_SIGTERM_IN_TEST"):  # an env, not a setting: same config
+            os.kill(os.getpid(), signal.SIGTERM)
+        if batch_idx < self.test_batches_done:  # held by the metric a stopped test kept (TestProgress)
+            return
+        self.test_mse.update(((batch[0] * self.scale - batch[0]) ** 2).mean(), weight=len(batch[0]))
+        self.log("test/mse", self.test_mse)
 
     def predict_step(self, batch, batch_idx):
         if batch_idx == self.hparams.sigterm_in_predict:

@@ -11,6 +11,7 @@ that names the settings in which the checkpoint's run differs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import zipfile
@@ -235,3 +236,15 @@ class FitsCheckpoint:
             "version records fewer): compare with the run's config_fit.yaml"
         )
         return f"{path} does not fit the model this config builds: " + "; ".join(parts) + hint
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state (names, shapes, dtypes and values, in order): what a cache was made with.
+    Under FSDP, this process's shards."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: its local shard
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")  # its bytes, no copy
+    return h.hexdigest()

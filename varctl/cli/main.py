@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             then = "; no checkpoint was written (none asked for)"
         elif command == "predict":
             then = " before the next batch; the images written are kept (jobs skip them when run again)"
+        elif command == "test":
+            then = " after the batch; the scores so far are kept: the same command goes on from there"
         else:
             then = ""
         print(f"varctl: stopped by SIGTERM{then}", file=sys.stderr)
@@ -231,7 +233,7 @@ def _run(command: str, data: dict, config_file: str | Path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from varctl.callbacks import EvaluationWriter, ImageWriter, PreemptionCheckpoint
+    from varctl.callbacks import EvaluationWriter, ImageWriter, PreemptionCheckpoint, TestProgress
     from varctl.checkpoints import AtomicCheckpointIO
     from varctl.cli.config import ConfigError, as_yaml
     from varctl.files import atomic_write_text
@@ -282,6 +284,8 @@ def _run(command: str, data: dict, config_file: str | Path):
         callbacks.append(ImageWriter(out_dir))
     if command == "test":  # <run>/eval/test.json: the scores with what produced them
         callbacks.append(EvaluationWriter(log_dir / "eval", data, ckpt))
+        # a stopped test goes on with the same command: its metrics are kept every few batches
+        callbacks.append(TestProgress(Path(root) / name / "test_progress", data))
     extra = {}  # callbacks.checkpoint=null: no checkpoints, rather than Lightning's default ModelCheckpoint
     if (
         not any(isinstance(c, ModelCheckpoint) for c in callbacks)

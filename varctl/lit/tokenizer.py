@@ -54,6 +54,8 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
     batches and every parameter gets a gradient each step (plain DDP works).
     """
 
+    test_batches_done = 0  # the test batches already in the metrics (varctl.callbacks.TestProgress)
+
     def __init__(
         self,
         vqvae: dict | None = None,
@@ -317,7 +319,8 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
         self._evaluate(batch, batch_idx, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test")
+        if batch_idx >= self.test_batches_done:  # else held by the metrics a stopped test kept (TestProgress)
+            self._evaluate(batch, batch_idx, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._codebook_epoch_end("val")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +26,7 @@ from torch import nn
 
 from datamodules.token_cache import CachedTokens, TokenCache, check_cache_folder
 from varctl.callbacks.images import ImageGrid
-from varctl.checkpoints import FitsCheckpoint, short_list
+from varctl.checkpoints import FitsCheckpoint, short_list, weights_digest
 from varctl.lit import optim
 from varctl.lit.compiling import compile_var
 from varctl.lit.evaluation import log_evaluation, rows_of, split_fingerprint, start_evaluation, unrepeated
@@ -43,16 +42,6 @@ from varctl.models.vqvae import VQVAE
 
 # checkpoint key: the names of the parameters the optimizer's no-decay group held
 NO_DECAY_KEY = "varctl_no_decay"
-
-
-def weights_digest(module: nn.Module) -> str:
-    """sha256 of a module's state (names, shapes, dtypes and values, in order): what a cache was made with."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")  # the tensor's bytes, not a copy
-    return h.hexdigest()
 
 
 def _named(load, path: str, key: str, **kwargs):
@@ -104,6 +93,8 @@ class VARModule(FitsCheckpoint, L.LightningModule):
             compile each block in place after FSDP2 sharding, "reduce-overhead" the whole teacher-forcing
             forward with CUDA graphs; null (default) runs eagerly.
     """
+
+    test_batches_done = 0  # the test batches already in the metrics (varctl.callbacks.TestProgress)
 
     free_settings = tuple(f"var.{k}" for k in VARConfig.free_on_load)  # FitsCheckpoint: no weight's shape
 
@@ -389,6 +380,8 @@ class VARModule(FitsCheckpoint, L.LightningModule):
         """Teacher-forcing cross-entropy and token accuracy (per scale too) on the test split; with
         ``evaluation.batches``, a sample for each image's condition, scored against the real images. Every
         image counts once under DDP too (``unrepeated``)."""
+        if batch_idx < self.test_batches_done:  # held by the metrics a stopped test kept (TestProgress)
+            return
         keep = unrepeated(self, batch_idx, len(batch["image"]))
         self.test_metrics.update(*rows_of(self.token_losses(batch, self.eval_model), keep))
         self.evaluate_samples(batch, batch_idx)
