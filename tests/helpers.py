@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from PIL import Image
@@ -96,3 +97,14 @@ def metric_images(real: bool) -> torch.Tensor:
     """40 fixed images (40, 3, 2, 2) in [0, 1] for the generation-metric tests (real and generated sets)."""
     images = torch.rand(40, 3, 2, 2, generator=torch.Generator().manual_seed(1 if real else 2))
     return images if real else images**2
+
+
+class StopAfter(L.Callback):
+    """Fails a test run after batch ``index``, as a killed run stops: no on_test_end."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.index:
+            raise RuntimeError("killed")

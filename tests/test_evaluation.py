@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import StopAfter
 from PIL import Image
 
 from datamodules.synthetic import SyntheticDataModule, SyntheticShapes
@@ -217,17 +218,6 @@ def test_rows_of_keeps_the_rows_of_tensors_lists_dicts_and_tuples():
     loss, maps = rows_of((x, {"edges": x + 1}), keep)  # token_losses' pair; a batch's control maps
     assert loss.tolist() == [[0, 1], [4, 5]] and maps["edges"].tolist() == [[1, 2], [5, 6]]
     assert rows_of(None, keep) is None and rows_of(x, torch.zeros(3, dtype=torch.bool)).shape == (0, 2)
-
-
-class StopAfter(L.Callback):
-    """Fails the test run after batch ``index``, as a killed run stops (no on_test_end)."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx == self.index:
-            raise RuntimeError("killed")
 
 
 def test_a_stopped_test_goes_on_where_it_stopped_with_the_scores_of_an_uninterrupted_one(

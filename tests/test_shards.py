@@ -281,25 +281,29 @@ def running_in_group(group: int) -> list[int]:
 SMALL_CHUNKS = ["--chunk-bytes", "16KB"]  # two 32 px samples a chunk: a conversion stops between chunks
 
 
-def test_a_stopped_conversion_goes_on_where_it_stopped_and_gives_the_same_shards(tmp_path, monkeypatch):
+def test_a_stopped_conversion_goes_on_where_it_stopped_and_gives_the_same_shards(
+    tmp_path, monkeypatch, capfd
+):
     """SIGTERM mid-split: exit 143 (litdata alone exits 0 on Ctrl-C), no --out, the work folder kept; the
     same command goes on from litdata's checkpoints (fewer reads than samples) to the shards of an
     uninterrupted conversion."""
     overrides = [*SCENES, "data.num_train=240"]
     whole, out = tmp_path / "whole", tmp_path / "out"
     assert convert(whole, overrides, *SMALL_CHUNKS) == 0
-    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--out", str(out), "--resolution", "32",
-           "--workers", "2", *SMALL_CHUNKS, *overrides]  # fmt: skip
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["--out", str(out), "--resolution", "32", "--workers", "2", *SMALL_CHUNKS, *overrides]
+    # the converter's process, forked from this one (a new interpreter would import everything again)
+    process = multiprocessing.get_context("fork").Process(target=lambda: os._exit(make_shards.main(args)))
+    process.start()
     partial = tmp_path / ".out.partial"
     try:
-        while len(list((partial / "train").glob("chunk-*.bin"))) < 8 and process.poll() is None:
+        while len(list((partial / "train").glob("chunk-*.bin"))) < 8 and process.exitcode is None:
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=60)
+        os.kill(process.pid, signal.SIGTERM)
+        process.join(60)
     finally:
         process.kill()
-    assert process.returncode == 143, err
+    err = capfd.readouterr().err
+    assert process.exitcode == 143, err
     assert f"make_shards: stopped\nmake_shards: what was written is kept in {partial}" in err
     assert not out.exists() and (partial / "train" / ".checkpoints").is_dir()
 

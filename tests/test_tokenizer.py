@@ -3,6 +3,8 @@ checkpoints, validation metrics and images. Tiny VQVAE at 32 px (8x downsampling
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -331,3 +333,32 @@ def test_test_scores_reconstructions_with_the_feature_networks(judge_file):
     by_hand.update(batch["image"].add(1).mul(0.5), real=True)
     by_hand.update(recon, real=False)
     assert scores["test/fd_judge"] == pytest.approx(by_hand.compute()["fd_judge"], rel=1e-4)
+
+
+def test_a_stopped_test_of_the_tokenizer_goes_on_to_the_same_scores(judge_file, tmp_path):
+    """The tokenizer's test metrics (PSNR, SSIM, losses, codebook use: metrics Lightning logs as objects;
+    the rFID features) kept after 2 of 3 batches: the test run again evaluates the third batch alone."""
+    from helpers import StopAfter
+
+    from varctl.callbacks import TestProgress
+
+    torch.manual_seed(0)
+    m = make_module(evaluation={"batches": 3, "networks": ["judge"], "judge_weights": judge_file,
+                                "kid_subsets": 5})  # fmt: skip
+    dm = make_data(m, batch_size=2)  # 4 test batches, 3 of them tested
+    stopped, resumed = copy.deepcopy(m), copy.deepcopy(m)
+    whole = make_trainer(limit_test_batches=3).test(m, dm, verbose=False)[0]
+    progress = tmp_path / "progress"
+    with pytest.raises(RuntimeError, match="killed"):
+        make_trainer(limit_test_batches=3, callbacks=[TestProgress(progress, every_s=0), StopAfter(1)]).test(
+            stopped, dm, verbose=False
+        )
+    evaluated = []
+    evaluate = resumed._evaluate
+    resumed._evaluate = lambda batch, i, stage: evaluated.append(i) or evaluate(batch, i, stage)
+    scores = make_trainer(limit_test_batches=3, callbacks=[TestProgress(progress, every_s=0)]).test(
+        resumed, dm, verbose=False
+    )[0]
+    assert evaluated == [2] and scores.keys() == whole.keys() and scores["test/num_generated_judge"] == 6
+    for key, value in whole.items():
+        assert scores[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -66,7 +66,7 @@ class Encoder:
             return encode_sample(self.dataset[index], index)
         except Exception as e:
             if self.errors is not None:
-                self.errors.put(f"{self.split} sample {index}: {type(e).__name__}: {e}"[:2000])
+                self.errors.put(f"{self.split} sample {index}: {type(e).__name__}: {e}"[:1000])
             raise
 
 
@@ -133,7 +133,7 @@ def _group_leader(target, args: tuple, errors) -> None:
     try:
         target(*args, errors)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        errors.put(f"{type(e).__name__}: {e}"[:2000])
+        errors.put(f"{type(e).__name__}: {e}"[:1000])
         os._exit(1)
     os._exit(0)
 
