@@ -1,17 +1,16 @@
 """``TestProgress``: a ``test`` that stops goes on where it stopped, with the scores of an uninterrupted one.
 
 Scoring a model samples an image for each test condition (thousands for an FID), which takes hours at full
-size. Every ``every_s`` seconds (and on SIGTERM, which Lightning ends a test with after the batch) each
-process writes, atomically, the states of its metrics
-(every torchmetrics ``Metric`` of the stage and of its generation evaluator: losses, accuracies, features
-of the generated and real images, control scores) and the number of batches they hold, to
-``<run.root>/<run.name>/test_progress/<settings digest>.rank<r>.pt`` (not in the run's own folder: a test
-without ``run.version`` gets a new one each time). A ``test`` started again with the same weights (a digest
-of their values), settings and processes reads them back and skips those batches: the stages' ``test_step``
-leaves out the batches below ``test_batches_done``. The samples of a batch are drawn from a seed of its
-index, so the scores are those of the uninterrupted run. Progress of other weights or settings is
-discarded. The files are removed when the test ends.
-"""
+size. Every ``every_s`` seconds, and on SIGTERM (which Lightning ends a test with after the batch), each
+process writes atomically the states of its metrics (every torchmetrics ``Metric`` of the stage and of its
+generation evaluator: losses, accuracies, features of the generated and real images, control scores) and
+the number of batches they hold to ``<run.root>/<run.name>/test_progress/<settings digest>.rank<r>.pt``,
+keeping the save before it too (not in the run's own folder: a test without ``run.version`` gets a new one
+each time). A ``test`` started again with the same weights (a digest of their values), settings and
+processes reads them back and skips those batches (the stages' ``test_step`` leaves out the batches below
+``test_batches_done``), every process from the newest save they all have. The samples of a batch are drawn
+from a seed of its index, so the scores are those of the uninterrupted run. Progress of other weights or
+settings is discarded; the files are removed when the test ends."""
 
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ IGNORED = {"run", "callbacks", "ckpt_path"}
 LOADING = {"num_workers", "persistent_workers", "pin_memory"}
 
 
-def test_metrics(module: L.LightningModule) -> dict[str, Metric]:
+def tested_metrics(module: L.LightningModule) -> dict[str, Metric]:
     """Every metric a stage's ``test`` updates, by a stable name: its own (sub-modules) and its generation
     evaluator's (a plain object: ``varctl.lit.evaluation``), nested metrics included."""
     roots: dict[str, torch.nn.Module] = {"module": module}
@@ -119,7 +118,7 @@ class TestProgress(L.Callback):
         return saved
 
     def _restore(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        metrics = test_metrics(module)
+        metrics = tested_metrics(module)
         saves = {int(s["batches"]): s for s in (self._read(f, metrics) for f in self.files(trainer)) if s}
         done = _common_max(trainer, set(saves))  # every process skips as many batches (FSDP's collectives)
         if not done:
@@ -140,7 +139,7 @@ class TestProgress(L.Callback):
         # every process saves at the same batches (rank 0's clock, any process's SIGTERM)
         if not trainer.strategy.reduce_boolean_decision(bool(due), all=False):
             return
-        metrics = {name: metric_state(m) for name, m in test_metrics(module).items()}
+        metrics = {name: metric_state(m) for name, m in tested_metrics(module).items()}
         newest, previous = self.files(trainer)
         self.directory.mkdir(parents=True, exist_ok=True)
         if newest.exists():
