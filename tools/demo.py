@@ -55,7 +55,7 @@ class Chain:
     """The demo's progress in ``<root>/demo.json`` (the module docstring)."""
 
     def __init__(self, root: str, options: dict):
-        self.root, self.file = Path(root), Path(root) / "demo.json"
+        self.file = Path(root) / "demo.json"
         try:
             state = json.loads(self.file.read_text())
         except (OSError, ValueError):
