@@ -211,6 +211,23 @@ def test_settings_errors_name_the_key(files, tmp_path):
         make_trainer(tmp_path).fit(m, make_data(m, controls=["edges"]))
 
 
+def test_a_car_checkpoint_refuses_another_car_condition(files, tmp_path):
+    """car_condition shapes no weight, so strict loading cannot tell: a checkpoint trained with CAR's class
+    conditioning is refused by a run configured without it (and the other way), naming the setting; the same
+    setting loads."""
+    from varctl.checkpoints import CheckpointMismatch
+
+    branch = {**BRANCH, "injector": "car", "car_blocks": 1}
+    m = make_control(files, control={**branch, "car_condition": "class"})
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(m, make_data(m, num_train=16))
+    trainer.save_checkpoint(tmp_path / "car.ckpt")
+    make_control(files, control={**branch, "car_condition": "class"}).check_fits(tmp_path / "car.ckpt")
+    other = make_control(files, control={**branch, "car_condition": "none"})
+    with pytest.raises(CheckpointMismatch, match=r"car\.ckpt: .*car_condition=class \(here none\); give "):
+        other.check_fits(tmp_path / "car.ckpt")
+
+
 def test_unlabelled_controls_sample_the_null_class(files):
     m = make_control(files)
     labels = m.condition({"label": torch.tensor([3, -1, 0])})
@@ -361,6 +378,8 @@ def test_every_injector_learns_to_use_the_controls(files, tmp_path, injector):
     tuned = injector == "prefill"
     steps, lr = (150, 1e-3) if tuned else (80, 2e-3)
     branch = {**BRANCH, "injector": injector, "adapter_dim": 32, "control_drop_rate": 0.1}
+    if injector == "car":  # conf/control.yaml's (CAR's own class conditioning: tests/test_injectors.py)
+        branch["car_condition"] = "none"
     m = make_control(files, control=branch, train_backbone=tuned, lr=lr)
     dm = make_data(m, num_train=4096)
     make_trainer(tmp_path, max_steps=steps).fit(m, dm)

@@ -22,12 +22,15 @@ from varctl.models.var import VAR, VARConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ZERO_INIT = [i for i in INJECTORS if i != "prefill"]
+VARIANTS = [*INJECTORS, "car-none"]  # car-none: car with car_condition="none" (side rows shared by guidance)
+ZERO_INIT = [i for i in VARIANTS if i != "prefill"]
 TINY_VIT = {"encoder_name": "vit_tiny_patch16_224", "encoder_input": 32, "encoder_layers": [0, 1],
             "encoder_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}  # fmt: skip
 
 
 def make_branch(var, injector="scalar", **fields) -> ControlBranch:
+    if injector == "car-none":
+        injector, fields = "car", {"car_condition": "none", **fields}
     fields.setdefault("width", 8)
     fields.setdefault("feature_dim", 16)
     fields.setdefault("adapter_dim", 32)
@@ -52,7 +55,7 @@ def test_new_branch_leaves_the_official_logits_unchanged(var, golden, injector):
     assert (logits - golden["logits_BLV"]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("injector", INJECTORS)
+@pytest.mark.parametrize("injector", VARIANTS)
 def test_controls_drive_the_logits_and_strength_zero_is_the_plain_var(var, golden, injector):
     labels, x = golden["labels"], golden["x_BLCv_wo_first_l"]
     branch = perturbed(make_branch(var, injector))
@@ -82,7 +85,7 @@ class NewTensorsOfShapes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("injector", INJECTORS)
+@pytest.mark.parametrize("injector", VARIANTS)
 def test_backward_builds_each_parameter_gradient_once(var, golden, injector):
     """No parameter's gradient is summed from a full-size zero tensor per use: scalar's stacked (block, scale)
     maps, indexed once per use, made 160 gradients of 168 MB each at d16 (backward 4x slower)."""
@@ -101,6 +104,41 @@ def test_car_side_branch_starts_as_the_backbone_blocks(var):
     side, block = branch.injector.blocks[0].state_dict(), var.blocks[0].state_dict()
     assert side.keys() == block.keys() and all(torch.equal(side[k], block[k]) for k in side)
     assert branch.injector.first_target == 1  # the later backbone block receives it
+
+
+def side_outputs(branch):
+    """Records the output of CAR's last side block (its rows) at every call."""
+    seen = []
+    branch.injector.blocks[-1].register_forward_hook(lambda m, args, out: seen.append(out))
+    return seen
+
+
+@pytest.mark.parametrize("condition", ["class", "none"])
+def test_car_condition_none_makes_the_side_branch_class_free(var, golden, condition):
+    """car_condition="none": the side branch sees the tokens and the control only (the start token and the
+    modulation of the null class), so two labels give the same side outputs; CAR's conditioning differs."""
+    branch = perturbed(make_branch(var, "car", car_condition=condition))
+    seen = side_outputs(branch)
+    x, controls = golden["x_BLCv_wo_first_l"], branch.encode(maps_for(4))
+    with torch.no_grad():
+        a = var(golden["labels"], x, control=controls)
+        b = var((golden["labels"] + 1) % var.config.num_classes, x, control=controls)
+    same = torch.allclose(seen[0], seen[1], atol=1e-6)
+    assert same == (condition == "none")
+    assert (a - b).abs().amax() > 1e-3  # the backbone still reads the class
+
+
+@pytest.mark.parametrize("condition", ["class", "none"])
+def test_car_condition_none_runs_a_side_row_per_sample_and_control(var, vae, golden, condition):
+    """Sampling 2 samples with class and control guidance (6 rows): the null-conditioned side branch runs 4
+    rows (each sample with and without its control), CAR's own 6; the samples are the teacher-forced ones
+    (test_kv_cache_sampling_equals_teacher_forcing)."""
+    branch = perturbed(make_branch(var, "car", car_condition=condition))
+    seen = side_outputs(branch)
+    var.generate(golden["labels"][:2], top_k=0, cfg=1.5, seed=0, control=branch.encode(maps_for(2)),
+                 control_cfg=1.0)  # fmt: skip
+    assert {out.shape[0] for out in seen} == {4 if condition == "none" else 6}
+    assert len(seen) == var.config.num_scales
 
 
 def sampled(var, vae, cond, **kw):
@@ -123,7 +161,7 @@ def teacher_forced(var, labels, x, controls, t, c):
     return (1 + t + c) * full - t * uncond - c * nocontrol, full, nocontrol
 
 
-@pytest.mark.parametrize("injector", INJECTORS)
+@pytest.mark.parametrize("injector", VARIANTS)
 @pytest.mark.parametrize("t,c", [(0.0, 0.0), (2.0, 0.0), (1.5, 1.0)])
 def test_kv_cache_sampling_equals_teacher_forcing(var, vae, golden, injector, t, c):
     """Each scale's guided logits in generate equal teacher forcing on the sampled tokens: class guidance t
@@ -140,7 +178,7 @@ def test_kv_cache_sampling_equals_teacher_forcing(var, vae, golden, injector, t,
     assert (full - nocontrol).abs().amax() > 1e-3  # the control did act
 
 
-@pytest.mark.parametrize("injector", INJECTORS)
+@pytest.mark.parametrize("injector", VARIANTS)
 def test_skipped_guidance_runs_the_controlled_samples_alone(var, vae, golden, injector):
     """``skip_guidance_from`` under control: the guidance copies' rows (null class, control dropped) go, the
     session's per-row state (side branch and adapter caches, modulations, features) follows, and from that
@@ -158,7 +196,7 @@ def test_skipped_guidance_runs_the_controlled_samples_alone(var, vae, golden, in
     assert (mixed - full).abs().amax() > 1e-3  # the guidance did act before the skip
 
 
-@pytest.mark.parametrize("injector", INJECTORS)
+@pytest.mark.parametrize("injector", VARIANTS)
 def test_a_controlled_refiner_draws_the_last_scales_under_its_own_control(var, vae, golden, injector):
     """CoDe under control: the refiner is a smaller ControlledVAR. Its caches and its injector's state (side
     branch and adapter caches, prefix) are filled by teacher-forcing the drawn scales under its own
@@ -262,7 +300,7 @@ def _maps(B):
     return {k: v for k, v in maps_for(B).items() if k == "edges"}
 
 
-@pytest.mark.parametrize("injector", INJECTORS)
+@pytest.mark.parametrize("injector", VARIANTS)
 @pytest.mark.parametrize("skip_from", [None, 2])
 def test_text_var_samples_as_it_teacher_forces(vae, injector, skip_from):
     """A text VAR (cross-attention; CAR's side blocks copy it) with each injector, with guidance, and with
@@ -287,14 +325,14 @@ def test_text_var_samples_as_it_teacher_forces(vae, injector, skip_from):
         assert (logits - expected[:, b:e]).abs().max() < 1e-4, si
 
 
-@pytest.mark.parametrize("injector", INJECTORS)
+@pytest.mark.parametrize("injector", VARIANTS)
 def test_each_injector_saves_and_loads(var, golden, injector, tmp_path):
     branch = perturbed(make_branch(var, injector, blocks=[1] if injector in ("scalar", "ecm") else None))
     maps = maps_for(4)
     with torch.no_grad():
         expected = var(golden["labels"], golden["x_BLCv_wo_first_l"], control=branch.encode(maps))
     loaded = ControlBranch.load(branch.save(tmp_path / "control.pt"))
-    assert loaded.config == branch.config and loaded.config.injector == injector
+    assert loaded.config == branch.config and loaded.config.injector == injector.split("-")[0]
     with torch.no_grad():
         got = var(golden["labels"], golden["x_BLCv_wo_first_l"], control=loaded.encode(maps))
     assert torch.equal(got, expected)

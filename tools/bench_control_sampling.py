@@ -1,7 +1,11 @@
 """Controlled sampling time relative to the VAR's own sampling, per injector, side by side in one process.
 
-    python tools/bench_control_sampling.py [--injectors scalar,car,...] [--batch-size 16] [--repeats 5]
-                                           [--var-depth 4] [--car-blocks 2] [--off-from 5] [--device cpu]
+    python tools/bench_control_sampling.py [--injectors scalar,car,car-none,...] [--batch-size 16]
+                                           [--repeats 5] [--var-depth 4] [--car-blocks 2] [--off-from 5]
+                                           [--device cpu]
+
+``car-none`` is car with ``car_condition="none"``: its side branch runs once for a sample and its
+class-guidance copy.
 
 The demo's shapes (``conf/tokenizer.yaml``'s tokenizer at 64 px, a class VAR of ``--var-depth``, the
 control branch of ``conf/control.yaml``) with random weights: the time of a call does not depend on the
@@ -35,7 +39,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--injectors", default=",".join(INJECTORS))
+    parser.add_argument("--injectors", default=",".join([*INJECTORS, "car-none"]),
+                        help='car-none: car with car_condition="none" (one side pass for a sample and its '
+                             'guidance copy)')  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--var-depth", type=int, default=4)
@@ -69,8 +75,11 @@ def main() -> None:
           f"batch {B}, guidance 3, decode included; medians of {args.repeats} alternating calls")  # fmt: skip
     print(f"{'injector':<10} {'control':>9} {'off from scale ' + str(off_from):>20}")
     for name in args.injectors.split(","):
-        extra = {"car_blocks": args.car_blocks} if name == "car" and args.car_blocks else {}
-        config = ControlConfig.for_var(var.config, resolution=vc.resolution, injector=name,
+        injector, _, condition = name.partition("-")
+        extra = {"car_blocks": args.car_blocks} if injector == "car" and args.car_blocks else {}
+        if condition:
+            extra["car_condition"] = condition
+        config = ControlConfig.for_var(var.config, resolution=vc.resolution, injector=injector,
                                        modalities=["edges"], **fields, **extra)  # fmt: skip
         model = ControlledVAR(var, ControlBranch.build(config).init_from_backbone(var)).eval().to(dev)
         t = interleaved_medians(
@@ -82,7 +91,7 @@ def main() -> None:
             args.repeats,
             dev,
         )
-        label = name + (f" N={args.car_blocks}" if extra else "")
+        label = name + (f" N={args.car_blocks}" if "car_blocks" in extra else "")
         print(f"{label:<10} {t['control'] / t['plain']:>8.2f}x {t['early'] / t['plain']:>19.2f}x", flush=True)
 
 

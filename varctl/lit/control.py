@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from varctl.callbacks.images import ImageGrid
+from varctl.checkpoints import CheckpointMismatch
 from varctl.lit.evaluation import rows_of, start_evaluation, unrepeated
 from varctl.lit.jobs import job_step
 from varctl.lit.legacy import upgrade_control_keys
@@ -328,6 +329,18 @@ class ControlModule(VARModule):
         super().on_load_checkpoint(checkpoint)
         if checkpoint.get("state_dict") is not None:
             upgrade_control_keys(checkpoint["state_dict"])
+        # a setting that changes what the branch computes but no weight's shape: strict loading cannot see it
+        saved = ((checkpoint.get("varctl") or {}).get("control") or {}).get("config")
+        config = self.control.config
+        if saved is not None and config.injector == "car":
+            trained = saved.get("car_condition", "class")  # files from before the setting: CAR's own
+            if trained != config.car_condition:
+                path = getattr(self._trainer, "ckpt_path", None) or self._checkpoint_path or "the checkpoint"
+                raise CheckpointMismatch(
+                    f"{path}: its control branch was trained with model.control.car_condition={trained} "
+                    f"(here {config.car_condition}); give model.control.car_condition={trained} on the "
+                    "command line (the setting conditions CAR's side blocks and shapes no weight)"
+                )
 
     def checkpoint_entries(self) -> dict[str, dict]:
         entries = {

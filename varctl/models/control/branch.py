@@ -30,9 +30,10 @@ class Controls:
     """The encoded control of one batch: per-token features (B, L, F), the feature map (B, F, h, w), which
     samples keep their control (None: all) and the per-scale strength; ``session`` serves one VAR call."""
 
-    def __init__(self, branch, grid_BFhw, tokens_BLF, keep_B=None, strength_K=None):
+    def __init__(self, branch, grid_BFhw, tokens_BLF, keep_B=None, strength_K=None, index_B=None):
         self.branch, self.grid_BFhw, self.tokens_BLF = branch, grid_BFhw, tokens_BLF
         self.keep_B, self.strength_K = keep_B, strength_K
+        self.index_B = index_B  # rows taken by `rows`: each one's sample in the encoded batch (None: its own)
 
     @property
     def batch_size(self) -> int:
@@ -40,20 +41,32 @@ class Controls:
 
     def with_strength(self, strength_K) -> Controls:
         s = None if strength_K is None else tuple(float(v) for v in strength_K)
-        return Controls(self.branch, self.grid_BFhw, self.tokens_BLF, self.keep_B, s)
+        return Controls(self.branch, self.grid_BFhw, self.tokens_BLF, self.keep_B, s, self.index_B)
 
     def rows(self, index_R: torch.Tensor, keep_R: torch.Tensor) -> Controls:
         """Rows ``index_R`` of this batch, the control of rows with ``keep_R`` 0 dropped."""
         keep = keep_R if self.keep_B is None else keep_R * self.keep_B[index_R]
-        return Controls(self.branch, self.grid_BFhw[index_R], self.tokens_BLF[index_R], keep, self.strength_K)
+        index = index_R if self.index_B is None else self.index_B[index_R]
+        return Controls(
+            self.branch, self.grid_BFhw[index_R], self.tokens_BLF[index_R], keep, self.strength_K, index
+        )
 
     def session(self, var, shared: torch.Tensor, text, cached: bool) -> Session:
         tokens, grid = self.tokens_BLF, self.grid_BFhw
         if self.keep_B is not None:
             k = self.keep_B.to(tokens.dtype)
             tokens, grid = tokens * k.view(-1, 1, 1), grid * k.view(-1, 1, 1, 1).to(grid.dtype)
-        ctx = Context(var, tokens, grid, self.strength_K, shared, text, cached)
+        ctx = Context(var, tokens, grid, self.strength_K, shared, text, cached, self.first_rows())
         return self.branch.injector.session(ctx)
+
+    def first_rows(self) -> list[int] | None:
+        """Each row's first row of the same sample with the same control (kept or dropped), or None when
+        these rows were not taken by `rows` (every row its own sample)."""
+        if self.index_B is None:
+            return None
+        kept = [1] * len(self.index_B) if self.keep_B is None else (self.keep_B > 0).tolist()
+        seen: dict[tuple[int, int], int] = {}
+        return [seen.setdefault(key, r) for r, key in enumerate(zip(self.index_B.tolist(), kept))]
 
 
 class ControlBranch(Model):

@@ -27,7 +27,10 @@ class ControlConfig(ModelConfig):
 
     Injector (``injector``, one of INJECTORS): how the encoded control enters the VAR. ``blocks``: the
     blocks that receive control (scalar: default all; controlar: default 0, depth/3, 2 depth/3; ecm: default
-    every second block). ``car_blocks``: CAR's side branch copies the first N blocks (default depth / 2).
+    every second block). ``car_blocks``: CAR's side branch copies the first N blocks (default depth / 2);
+    ``car_condition``: what its blocks are conditioned on, "class" (CAR: each sample's class or text) or
+    "none" (no sample's: the VAR's null condition; the branch then reads only the tokens and the control, so
+    a sample and its class-guidance copy share one pass, half its cost when sampling with guidance).
     ``prefix_side``: prefill's prefix is the control features of the scale of that side (default: the
     largest scale at most half the last); ``prefix_locality``: the initial per-head bias of a token's
     attention on the prefix cells under it (0: the plain baseline). ``adapter_dim``: ECM's adapter width.
@@ -53,6 +56,7 @@ class ControlConfig(ModelConfig):
     injector: str = "scalar"
     blocks: tuple[int, ...] | None = None
     car_blocks: int | None = None
+    car_condition: str = "class"
     prefix_side: int | None = None
     prefix_locality: float = 4.0
     adapter_dim: int = 64
@@ -112,6 +116,7 @@ class ControlConfig(ModelConfig):
             )
         if self.car_blocks is not None:
             self.require(1 <= self.car_blocks <= self.depth, "car_blocks", f"in [1, {self.depth}]")
+        self.require(self.car_condition in ("class", "none"), "car_condition", '"class" or "none"')
         for name in ("control_drop_rate", "modality_drop_rate"):
             self.require(0 <= getattr(self, name) < 1, name, "in [0, 1)")
 

@@ -38,6 +38,9 @@ class Context:
     shared: torch.Tensor  # what the VAR's blocks take as ``modulation(shared)`` (R rows)
     text: tuple | None  # the VAR's (ctx_RTC, bias, gate) for cross-attention, or None
     cached: bool  # True inside generate (KV caches), False in teacher forcing (block-causal mask)
+    # each row's first row of the same sample and control: rows that differ in their condition only (a
+    # sample's guidance copies); None: every row is a sample of its own
+    first_R: list[int] | None = None
 
 
 class Injector(nn.Module):
@@ -79,6 +82,7 @@ class Session:
             grid_RFhw=ctx.grid_RFhw[:n],
             shared=ctx.shared[:n],
             text=None if text is None else tuple(t[:n] for t in text),
+            first_R=None if ctx.first_R is None else ctx.first_R[:n],
         )
 
     def attention_bias(self, mask: torch.Tensor | None, begin: int, end: int) -> torch.Tensor | None:

@@ -3,7 +3,12 @@ initialised from the backbone, is fed the block-0 input tokens plus the encoded 
 block j enters backbone block depth - N + j (the later blocks) through a zero-initialised linear layer, scale
 by scale; the side branch keeps its own KV caches while sampling. ``car_blocks`` is N (default depth / 2).
 While sampling, the side branch stops at the first scale from which the control strength is 0 throughout
-(``control_strength``), so control on the early scales only costs less."""
+(``control_strength``), so control on the early scales only costs less.
+
+``car_condition="none"`` conditions the side blocks on the VAR's null condition (the null class or the empty
+caption, and its start token) instead of each sample's: the side branch then depends on a row's tokens and
+control only, which a sample and its class-guidance copy share, so it runs once for both (a control-dropped
+copy for control guidance is a row of its own)."""
 
 from __future__ import annotations
 
@@ -45,9 +50,18 @@ class CARInjector(Injector):
 class CARSession(Session):
     def __init__(self, injector, ctx):
         super().__init__(injector, ctx)
-        inj = injector
-        self.mods = [b.modulation(ctx.shared) for b in inj.blocks]
-        text = ctx.text
+        inj, R = injector, ctx.tokens_RLF.shape[0]
+        self.unconditioned = inj.config.car_condition == "none"
+        self.reps = self.side_R = list(range(R))  # the row each side row is run for; each row's side row
+        if self.unconditioned:  # one side row per sample and control: guidance copies share theirs
+            first = ctx.first_R if ctx.first_R is not None else self.reps
+            self.reps = sorted(set(first))
+            side = {r: u for u, r in enumerate(self.reps)}
+            self.side_R = [side[f] for f in first]
+            shared, text, self.sos = self._null_condition(ctx.var, len(self.reps))
+        else:
+            shared, text = ctx.shared, ctx.text
+        self.mods = [b.modulation(shared) for b in inj.blocks]
         self.texts = [
             None if text is None else (b.cross_attn.context(text[0]), *text[1:]) for b in inj.blocks
         ]
@@ -55,12 +69,49 @@ class CARSession(Session):
         self.caches = [KVCache(L) for _ in inj.blocks] if ctx.cached else [None] * len(inj.blocks)
         self.outputs: list[torch.Tensor] = []
 
+    @staticmethod
+    def _null_condition(var, U: int):
+        """The side blocks' shared modulation input (1 row), text (U rows) and first-scale tokens (1 row)
+        under the VAR's null condition, as ``VAR.forward`` embeds a condition (float32)."""
+        device_type = var.lvl_1L.device.type
+        with torch.autocast(device_type, enabled=False):
+            cond_1D, text = var._embed_condition(var.null_condition(1), drop=False)
+            first_l = var.config.first_l
+            sos = cond_1D.unsqueeze(1) + var.pos_start + var._lvl_pos()[:, :first_l]  # (1, first_l, C)
+        text = None if text is None else tuple(t.expand(U, *t.shape[1:]) for t in text)
+        return var.shared_ada_lin(cond_1D), text, sos
+
+    @property
+    def shared_rows(self) -> bool:
+        """Whether some rows share a side row (guidance copies)."""
+        return len(self.reps) != len(self.side_R)
+
     def keep_rows(self, n):
         super().keep_rows(n)
-        self.mods = [m[:n] for m in self.mods]
-        self.texts = [text_rows(t, n) for t in self.texts]
+        # the first n rows' side rows are the first U: a side row is run for the first row that has it
+        self.side_R = self.side_R[:n]
+        U = max(self.side_R, default=-1) + 1
+        self.reps = self.reps[:U]
+        if not self.unconditioned:
+            self.mods = [m[:U] for m in self.mods]
+        self.texts = [text_rows(t, U) for t in self.texts]
         for cache in self.caches:
-            cache.keep_rows(n)
+            cache.keep_rows(U)
+
+    def _side_input(self, x, begin, end):
+        """The side branch's input tokens and control features (U, l, .): one row per side row; under the
+        null condition the first scale's tokens are the null condition's."""
+        f = self.features(begin, end)
+        if not self.unconditioned:
+            return x, f
+        if self.shared_rows:
+            reps = torch.tensor(self.reps, device=x.device)
+            x, f = x[reps], f[reps]
+        if begin == 0:  # the first tokens hold the condition (the start token)
+            first_l = self.sos.shape[1]
+            sos = self.sos.to(x.dtype).expand(x.shape[0], -1, -1)
+            x = torch.cat((sos, x[:, first_l:]), dim=1)
+        return x, f
 
     def block_input(self, i, x, begin, end):
         inj = self.injector
@@ -68,12 +119,15 @@ class CARSession(Session):
             self.outputs = []
         elif i == 0:  # run the side branch on this call's input tokens, once per scale
             mask = self.mask(begin, end)
-            f = self.features(begin, end)
-            h = x + inj.fuse_in(f.to(inj.fuse_in.weight.dtype)).to(x.dtype)
+            x_side, f = self._side_input(x, begin, end)
+            h = x_side + inj.fuse_in(f.to(inj.fuse_in.weight.dtype)).to(x.dtype)
             self.outputs = []
             for block, mod, cache, text, out in zip(inj.blocks, self.mods, self.caches, self.texts, inj.outs):
                 h = block(h, mod, mask, cache=cache, text=text)
                 self.outputs.append(out(h))
+            if self.shared_rows:  # back to every row
+                index = torch.tensor(self.side_R, device=x.device)
+                self.outputs = [o[index] for o in self.outputs]
         j = i - inj.first_target
         if 0 <= j < len(self.outputs):
             x = x + self.scaled(self.outputs[j].to(x.dtype), begin, end)
