@@ -194,6 +194,12 @@ class VAR(GenerateMixin, Model):
     def _lvl_pos(self) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L) + self.pos_1LC  # (1, L, C)
 
+    def _start_tokens(self, cond_BD: torch.Tensor, lvl_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The first scale's input (B, first_l, C) while sampling: the condition plus the start position
+        (``lvl_pos``: ``_lvl_pos()`` if already computed)."""
+        lvl_pos = self._lvl_pos() if lvl_pos is None else lvl_pos
+        return cond_BD.unsqueeze(1) + (self.pos_start + lvl_pos[:, : self.config.first_l])
+
     def _head(self, h_BlC: torch.Tensor, mod_B12C: torch.Tensor) -> torch.Tensor:
         """The head runs in the weights' dtype (float32 unless the model was cast), logits in float32."""
         dtype = self.head.weight.dtype

@@ -39,9 +39,7 @@ class ScaleRunner:
 
     def start(self) -> torch.Tensor:
         """The first scale's input (R, first_l, C): the condition plus the start position."""
-        c, R = self.config, self.R
-        pos = self.var.pos_start.expand(R, -1, -1) + self.lvl_pos[:, : c.first_l]
-        return self.cond_BD.unsqueeze(1).expand(R, c.first_l, -1) + pos
+        return self.var._start_tokens(self.cond_BD, self.lvl_pos)
 
     def embed(self, si: int, next_BlCv: torch.Tensor) -> torch.Tensor:
         """Scale ``si``'s input (R, l, C) from the (B, l, Cv) code vectors of the running f_hat; every copy of

@@ -72,12 +72,11 @@ class CARSession(Session):
     @staticmethod
     def _null_condition(var, U: int):
         """The side blocks' shared modulation input (1 row), text (U rows) and first-scale tokens (1 row)
-        under the VAR's null condition, as ``VAR.forward`` embeds a condition (float32)."""
+        under the VAR's null condition, embedded in float32 as the VAR embeds a condition."""
         device_type = var.lvl_1L.device.type
         with torch.autocast(device_type, enabled=False):
             cond_1D, text = var._embed_condition(var.null_condition(1), drop=False)
-            first_l = var.config.first_l
-            sos = cond_1D.unsqueeze(1) + var.pos_start + var._lvl_pos()[:, :first_l]  # (1, first_l, C)
+            sos = var._start_tokens(cond_1D)  # (1, first_l, C)
         text = None if text is None else tuple(t.expand(U, *t.shape[1:]) for t in text)
         return var.shared_ada_lin(cond_1D), text, sos
 
