@@ -258,6 +258,20 @@ def test_sigterm_stops_test_after_its_batch_and_the_same_command_goes_on(toy_con
     assert not list((toy_conf.parent.parent / "runs" / "toy" / "test_progress").iterdir())
 
 
+def test_test_progress_is_a_setting(toy_conf, capsys):
+    """callbacks.test_progress: every_s sets how often a test's progress is kept (0: after every batch, which
+    makes its folder), null keeps none, and a negative interval is refused naming the setting."""
+    assert main(["fit", "-c", str(toy_conf), "run.version=v", "trainer.max_steps=2"]) == 0
+    ckpt = f"ckpt_path={toy_conf.parent.parent / 'runs' / 'toy' / 'v' / 'checkpoints' / 'last.ckpt'}"
+    progress = toy_conf.parent.parent / "runs" / "toy" / "test_progress"
+    assert main(["test", "-c", str(toy_conf), ckpt, "callbacks.test_progress=null"]) == 0
+    assert not progress.exists()
+    assert main(["test", "-c", str(toy_conf), ckpt, "callbacks.test_progress.every_s=0"]) == 0
+    assert progress.is_dir() and not list(progress.iterdir())  # saved on the way, removed at the end
+    assert main(["test", "-c", str(toy_conf), ckpt, "callbacks.test_progress.every_s=-1"]) != 0
+    assert "callbacks.test_progress: every_s: seconds between two saves" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("interval", [2, 4])  # validation mid-epoch, and at the end of the epoch
 def test_sigterm_during_validation_is_saved_so_that_the_resumed_run_validates_again(
     toy_conf, capfd, interval

@@ -67,15 +67,25 @@ def set_metric_state(metric: Metric, saved: dict) -> None:
 
 
 class TestProgress(L.Callback):
-    """See the module docstring. ``config``: the run's composed config (what the scores depend on)."""
+    """See the module docstring. ``directory``: where the saves go (needed by the test; the CLI gives the
+    run's ``<run.root>/<run.name>/test_progress``); ``run_config``: the run's composed config (what the scores
+    depend on); ``every_s``: the seconds between two saves (``callbacks.test_progress.every_s``)."""
 
     __test__ = False  # a callback, not a pytest class
 
-    def __init__(self, directory: str | os.PathLike, config: dict | None = None, every_s: float = 300.0):
+    def __init__(
+        self,
+        directory: str | os.PathLike | None = None,
+        run_config: dict | None = None,
+        every_s: float = 300.0,
+    ):
         # time, not batches: the generated features grow with the batches, so a save costs more and more
-        self.directory, self.every_s = Path(directory), float(every_s)
+        if not float(every_s) >= 0:
+            raise ValueError(f"every_s: seconds between two saves of the progress (>= 0), got {every_s}")
+        self.directory = None if directory is None else Path(directory)
+        self.every_s = float(every_s)
         self.last_save = 0.0
-        config = {k: v for k, v in dict(config or {}).items() if k not in IGNORED}
+        config = {k: v for k, v in dict(run_config or {}).items() if k not in IGNORED}
         if isinstance(config.get("data"), dict):
             config["data"] = {k: v for k, v in config["data"].items() if k not in LOADING}
         self.config = json.dumps(config, sort_keys=True, default=str)
@@ -90,6 +100,8 @@ class TestProgress(L.Callback):
         return self.directory / f"{stem}.pt", self.directory / f"{stem}.previous.pt"
 
     def on_test_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.directory is None:
+            raise ValueError("TestProgress: no directory for the saves (the CLI gives the run's)")
         self.key = {
             "config": self.config,
             "weights": weights_digest(module),  # this process's shards under FSDP

@@ -215,6 +215,22 @@ def _build(data: dict, key: str, config_file: str | Path, **kwargs):
         raise
 
 
+def _callback(data: dict, name: str, config_file: str | Path, given: dict | None):
+    """The callback ``callbacks.<name>``; ``given``: arguments from the run (the run's config, its folder),
+    passed to the constructor directly rather than through Hydra, which would read the config's values as
+    its own nodes and interpolations."""
+    key = f"callbacks.{name}"
+    if not given:
+        return _build(data, key, config_file)
+    make = _build(data, key, config_file, _partial_=True)
+    try:
+        return make(**given)
+    except ValueError as e:
+        from varctl.cli.config import ConfigError
+
+        raise ConfigError(f"{config_file}: {key}: {e}") from e
+
+
 def run(command: str, data: dict, config_file: str | Path):
     """Build data, model and trainer from a validated config and run ``command``; returns the trainer."""
     previous = os.environ.get(RUN_VERSION_ENV)
@@ -233,7 +249,7 @@ def _run(command: str, data: dict, config_file: str | Path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from varctl.callbacks import EvaluationWriter, ImageWriter, PreemptionCheckpoint, TestProgress
+    from varctl.callbacks import EvaluationWriter, ImageWriter, PreemptionCheckpoint
     from varctl.checkpoints import AtomicCheckpointIO
     from varctl.cli.config import ConfigError, as_yaml
     from varctl.files import atomic_write_text
@@ -270,7 +286,9 @@ def _run(command: str, data: dict, config_file: str | Path):
             raise ConfigError(f"{config_file}: {e}") from e
 
     named = (data.get("callbacks") or {}).items()
-    callbacks = [_build(data, f"callbacks.{name}", config_file) for name, node in named if node]
+    # what a callback takes from the run rather than from its config node
+    given = {"test_progress": {"directory": Path(root) / name / "test_progress", "run_config": data}}
+    callbacks = [_callback(data, k, config_file, given.get(k)) for k, node in named if node]
     out_dir = _fresh(log_dir / "predictions")
     if getattr(datamodule, "output_dir", None) is not None:  # generation jobs write where the user says
         out_dir = Path(datamodule.output_dir)
@@ -284,8 +302,6 @@ def _run(command: str, data: dict, config_file: str | Path):
         callbacks.append(ImageWriter(out_dir))
     if command == "test":  # <run>/eval/test.json: the scores with what produced them
         callbacks.append(EvaluationWriter(log_dir / "eval", data, ckpt))
-        # a stopped test goes on with the same command: its metrics are kept every few batches
-        callbacks.append(TestProgress(Path(root) / name / "test_progress", data))
     extra = {}  # callbacks.checkpoint=null: no checkpoints, rather than Lightning's default ModelCheckpoint
     if (
         not any(isinstance(c, ModelCheckpoint) for c in callbacks)
