@@ -211,10 +211,10 @@ def test_settings_errors_name_the_key(files, tmp_path):
         make_trainer(tmp_path).fit(m, make_data(m, controls=["edges"]))
 
 
-def test_a_car_checkpoint_refuses_another_car_condition(files, tmp_path):
-    """car_condition shapes no weight, so strict loading cannot tell: a checkpoint trained with CAR's class
-    conditioning is refused by a run configured without it (and the other way), naming the setting; the same
-    setting loads."""
+def test_a_car_checkpoint_refuses_another_car_condition_or_receiving_block(files, tmp_path):
+    """car_condition and the receiving blocks shape no weight, so strict loading cannot tell: a checkpoint
+    trained with CAR's class conditioning is refused by a run configured without it, or with its side output
+    entering another block, naming the setting; the same settings load."""
     from varctl.checkpoints import CheckpointMismatch
 
     branch = {**BRANCH, "injector": "car", "car_blocks": 1}
@@ -226,6 +226,10 @@ def test_a_car_checkpoint_refuses_another_car_condition(files, tmp_path):
     other = make_control(files, control={**branch, "car_condition": "none"})
     with pytest.raises(CheckpointMismatch, match=r"car\.ckpt: .*car_condition=class \(here none\); give "):
         other.check_fits(tmp_path / "car.ckpt")
+    # the receiving block (the last by default) shapes no weight either: another one of the same count
+    moved = make_control(files, control={**branch, "car_condition": "class", "blocks": [0]})
+    with pytest.raises(CheckpointMismatch, match=r"car\.ckpt: .*model\.control\.blocks=\[1\] \(here \[0\]\)"):
+        moved.check_fits(tmp_path / "car.ckpt")
 
 
 def test_unlabelled_controls_sample_the_null_class(files):

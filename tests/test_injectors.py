@@ -22,7 +22,9 @@ from varctl.models.var import VAR, VARConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VARIANTS = [*INJECTORS, "car-none"]  # car-none: car with car_condition="none" (side rows shared by guidance)
+# car-none: car with car_condition="none" (side rows shared by guidance); car-fan: also one side block feeding
+# both backbone blocks (blocks [0, 1], each through its own zero-initialised layer)
+VARIANTS = [*INJECTORS, "car-none", "car-fan"]
 ZERO_INIT = [i for i in VARIANTS if i != "prefill"]
 TINY_VIT = {"encoder_name": "vit_tiny_patch16_224", "encoder_input": 32, "encoder_layers": [0, 1],
             "encoder_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}  # fmt: skip
@@ -31,6 +33,8 @@ TINY_VIT = {"encoder_name": "vit_tiny_patch16_224", "encoder_input": 32, "encode
 def make_branch(var, injector="scalar", **fields) -> ControlBranch:
     if injector == "car-none":
         injector, fields = "car", {"car_condition": "none", **fields}
+    if injector == "car-fan":
+        injector, fields = "car", {"car_condition": "none", "car_blocks": 1, "blocks": [0, 1], **fields}
     fields.setdefault("width", 8)
     fields.setdefault("feature_dim", 16)
     fields.setdefault("adapter_dim", 32)
@@ -103,7 +107,47 @@ def test_car_side_branch_starts_as_the_backbone_blocks(var):
     branch = make_branch(var, "car", car_blocks=1)
     side, block = branch.injector.blocks[0].state_dict(), var.blocks[0].state_dict()
     assert side.keys() == block.keys() and all(torch.equal(side[k], block[k]) for k in side)
-    assert branch.injector.first_target == 1  # the later backbone block receives it
+    assert branch.injector.slot == {1: 0}  # the later backbone block receives it
+
+
+def test_car_side_block_feeds_every_receiving_block_through_its_own_layer(var, golden):
+    """blocks [0, 1] with one side block: both backbone blocks receive its output, each through its own
+    zero-initialised layer (m * N // M picks the side block); fewer receiving blocks than side blocks are
+    refused by name."""
+    branch = make_branch(var, "car", car_blocks=1, blocks=[0, 1])
+    inj = branch.injector
+    assert inj.slot == {0: 0, 1: 1} and inj.sources == [0, 0] and len(inj.outs) == 2
+    labels, x = golden["labels"], golden["x_BLCv_wo_first_l"]
+    logits = {}
+    for m in (None, 0, 1):  # each receiving layer alone moves the logits
+        fed = copy.deepcopy(branch)
+        if m is not None:
+            torch.nn.init.normal_(fed.injector.outs[m].weight, std=0.05)
+        with torch.no_grad():
+            logits[m] = var(labels, x, control=fed.encode(maps_for(4)))
+    assert (logits[None] - golden["logits_BLV"]).abs().max() < 1e-5
+    assert all((logits[m] - logits[None]).abs().amax() > 1e-3 for m in (0, 1))
+    assert not torch.allclose(logits[0], logits[1])
+    assert make_branch(var, "car", car_blocks=2, blocks=[0, 1]).injector.sources == [0, 1]
+    with pytest.raises(ValueError, match="blocks.*car_blocks = 2"):
+        make_branch(var, "car", car_blocks=2, blocks=[1])
+
+
+def test_car_targets_rest_feeds_every_block_after_the_copies():
+    """car_targets="rest": the blocks after the N copied ones receive the side outputs, in equal runs (d6,
+    N=2: blocks 2, 3 from side block 0 and 4, 5 from side block 1); "last" is CAR's one block each."""
+    from varctl.models.control.injectors.car import CARInjector
+
+    small = {"injector": "car", "depth": 6, "embed_dim": 32, "num_heads": 2, "cond_dim": 32, "car_blocks": 2}
+    rest = CARInjector(ControlConfig(**small, car_targets="rest"))
+    assert rest.slot == {2: 0, 3: 1, 4: 2, 5: 3} and rest.sources == [0, 0, 1, 1] and len(rest.outs) == 4
+    last = CARInjector(ControlConfig(**small))
+    assert last.slot == {4: 0, 5: 1} and last.sources == [0, 1]
+    assert ControlConfig(**{**small, "car_blocks": 1}, car_targets="rest").injected_blocks == (1, 2, 3, 4, 5)
+    with pytest.raises(ValueError, match='car_targets must be "last" when car_blocks is the depth'):
+        ControlConfig(**{**small, "car_blocks": 6}, car_targets="rest")
+    with pytest.raises(ValueError, match="car_targets must be"):
+        ControlConfig(**small, car_targets="first")
 
 
 def side_outputs(branch):

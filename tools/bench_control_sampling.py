@@ -5,7 +5,8 @@
                                            [--device cpu]
 
 ``car-none`` is car with ``car_condition="none"``: its side branch runs once for a sample and its
-class-guidance copy.
+class-guidance copy. ``demo`` is the branch of ``conf/control.yaml`` (its injector and their settings: the
+demo's).
 
 The demo's shapes (``conf/tokenizer.yaml``'s tokenizer at 64 px, a class VAR of ``--var-depth``, the
 control branch of ``conf/control.yaml``) with random weights: the time of a call does not depend on the
@@ -39,9 +40,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--injectors", default=",".join([*INJECTORS, "car-none"]),
+    parser.add_argument("--injectors", default=",".join([*INJECTORS, "car-none", "demo"]),
                         help='car-none: car with car_condition="none" (one side pass for a sample and its '
-                             'guidance copy)')  # fmt: skip
+                             'guidance copy); demo: the branch of conf/control.yaml')  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--var-depth", type=int, default=4)
@@ -74,11 +75,15 @@ def main() -> None:
     print(f"{machine(dev)}, torch {torch.__version__}; VAR d{args.var_depth}, {vc.resolution} px, "
           f"batch {B}, guidance 3, decode included; medians of {args.repeats} alternating calls")  # fmt: skip
     print(f"{'injector':<10} {'control':>9} {'off from scale ' + str(off_from):>20}")
+    settings = ("blocks", "car_blocks", "car_condition", "car_targets", "prefix_side", "adapter_dim")
+    demo = {k: control_conf[k] for k in settings if control_conf.get(k) is not None}  # conf/control.yaml's
     for name in args.injectors.split(","):
         injector, _, condition = name.partition("-")
         extra = {"car_blocks": args.car_blocks} if injector == "car" and args.car_blocks else {}
         if condition:
             extra["car_condition"] = condition
+        if name == "demo":
+            injector, extra = control_conf["injector"], dict(demo)
         config = ControlConfig.for_var(var.config, resolution=vc.resolution, injector=injector,
                                        modalities=["edges"], **fields, **extra)  # fmt: skip
         model = ControlledVAR(var, ControlBranch.build(config).init_from_backbone(var)).eval().to(dev)
@@ -91,7 +96,7 @@ def main() -> None:
             args.repeats,
             dev,
         )
-        label = name + (f" N={args.car_blocks}" if "car_blocks" in extra else "")
+        label = name + (f" N={args.car_blocks}" if name != "demo" and "car_blocks" in extra else "")
         print(f"{label:<10} {t['control'] / t['plain']:>8.2f}x {t['early'] / t['plain']:>19.2f}x", flush=True)
 
 

@@ -12,6 +12,7 @@ that a model ignoring its controls would reach on the first.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -329,17 +330,17 @@ class ControlModule(VARModule):
         super().on_load_checkpoint(checkpoint)
         if checkpoint.get("state_dict") is not None:
             upgrade_control_keys(checkpoint["state_dict"])
-        # a setting that changes what the branch computes but no weight's shape: strict loading cannot see it
+        # settings that change what the branch computes but no weight's shape: strict loading cannot see them
         saved = ((checkpoint.get("varctl") or {}).get("control") or {}).get("config")
-        config = self.control.config
-        if saved is not None and config.injector == "car":
-            trained = saved.get("car_condition", "class")  # files from before the setting: CAR's own
-            if trained != config.car_condition:
-                path = getattr(self._trainer, "ckpt_path", None) or self._checkpoint_path or "the checkpoint"
+        if saved is not None:
+            path = getattr(self._trainer, "ckpt_path", None) or self._checkpoint_path or "the checkpoint"
+            differences = unshaped_differences(saved, self.control.config)
+            if differences:
+                was = ", ".join(f"model.control.{k}={old} (here {here})" for k, old, here in differences)
+                give = " ".join(f"model.control.{k}={trained}" for k, trained, _ in differences)
                 raise CheckpointMismatch(
-                    f"{path}: its control branch was trained with model.control.car_condition={trained} "
-                    f"(here {config.car_condition}); give model.control.car_condition={trained} on the "
-                    "command line (the setting conditions CAR's side blocks and shapes no weight)"
+                    f"{path}: its control branch was trained with {was}; give {give} on the command line "
+                    "(these settings shape no weight, so the weights alone cannot tell)"
                 )
 
     def checkpoint_entries(self) -> dict[str, dict]:
@@ -352,6 +353,26 @@ class ControlModule(VARModule):
             entries["var_ema"] = self.var.checkpoint_entry("ema.module.var.")
             entries["control_ema"] = self.control.checkpoint_entry("ema.module.control.")
         return entries
+
+
+def unshaped_differences(saved: dict, config: ControlConfig) -> list[tuple[str, Any, Any]]:
+    """(key, the file's value, this run's) for the branch settings that shape no weight but change what it
+    computes and differ between a saved branch config (``saved``) and ``config``: which blocks receive the
+    control (``blocks``, resolved to its default), and car's ``car_condition`` (files from before the
+    setting: CAR's own "class")."""
+    out = []
+    if config.injector == "car" and saved.get("injector", "car") == "car":
+        trained = saved.get("car_condition", "class")
+        if trained != config.car_condition:
+            out.append(("car_condition", trained, config.car_condition))
+    fields = {f.name for f in dataclasses.fields(ControlConfig)}
+    try:
+        blocks = ControlConfig(**{k: v for k, v in saved.items() if k in fields}).injected_blocks
+    except (TypeError, ValueError):  # another version's config: the weights' check is what remains
+        return out
+    if saved.get("injector") == config.injector and blocks != config.injected_blocks:
+        out.append(("blocks", list(blocks), list(config.injected_blocks)))
+    return out
 
 
 def check_tuning(train_backbone) -> None:

@@ -27,7 +27,10 @@ class ControlConfig(ModelConfig):
 
     Injector (``injector``, one of INJECTORS): how the encoded control enters the VAR. ``blocks``: the
     blocks that receive control (scalar: default all; controlar: default 0, depth/3, 2 depth/3; ecm: default
-    every second block). ``car_blocks``: CAR's side branch copies the first N blocks (default depth / 2);
+    every second block; car: ``car_targets``, at least N). ``car_blocks``: CAR's side branch copies the
+    first N blocks (default depth / 2); ``car_targets``: the blocks its outputs enter unless ``blocks`` says,
+    "last" (CAR: the last N, one per side block) or "rest" (every block after the N copied ones, each side
+    block feeding an equal run of them through layers of their own);
     ``car_condition``: what its blocks are conditioned on, "class" (CAR: each sample's class or text) or
     "none" (no sample's: the VAR's null condition; the branch then reads only the tokens and the control, so
     a sample and its class-guidance copy share one pass, half its cost when sampling with guidance).
@@ -57,6 +60,7 @@ class ControlConfig(ModelConfig):
     blocks: tuple[int, ...] | None = None
     car_blocks: int | None = None
     car_condition: str = "class"
+    car_targets: str = "last"
     prefix_side: int | None = None
     prefix_locality: float = 4.0
     adapter_dim: int = 64
@@ -116,7 +120,14 @@ class ControlConfig(ModelConfig):
             )
         if self.car_blocks is not None:
             self.require(1 <= self.car_blocks <= self.depth, "car_blocks", f"in [1, {self.depth}]")
+        if self.injector == "car" and self.blocks is not None:
+            need = f"at least car_blocks = {self.side_blocks} blocks (each side block feeds one)"
+            self.require(len(self.blocks) >= self.side_blocks, "blocks", need)
         self.require(self.car_condition in ("class", "none"), "car_condition", '"class" or "none"')
+        self.require(self.car_targets in ("last", "rest"), "car_targets", '"last" or "rest"')
+        if self.injector == "car" and self.blocks is None and self.car_targets == "rest":
+            rest = f'"last" when car_blocks is the depth ({self.depth}): "rest" leaves no block to feed'
+            self.require(self.side_blocks < self.depth, "car_targets", rest)
         for name in ("control_drop_rate", "modality_drop_rate"):
             self.require(0 <= getattr(self, name) < 1, name, "in [0, 1)")
 
@@ -130,9 +141,12 @@ class ControlConfig(ModelConfig):
 
     @property
     def injected_blocks(self) -> tuple[int, ...]:
-        """The blocks whose input (scalar, controlar) or output (ecm) receives control."""
+        """The blocks whose input (scalar, controlar, car) or output (ecm) receives control."""
         if self.blocks is not None:
             return tuple(sorted(self.blocks))
+        if self.injector == "car":
+            first = self.side_blocks if self.car_targets == "rest" else self.depth - self.side_blocks
+            return tuple(range(first, self.depth))
         if self.injector == "controlar":
             return tuple(sorted({0, self.depth // 3, 2 * self.depth // 3}))
         if self.injector == "ecm":

@@ -1,7 +1,9 @@
 """``car`` (after CAR, Yao et al. 2024): a side branch of copies of the backbone's first N blocks,
-initialised from the backbone, is fed the block-0 input tokens plus the encoded control. The output of side
-block j enters backbone block depth - N + j (the later blocks) through a zero-initialised linear layer, scale
-by scale; the side branch keeps its own KV caches while sampling. ``car_blocks`` is N (default depth / 2).
+initialised from the backbone, is fed the block-0 input tokens plus the encoded control. The side outputs
+enter the backbone blocks ``blocks`` (default the last N, one per side block as in CAR) through
+zero-initialised linear layers, scale by scale: with M >= N receiving blocks, the m-th of them takes side
+block m * N // M (so one side block can feed several backbone blocks). The side branch keeps its own KV
+caches while sampling. ``car_blocks`` is N (default depth / 2).
 While sampling, the side branch stops at the first scale from which the control strength is 0 throughout
 (``control_strength``), so control on the early scales only costs less.
 
@@ -33,11 +35,12 @@ class CARInjector(Injector):
                        shared_aln=c.shared_aln, attn_l2_norm=c.attn_l2_norm, cross_attn=c.text)
             for _ in range(N)
         )  # fmt: skip
-        self.outs = nn.ModuleList(nn.Linear(C, C) for _ in range(N))
+        M = len(c.injected_blocks)  # the receiving backbone blocks (self.slot: block -> its index m)
+        self.outs = nn.ModuleList(nn.Linear(C, C) for _ in range(M))
         for lin in self.outs:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
-        self.first_target = c.depth - N  # side block j feeds backbone block first_target + j
+        self.sources = [m * N // M for m in range(M)]  # the side block whose output the m-th one receives
 
     def init_from_backbone(self, var):
         for side, block in zip(self.blocks, var.blocks):
@@ -120,14 +123,15 @@ class CARSession(Session):
             mask = self.mask(begin, end)
             x_side, f = self._side_input(x, begin, end)
             h = x_side + inj.fuse_in(f.to(inj.fuse_in.weight.dtype)).to(x.dtype)
-            self.outputs = []
-            for block, mod, cache, text, out in zip(inj.blocks, self.mods, self.caches, self.texts, inj.outs):
+            hs = []
+            for block, mod, cache, text in zip(inj.blocks, self.mods, self.caches, self.texts):
                 h = block(h, mod, mask, cache=cache, text=text)
-                self.outputs.append(out(h))
+                hs.append(h)
+            self.outputs = [out(hs[j]) for out, j in zip(inj.outs, inj.sources)]
             if self.shared_rows:  # back to every row
                 index = torch.tensor(self.side_R, device=x.device)
                 self.outputs = [o[index] for o in self.outputs]
-        j = i - inj.first_target
-        if 0 <= j < len(self.outputs):
-            x = x + self.scaled(self.outputs[j].to(x.dtype), begin, end)
+        m = inj.slot.get(i)
+        if m is not None and self.outputs:
+            x = x + self.scaled(self.outputs[m].to(x.dtype), begin, end)
         return x
