@@ -230,6 +230,11 @@ def test_a_car_checkpoint_refuses_another_car_condition_or_receiving_block(files
     moved = make_control(files, control={**branch, "car_condition": "class", "blocks": [0]})
     with pytest.raises(CheckpointMismatch, match=r"car\.ckpt: .*model\.control\.blocks=\[1\] \(here \[0\]\)"):
         moved.check_fits(tmp_path / "car.ckpt")
+    # more receiving blocks: the weights differ, and their check names them (not a setting to give)
+    more = make_control(files, control={**branch, "car_condition": "class", "blocks": [0, 1]})
+    with pytest.raises(CheckpointMismatch, match=r"injector\.outs\.1\.weight") as e:
+        more.check_fits(tmp_path / "car.ckpt")
+    assert "give model.control" not in str(e.value)
 
 
 def test_unlabelled_controls_sample_the_null_class(files):

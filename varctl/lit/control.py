@@ -357,21 +357,22 @@ class ControlModule(VARModule):
 
 def unshaped_differences(saved: dict, config: ControlConfig) -> list[tuple[str, Any, Any]]:
     """(key, the file's value, this run's) for the branch settings that shape no weight but change what it
-    computes and differ between a saved branch config (``saved``) and ``config``: which blocks receive the
-    control (``blocks``, resolved to its default), and car's ``car_condition`` (files from before the
-    setting: CAR's own "class")."""
-    out = []
-    if config.injector == "car" and saved.get("injector", "car") == "car":
-        trained = saved.get("car_condition", "class")
-        if trained != config.car_condition:
-            out.append(("car_condition", trained, config.car_condition))
+    computes and differ between a saved branch config (``saved``) and ``config``, when the weights fit
+    (otherwise the weights' check names what differs): car's ``car_condition`` (files from before the
+    setting: CAR's own "class") and which blocks receive the control (``blocks``, resolved)."""
     fields = {f.name for f in dataclasses.fields(ControlConfig)}
     try:
-        blocks = ControlConfig(**{k: v for k, v in saved.items() if k in fields}).injected_blocks
+        then = ControlConfig(**{k: v for k, v in saved.items() if k in fields})
     except (TypeError, ValueError):  # another version's config: the weights' check is what remains
-        return out
-    if saved.get("injector") == config.injector and blocks != config.injected_blocks:
-        out.append(("blocks", list(blocks), list(config.injected_blocks)))
+        return []
+    blocks, here = then.injected_blocks, config.injected_blocks
+    if (then.injector, len(blocks), then.side_blocks) != (config.injector, len(here), config.side_blocks):
+        return []
+    out = []
+    if config.injector == "car" and then.car_condition != config.car_condition:
+        out.append(("car_condition", then.car_condition, config.car_condition))
+    if blocks != here:
+        out.append(("blocks", list(blocks), list(here)))  # as Hydra writes a list
     return out
 
 

@@ -1,9 +1,10 @@
 """``car`` (after CAR, Yao et al. 2024): a side branch of copies of the backbone's first N blocks,
 initialised from the backbone, is fed the block-0 input tokens plus the encoded control. The side outputs
-enter the backbone blocks ``blocks`` (default the last N, one per side block as in CAR) through
-zero-initialised linear layers, scale by scale: with M >= N receiving blocks, the m-th of them takes side
-block m * N // M (so one side block can feed several backbone blocks). The side branch keeps its own KV
-caches while sampling. ``car_blocks`` is N (default depth / 2).
+enter the backbone blocks ``blocks`` (by default ``car_targets``: "last", the last N, one per side block as
+in CAR, or "rest", every block after the N copied ones) through zero-initialised linear layers, scale by
+scale: with M >= N receiving blocks, the m-th of them takes side block m * N // M (so one side block can
+feed several backbone blocks). The side branch keeps its own KV caches while sampling. ``car_blocks`` is N
+(default depth / 2).
 While sampling, the side branch stops at the first scale from which the control strength is 0 throughout
 (``control_strength``), so control on the early scales only costs less.
 
