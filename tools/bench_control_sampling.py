@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--var-depth", type=int, default=4)
-    parser.add_argument("--car-blocks", type=int, default=None, help="CAR's side blocks (default depth / 2)")
+    parser.add_argument("--car-blocks", type=int, default=None,
+                        help="CAR's side blocks (default depth / 2; demo: conf/control.yaml's)")  # fmt: skip
     parser.add_argument("--off-from", type=int, default=None, help="default: the last scale")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -79,11 +80,11 @@ def main() -> None:
     demo = {k: control_conf[k] for k in settings if control_conf.get(k) is not None}  # conf/control.yaml's
     for name in args.injectors.split(","):
         injector, _, condition = name.partition("-")
-        extra = {"car_blocks": args.car_blocks} if injector == "car" and args.car_blocks else {}
-        if condition:
-            extra["car_condition"] = condition
-        if name == "demo":
+        extra = {"car_condition": condition} if condition else {}
+        if name == "demo":  # conf/control.yaml's branch (with --car-blocks: that many side blocks)
             injector, extra = control_conf["injector"], dict(demo)
+        if injector == "car" and args.car_blocks:
+            extra["car_blocks"] = args.car_blocks
         config = ControlConfig.for_var(var.config, resolution=vc.resolution, injector=injector,
                                        modalities=["edges"], **fields, **extra)  # fmt: skip
         model = ControlledVAR(var, ControlBranch.build(config).init_from_backbone(var)).eval().to(dev)
@@ -96,7 +97,7 @@ def main() -> None:
             args.repeats,
             dev,
         )
-        label = name + (f" N={args.car_blocks}" if name != "demo" and "car_blocks" in extra else "")
+        label = name + (f" N={args.car_blocks}" if injector == "car" and args.car_blocks else "")
         print(f"{label:<10} {t['control'] / t['plain']:>8.2f}x {t['early'] / t['plain']:>19.2f}x", flush=True)
 
 
