@@ -260,13 +260,23 @@ def test_sigterm_stops_test_after_its_batch_and_the_same_command_goes_on(toy_con
 
 def test_test_progress_is_a_setting(toy_conf, capsys):
     """callbacks.test_progress: every_s sets how often a test's progress is kept (0: after every batch, which
-    makes its folder), null keeps none, and a negative interval is refused naming the setting."""
+    makes its folder), null keeps none (no such callback in the test), and a negative interval is refused
+    naming the setting."""
+    from varctl.callbacks import TestProgress
+    from varctl.cli import run
+    from varctl.cli.config import compose, validate
+
     assert main(["fit", "-c", str(toy_conf), "run.version=v", "trainer.max_steps=2"]) == 0
     ckpt = f"ckpt_path={toy_conf.parent.parent / 'runs' / 'toy' / 'v' / 'checkpoints' / 'last.ckpt'}"
     progress = toy_conf.parent.parent / "runs" / "toy" / "test_progress"
-    assert main(["test", "-c", str(toy_conf), ckpt, "callbacks.test_progress=null"]) == 0
-    assert not progress.exists()
-    assert main(["test", "-c", str(toy_conf), ckpt, "callbacks.test_progress.every_s=0"]) == 0
+
+    def kept(*overrides: str) -> list[TestProgress]:
+        trainer = run("test", validate(compose(toy_conf, [ckpt, *overrides]), toy_conf), toy_conf)
+        return [c for c in trainer.callbacks if isinstance(c, TestProgress)]
+
+    assert kept("callbacks.test_progress=null") == [] and not progress.exists()
+    (every,) = kept("callbacks.test_progress.every_s=0")
+    assert every.every_s == 0 and every.directory.resolve() == progress.resolve()
     assert progress.is_dir() and not list(progress.iterdir())  # saved on the way, removed at the end
     assert main(["test", "-c", str(toy_conf), ckpt, "callbacks.test_progress.every_s=-1"]) != 0
     assert "callbacks.test_progress: every_s: seconds between two saves" in capsys.readouterr().err

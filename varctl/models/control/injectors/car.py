@@ -65,6 +65,7 @@ class CARSession(Session):
             shared, text, self.sos = self._null_condition(ctx.var, len(self.reps))
         else:
             shared, text = ctx.shared, ctx.text
+        self._index_rows()
         self.mods = [b.modulation(shared) for b in inj.blocks]
         self.texts = [
             None if text is None else (b.cross_attn.context(text[0]), *text[1:]) for b in inj.blocks
@@ -84,10 +85,15 @@ class CARSession(Session):
         text = None if text is None else tuple(t.expand(U, *t.shape[1:]) for t in text)
         return var.shared_ada_lin(cond_1D), text, sos
 
-    @property
-    def shared_rows(self) -> bool:
-        """Whether some rows share a side row (guidance copies)."""
-        return len(self.reps) != len(self.side_R)
+    def _index_rows(self) -> None:
+        """The row indices as tensors, once per call (the sampling loop gathers with them at every scale):
+        ``reps_U`` the rows the side rows are run for, ``side_R`` each row's side row; None when every row
+        is its own side row."""
+        self.reps_U = self.side_index_R = None
+        if len(self.reps) != len(self.side_R):  # guidance copies share a side row
+            device = self.ctx.tokens_RLF.device
+            self.reps_U = torch.tensor(self.reps, device=device)
+            self.side_index_R = torch.tensor(self.side_R, device=device)
 
     def keep_rows(self, n):
         super().keep_rows(n)
@@ -100,6 +106,7 @@ class CARSession(Session):
         self.texts = [text_rows(t, U) for t in self.texts]
         for cache in self.caches:
             cache.keep_rows(U)
+        self._index_rows()
 
     def _side_input(self, x, begin, end):
         """The side branch's input tokens and control features (U, l, .): one row per side row; under the
@@ -107,9 +114,8 @@ class CARSession(Session):
         f = self.features(begin, end)
         if not self.unconditioned:
             return x, f
-        if self.shared_rows:
-            reps = torch.tensor(self.reps, device=x.device)
-            x, f = x[reps], f[reps]
+        if self.reps_U is not None:
+            x, f = x[self.reps_U], f[self.reps_U]
         if begin == 0:  # the first tokens hold the condition (the start token)
             first_l = self.sos.shape[1]
             sos = self.sos.to(x.dtype).expand(x.shape[0], -1, -1)
@@ -129,9 +135,8 @@ class CARSession(Session):
                 h = block(h, mod, mask, cache=cache, text=text)
                 hs.append(h)
             self.outputs = [out(hs[j]) for out, j in zip(inj.outs, inj.sources)]
-            if self.shared_rows:  # back to every row
-                index = torch.tensor(self.side_R, device=x.device)
-                self.outputs = [o[index] for o in self.outputs]
+            if self.side_index_R is not None:  # back to every row
+                self.outputs = [o[self.side_index_R] for o in self.outputs]
         m = inj.slot.get(i)
         if m is not None and self.outputs:
             x = x + self.scaled(self.outputs[m].to(x.dtype), begin, end)
