@@ -31,10 +31,12 @@ The scores come from ``varctl test`` (the evaluation harness, ``varctl.lit.evalu
 ``<run>/eval/test*.json`` with its provenance, so ``tools/evaluate.py --table <root>`` lists them too.
 
 Times are ratios measured side by side in this process (medians of interleaved repeats), so they hold on
-any CPU; the table names the CPU it ran on. Rows are written to ``<root>/comparison.json`` as each injector
-finishes, and a rerun with the same arguments keeps the rows whose checkpoint exists (an interrupted
-comparison resumes; a run with other ``--injectors`` adds its rows to the others, which the table lists
-after its own); ``--retime`` measures the times again from those checkpoints, on a quiet machine.
+any CPU; the table names the CPU it ran on. A row is written to ``<root>/comparison.json`` after each of its
+parts (training, times, scores without and with control guidance, with ``--strength``), and a rerun with the
+same arguments keeps the rows whose checkpoint exists and does only the parts they miss: an interrupted
+comparison goes on where it stopped, a row whose training stopped resumes that run from its last
+checkpoint. A run with other ``--injectors`` adds its rows to the others, which the table lists after its
+own; ``--retime`` measures the times again from the checkpoints, on a quiet machine.
 """
 
 from __future__ import annotations
@@ -133,6 +135,17 @@ def score(metrics: dict, key: str) -> float | None:
     return float(metrics[key]) if key in metrics else None
 
 
+def complete(row: dict) -> bool:
+    """Whether a row holds every column (a row is saved after each of its parts: training, times, scores)."""
+    return all(k in row for k in ("step", "f1", "f1_guided"))
+
+
+def last_checkpoint(run_root: Path) -> Path | None:
+    """The last.ckpt of the newest run under ``run_root`` (one row's runs), or None."""
+    found = sorted(run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.parent.parent.name)
+    return found[-1] if found else None
+
+
 def names(args) -> list[str]:
     """The rows: every injector with the backbone frozen, then those of ``--tuned`` with it fine-tuned."""
     return [*args.injectors, *(f"{n} tuned" for n in args.tuned if n in args.injectors)]
@@ -179,6 +192,8 @@ def main() -> None:
     def save() -> None:
         atomic_write_text(results, json.dumps({"args": vars(args), "rows": ordered()}, indent=1))
 
+    save()  # the arguments first: an interrupted first row resumes only under the same ones
+
     judge = [f"model.evaluation.judge_weights={args.judge}"] if args.judge else []
 
     def scoring(ckpt) -> list[str]:
@@ -201,40 +216,48 @@ def main() -> None:
             f"model.control.control_drop_rate={args.control_drop_rate}", f"model.train_backbone={tuned}",
             *args.overrides,
         ]  # fmt: skip
-        if name in rows:
-            if args.retime:
-                rows[name].update(timings(*loaded(common, rows[name]["checkpoint"])))
-                save()
-            if args.strength and rows[name].get("strength") != args.strength:
-                rows[name].update(with_strength(common, rows[name]["checkpoint"]))
-                save()
-            print(f"[compare] {name} (kept): {rows[name]}", flush=True)
-            continue
-        fitted = stage("fit", [*common, f"trainer.max_steps={args.steps}"])
-        ckpt = fitted.checkpoint_callback.last_model_path
-        module = fitted.lightning_module
-        times = timings(module, next(iter(fitted.datamodule.val_dataloader())))
-        params = sum(p.numel() for p in module.control.parameters() if p.requires_grad)
-        plain = stage("test", [*common, *scoring(ckpt), "model.evaluation.control_cfg=0"]).callback_metrics
-        g = stage(
-            "test", [*common, *scoring(ckpt), f"model.evaluation.control_cfg={args.control_cfg}"]
-        ).callback_metrics
-        rows[name] = {
-            "params": params, **times, "val_loss": float(plain["test/loss"]),
-            "f1": float(plain["test/edges_f1"]), "f1_other": float(plain["test_shuffled/edges_f1"]),
-            "f1_ceiling": float(plain["test_tokenizer/edges_f1"]), "f1_guided": float(g["test/edges_f1"]),
-            "f1_other_guided": float(g["test_shuffled/edges_f1"]),
-            "f1pp_guided": float(g["test/edges_f1_controlnetpp"]),
-            "fd_judge_guided": score(g, "test/fd_judge"),
-            "fd_judge_ceiling": score(g, "test_tokenizer/fd_judge"),
-            "checkpoint": str(ckpt),
-        }  # fmt: skip
-        if args.strength:
-            rows[name].update(with_strength(common, ckpt))
-        save()
-        print(f"[compare] {name}: {rows[name]}", flush=True)
+        row = rows.get(name)
+        if row is None:  # train, or go on with this row's interrupted training run
+            resume = last_checkpoint(root / f"control_{name.replace(' ', '_')}")
+            fitted = stage("fit", [*common, f"trainer.max_steps={args.steps}",
+                                   *([f"ckpt_path={resume}"] if resume else [])])  # fmt: skip
+            module = fitted.lightning_module
+            row = rows[name] = {
+                "params": sum(p.numel() for p in module.control.parameters() if p.requires_grad),
+                "checkpoint": str(fitted.checkpoint_callback.last_model_path or resume),
+            }
+            row.update(timings(module, next(iter(fitted.datamodule.val_dataloader()))))
+            save()
+        elif args.retime or "step" not in row:
+            row.update(timings(*loaded(common, row["checkpoint"])))
+            save()
+        ckpt = row["checkpoint"]
+        if "f1" not in row:
+            plain = stage("test", [*common, *scoring(ckpt), "model.evaluation.control_cfg=0"])
+            plain = plain.callback_metrics
+            row.update({
+                "val_loss": float(plain["test/loss"]), "f1": float(plain["test/edges_f1"]),
+                "f1_other": float(plain["test_shuffled/edges_f1"]),
+                "f1_ceiling": float(plain["test_tokenizer/edges_f1"]),
+            })  # fmt: skip
+            save()
+        if "f1_guided" not in row:
+            g = stage(
+                "test", [*common, *scoring(ckpt), f"model.evaluation.control_cfg={args.control_cfg}"]
+            ).callback_metrics
+            row.update({
+                "f1_guided": float(g["test/edges_f1"]), "f1_other_guided": float(g["test_shuffled/edges_f1"]),
+                "f1pp_guided": float(g["test/edges_f1_controlnetpp"]),
+                "fd_judge_guided": score(g, "test/fd_judge"),
+                "fd_judge_ceiling": score(g, "test_tokenizer/fd_judge"),
+            })  # fmt: skip
+            save()
+        if args.strength and row.get("strength") != args.strength:
+            row.update(with_strength(common, ckpt))
+            save()
+        print(f"[compare] {name}: {row}", flush=True)
 
-    text = table(ordered(), args, cpu_name())
+    text = table({k: r for k, r in ordered().items() if complete(r)}, args, cpu_name())
     print(text, flush=True)
     atomic_write_text(root / "comparison.md", text)
 

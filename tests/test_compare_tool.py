@@ -1,0 +1,106 @@
+"""tools/compare_injectors.py: an interrupted comparison goes on where it stopped. A row is saved after each
+of its parts (training, times, the scores without and with control guidance), a rerun does only the parts
+missing, and a row whose training stopped resumes that run from its last checkpoint. The stages are
+recorded stand-ins here (the real ones are tested with the CLI); what is checked is which of them a rerun
+calls and what the saved rows and table hold."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import compare_injectors as tool  # noqa: E402
+
+METRICS = {
+    "test/loss": 1.5, "test/edges_f1": 0.4, "test_shuffled/edges_f1": 0.05, "test_tokenizer/edges_f1": 0.6,
+    "test/edges_f1_controlnetpp": 0.45, "test/fd_judge": 0.9, "test_tokenizer/fd_judge": 0.5,
+}  # fmt: skip
+
+
+class Stages:
+    """Records the stages called (command, injector, ckpt_path) and stops at the call numbered ``stop_at``;
+    a fit writes its run's last.ckpt first, as the checkpoint callback does."""
+
+    def __init__(self, root: Path, stop_at: int | None = None):
+        self.root, self.stop_at, self.calls = root, stop_at, []
+
+    def __call__(self, command, overrides):
+        opts = dict(o.split("=", 1) for o in overrides)
+        self.calls.append((command, opts["model.control.injector"], opts.get("ckpt_path")))
+        if command == "fit":
+            ckpt = Path(opts.get("ckpt_path") or self.root / opts["run.name"] / f"v{len(self.calls)}"
+                        / "checkpoints" / "last.ckpt")  # fmt: skip
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text("weights")
+        if len(self.calls) == self.stop_at:
+            raise KeyboardInterrupt
+        control = torch.nn.Linear(3, 2)  # 8 parameters
+        return SimpleNamespace(
+            checkpoint_callback=SimpleNamespace(last_model_path=str(ckpt) if command == "fit" else ""),
+            lightning_module=SimpleNamespace(control=control),
+            datamodule=SimpleNamespace(val_dataloader=lambda: [None]),
+            callback_metrics={k: torch.tensor(v) for k, v in METRICS.items()},
+        )
+
+
+def compare(monkeypatch, root: Path, stages: Stages, *extra: str) -> dict:
+    args = ["--tokenizer", "t.ckpt", "--var", "v.ckpt", "--injectors", "scalar", "car", "--tuned",
+            "--root", str(root), *extra]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["compare_injectors.py", *args])
+    monkeypatch.setattr(tool, "stage", stages)
+    monkeypatch.setattr(tool, "timings", lambda module, batch: {"step": 1.1, "sample": 1.05})
+    monkeypatch.setattr(tool, "loaded", lambda common, ckpt: (stages("validate", common), None))
+    monkeypatch.setattr(tool, "cpu_name", lambda: "test CPU")
+    try:
+        tool.main()
+    finally:
+        saved = json.loads((root / "comparison.json").read_text())
+    return saved["rows"]
+
+
+def test_an_interrupted_comparison_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    root = tmp_path / "compare"
+    # scalar: fit, its plain scores, then stopped in its guided scores
+    with pytest.raises(KeyboardInterrupt):
+        compare(monkeypatch, root, Stages(root, stop_at=3))
+    rows = json.loads((root / "comparison.json").read_text())["rows"]
+    assert set(rows) == {"scalar"}
+    scalar = rows["scalar"]
+    assert scalar["params"] == 8 and scalar["step"] == 1.1 and scalar["f1"] == pytest.approx(0.4)
+    assert "f1_guided" not in rows["scalar"]
+    assert not (root / "comparison.md").exists()
+
+    # the rerun scores scalar with guidance only; car's training stops after its first checkpoint
+    stages = Stages(root, stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        compare(monkeypatch, root, stages)
+    assert stages.calls == [("test", "scalar", rows["scalar"]["checkpoint"]), ("fit", "car", None)]
+    car_last = next((root / "control_car").glob("*/checkpoints/last.ckpt"))
+
+    # the next one resumes car's training run from its last checkpoint, then scores it
+    stages = Stages(root)
+    rows = compare(monkeypatch, root, stages)
+    assert stages.calls == [("fit", "car", str(car_last)), ("test", "car", str(car_last)),
+                            ("test", "car", str(car_last))]  # fmt: skip
+    assert all(tool.complete(r) for r in rows.values()) and rows["car"]["checkpoint"] == str(car_last)
+    table = (root / "comparison.md").read_text()
+    assert "| scalar | 0.00M | 1.10x | 1.05x | 1.500 | 0.400 |" in table and "| car |" in table
+
+    # a finished comparison reruns nothing; --retime only the times, from the checkpoints
+    stages = Stages(root)
+    compare(monkeypatch, root, stages)
+    assert stages.calls == []
+    compare(monkeypatch, root, stages, "--retime")
+    assert [c[0] for c in stages.calls] == ["validate", "validate"]
+
+    # other arguments are refused before anything runs
+    stages = Stages(root)
+    with pytest.raises(SystemExit, match="other arguments"):
+        compare(monkeypatch, root, stages, "--steps", "5")
+    assert stages.calls == []
