@@ -2,7 +2,7 @@
 
     python tools/bench_control_sampling.py [--injectors scalar,car,car-none,...] [--batch-size 16]
                                            [--repeats 5] [--var-depth 4] [--car-blocks 2] [--off-from 5]
-                                           [--device cpu]
+                                           [--width 16] [--device cpu]
 
 ``car-none`` is car with ``car_condition="none"``: its side branch runs once for a sample and its
 class-guidance copy. ``demo`` is the branch of ``conf/control.yaml`` (its injector and their settings: the
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--var-depth", type=int, default=4)
     parser.add_argument("--car-blocks", type=int, default=None,
                         help="CAR's side blocks (default depth / 2; demo: conf/control.yaml's)")  # fmt: skip
+    parser.add_argument("--width", type=int, default=None,
+                        help="the control encoder's width (default: conf/control.yaml's)")  # fmt: skip
     parser.add_argument("--off-from", type=int, default=None, help="default: the last scale")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -72,6 +74,7 @@ def main() -> None:
     maps = {"edges": (torch.rand(B, 1, vc.resolution, vc.resolution) > 0.9).float().to(dev)}
     kw = dict(cfg=3.0, top_k=0, top_p=0.0, seed=0, vae=vae)
     fields = {k: control_conf[k] for k in ("width", "max_width", "feature_dim")}
+    fields["width"] = args.width or fields["width"]
     steady_allocator()
     print(f"{machine(dev)}, torch {torch.__version__}; VAR d{args.var_depth}, {vc.resolution} px, "
           f"batch {B}, guidance 3, decode included; medians of {args.repeats} alternating calls")  # fmt: skip
@@ -98,6 +101,7 @@ def main() -> None:
             dev,
         )
         label = name + (f" N={args.car_blocks}" if injector == "car" and args.car_blocks else "")
+        label += f" w={args.width}" if args.width else ""
         print(f"{label:<10} {t['control'] / t['plain']:>8.2f}x {t['early'] / t['plain']:>19.2f}x", flush=True)
 
 
