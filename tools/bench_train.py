@@ -5,9 +5,11 @@ tokenizer, the same for both codes and left out): teacher-forcing forward, cross
 gradient clipping at 2.0, AdamW (betas 0.9/0.95, weight decay 0.05 on matrices) as varctl's stage builds it
 (``varctl.lit.optim.adamw``). With ``--official PATH_TO_VAR_GIT_DIR`` the official VAR runs the same step on
 the same weights and batch with the official optimizer (fused AdamW), interleaved with varctl's steps, and the
-speed-up is printed. On a GPU (``--device cuda``) the step's model FLOPs utilisation is printed too: the
-FLOPs of one step counted by ``torch.utils.flop_counter`` (matmuls and attention, forward and backward) over
-its time, against ``--peak-tflops`` (default: dense bf16 of an H100/H200 SXM). ``--compile MODE`` compiles as
+speed-up is printed twice: by the two medians, and by the median of each round's ratio (both steps back to
+back: robust to a machine whose speed drifts between rounds, ``benchlib.paired_speedup``). On a GPU
+(``--device cuda``) the step's model FLOPs utilisation is printed too: the FLOPs of one step counted by
+``torch.utils.flop_counter`` (matmuls and attention, forward and backward) over its time, against
+``--peak-tflops`` (default: dense bf16 of an H100/H200 SXM). ``--compile MODE`` compiles as
 ``model.compile_mode`` does (varctl/lit/compiling.py; reduce-overhead: the whole forward, CUDA graphs).
 
     python tools/bench_train.py [--official PATH_TO_VAR_GIT_DIR] [--batch-size 2] [--device cpu|cuda]
@@ -23,7 +25,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from benchlib import PeakMemory, interleaved, load_official, machine, steady_allocator, timed
+from benchlib import PeakMemory, interleaved, load_official, machine, paired_speedup, steady_allocator, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from varctl.lit.compiling import compile_var
@@ -140,7 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         for name in steps:
             if name != "varctl":
                 ratio = statistics.median(times[name]) / base
-                print(f"varctl's step is {ratio:.2f}x the speed of {name}", flush=True)
+                paired = paired_speedup(times["varctl"], times[name])
+                print(
+                    f"varctl's step is {ratio:.2f}x the speed of {name} by the medians, {paired:.2f}x by "
+                    f"the median of the {args.repeats} rounds' ratios (both back to back in each)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,16 @@ def interleaved_medians(calls: dict, repeats: int, device: str = "cpu") -> dict[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def paired_speedup(base: list[float], other: list[float]) -> float:
+    """How many times faster the code timed ``base`` is than the one timed ``other``, by the median over the
+    rounds of other / base. Each round runs both codes back to back (``interleaved``), so a machine whose
+    speed drifts between rounds (a shared VM: the same step 13.8-19 s) moves both times of a round together;
+    the ratio of the two medians can take them from different rounds."""
+    if len(base) != len(other) or not base:
+        raise ValueError(f"one time of each code per round expected, found {len(base)} and {len(other)}")
+    return statistics.median(o / b for b, o in zip(base, other))
+
+
 def cpu_name() -> str:
     """The CPU's model name (``platform.processor()`` is empty on Linux)."""
     try:
