@@ -12,20 +12,22 @@ The demo's shapes (``conf/tokenizer.yaml``'s tokenizer at 64 px, a class VAR of 
 control branch of ``conf/control.yaml``) with random weights: the time of a call does not depend on the
 weights (``top_k`` 0, the decoder included). For each injector the controlled ``generate`` (class guidance 3,
 no control guidance, as ``tools/compare_injectors.py`` times it) and the plain ``VAR.generate`` run
-alternately; the medians' ratio is printed, then the same with the control switched off from scale
-``--off-from`` on (``control_strength`` 1 before, 0 after: the injectors with state across scales stop
-there, the others skip those scales). The quality side of that trade-off needs a trained branch: README,
-"Stages".
+alternately; the medians' ratio is printed, and the median of the rounds' ratios (each round times every
+call back to back, so a machine whose speed drifts between rounds does not move it), then the same with
+the control switched off from scale ``--off-from`` on (``control_strength`` 1 before, 0 after: the
+injectors with state across scales stop there, the others skip those scales). The quality side of that
+trade-off needs a trained branch: README, "Stages".
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
 import torch
-from benchlib import interleaved_medians, machine, steady_allocator
+from benchlib import interleaved_times, machine, paired_speedup, steady_allocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,6 +37,12 @@ from varctl.models.var import VAR, VARConfig  # noqa: E402
 from varctl.models.vqvae import VQVAE  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def ratio(times: dict[str, list[float]], name: str) -> str:
+    """``name``'s time relative to the plain VAR's: the medians' ratio / the median of the rounds' ratios."""
+    medians = statistics.median(times[name]) / statistics.median(times["plain"])
+    return f"{medians:.2f}x / {paired_speedup(times['plain'], times[name]):.2f}x"
 
 
 def main() -> None:
@@ -77,8 +85,9 @@ def main() -> None:
     fields["width"] = args.width or fields["width"]
     steady_allocator()
     print(f"{machine(dev)}, torch {torch.__version__}; VAR d{args.var_depth}, {vc.resolution} px, "
-          f"batch {B}, guidance 3, decode included; medians of {args.repeats} alternating calls")  # fmt: skip
-    print(f"{'injector':<10} {'control':>9} {'off from scale ' + str(off_from):>20}")
+          f"batch {B}, guidance 3, decode included; {args.repeats} rounds of alternating calls")  # fmt: skip
+    print(f"{'injector':<10} {'control':>14} {'off from scale ' + str(off_from):>20}   (medians' ratio / "
+          "median of the rounds' ratios)")  # fmt: skip
     settings = ("blocks", "car_blocks", "car_condition", "car_targets", "prefix_side", "adapter_dim")
     demo = {k: control_conf[k] for k in settings if control_conf.get(k) is not None}  # conf/control.yaml's
     for name in args.injectors.split(","):
@@ -91,7 +100,7 @@ def main() -> None:
         config = ControlConfig.for_var(var.config, resolution=vc.resolution, injector=injector,
                                        modalities=["edges"], **fields, **extra)  # fmt: skip
         model = ControlledVAR(var, ControlBranch.build(config).init_from_backbone(var)).eval().to(dev)
-        t = interleaved_medians(
+        t = interleaved_times(
             {
                 "plain": lambda: var.generate(cond, **kw),
                 "control": lambda m=model: m.generate(cond, control_maps=maps, **kw),
@@ -102,7 +111,8 @@ def main() -> None:
         )
         label = name + (f" N={args.car_blocks}" if injector == "car" and args.car_blocks else "")
         label += f" w={args.width}" if args.width else ""
-        print(f"{label:<10} {t['control'] / t['plain']:>8.2f}x {t['early'] / t['plain']:>19.2f}x", flush=True)
+        ratios = [ratio(t, name) for name in ("control", "early")]
+        print(f"{label:<10} {ratios[0]:>14} {ratios[1]:>20}", flush=True)
 
 
 if __name__ == "__main__":

@@ -54,16 +54,22 @@ def interleaved(names: list[str], repeats: int) -> list[list[str]]:
     return [names if r % 2 == 0 else names[::-1] for r in range(repeats)]
 
 
-def interleaved_medians(calls: dict, repeats: int, device: str = "cpu") -> dict[str, float]:
-    """Median seconds of each of ``calls`` (name -> function), one warm-up each, then ``repeats`` rounds in
-    the order of ``interleaved`` (``timed``: a CUDA device is synchronised before each clock stops)."""
+def interleaved_times(calls: dict, repeats: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds of each of ``calls`` (name -> function) in each round: one warm-up each, then ``repeats``
+    rounds in the order of ``interleaved`` (``timed``: a CUDA device is synchronised before each clock
+    stops)."""
     for fn in calls.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in calls}
     for order in interleaved(list(calls), repeats):
         for name in order:
             times[name].append(timed(calls[name], device)[0])
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(calls: dict, repeats: int, device: str = "cpu") -> dict[str, float]:
+    """Median seconds of each of ``calls``, timed as ``interleaved_times`` does."""
+    return {k: statistics.median(v) for k, v in interleaved_times(calls, repeats, device).items()}
 
 
 def paired_speedup(base: list[float], other: list[float]) -> float:
