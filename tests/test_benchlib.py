@@ -19,9 +19,8 @@ def test_the_paired_speedup_follows_a_drifting_machine():
     # the other code takes 1.1x as long as the base in each round; the machine is 3x slower in rounds 2-4 and
     # speeds up again between the two calls of round 4
     base, other = [1.0, 3.0, 3.0, 3.0, 1.0], [1.1, 3.3, 3.3, 1.1, 1.1]
+    # (the two medians, 1.1 and 3.0, come from different rounds: their ratio would say 0.37x)
     assert paired_speedup(base, other) == pytest.approx(1.1)
-    # the medians, taken from different rounds, say the other code is faster (1.1 / 3 = 0.37x)
-    assert sorted(other)[2] / sorted(base)[2] == pytest.approx(1.1 / 3)
     assert paired_speedup([2.0, 2.0, 2.0], [1.0, 1.0, 1.0]) == 0.5
     with pytest.raises(ValueError, match="one time of each code per round"):
         paired_speedup([1.0, 2.0], [1.0])

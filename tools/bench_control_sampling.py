@@ -111,8 +111,7 @@ def main() -> None:
         )
         label = name + (f" N={args.car_blocks}" if injector == "car" and args.car_blocks else "")
         label += f" w={args.width}" if args.width else ""
-        ratios = [ratio(t, name) for name in ("control", "early")]
-        print(f"{label:<10} {ratios[0]:>14} {ratios[1]:>20}", flush=True)
+        print(f"{label:<10} {ratio(t, 'control'):>14} {ratio(t, 'early'):>20}", flush=True)
 
 
 if __name__ == "__main__":
