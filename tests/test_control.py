@@ -100,6 +100,36 @@ def test_kv_cache_sampling_sees_the_teacher_forcing_residuals(var, vae, golden, 
     assert (cond - plain).abs().amax() > 1e-3  # the control did act
 
 
+def test_each_tokens_feature_is_the_area_average_of_the_feature_map_under_it(var):
+    """The tokens' features of all scales come from one product with ``area_pooling``: each is the area
+    interpolation of the feature map to its scale (the adaptive windows of 8 -> 3, 5, 6 included), then the
+    branch's LayerNorm; in float32 and under bfloat16 autocast."""
+    import torch.nn.functional as F
+
+    from varctl.models.control.branch import area_pooling
+
+    pool = area_pooling(8, (1, 3, 5, 6, 8), torch.device("cpu"))
+    assert pool.shape == (64, 1 + 9 + 25 + 36 + 64)
+    torch.testing.assert_close(pool.sum(0), torch.ones(135))  # every token averages its window
+    assert pool[:, 1].nonzero().flatten().tolist() == [r * 8 + c for r in range(3) for c in range(3)]
+
+    branch = make_branch(var)
+    maps = maps_for(2, seed=4)
+    f = branch.features(maps)
+    expected = torch.cat(
+        [F.interpolate(f, size=(pn, pn), mode="area").flatten(2) for pn in var.config.patch_nums], dim=2
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(branch.encode(maps).tokens_BLF, branch.norm(expected.transpose(1, 2)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = branch.encode(maps).tokens_BLF
+            expected = torch.cat(
+                [F.interpolate(branch.features(maps), size=(pn, pn), mode="area").flatten(2)
+                 for pn in var.config.patch_nums], dim=2,
+            )  # fmt: skip
+            torch.testing.assert_close(tokens.float(), branch.norm(expected.transpose(1, 2)).float())
+
+
 def test_control_input_encodes_and_checks_maps():
     c = ControlConfig(modalities=("segmentation", "edges"), num_segments=4, patch_nums=(1, 2), resolution=8)
     maps = {"edges": torch.zeros(2, 1, 8, 8), "segmentation": torch.full((2, 1, 8, 8), 2)}

@@ -173,15 +173,18 @@ def test_car_condition_none_makes_the_side_branch_class_free(var, golden, condit
 
 
 @pytest.mark.parametrize("condition", ["class", "none"])
-def test_car_condition_none_runs_a_side_row_per_sample_and_control(var, vae, golden, condition):
-    """Sampling 2 samples with class and control guidance (6 rows): the null-conditioned side branch runs 4
-    rows (each sample with and without its control), CAR's own 6; the samples are the teacher-forced ones
+@pytest.mark.parametrize("control_cfg", [0.0, 1.0])
+def test_car_condition_none_runs_a_side_row_per_sample_and_control(var, vae, golden, condition, control_cfg):
+    """Sampling 2 samples with class guidance (4 rows) and control guidance too (6 rows): the null-conditioned
+    side branch runs 2 rows (the guidance copies share their sample's), then 4 (each sample with and without
+    its control); CAR's own runs every row. The samples are the teacher-forced ones
     (test_kv_cache_sampling_equals_teacher_forcing)."""
     branch = perturbed(make_branch(var, "car", car_condition=condition))
     seen = side_outputs(branch)
     var.generate(golden["labels"][:2], top_k=0, cfg=1.5, seed=0, control=branch.encode(maps_for(2)),
-                 control_cfg=1.0)  # fmt: skip
-    assert {out.shape[0] for out in seen} == {4 if condition == "none" else 6}
+                 control_cfg=control_cfg)  # fmt: skip
+    side_rows = {("none", 0.0): 2, ("class", 0.0): 4, ("none", 1.0): 4, ("class", 1.0): 6}
+    assert {out.shape[0] for out in seen} == {side_rows[condition, control_cfg]}
     assert len(seen) == var.config.num_scales
 
 

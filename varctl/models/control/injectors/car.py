@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from varctl.models.control.injectors.base import Injector, Session
+from varctl.models.kernels import linear
 from varctl.models.transformer import AdaLNBlock, KVCache, text_rows
 
 
@@ -73,6 +74,13 @@ class CARSession(Session):
         L = inj.config.L
         self.caches = [KVCache(L) for _ in inj.blocks] if ctx.cached else [None] * len(inj.blocks)
         self.outputs: list[torch.Tensor] = []
+        readers: dict[int, list[int]] = {}  # side block -> the out layers that read it
+        for m, j in enumerate(inj.sources):
+            readers.setdefault(j, []).append(m)
+        self.out_groups = [
+            (j, ms, torch.cat([inj.outs[m].weight for m in ms]), torch.cat([inj.outs[m].bias for m in ms]))
+            for j, ms in readers.items()
+        ]
 
     @staticmethod
     def _null_condition(var, U: int):
@@ -86,11 +94,18 @@ class CARSession(Session):
         return var.shared_ada_lin(cond_1D), text, sos
 
     def _index_rows(self) -> None:
-        """The row indices as tensors, once per call (the sampling loop gathers with them at every scale):
-        ``reps_U`` the rows the side rows are run for, ``side_R`` each row's side row; None when every row
-        is its own side row."""
-        self.reps_U = self.side_index_R = None
-        if len(self.reps) != len(self.side_R):  # guidance copies share a side row
+        """How the rows map to the side rows, once per call (the sampling loop uses it at every scale):
+        ``copies`` k when the rows are k copies of the side rows in order (class guidance: the samples, then
+        their guidance copies), so the side rows are the first U rows and the outputs add by broadcasting;
+        else as index tensors ``reps_U`` (the rows the side rows are run for) and ``side_index_R`` (each
+        row's side row). All None when every row is its own side row."""
+        self.reps_U = self.side_index_R = self.copies = None
+        U, R = len(self.reps), len(self.side_R)
+        if U == R:
+            return
+        if self.reps == list(range(U)) and R % U == 0 and self.side_R == self.reps * (R // U):
+            self.copies = R // U
+        else:  # e.g. with control guidance: its control-dropped copies have side rows of their own
             device = self.ctx.tokens_RLF.device
             self.reps_U = torch.tensor(self.reps, device=device)
             self.side_index_R = torch.tensor(self.side_R, device=device)
@@ -114,7 +129,9 @@ class CARSession(Session):
         f = self.features(begin, end)
         if not self.unconditioned:
             return x, f
-        if self.reps_U is not None:
+        if self.copies is not None:
+            x, f = x[: len(self.reps)], f[: len(self.reps)]
+        elif self.reps_U is not None:
             x, f = x[self.reps_U], f[self.reps_U]
         if begin == 0:  # the first tokens hold the condition (the start token)
             first_l = self.sos.shape[1]
@@ -129,15 +146,30 @@ class CARSession(Session):
         elif i == 0:  # run the side branch on this call's input tokens, once per scale
             mask = self.mask(begin, end)
             x_side, f = self._side_input(x, begin, end)
-            h = x_side + inj.fuse_in(f.to(inj.fuse_in.weight.dtype)).to(x.dtype)
+            fuse = inj.fuse_in
+            h = x_side + linear(f.to(fuse.weight.dtype), fuse.weight, fuse.bias).to(x.dtype)
             hs = []
             for block, mod, cache, text in zip(inj.blocks, self.mods, self.caches, self.texts):
                 h = block(h, mod, mask, cache=cache, text=text)
                 hs.append(h)
-            self.outputs = [out(hs[j]) for out, j in zip(inj.outs, inj.sources)]
+            self.outputs = self._outputs(hs)
             if self.side_index_R is not None:  # back to every row
                 self.outputs = [o[self.side_index_R] for o in self.outputs]
         m = inj.slot.get(i)
         if m is not None and self.outputs:
-            x = x + self.scaled(self.outputs[m].to(x.dtype), begin, end)
+            r = self.scaled(self.outputs[m].to(x.dtype), begin, end)
+            if self.copies is None:
+                return x + r
+            return (x.unflatten(0, (self.copies, -1)) + r).flatten(0, 1)  # every copy of the side rows
         return x
+
+    def _outputs(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The receiving blocks' inputs from the side outputs ``hs``. The layers that read one side block run
+        as one product: one side block feeding M blocks takes one C -> M * C matmul, not M of C -> C."""
+        outs: list[torch.Tensor] = [None] * len(self.injector.outs)
+        for j, ms, weight, bias in self.out_groups:
+            y = linear(hs[j], weight, bias)
+            outs_j = [y] if len(ms) == 1 else y.chunk(len(ms), dim=-1)
+            for m, o in zip(ms, outs_j):
+                outs[m] = o
+        return outs
