@@ -14,7 +14,7 @@ from helpers import PATCH_NUMS, TINY, perturbed
 from varctl.models import VAR, VARConfig
 from varctl.models.control import ControlBranch, ControlConfig
 from varctl.models.sampling import filter_logits, guidance_schedule
-from varctl.models.transformer import QueryGroups
+from varctl.models.transformer import QueryGroups, attention
 from varctl.models.var import TextCondition
 from varctl.models.vqvae import VQVAE, VQVAEConfig
 
@@ -154,6 +154,31 @@ def test_teacher_forcing_attends_by_groups_of_scales_as_one_masked_call_would(mo
     scale = max(ref.abs().max() for ref in ref_grads)  # some gradients are float noise around zero
     for g_, ref in zip(grads, ref_grads):
         assert (g_ - ref).abs().max() <= 1e-5 * scale
+
+
+def test_query_groups_attention_and_gradients_equal_one_masked_call_at_d16_groups():
+    """The five groups of d16's 680 tokens (queries split, keys' and values' prefixes through one zero map in
+    the backward) give one masked call's output and gradients of q, k and v; without gradients as well."""
+    begin_ends = VARConfig().begin_ends
+    scale = torch.cat([torch.full((e - b,), k) for k, (b, e) in enumerate(begin_ends)])
+    mask = torch.where(scale[None, :] <= scale[:, None], 0.0, -torch.inf).view(1, 1, 680, 680)  # block-causal
+    groups = QueryGroups.of(mask, begin_ends)
+    assert len(groups) == 5
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 680, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    grad_out = torch.randn(2, 680, 2, 8, generator=g, dtype=torch.float64)
+
+    def run(bias):
+        out = attention(q, k, v, bias)
+        return out, torch.autograd.grad(out, (q, k, v), grad_out)
+
+    out, grads = run(groups)
+    ref, ref_grads = run(mask)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(q, k, v, groups), ref)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
