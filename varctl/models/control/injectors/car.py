@@ -77,10 +77,14 @@ class CARSession(Session):
         readers: dict[int, list[int]] = {}  # side block -> the out layers that read it
         for m, j in enumerate(inj.sources):
             readers.setdefault(j, []).append(m)
-        self.out_groups = [
-            (j, ms, torch.cat([inj.outs[m].weight for m in ms]), torch.cat([inj.outs[m].bias for m in ms]))
-            for j, ms in readers.items()
-        ]
+        self.out_groups = []  # (side block, its out layers, their weights and biases stacked: one product)
+        for j, ms in readers.items():
+            layers = [inj.outs[m] for m in ms]
+            if len(layers) == 1:
+                self.out_groups.append((j, ms, layers[0].weight, layers[0].bias))
+                continue
+            weight, bias = torch.cat([lin.weight for lin in layers]), torch.cat([lin.bias for lin in layers])
+            self.out_groups.append((j, ms, weight, bias))
 
     @staticmethod
     def _null_condition(var, U: int):
