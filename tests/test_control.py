@@ -115,19 +115,16 @@ def test_each_tokens_feature_is_the_area_average_of_the_feature_map_under_it(var
 
     branch = make_branch(var)
     maps = maps_for(2, seed=4)
-    f = branch.features(maps)
-    expected = torch.cat(
-        [F.interpolate(f, size=(pn, pn), mode="area").flatten(2) for pn in var.config.patch_nums], dim=2
-    )
+
+    def interpolated() -> torch.Tensor:  # the tokens as an area interpolation per scale would give them
+        f = branch.features(maps)
+        per_scale = [F.interpolate(f, size=(pn, pn), mode="area").flatten(2) for pn in var.config.patch_nums]
+        return branch.norm(torch.cat(per_scale, dim=2).transpose(1, 2))
+
     with torch.no_grad():
-        torch.testing.assert_close(branch.encode(maps).tokens_BLF, branch.norm(expected.transpose(1, 2)))
+        torch.testing.assert_close(branch.encode(maps).tokens_BLF, interpolated())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            tokens = branch.encode(maps).tokens_BLF
-            expected = torch.cat(
-                [F.interpolate(branch.features(maps), size=(pn, pn), mode="area").flatten(2)
-                 for pn in var.config.patch_nums], dim=2,
-            )  # fmt: skip
-            torch.testing.assert_close(tokens.float(), branch.norm(expected.transpose(1, 2)).float())
+            torch.testing.assert_close(branch.encode(maps).tokens_BLF.float(), interpolated().float())
 
 
 def test_control_input_encodes_and_checks_maps():
