@@ -12,12 +12,12 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from forked import Forked, varctl
 from test_cli import ROOT
 
 from varctl.checkpoints import NonFiniteError, check_checkpoint
@@ -36,12 +36,10 @@ def _load(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def _cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+def _cli(*args: str, env: dict | None = None) -> Forked:
+    """``python -m varctl *args`` as a process of its own (forked from a server that did the imports)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "varctl", *args], env=env, cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
-    )  # fmt: skip
+    return varctl(*args, env=env, cwd=ROOT)
 
 
 # --- 1. divergence --------------------------------------------------------------------------------------
