@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -242,13 +243,45 @@ def fake_run(root: Path, stage: str, version: str, config: dict | None = None) -
 
 
 def test_a_run_prints_what_concerns_it(toy_conf):
-    """Not Lightning's tips, its own deprecation warning or its note on the trainer's default test limit."""
-    out = _cli("fit", "-c", str(toy_conf), "trainer.max_steps=1", "trainer.val_check_interval=1")
+    """Not Lightning's tips, its own deprecation warning or its note on the trainer's default test limit; the
+    model summary without a FLOPs column of zeros, the progress bar without "Epoch 0/-2"."""
+    shown = ["trainer.enable_progress_bar=true", "trainer.enable_model_summary=true"]
+    out = _cli("fit", "-c", str(toy_conf), "trainer.max_steps=1", "trainer.val_check_interval=1", *shown)
     assert out.returncode == 0, out.stderr
     printed = out.stdout + out.stderr
     assert "run directory" in printed
-    for noise in ("Tip:", "LeafSpec", "limit_test_batches"):
-        assert noise not in printed
+    assert "Total params: 1" in printed and "Params" in printed and "Epoch 0" in printed
+    for noise in ("Tip:", "LeafSpec", "limit_test_batches", "FLOPs", "Epoch 0/", "already configured"):
+        assert noise not in printed, noise
+
+
+def test_the_summary_shows_flops_where_they_were_counted_and_an_epoch_limit(capsys):
+    """A module with an ``example_input_array`` has its FLOPs counted: then they are shown; a run with an
+    epoch limit shows it in the bar ("Epoch 0/2", as Lightning does)."""
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    from varctl.callbacks.display import ModelSummary, ProgressBar
+
+    class Linear(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 3)
+            self.example_input_array = torch.zeros(2, 4)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    summary = summarize(Linear())
+    assert summary.total_flops == 2 * 2 * 4 * 3
+    ModelSummary().summarize(summary._get_summary_data(), summary.total_parameters,
+                             summary.trainable_parameters, summary.model_size, summary.total_training_modes,
+                             summary.total_flops)  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "FLOPs" in printed and "Total FLOPs: 48" in printed and "Total params: 15" in printed
+    bar = ProgressBar()
+    for max_epochs, description in ((3, "Epoch 0/2"), (-1, "Epoch 0"), (None, "Epoch 0")):
+        bar._trainer = L.Trainer(max_epochs=max_epochs, max_steps=5, logger=False, enable_checkpointing=False)
+        assert bar._get_train_description(0).strip() == description
 
 
 def test_only_frozen_modules_in_eval_mode_silence_lightnings_warning():

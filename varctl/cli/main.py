@@ -243,6 +243,21 @@ def run(command: str, data: dict, config_file: str | Path):
             os.environ[RUN_VERSION_ENV] = previous
 
 
+def _display(trainer: dict, callbacks: list) -> list:
+    """varctl's model summary and progress bar (varctl/callbacks/display.py) in place of Lightning's defaults,
+    where the trainer shows them and the config names none of its own."""
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    from varctl.callbacks import display
+
+    if not _RICH_AVAILABLE:  # Lightning's plain summary and tqdm bar
+        return []
+    shown = [(trainer.get("enable_model_summary", True), ModelSummary, display.ModelSummary),
+             (trainer.get("enable_progress_bar", True), ProgressBar, display.ProgressBar)]  # fmt: skip
+    return [ours() for on, kind, ours in shown if on and not any(isinstance(c, kind) for c in callbacks)]
+
+
 def _run(command: str, data: dict, config_file: str | Path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -302,6 +317,7 @@ def _run(command: str, data: dict, config_file: str | Path):
         callbacks.append(ImageWriter(out_dir))
     if command == "test":  # <run>/eval/test.json: the scores with what produced them
         callbacks.append(EvaluationWriter(log_dir / "eval", data, ckpt))
+    callbacks += _display(data["trainer"], callbacks)
     extra = {}  # callbacks.checkpoint=null: no checkpoints, rather than Lightning's default ModelCheckpoint
     if (
         not any(isinstance(c, ModelCheckpoint) for c in callbacks)
@@ -349,13 +365,20 @@ def _call(trainer, command: str, model, datamodule, ckpt: str | None, out_dir: P
             print(f"varctl predict: images written to {out_dir}", flush=True)
 
 
+NOISE = (
+    "\N{ELECTRIC LIGHT BULB} Tip:",  # advertising
+    "Trainer already configured with model summary callbacks",  # varctl's own summary (_display)
+)
+
+
 def _is_tip(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+    return not str(record.msg).startswith(NOISE)
 
 
 def _quiet_lightning() -> None:
     """Drop what Lightning prints on every run that does not concern the run: its advertising tips (litlogger,
-    litmodels) and the deprecation warning that its own ``_pytree`` module raises in torch."""
+    litmodels), its note that varctl's model summary replaces its own, and the deprecation warning that its
+    own ``_pytree`` module raises in torch."""
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _is_tip not in log.filters:
         log.addFilter(_is_tip)
