@@ -253,9 +253,13 @@ def _display(trainer: dict, callbacks: list) -> list:
 
     if not _RICH_AVAILABLE:  # Lightning's plain summary and tqdm bar
         return []
-    shown = [(trainer.get("enable_model_summary", True), ModelSummary, display.ModelSummary),
-             (trainer.get("enable_progress_bar", True), ProgressBar, display.ProgressBar)]  # fmt: skip
-    return [ours() for on, kind, ours in shown if on and not any(isinstance(c, kind) for c in callbacks)]
+    shown = [("enable_model_summary", ModelSummary, display.ModelSummary),
+             ("enable_progress_bar", ProgressBar, display.ProgressBar)]  # fmt: skip
+    return [
+        ours()
+        for key, kind, ours in shown  # the key unset or null: Lightning shows it
+        if trainer.get(key) is not False and not any(isinstance(c, kind) for c in callbacks)
+    ]
 
 
 def _run(command: str, data: dict, config_file: str | Path):
@@ -371,7 +375,7 @@ NOISE = (
 )
 
 
-def _is_tip(record: logging.LogRecord) -> bool:
+def _concerns_the_run(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(NOISE)
 
 
@@ -380,8 +384,8 @@ def _quiet_lightning() -> None:
     litmodels), its note that varctl's model summary replaces its own, and the deprecation warning that its
     own ``_pytree`` module raises in torch."""
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _is_tip not in log.filters:
-        log.addFilter(_is_tip)
+    if _concerns_the_run not in log.filters:
+        log.addFilter(_concerns_the_run)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
