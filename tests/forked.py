@@ -5,8 +5,8 @@ The fault tests signal, kill and read whole runs, so each needs a process of its
 transformers and scipy modules Lightning pulls in: about 10 s of a 2-core machine's time per start).
 multiprocessing's forkserver imports them once, before any thread pool starts, and forks a child per run:
 a real process with its own pid, signals, exit status (143 after a SIGTERM, -9 when killed), environment,
-working directory and output, like ``subprocess.Popen`` gives. What stays with ``python -m varctl`` is the
-interpreter's start, which tests/test_cli.py runs for real."""
+working directory and output, like ``subprocess.Popen`` gives. What a fork skips is the interpreter's start
+and what it prints then; tests/test_cli.py starts ``python -m varctl`` for real."""
 
 from __future__ import annotations
 
