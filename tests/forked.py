@@ -11,6 +11,7 @@ and what it prints then; tests/test_cli.py starts ``python -m varctl`` for real.
 from __future__ import annotations
 
 import atexit
+import io
 import multiprocessing
 import os
 import subprocess
@@ -94,12 +95,9 @@ class Forked:
         return Path(path).read_text() if os.path.exists(path) else ""
 
     @property
-    def stdout(self):
-        return open(self._out)
-
-    @property
-    def stderr(self):
-        return open(self._err)
+    def stderr(self) -> io.StringIO:
+        """What the process wrote to its stderr so far (``proc.stderr.read()``, as from Popen's pipe)."""
+        return io.StringIO(self._read(self._err))
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         try:
