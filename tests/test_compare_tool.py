@@ -28,11 +28,12 @@ class Stages:
     a fit writes its run's last.ckpt first, as the checkpoint callback does."""
 
     def __init__(self, root: Path, stop_at: int | None = None):
-        self.root, self.stop_at, self.calls = root, stop_at, []
+        self.root, self.stop_at, self.calls, self.overrides = root, stop_at, [], []
 
     def __call__(self, command, overrides):
         opts = dict(o.split("=", 1) for o in overrides)
         self.calls.append((command, opts["model.control.injector"], opts.get("ckpt_path")))
+        self.overrides.append(opts)
         if command == "fit":
             ckpt = Path(opts.get("ckpt_path") or self.root / opts["run.name"] / f"v{len(self.calls)}"
                         / "checkpoints" / "last.ckpt")  # fmt: skip
@@ -49,8 +50,8 @@ class Stages:
         )
 
 
-def compare(monkeypatch, root: Path, stages: Stages, *extra: str) -> dict:
-    args = ["--tokenizer", "t.ckpt", "--var", "v.ckpt", "--injectors", "scalar", "car", "--tuned",
+def compare(monkeypatch, root: Path, stages: Stages, *extra: str, injectors=("scalar", "car")) -> dict:
+    args = ["--tokenizer", "t.ckpt", "--var", "v.ckpt", "--injectors", *injectors, "--tuned",
             "--root", str(root), *extra]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["compare_injectors.py", *args])
     monkeypatch.setattr(tool, "stage", stages)
@@ -104,3 +105,20 @@ def test_an_interrupted_comparison_goes_on_where_it_stopped(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="other arguments"):
         compare(monkeypatch, root, stages, "--steps", "5")
     assert stages.calls == []
+
+
+def test_car_own_is_car_in_cars_layout_beside_the_configs_car(tmp_path, monkeypatch):
+    root = tmp_path / "compare"
+    stages = Stages(root)
+    rows = compare(monkeypatch, root, stages, "model.control.width=16", injectors=("car", "car-own"))
+    assert list(rows) == ["car", "car-own"] and all(tool.complete(r) for r in rows.values())
+    layout = {"model.control.car_condition": "class", "model.control.car_blocks": "null",
+              "model.control.car_targets": "last"}  # fmt: skip
+    for (_, injector, _), opts in zip(stages.calls, stages.overrides):
+        assert injector == "car" and opts["model.control.width"] == "16"  # the run's overrides: every row
+        own = opts["run.name"] == "control_car-own"
+        assert {k: opts.get(k) for k in layout} == (layout if own else dict.fromkeys(layout))
+    fits = [o["run.name"] for o in stages.overrides if "ckpt_path" not in o]
+    assert fits == ["control_car", "control_car-own"]
+    assert "| car-own |" in (root / "comparison.md").read_text()
+    assert tool.ROWS.index("car-own") == tool.ROWS.index("car") + 1  # the default rows: after car

@@ -6,9 +6,11 @@
         [--control-cfg 1.0] [--root runs/compare] [--val-batches 4] [--tuned prefill] [--judge FILE]
         [--strength 1,1,1,1,1.5,2]
 
-Every injector trains with the backbone frozen; those named by ``--tuned`` (default prefill, whose prefix
-reaches a frozen backbone only through its fixed attention) get a second row, "<name> tuned", trained with
-the backbone fine-tuned as well (``model.train_backbone=true``).
+Each injector runs with ``conf/control.yaml``'s settings (car: the demo's layout, one side block feeding every
+later block, without the class). ``car-own`` is car in CAR's own layout: depth / 2 side blocks conditioned on
+the class, each into one of the last blocks. Every row trains with the backbone frozen; those named by
+``--tuned`` (default prefill, whose prefix reaches a frozen backbone only through its fixed attention) get a
+second row, "<name> tuned", trained with the backbone fine-tuned as well (``model.train_backbone=true``).
 
 Columns:
 - params: parameters the branch adds;
@@ -54,6 +56,13 @@ from varctl.files import atomic_write_text
 from varctl.models.control import INJECTORS
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "control.yaml"
+
+# rows that are an injector with other settings than conf/control.yaml's: name -> (injector, overrides)
+VARIANTS = {
+    "car-own": ("car", ["model.control.car_condition=class", "model.control.car_blocks=null",
+                        "model.control.car_targets=last"]),
+}  # fmt: skip
+ROWS = [r for i in INJECTORS for r in (i, *(v for v, (j, _) in VARIANTS.items() if j == i))]
 
 
 def stage(command: str, overrides: list[str]):
@@ -158,7 +167,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True, help="stage-1 checkpoint (model.tokenizer)")
     parser.add_argument("--var", required=True, help="stage-2 checkpoint (model.init_from)")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--injectors", nargs="+", default=list(INJECTORS), choices=INJECTORS)
+    parser.add_argument("--injectors", nargs="+", default=ROWS, choices=ROWS,
+                        help="car-own: car in CAR's own layout (the docstring)")  # fmt: skip
     parser.add_argument("--control-cfg", type=float, default=1.0, help="control guidance for 'F1 guided'")
     parser.add_argument("--control-drop-rate", type=float, default=0.1)
     parser.add_argument("--val-batches", type=int, default=4, help="scored val batches (16 images each)")
@@ -168,7 +178,7 @@ def main() -> None:
     parser.add_argument("--strength", default=None, help="a control strength per scale also scored, e.g. "
                         "1,1,1,1,1.5,2 (the demo's)")  # fmt: skip
     tuned = "injectors also compared with the backbone fine-tuned (row '<name> tuned')"
-    parser.add_argument("--tuned", nargs="*", default=["prefill"], choices=INJECTORS, help=tuned)
+    parser.add_argument("--tuned", nargs="*", default=["prefill"], choices=ROWS, help=tuned)
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for every injector")
     args = parser.parse_args()
 
@@ -209,12 +219,13 @@ def main() -> None:
                 "fd_judge_strength": score(m, "test/fd_judge")}  # fmt: skip
 
     for name in names(args):
-        injector, tuned = name.removesuffix(" tuned"), name.endswith(" tuned")
+        base = name.removesuffix(" tuned")
+        (injector, settings), tuned = VARIANTS.get(base, (base, [])), base != name
         common = [
             f"model.tokenizer={args.tokenizer}", f"model.init_from={args.var}", f"run.root={root}",
             f"run.name=control_{name.replace(' ', '_')}", f"model.control.injector={injector}", "seed=0",
             f"model.control.control_drop_rate={args.control_drop_rate}", f"model.train_backbone={tuned}",
-            *args.overrides,
+            *settings, *args.overrides,
         ]  # fmt: skip
         row = rows.get(name)
         if row is None:  # train, or go on with this row's interrupted training run
