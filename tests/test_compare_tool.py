@@ -28,7 +28,7 @@ class Stages:
     a fit writes its run's last.ckpt first, as the checkpoint callback does."""
 
     def __init__(self, root: Path, stop_at: int | None = None):
-        self.root, self.stop_at, self.calls, self.overrides = root, stop_at, [], []
+        self.root, self.stop_at, self.calls, self.overrides, self.repeats = root, stop_at, [], [], []
 
     def __call__(self, command, overrides):
         opts = dict(o.split("=", 1) for o in overrides)
@@ -55,7 +55,12 @@ def compare(monkeypatch, root: Path, stages: Stages, *extra: str, injectors=("sc
             "--root", str(root), *extra]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["compare_injectors.py", *args])
     monkeypatch.setattr(tool, "stage", stages)
-    monkeypatch.setattr(tool, "timings", lambda module, batch: {"step": 1.1, "sample": 1.05})
+
+    def timings(module, batch, repeats):
+        stages.repeats.append(repeats)
+        return {"step": 1.1, "sample": 1.05}
+
+    monkeypatch.setattr(tool, "timings", timings)
     monkeypatch.setattr(tool, "loaded", lambda common, ckpt: (stages("validate", common), None))
     monkeypatch.setattr(tool, "cpu_name", lambda: "test CPU")
     try:
@@ -97,8 +102,8 @@ def test_an_interrupted_comparison_goes_on_where_it_stopped(tmp_path, monkeypatc
     stages = Stages(root)
     compare(monkeypatch, root, stages)
     assert stages.calls == []
-    compare(monkeypatch, root, stages, "--retime")
-    assert [c[0] for c in stages.calls] == ["validate", "validate"]
+    compare(monkeypatch, root, stages, "--retime", "--sample-repeats", "7")
+    assert [c[0] for c in stages.calls] == ["validate", "validate"] and stages.repeats == [7, 7]
 
     # other arguments are refused before anything runs
     stages = Stages(root)

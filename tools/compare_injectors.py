@@ -75,8 +75,9 @@ def interleaved_ratio(a, b, repeats: int = 5) -> float:
     return t["a"] / t["b"]
 
 
-def timings(module, batch) -> dict[str, float]:
-    """Step and sampling time of the controlled VAR relative to the VAR alone, on one val batch."""
+def timings(module, batch, repeats: int = 3) -> dict[str, float]:
+    """Step and sampling time of the controlled VAR relative to the VAR alone, on one val batch (``repeats``
+    sampling calls each)."""
     model, var = module.model, module.var
     cond = module.condition(batch)
     _, x = module.tokenize(batch["image"])
@@ -103,7 +104,7 @@ def timings(module, batch) -> dict[str, float]:
     model.eval()
     kw = dict(cfg=3.0, top_k=0, top_p=0.0, seed=0, vae=module.vae)
     sample_ratio = interleaved_ratio(
-        lambda: model.generate(cond, control_maps=maps, **kw), lambda: var.generate(cond, **kw), repeats=3
+        lambda: model.generate(cond, control_maps=maps, **kw), lambda: var.generate(cond, **kw), repeats
     )
     return {"step": step_ratio, "sample": sample_ratio}
 
@@ -175,6 +176,7 @@ def main() -> None:
     parser.add_argument("--root", default="runs/compare")
     parser.add_argument("--judge", default=None, help="class judge file: adds the FD in its features")
     parser.add_argument("--retime", action="store_true", help="measure the times again from the checkpoints")
+    parser.add_argument("--sample-repeats", type=int, default=3, help="sampling calls timed each (medians)")
     parser.add_argument("--strength", default=None, help="a control strength per scale also scored, e.g. "
                         "1,1,1,1,1.5,2 (the demo's)")  # fmt: skip
     tuned = "injectors also compared with the backbone fine-tuned (row '<name> tuned')"
@@ -187,7 +189,7 @@ def main() -> None:
     rows: dict = {}
     if results.exists():  # resume: keep the finished rows of the same comparison
         saved = json.loads(results.read_text())
-        free = ("injectors", "retime", "tuned", "strength")
+        free = ("injectors", "retime", "tuned", "strength", "sample_repeats")
         same = {k: v for k, v in saved["args"].items() if k not in free}
         if same != {k: v for k, v in vars(args).items() if k not in free}:
             raise SystemExit(f"{results} holds a comparison with other arguments: {saved['args']}; "
@@ -237,10 +239,10 @@ def main() -> None:
                 "params": sum(p.numel() for p in module.control.parameters() if p.requires_grad),
                 "checkpoint": str(fitted.checkpoint_callback.last_model_path or resume),
             }
-            row.update(timings(module, next(iter(fitted.datamodule.val_dataloader()))))
+            row.update(timings(module, next(iter(fitted.datamodule.val_dataloader())), args.sample_repeats))
             save()
         elif args.retime or "step" not in row:
-            row.update(timings(*loaded(common, row["checkpoint"])))
+            row.update(timings(*loaded(common, row["checkpoint"]), args.sample_repeats))
             save()
         ckpt = row["checkpoint"]
         if "f1" not in row:
