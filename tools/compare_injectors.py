@@ -4,7 +4,7 @@
     python tools/compare_injectors.py --tokenizer runs/tokenizer/<v>/checkpoints/last.ckpt \
         --var runs/var/<v>/checkpoints/last.ckpt [--steps 600] [--injectors scalar car ...] \
         [--control-cfg 1.0] [--root runs/compare] [--val-batches 4] [--tuned prefill] [--judge FILE]
-        [--strength 1,1,1,1,1.5,2]
+        [--strength 1,1,1,1,1.5,2] [--retime] [--sample-repeats 3]
 
 Each injector runs with ``conf/control.yaml``'s settings (car: the demo's layout, one side block feeding every
 later block, without the class). ``car-own`` is car in CAR's own layout: depth / 2 side blocks conditioned on
@@ -38,7 +38,8 @@ parts (training, times, scores without and with control guidance, with ``--stren
 same arguments keeps the rows whose checkpoint exists and does only the parts they miss: an interrupted
 comparison goes on where it stopped, a row whose training stopped resumes that run from its last
 checkpoint. A run with other ``--injectors`` adds its rows to the others, which the table lists after its
-own; ``--retime`` measures the times again from the checkpoints, on a quiet machine.
+own; ``--retime`` measures the times again from the checkpoints, on a quiet machine (``--sample-repeats``:
+sampling calls each, 3 by default; the step takes 5).
 """
 
 from __future__ import annotations
