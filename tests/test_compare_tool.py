@@ -70,7 +70,7 @@ def compare(monkeypatch, root: Path, stages: Stages, *extra: str, injectors=("sc
     return saved["rows"]
 
 
-def test_an_interrupted_comparison_goes_on_where_it_stopped(tmp_path, monkeypatch):
+def test_an_interrupted_comparison_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys):
     root = tmp_path / "compare"
     # scalar: fit, its plain scores, then stopped in its guided scores
     with pytest.raises(KeyboardInterrupt):
@@ -105,11 +105,13 @@ def test_an_interrupted_comparison_goes_on_where_it_stopped(tmp_path, monkeypatc
     compare(monkeypatch, root, stages, "--retime", "--sample-repeats", "7")
     assert [c[0] for c in stages.calls] == ["validate", "validate"] and stages.repeats == [7, 7]
 
-    # other arguments are refused before anything runs
+    # other arguments are refused before anything runs, and so is no sampling call to time
     stages = Stages(root)
     with pytest.raises(SystemExit, match="other arguments"):
         compare(monkeypatch, root, stages, "--steps", "5")
-    assert stages.calls == []
+    with pytest.raises(SystemExit):
+        compare(monkeypatch, root, stages, "--retime", "--sample-repeats", "0")
+    assert stages.calls == [] and "--sample-repeats must be at least 1" in capsys.readouterr().err
 
 
 def test_car_own_is_car_in_cars_layout_beside_the_configs_car(tmp_path, monkeypatch):

@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--tuned", nargs="*", default=["prefill"], choices=ROWS, help=tuned)
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for every injector")
     args = parser.parse_args()
+    if args.sample_repeats < 1:
+        parser.error(f"--sample-repeats must be at least 1, found {args.sample_repeats}")
 
     root = Path(args.root)
     results = root / "comparison.json"
