@@ -1,12 +1,13 @@
 """Controlled sampling time relative to the VAR's own sampling, per injector, side by side in one process.
 
-    python tools/bench_control_sampling.py [--injectors scalar,car,car-none,...] [--batch-size 16]
+    python tools/bench_control_sampling.py [--injectors scalar,car,car-own,...] [--batch-size 16]
                                            [--repeats 5] [--var-depth 4] [--car-blocks 2] [--off-from 5]
                                            [--width 16] [--device cpu]
 
-``car-none`` is car with ``car_condition="none"``: its side branch runs once for a sample and its
-class-guidance copy. ``demo`` is the branch of ``conf/control.yaml`` (its injector and their settings: the
-demo's).
+Each injector takes ``conf/control.yaml``'s settings, as ``tools/compare_injectors.py`` runs it (car: the
+demo's layout, one side block without the class feeding every later block). ``car-own`` is car in CAR's own
+layout (depth / 2 side blocks conditioned on the class, each into one of the last blocks), ``car-own-none``
+the same without the class (one side pass serves a sample and its guidance copy).
 
 The demo's shapes (``conf/tokenizer.yaml``'s tokenizer at 64 px, a class VAR of ``--var-depth``, the
 control branch of ``conf/control.yaml``) with random weights: the time of a call does not depend on the
@@ -37,6 +38,9 @@ from varctl.models.var import VAR, VARConfig  # noqa: E402
 from varctl.models.vqvae import VQVAE  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+CAR_OWN = {"car_condition": "class", "car_blocks": None, "car_targets": "last"}  # CAR's own layout
+VARIANTS = {"car-own": ("car", CAR_OWN), "car-own-none": ("car", {**CAR_OWN, "car_condition": "none"})}
+NAMES = [*INJECTORS, *VARIANTS]
 
 
 def ratio(times: dict[str, list[float]], name: str) -> str:
@@ -48,19 +52,22 @@ def ratio(times: dict[str, list[float]], name: str) -> str:
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--injectors", default=",".join([*INJECTORS, "car-none", "demo"]),
-                        help='car-none: car with car_condition="none" (one side pass for a sample and its '
-                             'guidance copy); demo: the branch of conf/control.yaml')  # fmt: skip
+    layouts = "car-own: car in CAR's own layout; car-own-none: the same without the class"
+    parser.add_argument("--injectors", default=",".join(NAMES), help=layouts)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--var-depth", type=int, default=4)
     parser.add_argument("--car-blocks", type=int, default=None,
-                        help="CAR's side blocks (default depth / 2; demo: conf/control.yaml's)")  # fmt: skip
+                        help="car's side blocks (car-own: depth / 2, car: conf/control.yaml's)")  # fmt: skip
     parser.add_argument("--width", type=int, default=None,
                         help="the control encoder's width (default: conf/control.yaml's)")  # fmt: skip
     parser.add_argument("--off-from", type=int, default=None, help="default: the last scale")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    names = args.injectors.split(",")
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise SystemExit(f"--injectors: unknown {unknown}; choose from {','.join(NAMES)}")
 
     torch.manual_seed(0)
     tok = validate(compose(CONF / "tokenizer.yaml", []), CONF / "tokenizer.yaml")
@@ -86,15 +93,13 @@ def main() -> None:
     steady_allocator()
     print(f"{machine(dev)}, torch {torch.__version__}; VAR d{args.var_depth}, {vc.resolution} px, "
           f"batch {B}, guidance 3, decode included; {args.repeats} rounds of alternating calls")  # fmt: skip
-    print(f"{'injector':<10} {'control':>14} {'off from scale ' + str(off_from):>20}   (medians' ratio / "
+    print(f"{'injector':<13} {'control':>14} {'off from scale ' + str(off_from):>20}   (medians' ratio / "
           "median of the rounds' ratios)")  # fmt: skip
     settings = ("blocks", "car_blocks", "car_condition", "car_targets", "prefix_side", "adapter_dim")
-    demo = {k: control_conf[k] for k in settings if control_conf.get(k) is not None}  # conf/control.yaml's
-    for name in args.injectors.split(","):
-        injector, _, condition = name.partition("-")
-        extra = {"car_condition": condition} if condition else {}
-        if name == "demo":  # conf/control.yaml's branch (with --car-blocks: that many side blocks)
-            injector, extra = control_conf["injector"], dict(demo)
+    configured = {k: control_conf[k] for k in settings if control_conf.get(k) is not None}  # the config's
+    for name in names:
+        injector, layout = VARIANTS.get(name, (name, {}))
+        extra = {**configured, **layout}
         if injector == "car" and args.car_blocks:
             extra["car_blocks"] = args.car_blocks
         config = ControlConfig.for_var(var.config, resolution=vc.resolution, injector=injector,
@@ -111,7 +116,7 @@ def main() -> None:
         )
         label = name + (f" N={args.car_blocks}" if injector == "car" and args.car_blocks else "")
         label += f" w={args.width}" if args.width else ""
-        print(f"{label:<10} {ratio(t, 'control'):>14} {ratio(t, 'early'):>20}", flush=True)
+        print(f"{label:<13} {ratio(t, 'control'):>14} {ratio(t, 'early'):>20}", flush=True)
 
 
 if __name__ == "__main__":
