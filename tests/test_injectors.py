@@ -16,7 +16,7 @@ from helpers import perturbed
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from varctl.models.control import INJECTORS, ControlBranch, ControlConfig, ControlledVAR
+from varctl.models.control import CAR_OWN_LAYOUT, INJECTORS, ControlBranch, ControlConfig, ControlledVAR
 from varctl.models.text import TextCondition
 from varctl.models.var import VAR, VARConfig
 
@@ -101,6 +101,15 @@ def test_backward_builds_each_parameter_gradient_once(var, golden, injector):
         logits.square().mean().backward()
     assert all(p.grad is not None for p in branch.parameters())
     assert {s: new.count[s] for s in params if new.count[s] > 2 * params[s]} == {}
+
+
+def test_cars_own_layout_is_the_configs_default(var):
+    """CAR_OWN_LAYOUT (the tools' car-own rows) is what a ControlConfig of car has unless told otherwise:
+    depth / 2 class-conditioned side blocks, each feeding one of the last blocks."""
+    config = make_branch(var, "car").config
+    assert {k: getattr(config, k) for k in CAR_OWN_LAYOUT} == CAR_OWN_LAYOUT
+    assert config.side_blocks == var.config.depth // 2
+    assert config.injected_blocks == tuple(range(var.config.depth - var.config.depth // 2, var.config.depth))
 
 
 def test_car_side_branch_starts_as_the_backbone_blocks(var):

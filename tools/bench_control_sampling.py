@@ -33,13 +33,21 @@ from benchlib import interleaved_times, machine, paired_speedup, steady_allocato
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from varctl.cli.config import compose, validate  # noqa: E402
-from varctl.models.control import INJECTORS, ControlBranch, ControlConfig, ControlledVAR  # noqa: E402
+from varctl.models.control import (  # noqa: E402
+    CAR_OWN_LAYOUT,
+    INJECTORS,
+    ControlBranch,
+    ControlConfig,
+    ControlledVAR,
+)
 from varctl.models.var import VAR, VARConfig  # noqa: E402
 from varctl.models.vqvae import VQVAE  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-CAR_OWN = {"car_condition": "class", "car_blocks": None, "car_targets": "last"}  # CAR's own layout
-VARIANTS = {"car-own": ("car", CAR_OWN), "car-own-none": ("car", {**CAR_OWN, "car_condition": "none"})}
+VARIANTS = {
+    "car-own": ("car", CAR_OWN_LAYOUT),
+    "car-own-none": ("car", {**CAR_OWN_LAYOUT, "car_condition": "none"}),
+}
 NAMES = [*INJECTORS, *VARIANTS]
 
 

@@ -54,15 +54,18 @@ from benchlib import cpu_name, interleaved_medians
 from varctl.cli import run
 from varctl.cli.config import compose, validate
 from varctl.files import atomic_write_text
-from varctl.models.control import INJECTORS
+from varctl.models.control import CAR_OWN_LAYOUT, INJECTORS
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "control.yaml"
 
+
+def control_overrides(fields: dict) -> list[str]:
+    """``model.control`` overrides that set ``fields`` (None as null)."""
+    return [f"model.control.{k}={'null' if v is None else v}" for k, v in fields.items()]
+
+
 # rows that are an injector with other settings than conf/control.yaml's: name -> (injector, overrides)
-VARIANTS = {
-    "car-own": ("car", ["model.control.car_condition=class", "model.control.car_blocks=null",
-                        "model.control.car_targets=last"]),
-}  # fmt: skip
+VARIANTS = {"car-own": ("car", control_overrides(CAR_OWN_LAYOUT))}
 ROWS = [r for i in INJECTORS for r in (i, *(v for v, (j, _) in VARIANTS.items() if j == i))]
 
 

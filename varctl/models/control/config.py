@@ -14,6 +14,9 @@ from varctl.models.lifecycle import OFFICIAL_PATCH_NUMS, ModelConfig
 MODALITIES = ("edges", "depth", "segmentation", "sketch")  # the control maps every part of varctl knows
 INJECTORS = ("scalar", "controlar", "car", "prefill", "ecm")  # models/control/injectors/<name>.py
 ENCODERS = ("conv", "pretrained")
+# car in CAR's own layout (the fields' defaults below): depth / 2 side blocks conditioned on the class, each
+# feeding one of the last blocks. conf/control.yaml's car (the demo's) sets other values.
+CAR_OWN_LAYOUT = {"car_blocks": None, "car_condition": "class", "car_targets": "last"}
 
 
 @dataclass
