@@ -106,6 +106,7 @@ def test_backward_builds_each_parameter_gradient_once(var, golden, injector):
 def test_cars_own_layout_is_the_configs_default(var):
     """CAR_OWN_LAYOUT (the tools' car-own rows) is what a ControlConfig of car has unless told otherwise:
     depth / 2 class-conditioned side blocks, each feeding one of the last blocks."""
+    assert CAR_OWN_LAYOUT == {"car_blocks": None, "car_condition": "class", "car_targets": "last"}
     config = make_branch(var, "car").config
     assert {k: getattr(config, k) for k in CAR_OWN_LAYOUT} == CAR_OWN_LAYOUT
     assert config.side_blocks == var.config.depth // 2

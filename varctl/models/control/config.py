@@ -5,6 +5,7 @@ Legend: C VAR width, D condition width, F control feature width, K scales.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -14,9 +15,6 @@ from varctl.models.lifecycle import OFFICIAL_PATCH_NUMS, ModelConfig
 MODALITIES = ("edges", "depth", "segmentation", "sketch")  # the control maps every part of varctl knows
 INJECTORS = ("scalar", "controlar", "car", "prefill", "ecm")  # models/control/injectors/<name>.py
 ENCODERS = ("conv", "pretrained")
-# car in CAR's own layout (the fields' defaults below): depth / 2 side blocks conditioned on the class, each
-# feeding one of the last blocks. conf/control.yaml's car (the demo's) sets other values.
-CAR_OWN_LAYOUT = {"car_blocks": None, "car_condition": "class", "car_targets": "last"}
 
 
 @dataclass
@@ -173,6 +171,11 @@ class ControlConfig(ModelConfig):
     def for_var(cls, var_config, resolution: int, **fields) -> ControlConfig:
         """The branch of a VAR with this config (depth, width, scales) for maps of ``resolution`` px."""
         return cls.resolve(fields, **shape_of(var_config, resolution))
+
+
+# car in CAR's own layout, the defaults of its fields: depth / 2 side blocks conditioned on the class, each
+# feeding one of the last blocks (conf/control.yaml's car, the demo's, sets other values)
+CAR_OWN_LAYOUT = {f.name: f.default for f in dataclasses.fields(ControlConfig) if f.name.startswith("car_")}
 
 
 def shape_of(var_config, resolution: int) -> dict:
