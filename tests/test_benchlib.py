@@ -24,3 +24,76 @@ def test_the_paired_speedup_follows_a_drifting_machine():
     assert paired_speedup([2.0, 2.0, 2.0], [1.0, 1.0, 1.0]) == 0.5
     with pytest.raises(ValueError, match="one time of each code per round"):
         paired_speedup([1.0, 2.0], [1.0])
+
+
+def test_the_interval_resamples_the_processes_not_only_their_rounds():
+    from benchlib import median_interval
+
+    # two processes, each steady within itself but 20 % apart: the rounds alone would say the median is
+    # known to the digit; the processes say it could be either one's
+    mid, low, high = median_interval([[1.0, 1.0, 1.0], [1.2, 1.2, 1.2]])
+    assert mid == pytest.approx(1.1)
+    assert (low, high) == (1.0, 1.2)
+    assert median_interval([[1.1, 1.1], [1.1]]) == (1.1, 1.1, 1.1)
+    mid, low, high = median_interval([[1.0, 1.1, 1.2, 1.3]] * 4, resamples=500)
+    assert low <= mid <= high and low >= 1.0 and high <= 1.3
+    with pytest.raises(ValueError, match="at least one value"):
+        median_interval([[], []])
+
+
+def test_in_processes_runs_fresh_children_and_reads_their_last_line(tmp_path):
+    from benchlib import in_processes
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, os, sys\nprint('a line before')\nprint(json.dumps([os.getpid(), sys.argv[1:]]))\n"
+    )
+    runs = in_processes(str(script), ["--repeats", "3", "--processes", "2", "--processes=2", "--x"], 2)
+    assert [argv for _, argv in runs] == [["--repeats", "3", "--x", "--json"]] * 2
+    assert runs[0][0] != runs[1][0]  # two processes
+
+
+def test_the_control_sampling_bench_pools_its_processes_rounds(monkeypatch, capsys):
+    import bench_control_sampling as bench
+
+    def run(plain, control):
+        return {"plain": plain, "control": control, "early": plain}
+
+    runs = [
+        {"header": "cpu", "off_from": 5, "rows": {"car": run([1.0, 2.0], [1.1, 2.2])}},
+        {"header": "cpu", "off_from": 5, "rows": {"car": run([1.0, 1.0], [1.3, 1.3])}},
+    ]
+    seen = []
+    monkeypatch.setattr(bench, "in_processes", lambda script, argv, n: seen.append((argv, n)) or runs)
+    bench.main(["--injectors", "car", "--processes", "2"])
+    out = capsys.readouterr().out
+    assert seen == [(["--injectors", "car", "--processes", "2"], 2)]
+    # rounds' ratios 1.1, 1.1 and 1.3, 1.3: median 1.2, each process's own 1.1 and 1.3; early equals plain
+    assert "car           1.20x [1.10, 1.30] (1.10-1.30) 1.00x [1.00, 1.00] (1.00-1.00)" in out
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--injectors", "car,nope"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--processes", "0"])
+
+
+def test_the_training_bench_pools_its_processes_rounds(monkeypatch, capsys):
+    import bench_train as bench
+
+    runs = [
+        {
+            "header": "cpu",
+            "times": {"varctl": [10.0, 20.0], "official": [11.0, 22.0]},
+            "peaks": {"varctl": 2**20, "official": 3 * 2**20},
+        },
+        {
+            "header": "cpu",
+            "times": {"varctl": [10.0, 10.0], "official": [9.0, 9.0]},
+            "peaks": {"varctl": 2**20, "official": 2**20},
+        },
+    ]
+    monkeypatch.setattr(bench, "in_processes", lambda script, argv, n: runs)
+    bench.main(["--official", "DIR", "--processes", "2"])
+    out = capsys.readouterr().out
+    assert "official: 4 steps, median 10.000s, 9.00-22.00s, peak +2 MiB" in out
+    # rounds' ratios 1.1, 1.1 (first process) and 0.9, 0.9 (second)
+    assert "varctl's step is 1.00x [0.90, 1.10] (0.90-1.10) the speed of official" in out

@@ -1,8 +1,8 @@
 """Controlled sampling time relative to the VAR's own sampling, per injector, side by side in one process.
 
     python tools/bench_control_sampling.py [--injectors scalar,car,car-own,...] [--batch-size 16]
-                                           [--repeats 5] [--var-depth 4] [--car-blocks 2] [--off-from 5]
-                                           [--width 16] [--device cpu]
+                                           [--repeats 5] [--processes 1] [--var-depth 4] [--car-blocks 2]
+                                           [--off-from 5] [--width 16] [--device cpu]
 
 Each injector takes ``conf/control.yaml``'s settings, as ``tools/compare_injectors.py`` runs it (car: the
 demo's layout, one side block without the class feeding every later block). ``car-own`` is car in CAR's own
@@ -18,17 +18,30 @@ call back to back, so a machine whose speed drifts between rounds does not move 
 the control switched off from scale ``--off-from`` on (``control_strength`` 1 before, 0 after: the
 injectors with state across scales stop there, the others skip those scales). The quality side of that
 trade-off needs a trained branch: README, "Stages".
+
+One process can favour one code for its whole life (on a 2-core VM the same injector measured 0.97x in one
+process and 1.18x in the next), so ``--processes N`` measures in N fresh processes, one after the other,
+and prints the median of all their rounds' ratios, its 95 % bootstrap interval (resampling the processes,
+then the rounds of each) and the range of the processes' own medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from benchlib import interleaved_times, machine, paired_speedup, steady_allocator
+from benchlib import (
+    in_processes,
+    interleaved_times,
+    machine,
+    paired_speedup,
+    ratio_interval,
+    steady_allocator,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,13 +70,19 @@ def ratio(times: dict[str, list[float]], name: str) -> str:
     return f"{medians:.2f}x / {paired_speedup(times['plain'], times[name]):.2f}x"
 
 
-def main() -> None:
+def round_ratios(times: dict[str, list[float]], name: str) -> list[float]:
+    return [t / p for p, t in zip(times["plain"], times[name])]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     layouts = "car-own: car in CAR's own layout; car-own-none: the same without the class"
     parser.add_argument("--injectors", default=",".join(NAMES), help=layouts)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    pool = "measure in this many fresh processes, one after the other, and pool their rounds"
+    parser.add_argument("--processes", type=int, default=1, help=pool)
     parser.add_argument("--var-depth", type=int, default=4)
     parser.add_argument("--car-blocks", type=int, default=None,
                         help="car's side blocks (car-own: depth / 2, car: conf/control.yaml's)")  # fmt: skip
@@ -71,12 +90,40 @@ def main() -> None:
                         help="the control encoder's width (default: conf/control.yaml's)")  # fmt: skip
     parser.add_argument("--off-from", type=int, default=None, help="default: the last scale")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    names = args.injectors.split(",")
-    unknown = [n for n in names if n not in NAMES]
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a child of --processes
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.injectors.split(",") if n not in NAMES]
     if unknown:
-        raise SystemExit(f"--injectors: unknown {unknown}; choose from {','.join(NAMES)}")
+        parser.error(f"--injectors: unknown {unknown}; choose from {','.join(NAMES)}")
+    if args.repeats < 1 or args.processes < 1:
+        parser.error("--repeats and --processes must be at least 1")
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.processes > 1:
+        runs = in_processes(__file__, sys.argv[1:] if argv is None else argv, args.processes)
+        print(f"{runs[0]['header']}, in each of {args.processes} fresh processes")
+        print(f"{'injector':<13} {'control':>30} {'off from scale ' + str(runs[0]['off_from']):>30}")
+        for label in runs[0]["rows"]:
+            cells = [
+                ratio_interval([round_ratios(r["rows"][label], k) for r in runs])
+                for k in ("control", "early")
+            ]
+            print(f"{label:<13} {cells[0]:>30} {cells[1]:>30}", flush=True)
+        print("(the median of every round's ratio [its 95 % interval, resampling the processes and their "
+              "rounds] (the processes' own medians))")  # fmt: skip
+        return
+    header, off_from, rows = measure(args)
+    if args.json:
+        print(json.dumps({"header": header, "off_from": off_from, "rows": rows}))
+
+
+def measure(args: argparse.Namespace) -> tuple[str, int, dict[str, dict[str, list[float]]]]:
+    """Time each injector's calls; prints a line per injector unless ``--json``. Returns the header, the
+    scale the control is switched off from, and each row's times (plain, control, early: one per round)."""
+    names = args.injectors.split(",")
     torch.manual_seed(0)
     tok = validate(compose(CONF / "tokenizer.yaml", []), CONF / "tokenizer.yaml")
     control_conf = compose(CONF / "control.yaml", ["model.tokenizer=unused"])["model"]["control"]
@@ -99,10 +146,15 @@ def main() -> None:
     fields = {k: control_conf[k] for k in ("width", "max_width", "feature_dim")}
     fields["width"] = args.width or fields["width"]
     steady_allocator()
-    print(f"{machine(dev)}, torch {torch.__version__}; VAR d{args.var_depth}, {vc.resolution} px, "
-          f"batch {B}, guidance 3, decode included; {args.repeats} rounds of alternating calls")  # fmt: skip
-    print(f"{'injector':<13} {'control':>14} {'off from scale ' + str(off_from):>20}   (medians' ratio / "
-          "median of the rounds' ratios)")  # fmt: skip
+    header = (
+        f"{machine(dev)}, torch {torch.__version__}; VAR d{args.var_depth}, {vc.resolution} px, "
+        f"batch {B}, guidance 3, decode included; {args.repeats} rounds of alternating calls"
+    )
+    say = (lambda *a, **k: None) if args.json else print
+    say(header)
+    say(f"{'injector':<13} {'control':>14} {'off from scale ' + str(off_from):>20}   (medians' ratio / "
+        "median of the rounds' ratios)")  # fmt: skip
+    rows = {}
     settings = ("blocks", "car_blocks", "car_condition", "car_targets", "prefix_side", "adapter_dim")
     configured = {k: control_conf[k] for k in settings if control_conf.get(k) is not None}  # the config's
     for name in names:
@@ -124,7 +176,9 @@ def main() -> None:
         )
         label = name + (f" N={args.car_blocks}" if injector == "car" and args.car_blocks else "")
         label += f" w={args.width}" if args.width else ""
-        print(f"{label:<13} {ratio(t, 'control'):>14} {ratio(t, 'early'):>20}", flush=True)
+        say(f"{label:<13} {ratio(t, 'control'):>14} {ratio(t, 'early'):>20}", flush=True)
+        rows[label] = t
+    return header, off_from, rows
 
 
 if __name__ == "__main__":

@@ -11,21 +11,36 @@ back: robust to a machine whose speed drifts between rounds, ``benchlib.paired_s
 ``torch.utils.flop_counter`` (matmuls and attention, forward and backward) over its time, against
 ``--peak-tflops`` (default: dense bf16 of an H100/H200 SXM). ``--compile MODE`` compiles as
 ``model.compile_mode`` does (varctl/lit/compiling.py; reduce-overhead: the whole forward, CUDA graphs).
+``--processes N`` measures in N fresh processes, one after the other, and pools their rounds
+(``benchlib.median_interval``: the median ratio with its 95 % interval, resampling the processes).
 
     python tools/bench_train.py [--official PATH_TO_VAR_GIT_DIR] [--batch-size 2] [--device cpu|cuda]
                                 [--bf16] [--compile MODE] [--peak-tflops 989] [--one-masked-call]
+                                [--repeats 3] [--processes 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import sys
 import tempfile
 
 import torch
 import torch.nn.functional as F
-from benchlib import PeakMemory, interleaved, load_official, machine, paired_speedup, steady_allocator, timed
+from benchlib import (
+    PeakMemory,
+    in_processes,
+    interleaved,
+    load_official,
+    machine,
+    paired_speedup,
+    ratio_interval,
+    steady_allocator,
+    timed,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from varctl.lit.compiling import compile_var
@@ -56,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps each (after 1 warm-up)")
+    pool = "measure in this many fresh processes, one after the other, and pool their rounds"
+    parser.add_argument("--processes", type=int, default=1, help=pool)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a child of --processes
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (both codes)")
     parser.add_argument(
@@ -68,6 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         help="also time varctl with attention as one masked call (not by groups of scales)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.processes < 1:
+        parser.error("--repeats and --processes must be at least 1")
+    if args.processes > 1:
+        pooled(in_processes(__file__, sys.argv[1:] if argv is None else argv, args.processes))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
@@ -109,12 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         flops = counter.get_total_flops()
         if args.compile:
             compile_var(var, args.compile)
-        print(
+        header = (
             f"{machine(dev)}, torch {torch.__version__}, VAR-d{args.depth} "
             f"({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M), batch {B}, "
-            f"{'bf16 autocast' if args.bf16 else 'float32'}, compiled: {args.compile}",
-            flush=True,
+            f"{'bf16 autocast' if args.bf16 else 'float32'}, compiled: {args.compile}"
         )
+        say = (lambda *a, **k: None) if args.json else print
+        say(header, flush=True)
         steady_allocator()
         for step in steps.values():
             for _ in range(2 if args.compile else 1):  # warm-up (compilation, allocator, oneDNN primitives)
@@ -132,22 +156,40 @@ def main(argv: list[str] | None = None) -> None:
         for name in steps:
             med = statistics.median(times[name])
             line = f"{name}: median {med:.3f}s min {min(times[name]):.3f}s, {B * c.L / med:.0f} tokens/s"
-            print(f"{name}: steps of {' '.join(f'{t:.2f}' for t in times[name])} s", flush=True)
+            say(f"{name}: steps of {' '.join(f'{t:.2f}' for t in times[name])} s", flush=True)
             line += f", peak +{peaks[name] / 2**20:.0f} MiB"
             if dev.startswith("cuda"):
                 line += (
                     f", MFU {flops / med / (args.peak_tflops * 1e12):.1%} ({flops / med / 1e12:.0f} TFLOP/s)"
                 )
-            print(line, flush=True)
+            say(line, flush=True)
         for name in steps:
             if name != "varctl":
                 ratio = statistics.median(times[name]) / base
                 paired = paired_speedup(times["varctl"], times[name])
-                print(
+                say(
                     f"varctl's step is {ratio:.2f}x the speed of {name} by the medians, {paired:.2f}x by "
                     f"the median of the {args.repeats} rounds' ratios (both back to back in each)",
                     flush=True,
                 )
+        if args.json:
+            print(json.dumps({"header": header, "times": times, "peaks": peaks}))
+
+
+def pooled(runs: list[dict]) -> None:
+    """Print what ``--processes`` measured: each code's steps, and varctl's speed-up over each other code
+    by the median of every round's ratio, its 95 % interval and the processes' own medians."""
+    print(f"{runs[0]['header']}, in each of {len(runs)} fresh processes", flush=True)
+    for name in runs[0]["times"]:
+        steps = [t for r in runs for t in r["times"][name]]
+        peak = statistics.median(r["peaks"][name] for r in runs) / 2**20
+        print(f"{name}: {len(steps)} steps, median {statistics.median(steps):.3f}s, "
+              f"{min(steps):.2f}-{max(steps):.2f}s, peak +{peak:.0f} MiB (processes' median)")  # fmt: skip
+    for name in runs[0]["times"]:
+        if name != "varctl":
+            ratios = [[o / v for v, o in zip(r["times"]["varctl"], r["times"][name])] for r in runs]
+            print(f"varctl's step is {ratio_interval(ratios)} the speed of {name} (the median of every "
+                  "round's ratio [its 95 % interval] (the processes' own medians))", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import importlib
 import io
+import json
 import os
 import platform
 import statistics
@@ -80,6 +81,63 @@ def paired_speedup(base: list[float], other: list[float]) -> float:
     if len(base) != len(other) or not base:
         raise ValueError(f"one time of each code per round expected, found {len(base)} and {len(other)}")
     return statistics.median(o / b for b, o in zip(base, other))
+
+
+def median_interval(
+    groups: list[list[float]], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(median, low, high): the median of all the values of ``groups`` (each group one process's rounds) and
+    a ``level`` bootstrap interval of it that resamples the groups, then the values within each: rounds of
+    one process share that process's bias (a machine whose speed, or a process whose memory layout, favours
+    one code for a while), so the groups, not the rounds, are the independent draws."""
+    groups = [list(g) for g in groups if len(g)]
+    if not groups:
+        raise ValueError("median_interval needs at least one value")
+    gen = torch.Generator().manual_seed(seed)
+    medians = []
+    for _ in range(resamples):
+        pick = torch.randint(len(groups), (len(groups),), generator=gen).tolist()
+        values = []
+        for g in pick:
+            rows = torch.randint(len(groups[g]), (len(groups[g]),), generator=gen).tolist()
+            values += [groups[g][r] for r in rows]
+        medians.append(statistics.median(values))
+    medians.sort()
+    tail = (1 - level) / 2
+    low = medians[int(tail * (resamples - 1))]
+    high = medians[int(round((1 - tail) * (resamples - 1)))]
+    return statistics.median(v for g in groups for v in g), low, high
+
+
+def in_processes(script: str, argv: list[str], processes: int) -> list[dict]:
+    """Run ``script`` ``processes`` times, one after the other, each in a fresh interpreter with
+    ``argv`` (``--processes`` left out) plus ``--json``, and return what each printed as JSON on its last
+    line of output. A fresh process per measurement averages over what one process fixes for its whole
+    life (where its tensors land in memory, which core its threads start on)."""
+    child, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            child.append(a)
+    runs = []
+    for i in range(processes):
+        out = subprocess.run(
+            [sys.executable, script, *child, "--json"], check=True, stdout=subprocess.PIPE, text=True
+        ).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"process {i + 1} of {processes} done", file=sys.stderr, flush=True)
+    return runs
+
+
+def ratio_interval(groups: list[list[float]]) -> str:
+    """``median [low, high] (lowest-highest)``: the pooled median of each round's ratio, its 95 % interval
+    (``median_interval``) and the range of the processes' own medians."""
+    mid, low, high = median_interval(groups)
+    own = [statistics.median(g) for g in groups]
+    return f"{mid:.2f}x [{low:.2f}, {high:.2f}] ({min(own):.2f}-{max(own):.2f})"
 
 
 def cpu_name() -> str:
