@@ -46,11 +46,12 @@ def test_in_processes_runs_fresh_children_and_reads_their_last_line(tmp_path):
 
     script = tmp_path / "child.py"
     script.write_text(
-        "import json, os, sys\nprint('a line before')\nprint(json.dumps([os.getpid(), sys.argv[1:]]))\n"
+        "import json, os, sys\nprint('a line before')\n"
+        "print(json.dumps([os.environ['BENCH_PROCESS'], sys.argv[1:]]))\n"
     )
     runs = in_processes(str(script), ["--repeats", "3", "--processes", "2", "--processes=2", "--x"], 2)
     assert [argv for _, argv in runs] == [["--repeats", "3", "--x", "--json"]] * 2
-    assert runs[0][0] != runs[1][0]  # two processes
+    assert [index for index, _ in runs] == ["0", "1"]  # two processes, each told its index
 
 
 def test_the_control_sampling_bench_pools_its_processes_rounds(monkeypatch, capsys):

@@ -113,7 +113,8 @@ def in_processes(script: str, argv: list[str], processes: int) -> list[dict]:
     """Run ``script`` ``processes`` times, one after the other, each in a fresh interpreter with
     ``argv`` (``--processes`` left out) plus ``--json``, and return what each printed as JSON on its last
     line of output. A fresh process per measurement averages over what one process fixes for its whole
-    life (where its tensors land in memory, which core its threads start on)."""
+    life (where its tensors land in memory, which core its threads start on). Each child finds its index
+    in the environment (``BENCH_PROCESS``: 0, 1, ...), to vary what it measures first."""
     child, skip = [], False
     for a in argv:
         if skip:
@@ -125,7 +126,11 @@ def in_processes(script: str, argv: list[str], processes: int) -> list[dict]:
     runs = []
     for i in range(processes):
         out = subprocess.run(
-            [sys.executable, script, *child, "--json"], check=True, stdout=subprocess.PIPE, text=True
+            [sys.executable, script, *child, "--json"],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "BENCH_PROCESS": str(i)},
         ).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
         print(f"process {i + 1} of {processes} done", file=sys.stderr, flush=True)
