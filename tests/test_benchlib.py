@@ -95,6 +95,12 @@ def test_the_training_bench_pools_its_processes_rounds(monkeypatch, capsys):
     monkeypatch.setattr(bench, "in_processes", lambda script, argv, n: runs)
     bench.main(["--official", "DIR", "--processes", "2"])
     out = capsys.readouterr().out
-    assert "official: 4 steps, median 10.000s, 9.00-22.00s, peak +2 MiB" in out
+    assert "official: 4 steps, median 10.000s, 9.00-22.00s, peak +2 MiB (processes' medians)" in out
     # rounds' ratios 1.1, 1.1 (first process) and 0.9, 0.9 (second)
     assert "varctl's step is 1.00x [0.90, 1.10] (0.90-1.10) the speed of official" in out
+    for run, mfu in zip(runs, (0.30, 0.40)):  # on a GPU: each code's MFU, the processes' median
+        run["mfu"] = {"varctl": mfu, "official": mfu / 2}
+    bench.main(["--official", "DIR", "--processes", "2"])
+    assert "varctl: 4 steps, median 10.000s, 10.00-20.00s, peak +1 MiB, MFU 35.0% (processes' medians)" in (
+        capsys.readouterr().out
+    )

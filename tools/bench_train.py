@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{'bf16 autocast' if args.bf16 else 'float32'}, compiled: {args.compile}"
         )
         say = (lambda *a, **k: None) if args.json else print
+        cuda = dev.startswith("cuda")
         say(header, flush=True)
         steady_allocator()
         for step in steps.values():
@@ -173,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
         if args.json:
-            print(json.dumps({"header": header, "times": times, "peaks": peaks}))
+            mfu = {n: flops / statistics.median(t) / (args.peak_tflops * 1e12) for n, t in times.items()}
+            print(
+                json.dumps({"header": header, "times": times, "peaks": peaks, "mfu": mfu if cuda else None})
+            )
 
 
 def pooled(runs: list[dict]) -> None:
@@ -183,8 +187,14 @@ def pooled(runs: list[dict]) -> None:
     for name in runs[0]["times"]:
         steps = [t for r in runs for t in r["times"][name]]
         peak = statistics.median(r["peaks"][name] for r in runs) / 2**20
-        print(f"{name}: {len(steps)} steps, median {statistics.median(steps):.3f}s, "
-              f"{min(steps):.2f}-{max(steps):.2f}s, peak +{peak:.0f} MiB (processes' median)")  # fmt: skip
+        mfu = (
+            ""
+            if runs[0].get("mfu") is None
+            else f", MFU {statistics.median(r['mfu'][name] for r in runs):.1%}"
+        )
+        span = f"{min(steps):.2f}-{max(steps):.2f}s"
+        print(f"{name}: {len(steps)} steps, median {statistics.median(steps):.3f}s, {span}, "
+              f"peak +{peak:.0f} MiB{mfu} (processes' medians)")  # fmt: skip
     for name in runs[0]["times"]:
         if name != "varctl":
             ratios = [[o / v for v, o in zip(r["times"]["varctl"], r["times"][name])] for r in runs]
