@@ -37,11 +37,13 @@ from pathlib import Path
 
 import torch
 from benchlib import (
+    add_pooling,
     in_processes,
     interleaved_times,
     machine,
     paired_speedup,
     ratio_interval,
+    round_ratios,
     steady_allocator,
 )
 
@@ -72,10 +74,6 @@ def ratio(times: dict[str, list[float]], name: str) -> str:
     return f"{medians:.2f}x / {paired_speedup(times['plain'], times[name]):.2f}x"
 
 
-def round_ratios(times: dict[str, list[float]], name: str) -> list[float]:
-    return [t / p for p, t in zip(times["plain"], times[name])]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -83,8 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--injectors", default=",".join(NAMES), help=layouts)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    pool = "measure in this many fresh processes, one after the other, and pool their rounds"
-    parser.add_argument("--processes", type=int, default=1, help=pool)
+    add_pooling(parser)
     parser.add_argument("--var-depth", type=int, default=4)
     parser.add_argument("--car-blocks", type=int, default=None,
                         help="car's side blocks (car-own: depth / 2, car: conf/control.yaml's)")  # fmt: skip
@@ -92,7 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the control encoder's width (default: conf/control.yaml's)")  # fmt: skip
     parser.add_argument("--off-from", type=int, default=None, help="default: the last scale")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a child of --processes
     args = parser.parse_args(argv)
     unknown = [n for n in args.injectors.split(",") if n not in NAMES]
     if unknown:
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'injector':<13} {'control':>30} {'off from scale ' + str(runs[0]['off_from']):>30}")
         for label in runs[0]["rows"]:
             cells = [
-                ratio_interval([round_ratios(r["rows"][label], k) for r in runs])
+                ratio_interval([round_ratios(r["rows"][label]["plain"], r["rows"][label][k]) for r in runs])
                 for k in ("control", "early")
             ]
             print(f"{label:<13} {cells[0]:>30} {cells[1]:>30}", flush=True)

@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from benchlib import (
     PeakMemory,
+    add_pooling,
     in_processes,
     interleaved,
     load_official,
     machine,
     paired_speedup,
     ratio_interval,
+    round_ratios,
     steady_allocator,
     timed,
 )
@@ -71,9 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps each (after 1 warm-up)")
-    pool = "measure in this many fresh processes, one after the other, and pool their rounds"
-    parser.add_argument("--processes", type=int, default=1, help=pool)
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a child of --processes
+    add_pooling(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (both codes)")
     parser.add_argument(
@@ -197,7 +197,7 @@ def pooled(runs: list[dict]) -> None:
               f"peak +{peak:.0f} MiB{mfu} (processes' medians)")  # fmt: skip
     for name in runs[0]["times"]:
         if name != "varctl":
-            ratios = [[o / v for v, o in zip(r["times"]["varctl"], r["times"][name])] for r in runs]
+            ratios = [round_ratios(r["times"]["varctl"], r["times"][name]) for r in runs]
             print(f"varctl's step is {ratio_interval(ratios)} the speed of {name} (the median of every "
                   "round's ratio [its 95 % interval] (the processes' own medians))", flush=True)  # fmt: skip
 

@@ -11,6 +11,7 @@ over the call.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import importlib
@@ -78,9 +79,21 @@ def paired_speedup(base: list[float], other: list[float]) -> float:
     rounds of other / base. Each round runs both codes back to back (``interleaved``), so a machine whose
     speed drifts between rounds (a shared VM: the same step 13.8-19 s) moves both times of a round together;
     the ratio of the two medians can take them from different rounds."""
+    return statistics.median(round_ratios(base, other))
+
+
+def round_ratios(base: list[float], other: list[float]) -> list[float]:
+    """other / base in each round (one time of each code per round)."""
     if len(base) != len(other) or not base:
         raise ValueError(f"one time of each code per round expected, found {len(base)} and {len(other)}")
-    return statistics.median(o / b for b, o in zip(base, other))
+    return [o / b for b, o in zip(base, other)]
+
+
+def add_pooling(parser) -> None:
+    """``--processes N`` (measure in N fresh processes: ``in_processes``) and the children's ``--json``."""
+    pool = "measure in this many fresh processes, one after the other, and pool their rounds"
+    parser.add_argument("--processes", type=int, default=1, help=pool)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a child of --processes
 
 
 def median_interval(
