@@ -23,9 +23,10 @@ from varctl.models.var import VAR, VARConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # car-none: car with car_condition="none" (side rows shared by guidance); car-fan: also one side block feeding
-# both backbone blocks (blocks [0, 1], each through its own zero-initialised layer)
-VARIANTS = [*INJECTORS, "car-none", "car-fan"]
-ZERO_INIT = [i for i in VARIANTS if i != "prefill"]
+# both backbone blocks (blocks [0, 1], each through its own zero-initialised layer); prefill-none: the prefix
+# under the null condition (its keys and values shared by guidance)
+VARIANTS = [*INJECTORS, "car-none", "car-fan", "prefill-none"]
+ZERO_INIT = [i for i in VARIANTS if not i.startswith("prefill")]
 TINY_VIT = {"encoder_name": "vit_tiny_patch16_224", "encoder_input": 32, "encoder_layers": [0, 1],
             "encoder_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}  # fmt: skip
 
@@ -33,6 +34,8 @@ TINY_VIT = {"encoder_name": "vit_tiny_patch16_224", "encoder_input": 32, "encode
 def make_branch(var, injector="scalar", **fields) -> ControlBranch:
     if injector == "car-none":
         injector, fields = "car", {"car_condition": "none", **fields}
+    if injector == "prefill-none":
+        injector, fields = "prefill", {"prefix_condition": "none", **fields}
     if injector == "car-fan":
         injector, fields = "car", {"car_condition": "none", "car_blocks": 1, "blocks": [0, 1], **fields}
     fields.setdefault("width", 8)
@@ -593,3 +596,77 @@ def test_a_prefill_branch_saved_before_the_locality_bias_loads_as_the_plain_pref
     old.load_state_dict(state)
     assert torch.equal(old.injector.locality, torch.zeros_like(old.injector.locality))
     assert all(torch.equal(old.state_dict()[k], v) for k, v in state.items())
+
+
+def prefix_outputs(var):
+    """Records the output rows and tokens of the VAR's last block at every call (the prefix pass first)."""
+    seen = []
+    handle = var.blocks[-1].register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape[:2])))
+    return seen, handle
+
+
+def test_prefill_teacher_forcing_is_one_masked_pass_over_prefix_and_tokens(var, golden):
+    """The prefix's own pass, then the tokens on its keys and values, give the logits of one pass over the
+    prefix put before the tokens, with the mask that lets the prefix see only itself and the tokens see it
+    (with the locality bias and a per-scale strength) and the earlier scales."""
+    from varctl.models.control.injectors.prefill import overlap
+
+    branch = perturbed(make_branch(var, "prefill"))
+    labels, x_in = golden["labels"], golden["x_BLCv_wo_first_l"]
+    strength = [1.0, 0.5, 0.0, 2.0]
+    controls = branch.encode(maps_for(4)).with_strength(strength)
+    inj, c = branch.injector, var.config
+    with torch.no_grad():
+        logits = var(labels, x_in, control=controls)
+        cond_BD, _ = var._embed_condition(labels, drop=False)
+        tokens = var.word_embed(x_in)
+        x = torch.cat((cond_BD.unsqueeze(1) + var.pos_start, tokens), dim=1) + var._lvl_pos()
+        b, e = c.begin_ends[inj.scale]
+        x = torch.cat((inj.proj(controls.tokens_BLF[:, b:e]) + inj.pos, x), dim=1)
+        P, L = inj.prefix_len, c.L
+        s = torch.cat([torch.full((end - begin,), v) for v, (begin, end) in zip(strength, c.begin_ends)])
+        mask = torch.zeros(1, inj.locality.shape[1], P + L, P + L)
+        mask[..., :P, P:] = -torch.inf
+        mask[..., P:, P:] = var.attn_bias_for_masking[0, 0]
+        mask[..., P:, :P] = inj.locality * overlap(c.patch_nums, inj.side) + s.log().view(-1, 1)
+        shared = var.shared_ada_lin(cond_BD)
+        for block in var.blocks:
+            x = block(x, block.modulation(shared), mask)
+        expected = var._head(x[:, P:], var.head_nm.modulation(cond_BD))
+    assert (logits - expected).abs().max() < 1e-4
+    assert (logits - golden["logits_BLV"]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("condition", ["class", "none"])
+def test_prefix_condition_none_makes_the_prefix_class_free(var, golden, condition):
+    """prefix_condition="none": the prefix runs under the null condition, so two labels give the same
+    prefix outputs (teacher forcing's last block returns the tokens' and the prefix's); the backbone still
+    reads the class."""
+    branch = perturbed(make_branch(var, "prefill", prefix_condition=condition))
+    outs = []
+    handle = var.blocks[-1].register_forward_hook(lambda m, args, out: outs.append(out[1]))
+    x, controls = golden["x_BLCv_wo_first_l"], branch.encode(maps_for(4))
+    with torch.no_grad():
+        a = var(golden["labels"], x, control=controls)
+        b = var((golden["labels"] + 1) % var.config.num_classes, x, control=controls)
+    handle.remove()
+    assert outs[0].shape[1] == branch.injector.prefix_len
+    assert torch.allclose(outs[0], outs[1], atol=1e-6) == (condition == "none")
+    assert (a - b).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("condition", ["class", "none"])
+@pytest.mark.parametrize("control_cfg", [0.0, 1.0])
+def test_prefix_condition_none_runs_a_prefix_row_per_sample_and_control(var, golden, condition, control_cfg):
+    """Sampling 2 samples with class guidance (4 rows), and control guidance too (6 rows): the prefix under
+    the null condition runs once for 2 rows (a sample's guidance copy shares its keys and values), then 4
+    (each sample with and without its control); the class-conditioned prefix for every row. The samples
+    are the teacher-forced ones (test_kv_cache_sampling_equals_teacher_forcing)."""
+    branch = perturbed(make_branch(var, "prefill", prefix_condition=condition))
+    seen, handle = prefix_outputs(var)
+    var.generate(golden["labels"][:2], top_k=0, cfg=1.5, seed=0, control=branch.encode(maps_for(2)),
+                 control_cfg=control_cfg)  # fmt: skip
+    handle.remove()
+    rows = {("none", 0.0): 2, ("class", 0.0): 4, ("none", 1.0): 4, ("class", 1.0): 6}
+    assert seen[0] == (rows[condition, control_cfg], branch.injector.prefix_len)
+    assert [s[0] for s in seen[1:]] == [4 + 2 * (control_cfg > 0)] * var.config.num_scales

@@ -91,6 +91,23 @@ class KVCache:
             self.k, self.v = self.k[:n], self.v[:n]
 
 
+class PrefixKV:
+    """One layer's keys and values of a prefix that attends only to itself (prefill's control tokens), from a
+    pass of the prefix alone, that the tokens then attend to before their own: ``KVCache``'s interface, the
+    first ``append`` (the prefix's pass) keeping its keys and values, the later ones returning them put
+    before the new ones (a concatenation, so teacher forcing's gradients reach the prefix)."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.consts = None
+
+    def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            self.k, self.v = k_BHlc, v_BHlc
+            return k_BHlc, v_BHlc
+        return torch.cat((self.k, k_BHlc), dim=2), torch.cat((self.v, v_BHlc), dim=2)
+
+
 class QueryGroups(tuple):
     """Teacher forcing's block-causal attention, computed by groups of query rows: ((begin, end, bias), ...).
 
@@ -265,6 +282,12 @@ def key_padding_bias(mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return bias[:, None, None, :], has_any.float()[:, None, None]
 
 
+def block_context(block: nn.Module, text: tuple | None) -> tuple | None:
+    """A block's ``text`` argument from the VAR's (ctx_BTC, bias, gate): the context's keys and values
+    through the block's cross-attention; None without text."""
+    return None if text is None else (block.cross_attn.context(text[0]), *text[1:])
+
+
 def text_rows(text, n: int):
     """A block's sampling text ``((k, v), bias, gate)`` (``CrossAttention.context`` of the tokens and
     ``key_padding_bias``) for its first ``n`` rows; None stays None."""
@@ -328,9 +351,18 @@ class AdaLNBlock(nn.Module):
         cache: KVCache | None = None,
         text: tuple | None = None,
         prune=None,
-    ) -> torch.Tensor:
+        prefix: tuple | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``text``: (kv, bias_B11T, gate_B11) from ``CrossAttention.context`` and ``key_padding_bias``.
-        ``prune``: sampling's token pruning at this block and scale (token_pruning.py), or None."""
+        ``prune``: sampling's token pruning at this block and scale (token_pruning.py), or None.
+        ``prefix``: (x, modulation, text) of tokens that attend only to each other and that x attends to
+        before itself (``attn_bias`` covering them first; prefill's control in teacher forcing): they pass
+        through this block first, in the same call (a sharded block gathers its parameters once, and both
+        outputs are the call's), and the call returns (x, the prefix's x)."""
+        if prefix is not None:
+            kv = PrefixKV()
+            x_prefix = self.forward(prefix[0], prefix[1], None, cache=kv, text=prefix[2])
+            return self.forward(x_BLC, mod_B16C, attn_bias, cache=kv, text=text), x_prefix
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(
             2
         )  # 6 x (B, 1, C), scales hold 1 + s

@@ -22,7 +22,14 @@ from torch import nn
 from varctl.models.kernels import Linear
 from varctl.models.lifecycle import Model
 from varctl.models.text import TextCondition
-from varctl.models.transformer import AdaLNBlock, AdaLNHead, QueryGroups, SharedAdaLin, key_padding_bias
+from varctl.models.transformer import (
+    AdaLNBlock,
+    AdaLNHead,
+    QueryGroups,
+    SharedAdaLin,
+    block_context,
+    key_padding_bias,
+)
 from varctl.models.var_config import OFFICIAL_PATCH_NUMS, VARConfig, check_vae_fits, config_from_state_dict
 from varctl.models.var_generate import GenerateMixin
 
@@ -234,24 +241,27 @@ class VAR(GenerateMixin, Model):
         if torch.is_autocast_enabled(device_type):  # keep the residual stream in the autocast dtype
             x_BLC = x_BLC.to(torch.get_autocast_dtype(device_type))
         shared = self.shared_ada_lin(cond_BD)
-        mask, P = self.attn_bias_for_masking, 0
+        mask, prefix = self.attn_bias_for_masking, None
         session = None if control is None else control.session(self, shared, text, cached=False)
         if session is not None:
-            prefix = session.prefix()  # injectors with a prefix: (B, P, C) tokens before the sequence
-            if prefix is not None:
-                P = prefix.shape[1]
-                x_BLC = torch.cat((prefix.to(x_BLC.dtype), x_BLC), dim=1)
+            prefix = session.prefix()  # injectors with a prefix: tokens that every token attends to first
             mask = session.attention_bias(mask, 0, cfg.L)
         if mask is self.attn_bias_for_masking:  # no prefix: attention by groups of scales (less work)
             mask = self.query_groups()
+        if prefix is not None:
+            x_prefix = prefix.x.to(x_BLC.dtype)  # (B, P, C): a row each in teacher forcing (index_R None)
         for i, block in enumerate(self.blocks):
             if session is not None:
                 x_BLC = session.block_input(i, x_BLC, 0, cfg.L)
-            block_text = None if text is None else (block.cross_attn.context(text[0]), *text[1:])
-            x_BLC = block(x_BLC, block.modulation(shared), mask, text=block_text)
+            mod, block_text = block.modulation(shared), block_context(block, text)
+            if prefix is None:
+                x_BLC = block(x_BLC, mod, mask, text=block_text)
+            else:  # the prefix passes through each block first, in the same call
+                on_prefix = (x_prefix, block.modulation(prefix.shared), block_context(block, prefix.text))
+                x_BLC, x_prefix = block(x_BLC, mod, mask, text=block_text, prefix=on_prefix)
             if session is not None:
                 x_BLC = session.block_output(i, x_BLC, 0, cfg.L)
-        return self._head(x_BLC[:, P:] if P else x_BLC, self.head_nm.modulation(cond_BD))
+        return self._head(x_BLC, self.head_nm.modulation(cond_BD))
 
     def query_groups(self) -> QueryGroups | torch.Tensor:
         """Teacher forcing's block-causal attention over the whole sequence, as ``QueryGroups``."""

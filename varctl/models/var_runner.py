@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from varctl.models.token_pruning import PruningPlan
-from varctl.models.transformer import KVCache, text_rows
+from varctl.models.transformer import KVCache, PrefixKV, block_context, text_rows
 
 
 class ScaleRunner:
@@ -27,15 +27,27 @@ class ScaleRunner:
         shared = var.shared_ada_lin(self.cond_BD)
         self.mods = [block.modulation(shared) for block in var.blocks]
         self.head_mod = var.head_nm.modulation(self.cond_BD)
-        self.texts = [
-            None if text is None else (b.cross_attn.context(text[0]), *text[1:]) for b in var.blocks
-        ]
+        self.texts = [block_context(b, text) for b in var.blocks]
         self.session = None if rows is None else rows.session(var, shared, text, cached=True)
         self.lvl_pos = var._lvl_pos()
         self.caches = [KVCache(c.L) for _ in var.blocks]
-        if self.session is not None and (prefix := self.session.prefix()) is not None:  # fill the caches once
-            self.caches = [KVCache(c.L + prefix.shape[1]) for _ in var.blocks]
-            self._blocks(prefix, None, None, None)
+        if self.session is not None and (prefix := self.session.prefix()) is not None:
+            self.caches = self._prefix_caches(prefix)
+
+    def _prefix_caches(self, prefix) -> list[KVCache]:
+        """KV caches that start with a prefix's keys and values: the prefix passes through the blocks once,
+        before the first scale (once per prefix row, each of the R rows then reading its row's)."""
+        x, caches = prefix.x, []
+        for block in self.var.blocks:
+            kv = PrefixKV()
+            text = block_context(block, prefix.text)
+            x = block(x, block.modulation(prefix.shared), None, cache=kv, text=text)
+            k, v = (kv.k, kv.v) if prefix.index_R is None else (kv.k[prefix.index_R], kv.v[prefix.index_R])
+            cache = KVCache(self.config.L + k.shape[2])
+            cache.append(k, v)
+            cache.consts = kv.consts
+            caches.append(cache)
+        return caches
 
     def start(self) -> torch.Tensor:
         """The first scale's input (R, first_l, C): the condition plus the start position."""

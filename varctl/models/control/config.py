@@ -36,8 +36,11 @@ class ControlConfig(ModelConfig):
     "none" (no sample's: the VAR's null condition; the branch then reads only the tokens and the control, so
     a sample and its class-guidance copy share one pass, half its cost when sampling with guidance).
     ``prefix_side``: prefill's prefix is the control features of the scale of that side (default: the
-    largest scale at most half the last); ``prefix_locality``: the initial per-head bias of a token's
-    attention on the prefix cells under it (0: the plain baseline). ``adapter_dim``: ECM's adapter width.
+    largest scale at most half the last); ``prefix_condition``: what the prefix tokens' pass through the
+    blocks is conditioned on, "class" (each sample's) or "none" (the null condition: a sample and its
+    class-guidance copy share the prefix's keys and values); ``prefix_locality``: the initial per-head
+    bias of a token's attention on the prefix cells under it (0: the plain baseline). ``adapter_dim``:
+    ECM's adapter width.
 
     Training (free on load): ``control_drop_rate`` replaces a sample's control by the null control (zero
     features) for control guidance; ``modality_drop_rate`` drops each modality of a sample independently.
@@ -63,6 +66,7 @@ class ControlConfig(ModelConfig):
     car_condition: str = "class"
     car_targets: str = "last"
     prefix_side: int | None = None
+    prefix_condition: str = "class"
     prefix_locality: float = 4.0
     adapter_dim: int = 64
     control_drop_rate: float = 0.0
@@ -126,6 +130,7 @@ class ControlConfig(ModelConfig):
             self.require(len(self.blocks) >= self.side_blocks, "blocks", need)
         self.require(self.car_condition in ("class", "none"), "car_condition", '"class" or "none"')
         self.require(self.car_targets in ("last", "rest"), "car_targets", '"last" or "rest"')
+        self.require(self.prefix_condition in ("class", "none"), "prefix_condition", '"class" or "none"')
         if self.injector == "car" and self.blocks is None and self.car_targets == "rest":
             rest = f'"last" when car_blocks is the depth ({self.depth}): "rest" leaves no block to feed'
             self.require(self.side_blocks < self.depth, "car_targets", rest)

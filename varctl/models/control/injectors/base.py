@@ -4,8 +4,9 @@ An ``Injector`` (a module of the control branch, built from its ControlConfig) t
 one batch into a ``Session`` for one teacher-forcing ``VAR.forward`` or one KV-cached ``VAR.generate``. The
 VAR calls the session only at these points:
 
-- ``prefix()``: tokens (R, P, C) put before the sequence (every token attends to them), or None;
-  ``attention_bias(mask, begin, end)``: the additive attention bias of tokens [begin, end) with the prefix;
+- ``prefix()``: the ``Prefix`` of P tokens that every token attends to before the earlier scales (their
+  input and condition), or None; ``attention_bias(mask, begin, end)``: the additive attention bias of
+  tokens [begin, end) on the prefix and tokens [0, end);
 - ``block_input(i, x, begin, end)``: the hidden states of tokens [begin, end) (whole scales) entering
   block i; ``block_output(i, x, begin, end)``: leaving it.
 
@@ -43,6 +44,19 @@ class Context:
     first_R: list[int] | None = None
 
 
+@dataclass
+class Prefix:
+    """Tokens that attend only to each other and that every token attends to first: their input ``x``
+    (U, P, C), what the VAR's blocks condition them on (``shared``, the blocks' modulation input, 1 or U
+    rows; ``text``, the VAR's (ctx, bias, gate) of U rows or None), and each of the R rows' prefix row
+    (``index_R``; None: U = R, row r's own)."""
+
+    x: torch.Tensor
+    shared: torch.Tensor
+    text: tuple | None
+    index_R: torch.Tensor | None = None
+
+
 class Injector(nn.Module):
     """Base of the injectors: no prefix, identity hooks; subclasses override what they use."""
 
@@ -68,7 +82,7 @@ class Session:
         self.begin_ends = injector.config.begin_ends
         self._scale_at = {b: k for k, (b, _) in enumerate(self.begin_ends)}
 
-    def prefix(self) -> torch.Tensor | None:
+    def prefix(self) -> Prefix | None:
         return None
 
     def keep_rows(self, n: int) -> None:
@@ -145,6 +159,27 @@ class Session:
         """Whether the strength is 0 at the scale starting at ``begin`` and at every later one: then an
         injector with state carried across scales (side branches' and adapters' KV caches) can stop."""
         return self.off(begin, self.begin_ends[-1][1])
+
+    def unconditioned_rows(self) -> tuple[list[int], list[int]]:
+        """For a pass that reads a row's tokens and control but not its condition: the rows it runs for
+        (the first row of each sample and control) and each row's index among them. A sample and its
+        class-guidance copy share one; a control-dropped copy has one of its own."""
+        first = self.ctx.first_R
+        first = list(range(self.ctx.tokens_RLF.shape[0])) if first is None else first
+        reps = sorted(set(first))
+        at = {r: u for u, r in enumerate(reps)}
+        return reps, [at[f] for f in first]
+
+    def null_condition(self, U: int):
+        """The VAR's null condition (the null class or the empty caption) for U rows of a pass of the
+        VAR's blocks: the shared modulation input (1 row), the text (U rows) and the first scale's tokens
+        (1 row), embedded in float32 as the VAR embeds a condition."""
+        var = self.ctx.var
+        with torch.autocast(var.lvl_1L.device.type, enabled=False):
+            cond_1D, text = var._embed_condition(var.null_condition(1), drop=False)
+            sos = var._start_tokens(cond_1D)  # (1, first_l, C)
+        text = None if text is None else tuple(t.expand(U, *t.shape[1:]) for t in text)
+        return var.shared_ada_lin(cond_1D), text, sos
 
 
 class BlockInputSession(Session):

@@ -20,7 +20,7 @@ from torch import nn
 
 from varctl.models.control.injectors.base import Injector, Session
 from varctl.models.kernels import linear
-from varctl.models.transformer import AdaLNBlock, KVCache, text_rows
+from varctl.models.transformer import AdaLNBlock, KVCache, block_context, text_rows
 
 
 class CARInjector(Injector):
@@ -59,18 +59,13 @@ class CARSession(Session):
         self.unconditioned = inj.config.car_condition == "none"
         self.reps = self.side_R = list(range(R))  # the row each side row is run for; each row's side row
         if self.unconditioned:  # one side row per sample and control: guidance copies share theirs
-            first = ctx.first_R if ctx.first_R is not None else self.reps
-            self.reps = sorted(set(first))
-            side = {r: u for u, r in enumerate(self.reps)}
-            self.side_R = [side[f] for f in first]
-            shared, text, self.sos = self._null_condition(ctx.var, len(self.reps))
+            self.reps, self.side_R = self.unconditioned_rows()
+            shared, text, self.sos = self.null_condition(len(self.reps))
         else:
             shared, text = ctx.shared, ctx.text
         self._index_rows()
         self.mods = [b.modulation(shared) for b in inj.blocks]
-        self.texts = [
-            None if text is None else (b.cross_attn.context(text[0]), *text[1:]) for b in inj.blocks
-        ]
+        self.texts = [block_context(b, text) for b in inj.blocks]
         L = inj.config.L
         self.caches = [KVCache(L) for _ in inj.blocks] if ctx.cached else [None] * len(inj.blocks)
         self.outputs: list[torch.Tensor] = []
@@ -85,17 +80,6 @@ class CARSession(Session):
                 continue
             weight, bias = torch.cat([lin.weight for lin in layers]), torch.cat([lin.bias for lin in layers])
             self.out_groups.append((j, ms, weight, bias))
-
-    @staticmethod
-    def _null_condition(var, U: int):
-        """The side blocks' shared modulation input (1 row), text (U rows) and first-scale tokens (1 row)
-        under the VAR's null condition, embedded in float32 as the VAR embeds a condition."""
-        device_type = var.lvl_1L.device.type
-        with torch.autocast(device_type, enabled=False):
-            cond_1D, text = var._embed_condition(var.null_condition(1), drop=False)
-            sos = var._start_tokens(cond_1D)  # (1, first_l, C)
-        text = None if text is None else tuple(t.expand(U, *t.shape[1:]) for t in text)
-        return var.shared_ada_lin(cond_1D), text, sos
 
     def _index_rows(self) -> None:
         """How the rows map to the side rows, once per call (the sampling loop uses it at every scale):

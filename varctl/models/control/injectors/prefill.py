@@ -2,9 +2,12 @@
 simple baseline that a controlled ImageNet study, arXiv 2507.15724, found strong): the control features of
 the scale of side prefix_side, projected to the VAR's width, plus a learned position that a new branch
 starts from the backbone's own (position and level embedding of that scale's tokens). The prefix tokens run
-through the backbone's blocks like the start token (they attend to each other); while sampling they fill the
-KV caches once, before the first scale. A scale's control strength s multiplies its attention weight on the
-prefix (a log s bias on the prefix keys; s = 0 ignores the prefix).
+through the backbone's blocks on their own, attending only to each other, and every token attends to their
+keys and values: in teacher forcing as while sampling, where they fill the KV caches once, before the first
+scale. ``prefix_condition`` "none" runs them under the VAR's null condition instead of each sample's, once
+for a sample and its class-guidance copy (half the prefix's cost when sampling with guidance). A scale's
+control strength s multiplies its attention weight on the prefix (a log s bias on the prefix keys; s = 0
+ignores the prefix).
 
 Where to look: each head adds beta_h * overlap(i, j) to token i's attention logit on prefix token j, the
 overlap being the fraction of token i's cell that prefix cell j covers (1 for the cell under a fine token,
@@ -24,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from varctl.models.control.injectors.base import Injector, Session
+from varctl.models.control.injectors.base import Injector, Prefix, Session
 
 
 class PrefillInjector(Injector):
@@ -80,9 +83,22 @@ def overlap(patch_nums: tuple[int, ...], side: int) -> torch.Tensor:
 
 class PrefillSession(Session):
     def prefix(self):
-        inj = self.injector
-        tokens = self.features(*self.begin_ends[inj.scale])  # (R, P, F), the prefix scale's features
-        return inj.proj(tokens.to(inj.proj.weight.dtype)) + inj.pos  # (R, P, C)
+        """The prefix scale's control features, projected and placed, for each row; under
+        ``prefix_condition`` "none" once per sample and control (a sample's guidance copy shares its
+        prefix), conditioned on the VAR's null condition."""
+        inj, ctx = self.injector, self.ctx
+        features = self.features(*self.begin_ends[inj.scale])  # (R, P, F)
+        if inj.config.prefix_condition == "none":
+            reps, index = self.unconditioned_rows()
+            shared, text, _ = self.null_condition(len(reps))
+            index_R = None
+            if index != list(range(len(index))):
+                features = features[reps]
+                index_R = torch.tensor(index, device=features.device)
+        else:
+            shared, text, index_R = ctx.shared, ctx.text, None
+        x = inj.proj(features.to(inj.proj.weight.dtype)) + inj.pos  # (U, P, C)
+        return Prefix(x, shared, text, index_R)
 
     def _prefix_bias(self, begin, end, like):
         """(1, H, l, P): tokens [begin, end)'s logit bias on the prefix: locality plus log strength."""
@@ -95,19 +111,11 @@ class PrefillSession(Session):
         return bias
 
     def attention_bias(self, mask, begin, end):
-        """Teacher forcing (``mask`` the (1, 1, L, L) block-causal mask): the (1, H, P + L, P + L) mask of
-        prefix + tokens. Sampling: the (1, H, l, P + end) bias of tokens [begin, end) on the cached prefix
-        and tokens, ``mask`` their block-causal mask on tokens [0, end) (None for one scale)."""
+        """(1, H, l, P + end): the bias of tokens [begin, end) on the prefix and on tokens [0, end), ``mask``
+        their block-causal mask on tokens [0, end) (None for one scale while sampling)."""
         P = self.injector.prefix_len
         H = self.injector.locality.shape[1]
-        if not self.ctx.cached:
-            L = mask.shape[-1]
-            full = mask.new_zeros(1, H, P + L, P + L)
-            full[..., :P, P:] = -torch.inf  # the prefix sees only itself
-            full[..., P:, P:] = mask
-            full[..., P:, :P] = self._prefix_bias(0, L, mask)
-            return full
-        like = self.ctx.tokens_RLF
+        like = self.ctx.tokens_RLF if mask is None else mask
         bias = like.new_zeros(1, H, end - begin, P + end)
         bias[..., :P] = self._prefix_bias(begin, end, like)
         if mask is not None:
