@@ -208,13 +208,15 @@ if strategy_name == "ddp":
 
 # ---------------------------------------------------------------------------------------------- injectors
 # the other injectors, 2 steps each; CAR fine-tunes the backbone too (side blocks + sharded backbone), its
-# side blocks under the null condition (conf/control.yaml's car_condition: the VAR's embeddings read twice)
+# side blocks and prefill's prefix under the null condition (conf/control.yaml's car_condition and
+# prefix_condition: the VAR's embeddings read twice)
 result["injectors"] = {}
 for name in ("controlar", "car", "prefill", "ecm"):
     torch.manual_seed(0)
     module = ControlModule(
         vae_file, init_from=var_ckpt, control={**spec, "injector": name, "adapter_dim": 32,
-        "control_drop_rate": 0.2, "car_condition": "none" if name == "car" else "class"},
+        "control_drop_rate": 0.2, "car_condition": "none" if name == "car" else "class",
+        "prefix_condition": "none"},
         optimizer=optimizer, scores={"batches": 1, "control_cfg": 1.0},
         train_backbone=name == "car",
     )  # fmt: skip

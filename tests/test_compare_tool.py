@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import compare_injectors as tool  # noqa: E402
@@ -129,3 +130,19 @@ def test_car_own_is_car_in_cars_layout_beside_the_configs_car(tmp_path, monkeypa
     assert fits == ["control_car", "control_car-own"]
     assert "| car-own |" in (root / "comparison.md").read_text()
     assert tool.ROWS.index("car-own") == tool.ROWS.index("car") + 1  # the default rows: after car
+
+
+def test_prefill_class_is_prefill_with_the_class_conditioned_prefix(tmp_path, monkeypatch):
+    """The config's prefill takes the null condition (conf/control.yaml); the prefill-class row sets it to
+    the class, after prefill in the default rows."""
+    root = tmp_path / "compare"
+    stages = Stages(root)
+    rows = compare(monkeypatch, root, stages, injectors=("prefill", "prefill-class"))
+    assert list(rows) == ["prefill", "prefill-class"]
+    for (_, injector, _), opts in zip(stages.calls, stages.overrides):
+        own = opts["run.name"] == "control_prefill-class"
+        assert injector == "prefill"
+        assert opts.get("model.control.prefix_condition") == ("class" if own else None)
+    conf = yaml.safe_load((Path(tool.__file__).parents[1] / "conf" / "control.yaml").read_text())
+    assert conf["model"]["control"]["prefix_condition"] == "none"
+    assert tool.ROWS.index("prefill-class") == tool.ROWS.index("prefill") + 1

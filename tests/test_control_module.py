@@ -237,6 +237,22 @@ def test_a_car_checkpoint_refuses_another_car_condition_or_receiving_block(files
     assert "give model.control" not in str(e.value)
 
 
+def test_a_prefill_checkpoint_refuses_another_prefix_condition(files, tmp_path):
+    """prefix_condition shapes no weight either: a branch trained with the class-conditioned prefix (files
+    from before the setting included) is refused by a run configured with the null condition, naming it."""
+    from varctl.checkpoints import CheckpointMismatch
+
+    branch = {**BRANCH, "injector": "prefill"}
+    m = make_control(files, control={**branch, "prefix_condition": "class"})
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(m, make_data(m, num_train=16))
+    trainer.save_checkpoint(tmp_path / "prefill.ckpt")
+    make_control(files, control={**branch, "prefix_condition": "class"}).check_fits(tmp_path / "prefill.ckpt")
+    other = make_control(files, control={**branch, "prefix_condition": "none"})
+    with pytest.raises(CheckpointMismatch, match=r"prefill\.ckpt: .*prefix_condition=class \(here none\)"):
+        other.check_fits(tmp_path / "prefill.ckpt")
+
+
 def test_unlabelled_controls_sample_the_null_class(files):
     m = make_control(files)
     labels = m.condition({"label": torch.tensor([3, -1, 0])})
@@ -389,6 +405,8 @@ def test_every_injector_learns_to_use_the_controls(files, tmp_path, injector):
     branch = {**BRANCH, "injector": injector, "adapter_dim": 32, "control_drop_rate": 0.1}
     if injector == "car":  # conf/control.yaml's (CAR's own class conditioning: tests/test_injectors.py)
         branch["car_condition"] = "none"
+    if injector == "prefill":  # conf/control.yaml's (the class-conditioned prefix: tests/test_injectors.py)
+        branch["prefix_condition"] = "none"
     m = make_control(files, control=branch, train_backbone=tuned, lr=lr)
     dm = make_data(m, num_train=4096)
     make_trainer(tmp_path, max_steps=steps).fit(m, dm)

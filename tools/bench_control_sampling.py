@@ -7,7 +7,9 @@
 Each injector takes ``conf/control.yaml``'s settings, as ``tools/compare_injectors.py`` runs it (car: the
 demo's layout, one side block without the class feeding every later block). ``car-own`` is car in CAR's own
 layout (depth / 2 side blocks conditioned on the class, each into one of the last blocks), ``car-own-none``
-the same without the class (one side pass serves a sample and its guidance copy).
+the same without the class (one side pass serves a sample and its guidance copy); ``prefill-class`` is prefill
+with its prefix conditioned on each sample's class (a prefix pass for a sample and one for its guidance copy;
+conf/control.yaml's takes the null condition, one pass for both).
 
 The demo's shapes (``conf/tokenizer.yaml``'s tokenizer at 64 px, a class VAR of ``--var-depth``, the
 control branch of ``conf/control.yaml``) with random weights: the time of a call does not depend on the
@@ -64,6 +66,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = {
     "car-own": ("car", CAR_OWN_LAYOUT),
     "car-own-none": ("car", {**CAR_OWN_LAYOUT, "car_condition": "none"}),
+    "prefill-class": ("prefill", {"prefix_condition": "class"}),
 }
 NAMES = [*INJECTORS, *VARIANTS]
 
@@ -77,7 +80,10 @@ def ratio(times: dict[str, list[float]], name: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    layouts = "car-own: car in CAR's own layout; car-own-none: the same without the class"
+    layouts = (
+        "car-own: car in CAR's own layout; car-own-none: the same without the class; prefill-class: "
+        "the prefix conditioned on the class"
+    )
     parser.add_argument("--injectors", default=",".join(NAMES), help=layouts)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
@@ -155,7 +161,15 @@ def measure(args: argparse.Namespace) -> tuple[str, int, dict[str, dict[str, lis
     say(f"{'injector':<13} {'control':>14} {'off from scale ' + str(off_from):>20}   (medians' ratio / "
         "median of the rounds' ratios)")  # fmt: skip
     rows = {}
-    settings = ("blocks", "car_blocks", "car_condition", "car_targets", "prefix_side", "adapter_dim")
+    settings = (
+        "blocks",
+        "car_blocks",
+        "car_condition",
+        "car_targets",
+        "prefix_side",
+        "prefix_condition",
+        "adapter_dim",
+    )
     configured = {k: control_conf[k] for k in settings if control_conf.get(k) is not None}  # the config's
     for name in names:
         injector, layout = VARIANTS.get(name, (name, {}))

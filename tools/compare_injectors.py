@@ -8,9 +8,11 @@
 
 Each injector runs with ``conf/control.yaml``'s settings (car: the demo's layout, one side block feeding every
 later block, without the class). ``car-own`` is car in CAR's own layout: depth / 2 side blocks conditioned on
-the class, each into one of the last blocks. Every row trains with the backbone frozen; those named by
-``--tuned`` (default prefill, whose prefix reaches a frozen backbone only through its fixed attention) get a
-second row, "<name> tuned", trained with the backbone fine-tuned as well (``model.train_backbone=true``).
+the class, each into one of the last blocks; ``prefill-class`` is prefill with its prefix conditioned on each
+sample's class (conf/control.yaml's prefix takes the null condition). Every row trains with the backbone
+frozen; those named by ``--tuned`` (default prefill, whose prefix reaches a frozen backbone only through its
+fixed attention) get a second row, "<name> tuned", trained with the backbone fine-tuned as well
+(``model.train_backbone=true``).
 
 Columns:
 - params: parameters the branch adds;
@@ -65,7 +67,10 @@ def control_overrides(fields: dict) -> list[str]:
 
 
 # rows that are an injector with other settings than conf/control.yaml's: name -> (injector, overrides)
-VARIANTS = {"car-own": ("car", control_overrides(CAR_OWN_LAYOUT))}
+VARIANTS = {
+    "car-own": ("car", control_overrides(CAR_OWN_LAYOUT)),
+    "prefill-class": ("prefill", control_overrides({"prefix_condition": "class"})),
+}
 ROWS = [r for i in INJECTORS for r in (i, *(v for v, (j, _) in VARIANTS.items() if j == i))]
 
 

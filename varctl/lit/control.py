@@ -358,8 +358,9 @@ class ControlModule(VARModule):
 def unshaped_differences(saved: dict, config: ControlConfig) -> list[tuple[str, Any, Any]]:
     """(key, the file's value, this run's) for the branch settings that shape no weight but change what it
     computes and differ between a saved branch config (``saved``) and ``config``, when the weights fit
-    (otherwise the weights' check names what differs): car's ``car_condition`` (files from before the
-    setting: CAR's own "class") and which blocks receive the control (``blocks``, resolved)."""
+    (otherwise the weights' check names what differs): car's ``car_condition`` and prefill's
+    ``prefix_condition`` (files from before the settings: "class") and which blocks receive the control
+    (``blocks``, resolved)."""
     fields = {f.name for f in dataclasses.fields(ControlConfig)}
     try:
         then = ControlConfig(**{k: v for k, v in saved.items() if k in fields})
@@ -371,6 +372,8 @@ def unshaped_differences(saved: dict, config: ControlConfig) -> list[tuple[str, 
     out = []
     if config.injector == "car" and then.car_condition != config.car_condition:
         out.append(("car_condition", then.car_condition, config.car_condition))
+    if config.injector == "prefill" and then.prefix_condition != config.prefix_condition:
+        out.append(("prefix_condition", then.prefix_condition, config.prefix_condition))
     if blocks != here:
         out.append(("blocks", list(blocks), list(here)))  # as Hydra writes a list
     return out
