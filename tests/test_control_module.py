@@ -211,46 +211,48 @@ def test_settings_errors_name_the_key(files, tmp_path):
         make_trainer(tmp_path).fit(m, make_data(m, controls=["edges"]))
 
 
-def test_a_car_checkpoint_refuses_another_car_condition_or_receiving_block(files, tmp_path):
-    """car_condition and the receiving blocks shape no weight, so strict loading cannot tell: a checkpoint
-    trained with CAR's class conditioning is refused by a run configured without it, or with its side output
-    entering another block, naming the setting; the same settings load."""
-    from varctl.checkpoints import CheckpointMismatch
-
-    branch = {**BRANCH, "injector": "car", "car_blocks": 1}
-    m = make_control(files, control={**branch, "car_condition": "class"})
+def one_step_checkpoint(files, tmp_path, control: dict):
+    """The path of a control checkpoint after one training step of the branch ``control``."""
+    m = make_control(files, control=control)
     trainer = make_trainer(tmp_path, max_steps=1)
     trainer.fit(m, make_data(m, num_train=16))
-    trainer.save_checkpoint(tmp_path / "car.ckpt")
-    make_control(files, control={**branch, "car_condition": "class"}).check_fits(tmp_path / "car.ckpt")
-    other = make_control(files, control={**branch, "car_condition": "none"})
-    with pytest.raises(CheckpointMismatch, match=r"car\.ckpt: .*car_condition=class \(here none\); give "):
-        other.check_fits(tmp_path / "car.ckpt")
-    # the receiving block (the last by default) shapes no weight either: another one of the same count
-    moved = make_control(files, control={**branch, "car_condition": "class", "blocks": [0]})
+    path = tmp_path / f"{control['injector']}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize("injector,setting", [("car", "car_condition"), ("prefill", "prefix_condition")])
+def test_a_checkpoint_refuses_another_condition_of_its_branch(files, tmp_path, injector, setting):
+    """car's car_condition and prefill's prefix_condition shape no weight, so strict loading cannot tell: a
+    branch trained with the class (CAR's, and every file from before the settings) is refused by a run
+    configured with the null condition, naming the setting; the same setting loads."""
+    from varctl.checkpoints import CheckpointMismatch
+
+    branch = {**BRANCH, "injector": injector, "car_blocks": 1, setting: "class"}
+    ckpt = one_step_checkpoint(files, tmp_path, branch)
+    make_control(files, control=branch).check_fits(ckpt)
+    other = make_control(files, control={**branch, setting: "none"})
+    with pytest.raises(
+        CheckpointMismatch, match=rf"{injector}\.ckpt: .*{setting}=class \(here none\); give "
+    ):
+        other.check_fits(ckpt)
+
+
+def test_a_car_checkpoint_refuses_another_receiving_block(files, tmp_path):
+    """Which backbone block receives car's side output shapes no weight either: another one of the same count
+    is refused, naming the setting; more receiving blocks are refused by their weights."""
+    from varctl.checkpoints import CheckpointMismatch
+
+    branch = {**BRANCH, "injector": "car", "car_blocks": 1, "car_condition": "class"}
+    ckpt = one_step_checkpoint(files, tmp_path, branch)
+    moved = make_control(files, control={**branch, "blocks": [0]})  # the last block by default
     with pytest.raises(CheckpointMismatch, match=r"car\.ckpt: .*model\.control\.blocks=\[1\] \(here \[0\]\)"):
-        moved.check_fits(tmp_path / "car.ckpt")
+        moved.check_fits(ckpt)
     # more receiving blocks: the weights differ, and their check names them (not a setting to give)
-    more = make_control(files, control={**branch, "car_condition": "class", "blocks": [0, 1]})
+    more = make_control(files, control={**branch, "blocks": [0, 1]})
     with pytest.raises(CheckpointMismatch, match=r"injector\.outs\.1\.weight") as e:
-        more.check_fits(tmp_path / "car.ckpt")
+        more.check_fits(ckpt)
     assert "give model.control" not in str(e.value)
-
-
-def test_a_prefill_checkpoint_refuses_another_prefix_condition(files, tmp_path):
-    """prefix_condition shapes no weight either: a branch trained with the class-conditioned prefix (files
-    from before the setting included) is refused by a run configured with the null condition, naming it."""
-    from varctl.checkpoints import CheckpointMismatch
-
-    branch = {**BRANCH, "injector": "prefill"}
-    m = make_control(files, control={**branch, "prefix_condition": "class"})
-    trainer = make_trainer(tmp_path, max_steps=1)
-    trainer.fit(m, make_data(m, num_train=16))
-    trainer.save_checkpoint(tmp_path / "prefill.ckpt")
-    make_control(files, control={**branch, "prefix_condition": "class"}).check_fits(tmp_path / "prefill.ckpt")
-    other = make_control(files, control={**branch, "prefix_condition": "none"})
-    with pytest.raises(CheckpointMismatch, match=r"prefill\.ckpt: .*prefix_condition=class \(here none\)"):
-        other.check_fits(tmp_path / "prefill.ckpt")
 
 
 def test_unlabelled_controls_sample_the_null_class(files):
