@@ -257,8 +257,12 @@ class VAR(GenerateMixin, Model):
             if prefix is None:
                 x_BLC = block(x_BLC, mod, mask, text=block_text)
             else:  # the prefix passes through each block first, in the same call
-                on_prefix = (x_prefix, block.modulation(prefix.shared), block_context(block, prefix.text))
-                x_BLC, x_prefix = block(x_BLC, mod, mask, text=block_text, prefix=on_prefix)
+                own = prefix.shared is None  # under each row's condition: the tokens' modulation and text
+                prefix_mod = mod if own else block.modulation(prefix.shared)
+                prefix_text = block_text if own else block_context(block, prefix.text)
+                x_BLC, x_prefix = block(
+                    x_BLC, mod, mask, text=block_text, prefix=(x_prefix, prefix_mod, prefix_text)
+                )
             if session is not None:
                 x_BLC = session.block_output(i, x_BLC, 0, cfg.L)
         return self._head(x_BLC, self.head_nm.modulation(cond_BD))

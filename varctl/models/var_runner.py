@@ -38,10 +38,11 @@ class ScaleRunner:
         """KV caches that start with a prefix's keys and values: the prefix passes through the blocks once,
         before the first scale (once per prefix row, each of the R rows then reading its row's)."""
         x, caches = prefix.x, []
-        for block in self.var.blocks:
+        for block, mod, text in zip(self.var.blocks, self.mods, self.texts):
+            if prefix.shared is not None:  # else each row's own condition, the modulations the scales use
+                mod, text = block.modulation(prefix.shared), block_context(block, prefix.text)
             kv = PrefixKV()
-            text = block_context(block, prefix.text)
-            x = block(x, block.modulation(prefix.shared), None, cache=kv, text=text)
+            x = block(x, mod, None, cache=kv, text=text)
             k, v = (kv.k, kv.v) if prefix.index_R is None else (kv.k[prefix.index_R], kv.v[prefix.index_R])
             cache = KVCache(self.config.L + k.shape[2])
             cache.append(k, v)

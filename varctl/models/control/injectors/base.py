@@ -48,12 +48,13 @@ class Context:
 class Prefix:
     """Tokens that attend only to each other and that every token attends to first: their input ``x``
     (U, P, C), what the VAR's blocks condition them on (``shared``, the blocks' modulation input, 1 or U
-    rows; ``text``, the VAR's (ctx, bias, gate) of U rows or None), and each of the R rows' prefix row
+    rows, and ``text``, the VAR's (ctx, bias, gate) of U rows or None; ``shared`` None: each row's own
+    condition, whose modulations and text the VAR has already), and each of the R rows' prefix row
     (``index_R``; None: U = R, row r's own)."""
 
     x: torch.Tensor
-    shared: torch.Tensor
-    text: tuple | None
+    shared: torch.Tensor | None = None
+    text: tuple | None = None
     index_R: torch.Tensor | None = None
 
 

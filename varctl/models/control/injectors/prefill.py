@@ -86,17 +86,15 @@ class PrefillSession(Session):
         """The prefix scale's control features, projected and placed, for each row; under
         ``prefix_condition`` "none" once per sample and control (a sample's guidance copy shares its
         prefix), conditioned on the VAR's null condition."""
-        inj, ctx = self.injector, self.ctx
+        inj = self.injector
         features = self.features(*self.begin_ends[inj.scale])  # (R, P, F)
+        shared = text = index_R = None  # each row's own condition
         if inj.config.prefix_condition == "none":
             reps, index = self.unconditioned_rows()
             shared, text, _ = self.null_condition(len(reps))
-            index_R = None
             if index != list(range(len(index))):
                 features = features[reps]
                 index_R = torch.tensor(index, device=features.device)
-        else:
-            shared, text, index_R = ctx.shared, ctx.text, None
         x = inj.proj(features.to(inj.proj.weight.dtype)) + inj.pos  # (U, P, C)
         return Prefix(x, shared, text, index_R)
 
