@@ -13,6 +13,12 @@ frozen, with random weights) on the scenes with their edge maps, which are drawn
 maps come from the scenes), AdamW over the branch. The two loops alternate for ``--rounds`` rounds of
 ``--steps`` steps; the medians' ratio is printed. (That the cached run's losses equal the uncached run's is
 tested: tests/test_token_cache.py.)
+
+It also prints what the cache can gain at most on this machine: each loop's milliseconds per step spent
+loading the batch and making its tokens (and teacher-forcing input), against the rest of the step; and the
+rest's floating-point work (``torch.utils.flop_counter``, one step) at the machine's float32 matmul rate
+(a 2048 x 2048 product, measured here). Were the rest of the step nothing but matmuls at that rate, the
+cache's speed-up would be (that time + the images' loading and tokens) / (that time + the cache's).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 import torch
 from benchlib import cpu_name, steady_allocator
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,29 +92,56 @@ def main() -> None:
         module.train()
         iters = {k: iter(v) for k, v in loaders.items()}
 
-        def run(kind: str) -> float:
+        spent = {"load": 0.0, "tokens": 0.0}  # seconds since the last reset
+        tokens_of = module.tokens_of
+
+        def timed_tokens_of(batch: dict):
+            t0 = time.perf_counter()
+            out = tokens_of(batch)
+            spent["tokens"] += time.perf_counter() - t0
+            return out
+
+        module.tokens_of = timed_tokens_of
+
+        def step(batch: dict) -> None:
+            loss_BL, _ = module.token_losses(batch, module.model)
+            loss = loss_BL.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def run(kind: str) -> dict[str, float]:
+            """Steps per second and the milliseconds per step of loading and tokens."""
+            spent.update(load=0.0, tokens=0.0)
             t0 = time.perf_counter()
             for _ in range(args.steps):
+                t1 = time.perf_counter()
                 try:
                     batch = next(iters[kind])
                 except StopIteration:
                     iters[kind] = iter(loaders[kind])
                     batch = next(iters[kind])
-                loss_BL, _ = module.token_losses(batch, module.model)
-                loss = loss_BL.mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            return args.steps / (time.perf_counter() - t0)
+                spent["load"] += time.perf_counter() - t1
+                step(batch)
+            total = time.perf_counter() - t0
+            per_step = {k: 1000 * v / args.steps for k, v in spent.items()}
+            return {"rate": args.steps / total, **per_step, "step": 1000 * total / args.steps}
 
         steady_allocator()
         run("images"), run("cache")  # warm-up
         iters = {k: iter(v) for k, v in loaders.items()}
-        rates: dict[str, list[float]] = {"images": [], "cache": []}
+        rounds: dict[str, list[dict[str, float]]] = {"images": [], "cache": []}
         for _ in range(args.rounds):
-            rates["images"].append(run("images"))
-            rates["cache"].append(run("cache"))
-        img, cached = statistics.median(rates["images"]), statistics.median(rates["cache"])
+            rounds["images"].append(run("images"))
+            rounds["cache"].append(run("cache"))
+        med = {
+            kind: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for kind, rs in rounds.items()
+        }
+        img, cached = med["images"]["rate"], med["cache"]["rate"]
+        with FlopCounterMode(display=False) as flops:
+            step(next(iter(loaders["cache"])))
+        rest_gflop = (flops.get_total_flops() - _flops_of(tokens_of, next(iter(loaders["cache"])))) / 1e9
+        peak = _matmul_gflops()
         print(f"CPU {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
         depth, res = var_conf["model"]["var"]["depth"], module.vae.config.resolution
         stage = "VAR stage" if args.stage == "var" else f"control stage ({module.control.config.injector})"
@@ -117,6 +151,38 @@ def main() -> None:
             f"steps/s from images {img:.2f}, from the token cache {cached:.2f}: {cached / img:.2f}x "
             f"(medians of {args.rounds} interleaved rounds of {args.steps} steps)"
         )
+        for kind, m in med.items():
+            rest = m["step"] - m["load"] - m["tokens"]
+            print(f"  {kind:>6}: {m['step']:.0f} ms a step: loading {m['load']:.1f}, "
+                  f"tokens {m['tokens']:.1f}, the rest {rest:.0f} ms")  # fmt: skip
+        bound_ms = 1000 * rest_gflop / peak
+        saved = {k: med[k]["load"] + med[k]["tokens"] for k in med}
+        print(
+            f"the rest of a step: {rest_gflop:.1f} GFLOP, at least {bound_ms:.0f} ms at this machine's "
+            f"float32 matmul rate ({peak:.0f} GFLOP/s); so the cache's speed-up is at most "
+            f"{(bound_ms + saved['images']) / (bound_ms + saved['cache']):.2f}x here"
+        )
+
+
+def _flops_of(fn, *args) -> int:
+    """Floating-point operations of one call of ``fn``."""
+    with FlopCounterMode(display=False) as flops:
+        fn(*args)
+    return flops.get_total_flops()
+
+
+def _matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matmul rate: the fastest of ``repeats`` products of two n x n matrices."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
