@@ -2,7 +2,7 @@
 cache (``model.token_cache``, datamodules/token_cache.py), side by side in one process.
 
     python tools/bench_token_cache.py [--stage var|control] [--steps 20] [--rounds 3] [--batch-size 16]
-                                      [--flip 0.5]
+                                      [--flip 0.5] [--official-shapes]
 
 The demo's shapes: ``conf/var.yaml`` (VAR d4 at 64 px on the built-in synthetic_simple scenes) on a tokenizer
 of ``conf/tokenizer.yaml``'s architecture with random weights (speed does not depend on the weights). A step
@@ -11,8 +11,10 @@ cache, where the VAR stage reads no pixels), tokenize it or read its cached toke
 AdamW. ``--stage control``: the control stage of ``conf/control.yaml`` (the demo's car branch on that VAR,
 frozen, with random weights) on the scenes with their edge maps, which are drawn from the cache too (the
 maps come from the scenes), AdamW over the branch. The two loops alternate for ``--rounds`` rounds of
-``--steps`` steps; the medians' ratio is printed. (That the cached run's losses equal the uncached run's is
-tested: tests/test_token_cache.py.)
+``--steps`` steps; the medians' ratio is printed. ``--official-shapes``: the same at the official shapes, a
+d16 VAR (width 1024) on the official tokenizer's architecture (``vae_ch160v4096z32``) at 256 px, batch 2 by
+default (minutes a round on a CPU: try ``--steps 2 --rounds 2 --num-train 40``). (That the cached run's
+losses equal the uncached run's is tested: tests/test_token_cache.py.)
 
 It also prints what the cache can gain at most on this machine: each loop's milliseconds per step spent
 loading the batch and making its tokens (and teacher-forcing input), against the rest of the step; and the
@@ -54,10 +56,14 @@ def main() -> None:
     parser.add_argument("--stage", choices=["var", "control"], default="var")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="16; 2 with --official-shapes")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--flip", type=float, default=0.5)
+    parser.add_argument(
+        "--official-shapes", action="store_true", help="d16 on the official tokenizer, 256 px"
+    )
     args = parser.parse_args()
+    args.batch_size = args.batch_size or (2 if args.official_shapes else 16)
 
     tok_conf = validate(compose(CONF / "tokenizer.yaml", []), CONF / "tokenizer.yaml")
     var_conf = validate(compose(CONF / "var.yaml", ["model.tokenizer=unused"]), CONF / "var.yaml")
@@ -67,10 +73,13 @@ def main() -> None:
         conf = validate(compose(CONF / "control.yaml", unused), CONF / "control.yaml")
     data = {k: v for k, v in conf["data"].items() if k != "_target_"}
     data.update(batch_size=args.batch_size, num_train=args.num_train, flip=args.flip, num_workers=0)
+    vae_config, var_config = tok_conf["model"]["vqvae"], var_conf["model"]["var"]
+    if args.official_shapes:
+        vae_config, var_config = "vae_ch160v4096z32", {**var_config, "depth": 16}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        vae_file = VQVAE.build(tok_conf["model"]["vqvae"]).save(Path(tmp) / "vae.pt")
-        module = VARModule(str(vae_file), var=var_conf["model"]["var"])
+        vae_file = VQVAE.build(vae_config).save(Path(tmp) / "vae.pt")
+        module = VARModule(str(vae_file), var=var_config)
         if args.stage == "control":
             var_file = module.var.save(Path(tmp) / "var.pt")
             module = ControlModule(str(vae_file), str(var_file), control=conf["model"]["control"])
@@ -143,7 +152,7 @@ def main() -> None:
         rest_gflop = (flops.get_total_flops() - _flops_of(tokens_of, next(iter(loaders["cache"])))) / 1e9
         peak = _matmul_gflops()
         print(f"CPU {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-        depth, res = var_conf["model"]["var"]["depth"], module.vae.config.resolution
+        depth, res = module.var.config.depth, module.vae.config.resolution
         stage = "VAR stage" if args.stage == "var" else f"control stage ({module.control.config.injector})"
         print(f"{stage}, VAR d{depth} at {res} px, batch {args.batch_size}, flip {args.flip}; "
               f"cache of {len(cache)} images built in {build_s:.1f} s")  # fmt: skip
