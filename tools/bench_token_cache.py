@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import cpu_name, steady_allocator
+from benchlib import cpu_name, steady_allocator, timed
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -184,14 +184,8 @@ def _matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     """The machine's float32 matmul rate: the fastest of ``repeats`` products of two n x n matrices."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(timed(lambda: a @ b)[0] for _ in range(repeats))
     return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
