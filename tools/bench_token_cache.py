@@ -147,9 +147,8 @@ def main() -> None:
             kind: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for kind, rs in rounds.items()
         }
         img, cached = med["images"]["rate"], med["cache"]["rate"]
-        with FlopCounterMode(display=False) as flops:
-            step(next(iter(loaders["cache"])))
-        rest_gflop = (flops.get_total_flops() - _flops_of(tokens_of, next(iter(loaders["cache"])))) / 1e9
+        batch = next(iter(loaders["cache"]))
+        rest_gflop = (_flops_of(step, batch) - _flops_of(tokens_of, batch)) / 1e9
         peak = _matmul_gflops()
         print(f"CPU {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
         depth, res = module.var.config.depth, module.vae.config.resolution
@@ -165,11 +164,11 @@ def main() -> None:
             print(f"  {kind:>6}: {m['step']:.0f} ms a step: loading {m['load']:.1f}, "
                   f"tokens {m['tokens']:.1f}, the rest {rest:.0f} ms")  # fmt: skip
         bound_ms = 1000 * rest_gflop / peak
-        saved = {k: med[k]["load"] + med[k]["tokens"] for k in med}
+        feeding = {k: med[k]["load"] + med[k]["tokens"] for k in med}  # what the cache can take away
         print(
             f"the rest of a step: {rest_gflop:.1f} GFLOP, at least {bound_ms:.0f} ms at this machine's "
             f"float32 matmul rate ({peak:.0f} GFLOP/s); so the cache's speed-up is at most "
-            f"{(bound_ms + saved['images']) / (bound_ms + saved['cache']):.2f}x here"
+            f"{(bound_ms + feeding['images']) / (bound_ms + feeding['cache']):.2f}x here"
         )
 
 

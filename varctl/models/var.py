@@ -250,6 +250,7 @@ class VAR(GenerateMixin, Model):
             mask = self.query_groups()
         if prefix is not None:
             x_prefix = prefix.x.to(x_BLC.dtype)  # (B, P, C): a row each in teacher forcing (index_R None)
+            own = prefix.shared is None  # under each row's condition: the tokens' modulations and texts
         for i, block in enumerate(self.blocks):
             if session is not None:
                 x_BLC = session.block_input(i, x_BLC, 0, cfg.L)
@@ -257,7 +258,6 @@ class VAR(GenerateMixin, Model):
             if prefix is None:
                 x_BLC = block(x_BLC, mod, mask, text=block_text)
             else:  # the prefix passes through each block first, in the same call
-                own = prefix.shared is None  # under each row's condition: the tokens' modulation and text
                 prefix_mod = mod if own else block.modulation(prefix.shared)
                 prefix_text = block_text if own else block_context(block, prefix.text)
                 x_BLC, x_prefix = block(
