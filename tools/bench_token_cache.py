@@ -2,7 +2,7 @@
 cache (``model.token_cache``, datamodules/token_cache.py), side by side in one process.
 
     python tools/bench_token_cache.py [--stage var|control] [--steps 20] [--rounds 3] [--batch-size 16]
-                                      [--flip 0.5] [--official-shapes]
+                                      [--flip 0.5] [--official-shapes] [--bf16]
 
 The demo's shapes: ``conf/var.yaml`` (VAR d4 at 64 px on the built-in synthetic_simple scenes) on a tokenizer
 of ``conf/tokenizer.yaml``'s architecture with random weights (speed does not depend on the weights). A step
@@ -21,7 +21,8 @@ loading the batch and making its tokens (and teacher-forcing input), against the
 rest's floating-point work (``torch.utils.flop_counter``, one step) at the machine's fastest float32 matmul
 rate (a 2048 x 2048 product through MKL and through oneDNN, measured here). Were the rest of the step
 nothing but matmuls at that rate, the cache's speed-up would be (that time + the images' loading and tokens)
-/ (that time + the cache's).
+/ (that time + the cache's). ``--bf16``: the step under bfloat16 autocast, as ``trainer.precision=bf16-mixed``
+runs it (the tokenizer stays float32, so the tokens are the cache's), against the bfloat16 matmul rate.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument(
         "--official-shapes", action="store_true", help="d16 on the official tokenizer, 256 px"
     )
+    parser.add_argument("--bf16", action="store_true", help="the step under bf16 autocast (bf16-mixed)")
     args = parser.parse_args()
     args.batch_size = args.batch_size or (2 if args.official_shapes else 16)
 
@@ -114,8 +116,9 @@ def main() -> None:
         module.tokens_of = timed_tokens_of
 
         def step(batch: dict) -> None:
-            loss_BL, _ = module.token_losses(batch, module.model)
-            loss = loss_BL.mean()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss_BL, _ = module.token_losses(batch, module.model)
+                loss = loss_BL.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -150,12 +153,14 @@ def main() -> None:
         img, cached = med["images"]["rate"], med["cache"]["rate"]
         batch = next(iter(loaders["cache"]))
         rest_gflop = (_flops_of(step, batch) - _flops_of(tokens_of, batch)) / 1e9
-        rates = _matmul_gflops()
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        precision = str(dtype).removeprefix("torch.")
+        rates = _matmul_gflops(dtype)
         peak = max(rates.values())
         print(f"CPU {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
         depth, res = module.var.config.depth, module.vae.config.resolution
         stage = "VAR stage" if args.stage == "var" else f"control stage ({module.control.config.injector})"
-        print(f"{stage}, VAR d{depth} at {res} px, batch {args.batch_size}, flip {args.flip}; "
+        print(f"{stage}, VAR d{depth} at {res} px, batch {args.batch_size}, flip {args.flip}, {precision}; "
               f"cache of {len(cache)} images built in {build_s:.1f} s")  # fmt: skip
         print(
             f"steps/s from images {img:.2f}, from the token cache {cached:.2f}: {cached / img:.2f}x "
@@ -167,9 +172,10 @@ def main() -> None:
                   f"tokens {m['tokens']:.1f}, the rest {rest:.0f} ms")  # fmt: skip
         bound_ms = 1000 * rest_gflop / peak
         feeding = {k: med[k]["load"] + med[k]["tokens"] for k in med}  # what the cache can take away
+        rates_text = ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
         print(
             f"the rest of a step: {rest_gflop:.1f} GFLOP, at least {bound_ms:.0f} ms at this machine's "
-            f"fastest float32 matmul rate ({', '.join(f'{k} {v:.0f}' for k, v in rates.items())} GFLOP/s); "
+            f"fastest {precision} matmul rate ({rates_text} GFLOP/s); "
             "so the cache's speed-up is at most "
             f"{(bound_ms + feeding['images']) / (bound_ms + feeding['cache']):.2f}x here"
         )
@@ -182,14 +188,15 @@ def _flops_of(fn, *args) -> int:
     return flops.get_total_flops()
 
 
-def _matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """The machine's float32 matmul rates: the fastest of ``repeats`` products of two n x n matrices through
-    MKL (``a @ b``, what training runs) and through oneDNN (varctl's inference linear layers,
-    ``varctl.models.kernels``; faster on AVX-512 CPUs), where PyTorch has it."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    kernels = {"MKL": lambda: a @ b}
+def _matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """The machine's matmul rates in ``dtype``: the fastest of ``repeats`` products of two n x n matrices.
+    In float32 through MKL (``a @ b``, what training runs) and through oneDNN (varctl's inference linear
+    layers, ``varctl.models.kernels``; faster on AVX-512 CPUs), where PyTorch has it; bfloat16 products are
+    oneDNN's."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    kernels = {"MKL" if dtype == torch.float32 else "oneDNN": lambda: a @ b}
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if onednn is not None and torch.backends.mkldnn.is_available():
+    if dtype == torch.float32 and onednn is not None and torch.backends.mkldnn.is_available():
         kernels["oneDNN"] = lambda: onednn(a, b, None, "none", [], "")
     rates = {}
     for name, fn in kernels.items():
