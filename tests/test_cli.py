@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from varctl.cli import main
+from varctl.models.var import VAR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,6 +182,37 @@ def test_sampling_values_generate_refuses_stop_the_run_before_it_starts(tokenize
         err = capsys.readouterr().err
         assert "config error" in err and message in err, (override, err)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_model_settings_of_the_wrong_type_or_range_stop_the_run_before_it_starts(tokenizer_file, tmp_path,
+                                                                                  capsys):  # fmt: skip
+    """A value in model.var, model.control or model.vqvae that does not fit its field (a string for a depth,
+    a float for a count) or its range is a config error naming the field: it was a TypeError from deep in
+    torch, or, for a drop rate, a crash at the first training step after the run had started."""
+    var_file = VAR.build(dict(depth=1, num_classes=10, vocab_size=64, z_channels=8, patch_nums=(1, 2, 4)))
+    var_file = var_file.save(tmp_path / "var.pt")
+    conf = {stage: str(ROOT / "conf" / f"{stage}.yaml") for stage in ("tokenizer", "var", "control")}
+    before = {"tokenizer": [], "var": [f"model.tokenizer={tokenizer_file}"],
+              "control": [f"model.tokenizer={tokenizer_file}", f"model.init_from={var_file}"]}  # fmt: skip
+    cases = [
+        ("var", "model.var.depth=abc", "VARConfig.depth = 'abc' (str): expected int"),
+        ("var", "model.var.depth=4.0", "VARConfig.depth = 4.0 (float): expected int"),
+        ("var", "model.var.depth=0", "VARConfig.depth must be at least 1, found 0"),
+        ("var", "model.var.cond_drop_rate=x", "VARConfig.cond_drop_rate = 'x' (str): expected float"),
+        ("var", "model.var.cond_drop_rate=5", "VARConfig.cond_drop_rate must be in [0, 1], found 5"),
+        ("control", "model.control.width=abc", "ControlConfig.width = 'abc' (str): expected int"),
+        ("control", "model.control.car_blocks=x", ".car_blocks = 'x' (str): expected int | None"),
+        ("control", "+model.control.adapter_dim=0", "ControlConfig.adapter_dim must be at least 1, found 0"),
+        ("tokenizer", "+model.vqvae.ch=abc", "VQVAEConfig.ch = 'abc' (str): expected int"),
+        ("tokenizer", "+model.vqvae.vocab_size=0", "VQVAEConfig.vocab_size must be at least 1, found 0"),
+    ]
+    runs = tmp_path / "runs"
+    for stage, override, message in cases:
+        assert main(["fit", "-c", conf[stage], *before[stage], override, f"run.root={runs}"]) == 2, override
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"varctl: config error: {conf[stage]}: model: "), last
+        assert last.endswith(message), last
+    assert not runs.exists()  # nothing written
 
 
 @pytest.mark.usefixtures("one_thread")  # conftest.py: tiny convs are far faster on 1 thread

@@ -395,3 +395,24 @@ def test_shared_aln_read_off_the_tensors(golden):
     with torch.no_grad():
         x, labels = golden["x_BLCv_wo_first_l"], golden["labels"]
         assert torch.equal(loaded(labels, x), model(labels, x))
+
+
+def test_a_config_value_that_does_not_fit_its_field_is_refused_by_name(tmp_path):
+    """From a YAML section, a file's stored config or a load's overrides: a value of the wrong type is one
+    ValueError naming the field (and the file), not a TypeError from wherever the value is first used."""
+    with pytest.raises(ValueError, match=r"^VARConfig\.depth = '2' \(str\): expected int$"):
+        VARConfig.from_dict({"depth": "2"})
+    with pytest.raises(
+        ValueError, match=r"^VARConfig\.patch_nums = \[1, 2\.5\] \(list\): expected tuple\[int, \.\.\.\]$"
+    ):
+        VARConfig.from_dict({"patch_nums": [1, 2.5]})
+    yaml_values = {"patch_nums": [1, 2], "drop_path_rate": 0}  # a list for a tuple, an int for a float
+    assert VARConfig.from_dict(yaml_values).patch_nums == (1, 2)
+    file = VAR.build("tiny").save(tmp_path / "var.pt")
+    with pytest.raises(
+        ValueError, match=r"var\.pt: VARConfig\.cond_drop_rate = 'x' \(str\): expected float$"
+    ):
+        VAR.load(file, cond_drop_rate="x")
+    with pytest.raises(ValueError, match=r"^VARConfig\.cond_drop_rate must be in \[0, 1\], found 1\.5$"):
+        VAR.load(file, cond_drop_rate=1.5)
+    assert VAR.load(file, cond_drop_rate=0.5).config.cond_drop_rate == 0.5

@@ -75,7 +75,7 @@ def test_norm_groups_reach_every_group_norm():
     [
         (dict(ch=48), "VQVAEConfig.ch must be a multiple of norm_groups=32"),
         (dict(ch=36, norm_groups=8), "multiple of norm_groups=8"),
-        (dict(norm_groups=0), "norm_groups=0"),
+        (dict(norm_groups=0), "norm_groups must be at least 1, found 0"),
         (dict(patch_nums=(1, 3, 2)), "strictly increasing"),
         (dict(patch_nums=()), "patch_nums"),
         (dict(ch_mult=()), "ch_mult"),

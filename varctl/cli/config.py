@@ -11,17 +11,17 @@ top-level keys are a fixed set. Errors name the key and the file.
 
 from __future__ import annotations
 
-import collections.abc as cabc
 import dataclasses
 import difflib
 import inspect
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from varctl.typecheck import fits, type_name
 
 TOP_LEVEL_KEYS = {
     "run": "run directory settings: name, root, version",
@@ -225,10 +225,10 @@ def _check_target(node: dict, where: str, path: str | Path) -> None:
         settings = _settings_class(expected)
         if settings is not None and isinstance(value, dict):
             _check_settings(value, settings, f"{where}.{key}", path)
-        elif expected is not None and not _fits(value, expected):
+        elif expected is not None and not fits(value, expected):
             raise ConfigError(
                 f"{path}: {where}.{key} = {value!r} ({type(value).__name__}): "
-                f"expected {_type_name(expected)} (argument '{key}' of {node['_target_']})"
+                f"expected {type_name(expected)} (argument '{key}' of {node['_target_']})"
             )
     missing = [
         k
@@ -254,10 +254,10 @@ def _check_settings(value: dict, cls: type, where: str, path: str | Path) -> Non
     for key, item in value.items():
         if key not in fields:
             raise ConfigError(_unknown(key, f"{where}.", fields, path, f"key of {cls.__name__}"))
-        if not _fits(item, hints[key]):
+        if not fits(item, hints[key]):
             raise ConfigError(
                 f"{path}: {where}.{key} = {item!r} ({type(item).__name__}): expected "
-                f"{_type_name(hints[key])} ({cls.__name__}.{key})"
+                f"{type_name(hints[key])} ({cls.__name__}.{key})"
             )
 
 
@@ -267,48 +267,6 @@ def _type_hints(obj: Any) -> dict[str, Any]:
         return typing.get_type_hints(fn)
     except Exception:  # unresolvable forward references: skip type checks for this target
         return {}
-
-
-def _fits(value: Any, tp: Any) -> bool:
-    """True when a YAML value (already resolved to plain Python) can be passed as ``tp``."""
-    if tp is Any or tp is inspect.Parameter.empty or isinstance(tp, typing.TypeVar):
-        return True
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, cabc.Sequence, cabc.Iterable) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args))
-        inner = args[0] if args else Any
-        return all(_fits(v, inner) for v in value)
-    if origin in (dict, cabc.Mapping) or tp is dict:
-        return isinstance(value, dict)
-    if inspect.isclass(tp) and tp.__module__ == "pathlib":
-        return isinstance(value, str)
-    if isinstance(value, dict) and "_target_" in value:
-        return True  # an object built by instantiate; its own keys are checked on its node
-    if inspect.isclass(tp):
-        return isinstance(value, tp)
-    return True  # an annotation we do not model (callables, protocols): leave it to the target
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _unknown(key: str, prefix: str, known: dict, path: str | Path, what: str) -> str:

@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import json
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from varctl.files import atomic_path, atomic_save
+from varctl.typecheck import fits, type_name
 
 FORMAT = "varctl"
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # the official scale schedule (256 px)
@@ -64,6 +66,31 @@ class ModelConfig:
         """Raise a ValueError naming the field, what was expected and the value found, unless ``ok``."""
         if not ok:
             raise ValueError(f"{type(self).__name__}.{key} must be {expected}, found {getattr(self, key)!r}")
+
+    def require_positive(self, *keys: str) -> None:
+        """Each of ``keys`` (sizes and counts) at least 1, or None where the field allows it."""
+        for key in keys:
+            value = getattr(self, key)
+            self.require(value is None or value >= 1, key, "at least 1")
+
+    def require_rate(self, *keys: str) -> None:
+        """Each of ``keys`` (a probability) in [0, 1], or None where the field allows it."""
+        for key in keys:
+            value = getattr(self, key)
+            self.require(value is None or 0 <= value <= 1, key, "in [0, 1]")
+
+    @classmethod
+    def check_types(cls, values: Mapping[str, Any], source: str | None = None) -> None:
+        """Raise a ValueError naming the first of ``values`` that does not fit its field's annotation (a
+        string for a width, a float for a depth), before the config is built on it."""
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if key in hints and not fits(value, hints[key]):
+                where = f"{source}: " if source else ""
+                raise ValueError(
+                    f"{where}{cls.__name__}.{key} = {value!r} ({type(value).__name__}): "
+                    f"expected {type_name(hints[key])}"
+                )
 
     def check_schedule(self) -> None:
         pns = self.patch_nums
@@ -101,14 +128,17 @@ class ModelConfig:
         return cls.from_dict({**cls.presets[name], **overrides}, f"preset {name!r}")
 
     @classmethod
-    def from_dict(cls: type[C], config: Mapping[str, Any], source: str = "<dict>") -> C:
-        """The config from plain values (a file's, or a YAML section's); unknown keys are an error."""
+    def from_dict(cls: type[C], config: Mapping[str, Any], source: str | None = None) -> C:
+        """The config from plain values (a file's, or a YAML section's); unknown keys and values that do not
+        fit their fields are an error, naming ``source`` (the file) where there is one."""
         names = [f.name for f in dataclasses.fields(cls)]
+        where = f"{source}: " if source else ""
         for key in config:
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{source}: unknown {cls.__name__} key {key!r}{hint} (known: {names})")
+                raise ValueError(f"{where}unknown {cls.__name__} key {key!r}{hint} (known: {names})")
+        cls.check_types(config, source)
         return cls(**config)
 
     @classmethod
@@ -138,6 +168,7 @@ class ModelConfig:
         """This (loaded) config with ``overrides``: fields in ``free_on_load`` may change, the others must
         agree with the file, whose architecture the weights fix."""
         found, changes = self.to_dict(), {}
+        type(self).check_types(overrides, source)
         for key, value in overrides.items():
             if key not in found:
                 raise ValueError(

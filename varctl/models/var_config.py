@@ -63,6 +63,11 @@ class VARConfig(ModelConfig):
     def __post_init__(self):
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
         # the invariants whose failure would surface later as a confusing reshape or lookup error
+        self.require_positive("depth", "num_classes", "vocab_size", "z_channels", "embed_dim", "num_heads")
+        self.require_positive("text_dim", "text_len", "text_pooled_dim")
+        self.require_rate("cond_drop_rate", "drop_rate", "attn_drop_rate", "drop_path_rate")
+        self.require(self.mlp_ratio > 0, "mlp_ratio", "positive")
+        self.require(self.norm_eps > 0, "norm_eps", "positive")
         self.check_schedule()
         self.require(
             self.heads >= 1 and self.C % self.heads == 0, "num_heads", f"a divisor of width {self.C}"

@@ -71,6 +71,13 @@ class VQVAEConfig(ModelConfig):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
         # the invariants whose failure would surface later as a confusing GroupNorm or shape error
+        self.require_positive("vocab_size", "z_channels", "ch", "num_res_blocks", "norm_groups")
+        self.require_positive("quant_conv_ks")
+        self.require(min(self.ch_mult, default=1) >= 1, "ch_mult", "channel multipliers of at least 1")
+        self.require_rate("dropout")
+        self.require(self.beta >= 0, "beta", "at least 0")
+        self.require(self.share_quant_resi >= 0, "share_quant_resi", "at least 0")
+        self.require(self.default_qresi_counts >= 0, "default_qresi_counts", "at least 0")
         groups_fit = self.norm_groups >= 1 and self.ch % self.norm_groups == 0
         self.require(groups_fit, "ch", f"a multiple of norm_groups={self.norm_groups} (GroupNorm)")
         self.require(len(self.ch_mult) >= 1, "ch_mult", "non-empty (one entry per resolution level)")

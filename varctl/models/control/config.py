@@ -105,6 +105,9 @@ class ControlConfig(ModelConfig):
         if self.blocks is not None:
             self.blocks = tuple(int(b) for b in self.blocks)
         # the invariants whose failure would surface later as a confusing lookup or shape error
+        self.require_positive("num_segments", "width", "feature_dim", "max_width", "encoder_input")
+        self.require_positive("adapter_dim", "depth", "embed_dim", "resolution", "num_heads", "cond_dim")
+        self.require(self.mlp_ratio > 0, "mlp_ratio", "positive")
         known = len(self.modalities) == len(set(self.modalities)) >= 1 and set(self.modalities) <= set(
             MODALITIES
         )
