@@ -73,6 +73,29 @@ def test_misspelled_key_in_file_and_wrong_type(toy_conf, capsys):
     assert "key=value" in capsys.readouterr().err
 
 
+def test_a_file_that_is_not_valid_yaml_is_a_config_error_naming_the_line(toy_conf, capsys):
+    """An unclosed list or a tab in the -c file, or in a group file it uses: one message naming the file and
+    the line, exit 2 (it was a traceback from PyYAML)."""
+    text = toy_conf.read_text()
+    toy_conf.write_text(text.replace("  lr: 0.5", "  lr: [0.5"))
+    assert main(["fit", "-c", str(toy_conf)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"varctl: config error: -c {toy_conf}: not valid YAML: while parsing a flow"), err
+    line = 1 + text.splitlines().index("  lr: 0.5")
+    assert f'in "{toy_conf}", line {line}, column' in err and "Traceback" not in err
+    toy_conf.write_text(text.replace("  lr: 0.5", "\tlr: 0.5"))
+    assert main(["fit", "-c", str(toy_conf)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and "found character '\\t' that cannot start any token" in err, err
+    group = toy_conf.parent / "extra"
+    group.mkdir()
+    (group / "broken.yaml").write_text("a: {b: 1\n")
+    toy_conf.write_text(text)
+    assert main(["fit", "-c", str(toy_conf), "+extra=broken"]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and f'in "{group / "broken.yaml"}", line' in err, err
+
+
 def test_print_config_applies_overrides(toy_conf, capsys):
     assert (
         main(["fit", "-c", str(toy_conf), "--print-config", "trainer.max_steps=5", "data.batch_size=2"]) == 0
