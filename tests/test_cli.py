@@ -459,6 +459,32 @@ def test_a_checkpoint_names_the_earlier_stages_it_was_trained_on(tmp_path):
             fill_earlier_stages(cfg, "conf/control.yaml")
 
 
+def test_a_checkpoint_of_another_stage_is_named_as_such(tmp_path, capsys):
+    """ckpt_path holding another stage's checkpoint: one line naming both stages and the config to use (it
+    was a list of weights that do not fit, then "none of the settings its run recorded differs")."""
+    cases = [
+        ("var", "control", "of the control stage, and this config builds the VAR stage: use it with "
+         "conf/control.yaml, or give this config a checkpoint of the VAR stage"),
+        ("control", "var", "of the VAR stage, and this config builds the control stage: use it with "
+         "conf/var.yaml or conf/var_text.yaml, or give this config a checkpoint of the control stage; a VAR "
+         "to train a control branch on is model.init_from"),
+        ("var", "tokenizer", "of the tokenizer stage, and this config builds the VAR stage: use it with "
+         "conf/tokenizer.yaml, or give this config a checkpoint of the VAR stage; a tokenizer to train on is "
+         "model.tokenizer"),
+        ("tokenizer", "var", "of the VAR stage, and this config builds the tokenizer stage: use it with "
+         "conf/var.yaml or conf/var_text.yaml, or give this config a checkpoint of the tokenizer stage"),
+    ]  # fmt: skip
+    for conf, stage, message in cases:
+        ckpt = LEGACY / f"{stage}.ckpt"
+        args = ["predict", "-c", str(CONF / f"{conf}.yaml"), f"ckpt_path={ckpt}", f"run.root={tmp_path}"]
+        if conf == "control":  # a branch the legacy VAR (depth 1) can take
+            args.append("model.control.car_targets=last")
+        assert main(args) == 2, (conf, stage)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last == f"varctl: config error: {ckpt} is a checkpoint {message}", last
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_a_control_checkpoint_alone_draws_a_job(tmp_path, capsys):
     """A control checkpoint copied to a machine without its earlier runs runs predict by itself."""
     ckpt = tmp_path / "copied" / "control.ckpt"

@@ -376,6 +376,46 @@ def test_a_damaged_checkpoint_is_named_with_the_previous_good_one(toy_conf, caps
     assert sorted(p.name for p in ckpts.parent.iterdir()) == before  # nothing written for a failed start
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated", "hello", "text", "pickle", "directory"])
+def test_a_model_file_that_is_not_one_is_refused_with_the_reason_in_words(tokenizer_file, tmp_path, capsys,
+                                                                         damage):  # fmt: skip
+    """model.tokenizer (or init_from) naming a file that is not a model file: one line saying why, as for
+    ckpt_path. It was torch's advice to load it with weights_only=False (a pickle, or a text file), an empty
+    reason, or ': 101' (a KeyError of the byte 'e' of a file reading "hello")."""
+    bad = tmp_path / "files" / "vae.pt"
+    bad.parent.mkdir()
+    good = Path(tokenizer_file).read_bytes()
+    if damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+    elif damage == "hello":
+        bad.write_text("hello\n")
+    elif damage == "text":
+        bad.write_text("# my tokenizer\nsee the README\n")
+    elif damage == "pickle":
+        bad.write_bytes(pickle.dumps(_Payload()))
+    else:
+        bad.mkdir()
+    runs = tmp_path / "runs"
+    args = ["fit", "-c", str(ROOT / "conf" / "var.yaml"), f"model.tokenizer={bad}", f"run.root={runs}"]
+    assert main(args) == 2
+    reason = {
+        "empty": "is empty (0 bytes): the save or copy that wrote it was interrupted",
+        "truncated": "is damaged or not a model file or checkpoint (a torch archive cut short or corrupted: "
+        "PytorchStreamReader failed reading zip archive: failed finding central directory)",
+        "hello": "is damaged or not a model file or checkpoint (neither a torch.save archive nor a pickle)",
+        "text": "is damaged or not a model file or checkpoint (neither a torch.save archive nor a pickle)",
+        "pickle": "is a pickle of objects other than tensors and plain values, refused unread (loading it "
+        "could run code)",
+        "directory": "is a directory, expected a model file or checkpoint",
+    }[damage]
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"varctl: config error: {args[2]}: model: {bad} {reason}", err
+    assert "weights_only" not in err and not Path("/tmp/varctl-payload-ran").exists()
+    assert not runs.exists()  # nothing written
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch /tmp/varctl-payload-ran",))

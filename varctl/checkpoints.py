@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from varctl.files import atomic_save, temporary_in_use
+from varctl.files import UnreadableFile, atomic_save, temporary_in_use, torch_load
 
 TMP_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<pid>@<host>.<random>.tmp beside the target
 
@@ -82,21 +82,12 @@ def _problem(path: Path) -> str | None:
         if (path / "meta.pt").is_file():  # a sharded checkpoint (FSDP, save_distributed_checkpoint=true)
             return None
         return "is a directory, expected a checkpoint file (a .ckpt under <run>/checkpoints/)"
-    if not path.exists():
-        return "does not exist"
-    if path.stat().st_size == 0:
-        return "is empty (0 bytes): the save that wrote it was interrupted"
     try:  # mmap (zip archives): the tensors are not read, only the archive's index and the pickled structure
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # truncated archives, other formats, pickles with code: never run
-        text = str(e)
-        detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip() else ""
-        detail = detail[:160] or type(e).__name__
-        with open(path, "rb") as f:
-            pickled = f.read(1) == b"\x80"  # a bare pickle (PROTO opcode), not a torch.save archive
-        if "Weights only load failed" in text and pickled:
-            return f"is a pickle of objects other than tensors and plain values, refused unread ({detail})"
-        return f"is damaged or not a checkpoint ({detail})"
+        obj = torch_load(path, "checkpoint", mmap=zipfile.is_zipfile(path))
+    except FileNotFoundError:
+        return "does not exist"
+    except UnreadableFile as e:
+        return e.reason
     if not isinstance(obj, dict) or "state_dict" not in obj:
         return "is not a Lightning checkpoint (no 'state_dict' entry)"
     return None
@@ -173,6 +164,24 @@ def _shape_line(line: str) -> str:
     return f"{m[1]} ({m[2]}) in the file, ({m[3]}) here" if m else line.strip()
 
 
+# the stages, by the model kind that marks their checkpoints' ``varctl`` entries (a control checkpoint holds
+# its VAR and tokenizer too, a VAR checkpoint its tokenizer): most specific first
+STAGES = {"control": "control stage", "var": "VAR stage", "vqvae": "tokenizer stage"}
+STAGE_CONFIGS = {
+    "control": "conf/control.yaml",
+    "var": "conf/var.yaml or conf/var_text.yaml",
+    "vqvae": "conf/tokenizer.yaml",
+}
+
+
+def stage_of(checkpoint: dict) -> str | None:
+    """The stage (a key of STAGES) that wrote a varctl Lightning checkpoint, or None for another file."""
+    entries = checkpoint.get("varctl")
+    if not isinstance(entries, dict):
+        return None
+    return next((kind for kind in STAGES if kind in entries), None)
+
+
 class FitsCheckpoint:
     """Mixed into the stages' LightningModules: a checkpoint whose state_dict does not fit (strict loading,
     as Lightning restores) raises ``CheckpointMismatch`` naming the file, the weights that differ and the
@@ -182,6 +191,7 @@ class FitsCheckpoint:
     _saved_hparams: dict | None = None
     _checkpoint_path: str | None = None
     free_settings: tuple[str, ...] = ()  # flattened hyper-parameters of the models that shape no weight
+    stage: str | None = None  # the model kind that marks this stage's checkpoints (STAGES)
 
     def check_fits(self, path: str | os.PathLike) -> None:
         """Load the checkpoint file ``path`` as Lightning will (its upgrades, strict): a file that does not
@@ -191,6 +201,18 @@ class FitsCheckpoint:
             return
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         self._checkpoint_path = str(path)
+        theirs = stage_of(checkpoint)
+        if self.stage is not None and theirs is not None and theirs != self.stage:
+            hint = ""
+            if (theirs, self.stage) == ("var", "control"):
+                hint = "; a VAR to train a control branch on is model.init_from"
+            if theirs == "vqvae":
+                hint = "; a tokenizer to train on is model.tokenizer"
+            raise CheckpointMismatch(
+                f"{path} is a checkpoint of the {STAGES[theirs]}, and this config builds the "
+                f"{STAGES[self.stage]}: use it with {STAGE_CONFIGS[theirs]}, or give this config a "
+                f"checkpoint of the {STAGES[self.stage]}{hint}"
+            )
         self.on_load_checkpoint(checkpoint)
         self.load_state_dict(checkpoint["state_dict"], strict=True)
 

@@ -2,7 +2,10 @@
 files through ``atomic_dir``).
 
 A run killed while saving leaves the previous file in place (or no file), never a truncated one, so a
-checkpoint, a model file or a predicted image is either the old one or the complete new one.
+checkpoint, a model file or a predicted image is either the old one or the complete new one. The torch files
+a user names (checkpoints, model files, weights) are read through ``torch_load``: tensors and plain values
+only, and a file that is not one (empty, cut short, a pickle of objects, text) is refused with the reason in
+words.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +99,49 @@ def publish_dir(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: bool
     if old is not None:
         shutil.rmtree(old)
     return path
+
+
+class UnreadableFile(ValueError):
+    """A file ``torch_load`` cannot read: ``reason`` says why, in words (the message adds the path)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} {reason}")
+        self.path, self.reason = path, reason
+
+
+def torch_load(path: str | os.PathLike, what: str = "file", map_location: Any = "cpu", mmap: bool = False):
+    """``torch.load(path, weights_only=True)``: tensors and plain values only, so a pickle that would run code
+    is never run. A path that is not a readable torch file of ``what`` (a "checkpoint", a "model file")
+    raises ``UnreadableFile`` saying why: a directory, empty, an archive cut short, a pickle of objects, or
+    neither an archive nor a pickle (torch's own messages for these are a KeyError of a byte value, or advice
+    to switch ``weights_only`` off); a missing file raises ``FileNotFoundError``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UnreadableFile(path, f"is a directory, expected a {what}")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise UnreadableFile(path, "is empty (0 bytes): the save or copy that wrote it was interrupted")
+    try:
+        with warnings.catch_warnings():  # torch's advice on a pickle's protocol: the refusal says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        text = str(e)
+        if head == b"PK":  # a torch.save archive (zip)
+            first = text.split(". ")[0].strip()[:160] or type(e).__name__
+            raise UnreadableFile(path, f"is damaged or not a {what} (a torch archive cut short or corrupted: "
+                                       f"{first})") from None  # fmt: skip
+        if head[:1] == b"\x80" and "Weights only load failed" in text:  # a bare pickle (PROTO opcode)
+            raise UnreadableFile(path, "is a pickle of objects other than tensors and plain values, refused "
+                                       "unread (loading it could run code)") from None  # fmt: skip
+        if head[:1] == b"\x80":
+            raise UnreadableFile(path, f"is damaged or not a {what} (an unreadable pickle: "
+                                       f"{type(e).__name__} {text[:120]})") from None  # fmt: skip
+        raise UnreadableFile(path, f"is damaged or not a {what} (neither a torch.save archive nor a "
+                                   "pickle)") from None  # fmt: skip
 
 
 def writer_id() -> str:

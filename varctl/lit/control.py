@@ -52,6 +52,7 @@ class ControlModule(VARModule):
     """
 
     free_settings = VARModule.free_settings + tuple(f"control.{k}" for k in ControlConfig.free_on_load)
+    stage = "control"  # FitsCheckpoint: the checkpoints of this stage
 
     def __init__(
         self,

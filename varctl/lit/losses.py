@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varctl.files import torch_load
+
 PERCEPTUAL_NETS = ("vgg", "alex")
 
 
@@ -124,7 +126,7 @@ class PerceptualLoss(nn.Module):
 
     def _load_backbone(self, path: Path) -> None:
         # lpips splits torchvision's `features` into slices that keep the original indices
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path, f"torchvision {self.lpips.pnet_type} weights file")
         mapped = {}
         for name in self.lpips.net.state_dict():
             key = "features." + name.split(".", 1)[1]  # slice3.10.weight -> features.10.weight
@@ -134,7 +136,7 @@ class PerceptualLoss(nn.Module):
         self.lpips.net.load_state_dict(mapped, strict=True)
 
     def _load_heads(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path, "LPIPS heads file")
         # `lins.k` is an alias list of the `link` heads; the file stores the `link` names
         heads = {k for k in self.lpips.state_dict() if re.match(r"lin\d+\.", k)}
         if set(state) != heads:

@@ -55,6 +55,7 @@ class TokenizerModule(FitsCheckpoint, L.LightningModule):
     """
 
     test_batches_done = 0  # the test batches already in the metrics (varctl.callbacks.TestProgress)
+    stage = "vqvae"  # FitsCheckpoint: the checkpoints of this stage
 
     def __init__(
         self,

@@ -97,6 +97,7 @@ class VARModule(FitsCheckpoint, L.LightningModule):
     test_batches_done = 0  # the test batches already in the metrics (varctl.callbacks.TestProgress)
 
     free_settings = tuple(f"var.{k}" for k in VARConfig.free_on_load)  # FitsCheckpoint: no weight's shape
+    stage = "var"  # FitsCheckpoint: the checkpoints of this stage
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from varctl.files import atomic_save
+from varctl.files import atomic_save, torch_load
 
 
 class SmallClassifier(nn.Module):
@@ -131,7 +131,7 @@ def load_classifier(path: str | os.PathLike, expect_meta: dict | None = None) ->
     """The classifier saved at `path`, or None if it is absent or was trained for other settings."""
     if not os.path.exists(path):
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch_load(path, "class judge file")
     if expect_meta is not None and payload.get("meta") != dict(expect_meta):
         return None
     model = SmallClassifier(payload["num_classes"], payload["width"])

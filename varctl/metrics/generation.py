@@ -42,7 +42,7 @@ from torchmetrics import Metric
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 from torchmetrics.utilities import dim_zero_cat
 
-from varctl.files import atomic_path
+from varctl.files import UnreadableFile, atomic_path, torch_load
 
 INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
 
@@ -67,9 +67,9 @@ def _load_weights(path: str | os.PathLike | None, setting: str, expected: str) -
     if not path.is_file():
         raise FileNotFoundError(f"{setting}={path}: no such file (expected {expected})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle of code, a truncated or foreign file
-        raise ValueError(f"{setting}={path}: not a weights file that loads without running code ({e})") from e
+        state = torch_load(path, f"weights file ({expected})")
+    except UnreadableFile as e:  # a pickle of code, a truncated or foreign file
+        raise ValueError(f"{setting}={e}") from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{setting}={path}: expected a state dict, found {type(state).__name__}")
     return dict(state)

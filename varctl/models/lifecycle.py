@@ -30,7 +30,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from varctl.files import atomic_path, atomic_save
+from varctl.files import atomic_path, atomic_save, torch_load
 from varctl.typecheck import fits, type_name
 
 FORMAT = "varctl"
@@ -303,7 +303,7 @@ def read_weights(
         return _split(source, kind, ema, "<state_dict>") + ("<state_dict>",)
     path = Path(source)
     name = str(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -318,10 +318,7 @@ def read_weights(
             raise ValueError(f"{name}: a varctl '{meta.get('kind')}' export, expected a '{kind}' export")
         config = json.loads(meta["config"]) if meta.get("format") == FORMAT else None
         return load_file(name, device=str(map_location)), config, name
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a pickle with non-tensor objects, or a corrupt file
-        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+    obj = torch_load(path, "model file or checkpoint", map_location)  # a bad file: UnreadableFile, in words
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
     return _split(obj, kind, ema, name) + (name,)
