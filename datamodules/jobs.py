@@ -24,7 +24,9 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import tempfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,8 +51,10 @@ from datamodules.transforms import (
     map_to_tensor,
     resize_crop,
 )
+from varctl.models.sampling import check_sampling_args
 
 OVERRIDES = ("cfg", "control_cfg", "control_strength", "top_k", "top_p", "temperature")
+CONTROL_OVERRIDES = ("control_cfg", "control_strength")  # a VAR without a control branch has none
 COLUMNS = ("name", *MODALITIES, "image", "mask", "label", "caption", "seed", "outpaint", *OVERRIDES)
 SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 RECORD = "jobs_settings.jsonl"  # in the output folder: what each of its images was drawn with
@@ -193,16 +197,12 @@ def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
                 f"{where}: a job needs control maps ({list(controls)}), an image, or (to draw a sample) a "
                 "label or caption"
             )
-        if sampling and ("name" not in row or "outpaint" in row):
-            raise ValueError(
-                f"{where}: a sampling job (a label or caption, no input file) needs a name"
-                if "name" not in row
-                else f"{where}: outpaint needs an image (column 'image')"
-            )
-        name = str(row.get("name") or stem(files.get("image") or next(iter(files.values()))))
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ValueError(f"{where}: the name {name!r} must stay inside the output folder (no absolute "
-                             "path, no '..')")  # fmt: skip
+        if sampling and "name" not in row:
+            raise ValueError(f"{where}: a sampling job (a label or caption, no input file) needs a name")
+        name = str(row["name"]) if "name" in row else stem(files.get("image") or next(iter(files.values())))
+        if not name or "/" in name or "\\" in name or ".." in Path(name).parts:
+            raise ValueError(f"{where}: the name {name!r} must be a file name inside the output folder (not "
+                             "empty, no path separator, no '..')")  # fmt: skip
         if name.casefold() in seen:  # on macOS and Windows names that differ in case are one file
             other = seen[name.casefold()]
             raise ValueError(f"{where}: the name {name!r} is used by line {other} too (outputs would clash)")
@@ -211,13 +211,16 @@ def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
         try:
             if isinstance(outpaint, str):  # a .csv cell
                 outpaint = json.loads(outpaint)
-            label = int(row.get("label", -1))
-            seed = None if row.get("seed") is None else int(row["seed"])
+            label = _integer(row["label"], "label") if "label" in row else -1
+            seed = _integer(row["seed"], "seed") if "seed" in row else None
             if seed is not None and not 0 <= seed < 2**63:
                 raise ValueError(f"seed {seed} out of range, expected an integer in [0, 2**63)")
-            overrides = {k: _number(row[k]) for k in OVERRIDES if k in row}
+            overrides = {k: _override(k, row[k]) for k in OVERRIDES if k in row}
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {err}") from None
+        outpaint = check_outpaint(outpaint, where)
+        if outpaint is not None and "image" not in files:  # maps alone have nothing to place on a canvas
+            raise ValueError(f"{where}: outpaint needs an image (column 'image')")
         jobs.append(
             Job(
                 name=name,
@@ -227,7 +230,7 @@ def read_job_list(path: str, controls: Sequence[str]) -> list[Job]:
                 label=label,
                 caption=str(row.get("caption", "")),
                 seed=seed,
-                outpaint=check_outpaint(outpaint, where),
+                outpaint=outpaint,
                 overrides=overrides,
                 where=where,
             )  # fmt: skip
@@ -288,13 +291,58 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
-def _number(value):
-    """A CSV cell or JSON value as a number or a per-scale list of numbers."""
+def _integer(value, key: str) -> int:
+    """A JSON integer or a CSV cell holding one: a bool or a fraction is refused, not rounded."""
     if isinstance(value, str):
-        value = json.loads(value) if value.strip().startswith("[") else float(value)
-    if isinstance(value, list):
-        return [float(v) for v in value]
-    return float(value)
+        try:
+            return int(value)
+        except ValueError:
+            pass  # refused below
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{key} must be an integer, found {value!r}")
+
+
+def _override(key: str, value) -> float | list[float]:
+    """A sampling override (a CSV cell or JSON value): a finite number or a per-scale list of them, top_k,
+    top_p and temperature in the ranges the sampler takes (one value per scale: ``check_scales``)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip().startswith("[") else float(value)
+        except ValueError:
+            pass  # refused below, as the text it is
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
+        raise ValueError(f"{key} must be a finite number or a per-scale list of them, found {value!r}")
+    values = [float(v) for v in values]
+    if key == "top_k":  # the sampler's own checks
+        check_sampling_args(values, [], [])
+    elif key == "top_p":
+        check_sampling_args([], values, [])
+    elif key == "temperature":
+        check_sampling_args([], [], values)
+    return values if isinstance(value, list) else values[0]
+
+
+def check_output(output: str) -> None:
+    """``data.output`` must be a folder this process can write in, or one it can make: probed with a
+    temporary file in its nearest existing folder, removed at once, before a run directory is made."""
+    path = Path(output).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(
+            f"data.output={output} is a file: expected a folder (made if missing)"
+            if existing == path
+            else f"data.output={output}: {existing} is a file, so the folder cannot be made there"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"data.output={output}: cannot make files in {existing} ({e.strerror or e}): set "
+                         "data.output to a folder you can write in") from None  # fmt: skip
 
 
 class JobDataset(Dataset):
@@ -495,8 +543,7 @@ class GenerationJobs(VarDataModule):
         self.samples_per_input, self.overwrite, self.sheets = int(samples_per_input), bool(overwrite), sheets
         where = root if root is not None else os.path.dirname(os.path.abspath(list))
         self.output_dir = str(output) if output is not None else os.path.join(where, "generated")
-        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
-            raise ValueError(f"data.output={self.output_dir} is a file: expected a folder (made if missing)")
+        check_output(self.output_dir)
         self.counts = {"jobs": 0, "skipped": 0}
         self._done: dict[str, str] = {}  # the finished outputs' row digests (items)
         self._job_digests: dict[str, str] = {}
@@ -602,24 +649,58 @@ class GenerationJobs(VarDataModule):
         return _digest([row, seed])
 
     def check_conditions(self, num_classes: int | None) -> None:
-        """The jobs to draw against the model that draws them (its number of classes; None: a text model):
-        a label it lacks, a caption for a class model or a label for a text model (which would be ignored)
-        refuse the run before anything is drawn, naming the row."""
+        """The jobs to draw against the model that draws them (its number of classes; None: a text model): a
+        job it cannot draw (``_cannot_draw``), a label it lacks, a caption for a class model or a label for a
+        text model (which would be ignored) refuse the run before anything is drawn, naming the row and how
+        many others are refused with it."""
         dataset = self.dataset("predict")
-        for job, _, _ in dataset.items:
-            where = job.where or job.name
-            if dataset.controls and job.sampling:
-                raise ValueError(f"{where}: a sampling job (no input file), but a control model draws from "
-                                 f"control maps {list(dataset.controls)}: give them")  # fmt: skip
-            if num_classes is None and job.label != -1:
-                raise ValueError(f"{where}: label {job.label} given, but the model is text-conditioned: give "
-                                 "a caption")  # fmt: skip
-            if num_classes is not None and job.caption:
-                raise ValueError(f"{where}: caption given, but the model is class-conditioned: give a label "
-                                 "(none: an unconditional image)")  # fmt: skip
-            if num_classes is not None and not -1 <= job.label < num_classes:
-                raise ValueError(f"{where}: label {job.label} out of range, the model has {num_classes} "
-                                 f"classes: expected [0, {num_classes}) (none: unconditional)")  # fmt: skip
+        jobs = {id(job): job for job, _, _ in dataset.items}.values()  # a job once, not once per sample
+        refused = [
+            (job, why) for job in jobs if (why := self._cannot_draw(job, dataset.controls, num_classes))
+        ]
+        if refused:
+            (job, why), more = refused[0], [j.name for j, _ in refused[1:]]
+            also = f" ({len(more)} more job(s) refused too: {', '.join(more[:5])}{' ...' * (len(more) > 5)})"
+            raise ValueError(f"{job.where or job.name}: {why}{also * bool(more)}")
+
+    def _cannot_draw(self, job: Job, controls: Sequence[str], num_classes: int | None) -> str | None:
+        """Why this model can never draw ``job`` (a job list's row or a folder's stem), or None."""
+        edit = job.mask is not None or job.outpaint is not None or self.outpaint is not None
+        if not controls and job.maps and not (job.image is not None and edit):
+            return (f"control maps {sorted(job.maps)} need a control model (conf/control.yaml); this VAR has "
+                    "no control branch")  # fmt: skip
+        if not controls and job.image is not None and not edit:
+            return ("an image with neither a mask nor outpaint: a VAR without a control branch has nothing "
+                    "to draw (give a mask, white = redraw, or outpaint)")  # fmt: skip
+        if controls and job.sampling:
+            return (f"a sampling job (no input file), but a control model draws from control maps "
+                    f"{list(controls)}: give them")  # fmt: skip
+        made = [m for m in controls if m in job.maps or self.annotators.get(m) is not None]
+        if controls and job.image is not None and not made and not edit:
+            return (f"an image without control maps {list(controls)}, and data.annotators makes none of "
+                    "them: give its maps, a mask or outpaint")  # fmt: skip
+        control_only = [k for k in CONTROL_OVERRIDES if k in job.overrides]
+        if not controls and control_only:
+            return f"{control_only} apply to a control model only; this VAR has no control branch"
+        if num_classes is None and job.label != -1:
+            return f"label {job.label} given, but the model is text-conditioned: give a caption"
+        if num_classes is not None and job.caption:
+            return "caption given, but the model is class-conditioned: give a label (none: unconditional)"
+        if num_classes is not None and not -1 <= job.label < num_classes:
+            return (f"label {job.label} out of range, the model has {num_classes} classes: expected "
+                    f"[0, {num_classes}) (none: unconditional)")  # fmt: skip
+        return None
+
+    def check_scales(self, num_scales: int) -> None:
+        """The rows' per-scale sampling lists against the model's number of scales (the command line calls
+        it with the model, before the run starts): each needs one value per scale."""
+        for job in {id(job): job for job, _, _ in self.dataset("predict").items}.values():
+            for key, value in job.overrides.items():
+                if isinstance(value, list) and len(value) != num_scales:
+                    raise ValueError(
+                        f"{job.where or job.name}: {key} holds {len(value)} values, but the model draws "
+                        f"{num_scales} scales: give one value per scale, or one number for all"
+                    )
 
     def build_datasets(self) -> dict[str, Dataset]:
         controls = self.controls if self.wants("control") else ()  # a VAR without control: no maps

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -52,14 +52,35 @@ def is_image_file(name: str) -> bool:
 
 
 def load_image(path: str) -> tv_tensors.Image:
-    """Open an image as uint8 RGB (3, H, W); a missing or unreadable file raises an error naming it."""
+    """Open an image as uint8 RGB (3, H, W), upright (``upright``); a missing or unreadable file raises an
+    error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
-            return v2.functional.to_image(read_rgb(img))
+            return v2.functional.to_image(read_rgb(upright(img)))
     except (*UNREADABLE, ValueError) as err:
         raise OSError(f"cannot read image file {path}: {unreadable(err)}") from err
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """An opened image as viewers show it: its EXIF orientation applied, so that a photo stored sideways (a
+    phone's) and the mask a user drew on it on screen line up."""
+    ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``upright(img)`` from the header alone: orientations 5-8 turn it a quarter. A PNG's
+    EXIF is read only where its header holds it (PIL's ``getexif`` would decode the whole image for it)."""
+    if img.format == "PNG":
+        exif = Image.Exif()
+        if img.info.get("exif"):
+            exif.load(img.info["exif"])
+    else:
+        exif = img.getexif()
+    turned = exif.get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (img.height, img.width) if turned else img.size
 
 
 def unreadable(err: BaseException) -> str:
@@ -82,13 +103,13 @@ def read_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_map(path: str, modality: str) -> torch.Tensor:
-    """Open a control-map file as the tv_tensor of its batch tensor (1, H, W), see `as_tv_tensor` and
-    `read_map`; a missing or unreadable file raises an error naming it."""
+    """Open a control-map file as the tv_tensor of its batch tensor (1, H, W), upright like images, see
+    `as_tv_tensor` and `read_map`; a missing or unreadable file raises an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{modality} map file not found: {path}")
     try:
         with Image.open(path) as img:
-            arr = read_map(img, modality)
+            arr = read_map(upright(img), modality)
     except UNREADABLE as err:
         raise OSError(f"cannot read {modality} map file {path}: {unreadable(err)}") from err
     except ValueError as err:

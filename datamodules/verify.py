@@ -30,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from datamodules.transforms import UNREADABLE, read_map, unreadable
+from datamodules.transforms import UNREADABLE, read_map, unreadable, upright_size
 from varctl.files import atomic_write_text
 
 CHECKS = ("decode", "header", "trust")
@@ -97,7 +97,7 @@ def inspect_file(path: str, modality: str | None, check: str) -> FileInfo:
     size = max_id = None
     try:
         with Image.open(path) as img:
-            size = img.size
+            size = upright_size(img)  # as the loaders read it (EXIF orientation applied)
             if check == "decode" and modality is not None:
                 values = read_map(img, modality)
                 max_id = int(values.max()) if modality == "segmentation" and values.size else None

@@ -443,3 +443,25 @@ def test_processes_that_find_different_files_are_refused_on_every_process(tmp_pa
             "the processes found different data (train split: 6 samples on rank 0, 5 samples on rank 1"
             in (result["differ"] or "")
         )
+
+
+def test_the_data_check_sees_a_photo_stored_sideways_at_its_upright_size(tmp_path):
+    """A phone photo stored 80 x 64 with EXIF orientation 6 is read upright, 64 x 80 (load_image): the check
+    before the run measures it so, and its 64 x 80 map is no size mismatch."""
+    from datamodules.verify import FileInfo, inspect_file
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (80, 64), (200, 30, 30)).save(photo, exif=exif)
+    assert inspect_file(str(photo), None, "header").size == (64, 80)
+    assert inspect_file(str(photo), None, "decode").size == (64, 80)
+    assert tuple(load_image(str(photo)).shape) == (3, 80, 64)
+    plain = tmp_path / "plain.jpg"
+    Image.new("RGB", (80, 64)).save(plain)
+    assert inspect_file(str(plain), None, "header").size == (80, 64)
+    png = tmp_path / "photo.png"  # EXIF in a PNG's header (eXIf chunk); the decode check still verifies it
+    Image.new("RGB", (80, 64)).save(png, exif=exif)
+    upright = FileInfo(size=(64, 80))
+    assert inspect_file(str(png), None, "header") == inspect_file(str(png), None, "decode") == upright
+    assert tuple(load_image(str(png)).shape) == (3, 80, 64)

@@ -276,24 +276,13 @@ def test_outpainting_places_the_image_and_redraws_the_rest(files, tmp_path):
     assert (tmp_path / "generated" / "photo.png").is_file()
 
 
-def test_editing_with_a_new_class_and_control_maps_need_a_control_model(files, tmp_path, capsys):
+def test_editing_with_a_new_class(files, tmp_path):
     photos(tmp_path, n=1)
-    rows = [{"name": "as_star", "image": "images/photo_0.png", "mask": "masks/photo_0.png", "label": 3},
-            {"name": "edges_only", "edges": "masks/photo_0.png"},
-            {"name": "edges_outpainted", "edges": "masks/photo_0.png",
-             "outpaint": {"scale": 0.5, "x": 0, "y": 0}},
-            {"name": "too_hot", "image": "images/photo_0.png", "mask": "masks/photo_0.png",
-             "top_p": 2}]  # fmt: skip
-    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    row = {"name": "as_star", "image": "images/photo_0.png", "mask": "masks/photo_0.png", "label": 3}
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(row) + "\n")
     module = VARModule(files[0], init_from=files[1]).eval()
     dm = GenerationJobs(list=str(tmp_path / "jobs.jsonl"))
     predict(module, dm)
-    printed = capsys.readouterr().out
-    assert "skipped edges_only: " in printed and "control maps ['edges'] need a control model" in printed
-    assert "skipped too_hot: the job's top_p must be in [0, 1] (0 = off), found 2" in printed  # its column
-    assert "skipped edges_outpainted: " in printed  # not the end of the job: the rows after it are drawn
-    assert printed.count("control maps ['edges'] need a control model") == 2
-    assert "1 written, 0 skipped (existing), 3 failed" in printed
     item = next(it for it in dm.dataset("predict") if it["name"] == "as_star")
     known = Known.from_image(module.vae, item["image"][None], item["mask"][None])
     kw = {**module.predictions.generate_kwargs(), "seed": [job_seed(0, "as_star")]}
@@ -301,6 +290,63 @@ def test_editing_with_a_new_class_and_control_maps_need_a_control_model(files, t
         want = module.var.generate(torch.tensor([3]), vae=module.vae, known=known, **kw)[0]
     got = torch.from_numpy(read(tmp_path / "generated" / "as_star.png")).permute(2, 0, 1) / 255
     assert (got - want).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_jobs_a_model_can_never_draw_are_refused_before_anything_is_drawn(
+    files, control, edge_maps, tmp_path
+):
+    """Control maps for a VAR without a control branch, an image with neither a mask nor outpaint for it,
+    control settings it has no use for, a per-scale list without one value per scale: refused with the row's
+    line (and how many other jobs alike) before the model draws, not failures of the run's jobs."""
+    photos(tmp_path, n=1)
+    var = VARModule(files[0], init_from=files[1]).eval()
+    edge, image, mask = str(edge_maps / "edges" / "shape_0.png"), "images/photo_0.png", "masks/photo_0.png"
+    good = {"name": "good", "image": image, "mask": mask}
+    need = "control maps ['edges'] need a control model (conf/control.yaml); this VAR has no control branch"
+    cases = [
+        ({"edges": edge}, need),
+        ({"edges": edge, "image": image}, need),  # the photo's edges would be all it has: nothing to redraw
+        ({"image": image}, "an image with neither a mask nor outpaint: a VAR without a control branch has "),
+        ({**good, "control_strength": 0.5}, "['control_strength'] apply to a control model only"),
+        ({**good, "control_cfg": 2}, "['control_cfg'] apply to a control model only"),
+    ]
+    out = tmp_path / "out"
+    for row, message in cases:
+        (tmp_path / "jobs.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**row, "name": "bad"}))
+        with pytest.raises(ValueError, match=re.escape(f"jobs.jsonl:2: {message}")):
+            predict(var, GenerationJobs(list=str(tmp_path / "jobs.jsonl"), output=str(out)))
+        assert not out.exists() or not list(out.glob("*.png"))
+    # an image alone with data.outpaint is a job the VAR draws: only what can never work is refused
+    (tmp_path / "jobs.jsonl").write_text(
+        json.dumps(good) + "\n" + json.dumps({"name": "bad", "image": image})
+    )
+    dm = GenerationJobs(list=str(tmp_path / "jobs.jsonl"), outpaint={"scale": 0.5})
+    dm.connect(**var.data_requirements())
+    dm.setup("predict")
+    var.check_data(dm)
+    # a folder of edge maps for a VAR: the first named, the others counted
+    dm = GenerationJobs(root=str(edge_maps), output=str(out))
+    dm.connect(**var.data_requirements())
+    dm.setup("predict")
+    with pytest.raises(ValueError, match=re.escape(f"shape_0: {need} (4 more job(s) refused too: shape_1, ")):
+        var.check_data(dm)
+
+    # per-scale lists: one value per scale of the model (3 here)
+    assert control.var.config.num_scales == 3
+    rows = [{"edges": edge, "name": "a", "control_strength": [1, 2, 1]},
+            {"edges": edge, "name": "b", "top_k": [0, 2]}]  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = GenerationJobs(list=str(tmp_path / "jobs.jsonl"))
+    dm.connect(**control.data_requirements())
+    dm.setup("predict")
+    assert [it[0].overrides for it in dm.dataset("predict").items] == [
+        {"control_strength": [1.0, 2.0, 1.0]}, {"top_k": [0.0, 2.0]}
+    ]  # fmt: skip
+    message = "jobs.jsonl:2: top_k holds 2 values, but the model draws 3 scales: give one value per scale"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dm.check_scales(3)
+    with pytest.raises(ValueError, match=re.escape("jobs.jsonl:1: control_strength holds 3 values")):
+        dm.check_scales(2)
 
 
 def test_output_names_stay_in_the_folder_and_never_share_a_file(control, edge_maps, tmp_path, capsys):
@@ -314,7 +360,9 @@ def test_output_names_stay_in_the_folder_and_never_share_a_file(control, edge_ma
         return GenerationJobs(list=str(tmp_path / "jobs.jsonl"), controls=["edges"], **kw)
 
     for name in ("../escape", str(tmp_path / "abs")):
-        with pytest.raises(ValueError, match="jobs.jsonl:1: the name .* must stay inside the output folder"):
+        with pytest.raises(
+            ValueError, match="jobs.jsonl:1: the name .* must be a file name inside the output folder"
+        ):
             jobs({"name": name}).jobs()
     with pytest.raises(ValueError, match="jobs.jsonl:2: the name 'Cat' is used by line 1 too"):
         jobs({"name": "cat"}, {"name": "Cat"}).jobs()
@@ -470,3 +518,168 @@ def test_jobs_under_a_sharded_strategy_are_refused(edge_maps):
         ValueError, match="data=jobs runs on one process or under DDP, not ModelParallelStrategy"
     ):
         dm.predict_dataloader()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"top_p": 2}, "top_p must be in [0, 1] (0 = off), found 2.0"),
+        ({"top_p": [0.5, 2, 0.5]}, "top_p must be in [0, 1] (0 = off), found 2.0"),
+        ({"temperature": -1}, "temperature must be > 0, found -1.0"),
+        ({"temperature": 0}, "temperature must be > 0, found 0.0"),
+        ({"top_k": -5}, "top_k must be an integer >= 0 (0 = off), found -5.0"),
+        ({"top_k": 1.5}, "top_k must be an integer >= 0 (0 = off), found 1.5"),
+        ({"cfg": True}, "cfg must be a finite number or a per-scale list of them, found True"),
+        ({"cfg": "high"}, "cfg must be a finite number or a per-scale list of them, found 'high'"),
+        ({"cfg": float("nan")}, "cfg must be a finite number or a per-scale list of them, found nan"),
+        ({"control_strength": []}, "control_strength must be a finite number or a per-scale list of them"),
+        ({"control_cfg": [1, "x"]}, "control_cfg must be a finite number or a per-scale list of them"),
+        ({"seed": 1.5}, "seed must be an integer, found 1.5"),
+        ({"label": True}, "label must be an integer, found True"),
+        ({"label": "2.0"}, "label must be an integer, found '2.0'"),
+        ({"name": ""}, "the name '' must be a file name inside the output folder (not empty, no path"),
+        ({"name": "a/b"}, "the name 'a/b' must be a file name inside the output folder"),
+        ({"name": "a\\b"}, "the name 'a\\\\b' must be a file name inside the output folder"),
+        ({"name": ".."}, "the name '..' must be a file name inside the output folder"),
+        ({"outpaint": {"scale": 0.5}}, "outpaint needs an image (column 'image')"),  # maps alone
+    ],
+)
+def test_every_value_and_shape_of_a_row_is_checked_with_its_line(edge_maps, tmp_path, extra, message):
+    """Sampling values out of the sampler's ranges, seeds and labels that are not integers, names that are
+    no file name, outpaint without an image: refused when the list is read, naming the file and line."""
+    edge = str(edge_maps / "edges" / "shape_0.png")
+    rows = [{"name": "ok", "edges": edge}, {"name": "x", "edges": edge, **extra}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=re.escape(f"jobs.jsonl:2: {message}")):
+        GenerationJobs(list=str(tmp_path / "jobs.jsonl")).jobs()
+
+
+def test_good_row_values_are_read_exactly_from_jsonl_and_csv(edge_maps, tmp_path):
+    edge = str(edge_maps / "edges" / "shape_0.png")
+    row = {"name": "n", "edges": edge, "seed": 7, "label": 3, "top_k": 5, "top_p": 0.9, "temperature": 0.5,
+           "cfg": [1, 2, 3]}  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(row) + "\n")
+    (line,) = GenerationJobs(list=str(tmp_path / "jobs.jsonl")).jobs()
+    (tmp_path / "jobs.csv").write_text(f'name,edges,seed,label,top_k,top_p,temperature,cfg\nn,{edge},7,3,5,'
+                                       '0.9,0.5,"[1, 2, 3]"\n')  # fmt: skip
+    (cell,) = GenerationJobs(list=str(tmp_path / "jobs.csv")).jobs()
+    for job in (line, cell):
+        assert (job.name, job.seed, job.label) == ("n", 7, 3)
+        assert job.overrides == {"top_k": 5.0, "top_p": 0.9, "temperature": 0.5, "cfg": [1.0, 2.0, 3.0]}
+    (tmp_path / "jobs.csv").write_text(f"name,edges,seed\nn,{edge},1.5\n")
+    with pytest.raises(ValueError, match=re.escape("jobs.csv:2: seed must be an integer, found '1.5'")):
+        GenerationJobs(list=str(tmp_path / "jobs.csv")).jobs()
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_when_the_data_is_built(edge_maps, tmp_path):
+    (tmp_path / "outfile").write_text("a file")
+    sub = tmp_path / "outfile" / "sub"
+    with pytest.raises(
+        ValueError, match=re.escape(f"data.output={sub}: {tmp_path / 'outfile'} is a file, so")
+    ):
+        GenerationJobs(root=str(edge_maps), output=str(sub))
+    if os.path.isdir("/proc/self"):  # Linux: nothing can be made in /proc, not even by root
+        with pytest.raises(
+            ValueError, match=re.escape("data.output=/proc/foo: cannot make files in /proc (")
+        ):
+            GenerationJobs(root=str(edge_maps), output="/proc/foo")
+    before = sorted(os.listdir(tmp_path))
+    dm = GenerationJobs(root=str(edge_maps), output=str(tmp_path / "new" / "deeper"))
+    assert dm.output_dir == str(tmp_path / "new" / "deeper")
+    assert sorted(os.listdir(tmp_path)) == before  # the probe leaves nothing behind, makes no folder
+
+
+def test_images_and_maps_are_read_upright_as_their_exif_orientation_says(tmp_path):
+    """A photo stored 80 wide x 64 high with EXIF orientation 6 is shown 64 wide x 80 high (turned 90°
+    clockwise): it is read so, and the mask a user drew on it as shown fits it."""
+    from datamodules.jobs import Job, JobDataset
+    from datamodules.transforms import load_image, load_map
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    stored = textured(4, size=(64, 80))  # (H, W, 3)
+    shown = np.rot90(stored, k=-1)  # clockwise: (80, 64, 3)
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=100, subsampling=0)
+    assert np.array_equal(load_image(str(tmp_path / "photo.png")).permute(1, 2, 0).numpy(), shown)
+    jpeg = load_image(str(tmp_path / "photo.jpg")).permute(1, 2, 0).numpy().astype(int)
+    assert jpeg.shape == (80, 64, 3) and np.abs(jpeg - shown).mean() < 4  # JPEG's loss only
+    assert np.abs(jpeg - np.rot90(stored, k=1)).mean() > 30  # not turned the other way
+    edges = np.zeros((64, 80), np.uint8)
+    edges[5, :] = 255
+    Image.fromarray(edges).save(tmp_path / "edges.png", exif=exif)
+    want = np.rot90(edges, k=-1) > 0
+    assert np.array_equal(load_map(str(tmp_path / "edges.png"), "edges")[0].numpy() > 0, want)
+
+    mask = np.zeros((80, 64), np.uint8)  # drawn on the photo as shown: its top half
+    mask[:40] = 255
+    save(tmp_path / "mask.png", mask)
+    job = Job(name="p", image=str(tmp_path / "photo.jpg"), mask=str(tmp_path / "mask.png"))
+    item = JobDataset([(job, "p", 0)], 32, (), {}, "center", None)[0]
+    assert item["error"] == "" and item["edit"]
+    # 64 x 80 -> 32 x 40 -> the centre 32 x 32 (rows 4..35): rows 4..19 of the 40 are white
+    assert item["mask"][0, :16].all() and item["mask"][0, 16:].sum() == 0
+
+
+def test_the_command_line_exits_non_zero_when_jobs_fail_or_cannot_work(tmp_path, capsys):
+    """``predict data=jobs``: status 1 when a job failed (the images written are kept, a rerun skips them),
+    no "images written to" line when none was; status 2, before a run directory, for jobs the model can
+    never draw, a per-scale list of the wrong length, or an output folder that cannot be made."""
+    from varctl.cli import main
+    from varctl.models import VAR
+
+    legacy, conf = Path(__file__).parent / "fixtures" / "legacy", Path(__file__).parents[1] / "conf"
+    maps, out, runs = tmp_path / "maps", tmp_path / "maps" / "generated", tmp_path / "runs"
+    for i in range(2):
+        save(maps / "edges" / f"e{i}.png", (np.roll(np.eye(16), 3 * i, axis=0) * 255).astype(np.uint8))
+    (maps / "edges" / "broken.png").write_bytes(b"not a png")
+    control_run = ["predict", "-c", str(conf / "control.yaml"), "data=jobs", f"run.root={runs}",
+                   f"ckpt_path={legacy / 'control.ckpt'}", "model.control.injector=scalar",
+                   "model.control.width=4", "model.control.feature_dim=8", "model.control.max_width=8",
+                   "model.ema_decay=0.5"]  # the legacy run's settings  # fmt: skip
+    jobs = [*control_run, f"data.root={maps}"]
+
+    assert main(jobs) == 1
+    printed, err = capsys.readouterr()
+    assert "skipped broken: " in printed and "2 written, 0 skipped (existing), 1 failed" in printed
+    assert f"varctl predict: images written to {out}" in printed
+    assert (
+        f"varctl: 1 generation job(s) failed (named above: 'skipped NAME: why'); the 2 written to {out} are "
+        in err
+    )
+    assert sorted(p.name for p in out.glob("*.png")) == ["e0.png", "e1.png"]
+    assert main(jobs) == 1  # the rerun skips the two written and fails the broken one again
+    printed, err = capsys.readouterr()
+    assert "0 written, 2 skipped (existing), 1 failed" in printed and "images written to" not in printed
+    assert "1 generation job(s) failed" in err and "no image was written" in err
+    (maps / "edges" / "broken.png").unlink()
+    assert main(jobs) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "images written to" not in printed
+        and f"nothing to draw, every job's image is in {out} already" in printed
+    )
+
+    versions = sorted(p.name for p in (runs / "control").iterdir())
+    num_scales = VAR.load(legacy / "control.ckpt").config.num_scales
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"edges": str(maps / "edges" / "e0.png"), "name": "x",
+                                                     "control_strength": [1, 2]}) + "\n")  # fmt: skip
+    var_run = ["predict", "-c", str(conf / "var.yaml"), "data=jobs", f"ckpt_path={legacy / 'var.ckpt'}",
+               f"run.root={runs}", "model.ema_decay=0.5", "model.var.depth=1", "+model.var.embed_dim=32",
+               "+model.var.num_heads=2"]  # fmt: skip
+    (tmp_path / "outfile").write_text("a file")
+    scales = f"jobs.jsonl:1: control_strength holds 2 values, but the model draws {num_scales} scales"
+    refused = [
+        ([*control_run, f"data.list={tmp_path / 'jobs.jsonl'}"], scales),
+        (
+            [*var_run, f"data.root={maps}", f"data.output={tmp_path / 'v'}"],
+            "e0: control maps ['edges'] need a control model (conf/control",
+        ),
+        ([*jobs, f"data.output={tmp_path / 'outfile' / 'sub'}"], f"{tmp_path / 'outfile'} is a file"),
+    ]
+    for args, message in refused:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "varctl: config error: " in err and message in err
+    assert sorted(p.name for p in (runs / "control").iterdir()) == versions  # no run was started
+    assert not (runs / "var").exists()

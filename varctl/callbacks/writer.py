@@ -28,6 +28,10 @@ def save_png(image_CHW: torch.Tensor, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+class JobsFailed(RuntimeError):
+    """Generation jobs of which some failed, each named where it failed: ``predict`` exits with status 1."""
+
+
 class ImageWriter(BasePredictionWriter):
     """Write ``predict_step``'s ``{"images": (B,3,H,W) in [0,1], "names": [...]}`` as ``<name>.png``; an
     optional ``"inputs"`` in the batch's layout (``{"image": (B,3,H,W) in [-1,1], "control": {modality:
@@ -107,6 +111,16 @@ class ImageWriter(BasePredictionWriter):
                 save_png(sheets[i], self.output_dir / f"{name}_sheet.png")
             save_png(image, self.output_dir / f"{name}.png")
             self.written += 1
+
+    def totals(self, trainer) -> tuple[int, int] | None:
+        """(images written, jobs failed) of generation jobs over all processes; None for other predictions.
+        Under DDP a collective: every process calls it once ``trainer.predict`` has returned (not from a
+        hook: a process with no job left skips the predict loop and its hooks)."""
+        if getattr(trainer.datamodule, "counts", None) is None:
+            return None
+        counts = torch.tensor([self.written, len(self.failed)], device=trainer.strategy.root_device)
+        written, failed = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        return int(written), int(failed)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         counts = getattr(trainer.datamodule, "counts", None) if trainer.datamodule is not None else None

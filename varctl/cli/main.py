@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from datamodules.jobs import OutputsDiffer
+    from varctl.callbacks.writer import JobsFailed
     from varctl.checkpoints import CheckpointMismatch, NonFiniteError
     from varctl.metrics.generation import StaleReference
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointMismatch, OutputsDiffer, StaleReference) as e:
         print(f"varctl: config error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, JobsFailed) as e:
         print(f"varctl: {e}", file=sys.stderr)
         return 1
     except SIGTERMException as e:  # preempted: last.ckpt is written (callbacks.preemption); not a success
@@ -294,6 +295,8 @@ def _run(command: str, data: dict, config_file: str | Path):
         datamodule.setup("fit" if command == "fit" else command)  # scan the data now: errors before the run
         if hasattr(model, "check_data"):
             model.check_data(datamodule)  # the data's classes and controls against the model
+        if hasattr(datamodule, "check_scales") and hasattr(model, "var"):  # data=jobs: rows' per-scale lists
+            datamodule.check_scales(model.var.config.num_scales)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{config_file}: data: {e}") from e
     if ckpt and hasattr(model, "check_fits"):
@@ -364,9 +367,23 @@ def _call(trainer, command: str, model, datamodule, ckpt: str | None, out_dir: P
     elif command == "test":
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
     else:
+        from varctl.callbacks.writer import ImageWriter, JobsFailed
+
         trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt, return_predictions=False)
-        if trainer.is_global_zero:
+        writer = next(c for c in trainer.callbacks if isinstance(c, ImageWriter))
+        written, failed = writer.totals(trainer) or (None, 0)  # generation jobs: over all processes
+        if trainer.is_global_zero and written != 0:
             print(f"varctl predict: images written to {out_dir}", flush=True)
+        elif trainer.is_global_zero and not failed:
+            print(f"varctl predict: nothing to draw, every job's image is in {out_dir} already "
+                  "(data.overwrite=true redraws them)", flush=True)  # fmt: skip
+        if failed:  # each was named as it failed; the ones written stay, and a rerun skips them
+            kept = (
+                f"the {written} written to {out_dir} are kept (a rerun skips them)"
+                if written
+                else "no image was written"
+            )
+            raise JobsFailed(f"{failed} generation job(s) failed (named above: 'skipped NAME: why'); {kept}")
 
 
 NOISE = (
