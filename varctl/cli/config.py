@@ -64,7 +64,7 @@ def compose(config_file: str | Path, overrides: list[str]) -> DictConfig:
             cfg = hydra_compose(config_name=path.stem, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain_compose_error(str(e), path, overrides, _known_keys(path))) from None
-    except yaml.YAMLError as e:  # the file or a group file it uses (conf/data/*.yaml); e names which, and where
+    except yaml.YAMLError as e:  # the file or a group file it uses (conf/data/*.yaml): e names which, where
         raise ConfigError(f"-c {config_file}: not valid YAML: {e}") from None
     finally:
         GlobalHydra.instance().clear()
