@@ -211,7 +211,8 @@ def test_model_settings_of_the_wrong_type_or_range_stop_the_run_before_it_starts
                                                                                   capsys):  # fmt: skip
     """A value in model.var, model.control or model.vqvae that does not fit its field (a string for a depth,
     a float for a count) or its range is a config error naming the field: it was a TypeError from deep in
-    torch, or, for a drop rate, a crash at the first training step after the run had started."""
+    torch, or, for a drop rate, a crash at the first training step after the run had started. So is a fit of
+    trainer.max_steps=0 (it trained nothing and succeeded); a value outside a Literal lists the choices."""
     var_file = VAR.build(dict(depth=1, num_classes=10, vocab_size=64, z_channels=8, patch_nums=(1, 2, 4)))
     var_file = var_file.save(tmp_path / "var.pt")
     conf = {stage: str(ROOT / "conf" / f"{stage}.yaml") for stage in ("tokenizer", "var", "control")}
@@ -230,6 +231,10 @@ def test_model_settings_of_the_wrong_type_or_range_stop_the_run_before_it_starts
         ("tokenizer", "+model.vqvae.vocab_size=0", "VQVAEConfig.vocab_size must be at least 1, found 0"),
     ]
     runs = tmp_path / "runs"
+    assert main(["fit", "-c", conf["tokenizer"], "trainer.max_steps=0", f"run.root={runs}"]) == 2
+    assert "trainer.max_steps=0: fit would train nothing (-1: no limit)" in capsys.readouterr().err
+    assert main(["fit", "-c", conf["tokenizer"], "model.recon_loss=l3", f"run.root={runs}"]) == 2
+    assert "model.recon_loss = 'l3' (str): expected one of 'l1', 'l2' (argument" in capsys.readouterr().err
     for stage, override, message in cases:
         assert main(["fit", "-c", conf[stage], *before[stage], override, f"run.root={runs}"]) == 2, override
         last = capsys.readouterr().err.strip().splitlines()[-1]

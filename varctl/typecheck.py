@@ -50,7 +50,10 @@ def fits(value: Any, tp: Any) -> bool:
 
 
 def type_name(tp: Any) -> str:
-    """``int``, ``float | None``, ``tuple[int, ...]``: an annotation as a message shows it."""
+    """``int``, ``float | None``, ``tuple[int, ...]``, ``one of 'l1', 'l2'``: an annotation as a message
+    shows it."""
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_args(tp) or not hasattr(tp, "__name__"):
         return str(tp).replace("typing.", "")
     return tp.__name__

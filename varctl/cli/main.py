@@ -332,6 +332,9 @@ def _run(command: str, data: dict, config_file: str | Path):
     ):
         extra["enable_checkpointing"] = False
     trainer = _build(data, "trainer", config_file, logger=logger, callbacks=callbacks, **extra)
+    if command == "fit" and 0 in (trainer.max_steps, trainer.max_epochs):
+        key = "max_steps" if trainer.max_steps == 0 else "max_epochs"
+        raise ConfigError(f"{config_file}: trainer.{key}=0: fit would train nothing (-1: no limit)")
     if command == "fit" and hasattr(model, "check_trainer"):
         try:
             model.check_trainer(trainer)  # trainer settings the stage cannot train with: nothing written yet
