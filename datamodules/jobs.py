@@ -505,6 +505,8 @@ class GenerationJobs(VarDataModule):
         seed: the job's seed; each image's seed comes from it and the image's name.
         overwrite: redraw outputs that exist (default: skip them, so a rerun resumes).
         sheets: also write ``<name>_sheet.png``: controls | sample | input image (when given).
+        keep_input: in-, out-painting and editing keep the input's own pixels outside the mask (blended over
+            a few pixels inside its edge); false: the decoder's output everywhere (``varctl.lit.jobs``).
         batch_size, num_workers, resolution, crop: see VarDataModule.
     """
 
@@ -523,6 +525,7 @@ class GenerationJobs(VarDataModule):
         seed: int = 0,
         overwrite: bool = False,
         sheets: bool = False,
+        keep_input: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
         resolution: int | None = None,
@@ -541,6 +544,7 @@ class GenerationJobs(VarDataModule):
         self.annotators = {**default_annotators(), **check_annotators(annotators)}
         self.outpaint = check_outpaint(outpaint, "data.outpaint")
         self.samples_per_input, self.overwrite, self.sheets = int(samples_per_input), bool(overwrite), sheets
+        self.keep_input = bool(keep_input)
         where = root if root is not None else os.path.dirname(os.path.abspath(list))
         self.output_dir = str(output) if output is not None else os.path.join(where, "generated")
         check_output(self.output_dir)
@@ -606,7 +610,7 @@ class GenerationJobs(VarDataModule):
         or of a job whose row has changed since, is not taken for a finished output: OutputsDiffer, unless
         ``overwrite``. Images without a line (an earlier varctl, or put there) are kept, with a warning."""
         data = {"seed": self.seed, "samples_per_input": self.samples_per_input, "outpaint": self.outpaint,
-                "crop": self.crop, "resolution": self.resolution}  # fmt: skip
+                "crop": self.crop, "resolution": self.resolution, "keep_input": self.keep_input}  # fmt: skip
         settings = json.loads(json.dumps({"model": model, "data": data}, default=str))
         self._settings_id = _digest(settings)
         path = os.path.join(self.output_dir, RECORD)

@@ -23,6 +23,7 @@ from datamodules.jobs import GenerationJobs, OutputsDiffer, job_seed
 from datamodules.synthetic import SyntheticDataModule
 from varctl.callbacks import ImageWriter
 from varctl.lit.control import ControlModule
+from varctl.lit.jobs import paste_input
 from varctl.lit.var import VARModule
 from varctl.models.var_generate import Known
 
@@ -254,8 +255,44 @@ def test_inpainting_through_predict_keeps_the_input_outside_the_mask(files, cont
             plain = module.eval_model.generate(torch.tensor([10]), vae=module.vae,
                                                **{k: v for k, v in kw.items()})[0]  # fmt: skip
         got = torch.from_numpy(read(tmp_path / "generated" / f"photo_{i}.png")).permute(2, 0, 1) / 255
-        assert (got - want).abs().max() <= 1 / 255 + 1e-6
+        pasted = paste_input(want[None], item["image"][None], item["mask"][None])[0]
+        assert (got - pasted).abs().max() <= 1 / 255 + 1e-6
+        photo = torch.from_numpy(textured(i, size=(32, 32))).permute(2, 0, 1) / 255
+        outside = item["mask"][0] == 0
+        assert (got - photo)[:, outside].abs().max() <= 1 / 255 + 1e-6  # the input's own pixels
+        assert (want - photo)[:, outside].abs().max() > 0.05  # which the decoder alone does not give
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[:15, :15] = True  # the mask, but for the 1-pixel seam at its edge
+        assert torch.equal(got[:, inside], (want[:, inside] * 255).round() / 255)
         assert (got - plain).abs().max() > 0.05  # the input shapes the output
+    raw = GenerationJobs(
+        root=str(tmp_path), controls=dm.controls, output=str(tmp_path / "raw"), keep_input=False
+    )
+    predict(module, raw)
+    for i in range(2):  # keep_input=false: the decoder's output everywhere
+        item = next(it for it in raw.dataset("predict") if it["name"] == f"photo_{i}")
+        known = Known.from_image(module.vae, item["image"][None], item["mask"][None])
+        kw = {
+            **module.predictions.generate_kwargs(control=stage == "control"),
+            "seed": [job_seed(0, item["name"])],
+        }
+        if stage == "control":
+            kw["control_maps"] = {m: t[None] for m, t in item["control"].items()}
+        with torch.no_grad():
+            want = module.eval_model.generate(torch.tensor([10]), vae=module.vae, known=known, **kw)[0]
+        got = torch.from_numpy(read(tmp_path / "raw" / f"photo_{i}.png")).permute(2, 0, 1) / 255
+        assert (got - want).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_pasting_the_input_keeps_it_exactly_outside_the_mask_and_blends_only_the_mask_edge():
+    drawn, image = torch.zeros(1, 3, 128, 128), torch.ones(1, 3, 128, 128)  # black drawn, a white input
+    redraw = torch.zeros(1, 1, 128, 128)
+    redraw[..., 32:96, 32:96] = 1
+    out = paste_input(drawn, image, redraw)
+    assert torch.equal(out[..., redraw[0, 0] == 0], torch.ones_like(out[..., redraw[0, 0] == 0]))
+    assert out[..., 34:94, 34:94].abs().max() == 0  # two pixels (128 // 64) in from the edge: drawn alone
+    edge = out[0, 0, 64, 32:35]  # along a row into the mask: 2 of the 5 columns around kept, 1, then none
+    torch.testing.assert_close(edge, torch.tensor([2 / 5, 1 / 5, 0.0]))
 
 
 def test_outpainting_places_the_image_and_redraws_the_rest(files, tmp_path):
@@ -273,7 +310,8 @@ def test_outpainting_places_the_image_and_redraws_the_rest(files, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*images are configured")
         predict(module, dm)
-    assert (tmp_path / "generated" / "photo.png").is_file()
+    got = torch.from_numpy(read(tmp_path / "generated" / "photo.png")).permute(2, 0, 1) / 255
+    assert (got[:, 16:, :16] - small.add(1).mul(0.5)).abs().max() <= 1 / 255 + 1e-6  # the photo, as placed
 
 
 def test_editing_with_a_new_class(files, tmp_path):
@@ -289,6 +327,7 @@ def test_editing_with_a_new_class(files, tmp_path):
     with torch.no_grad():
         want = module.var.generate(torch.tensor([3]), vae=module.vae, known=known, **kw)[0]
     got = torch.from_numpy(read(tmp_path / "generated" / "as_star.png")).permute(2, 0, 1) / 255
+    want = paste_input(want[None], item["image"][None], item["mask"][None])[0]
     assert (got - want).abs().max() <= 1 / 255 + 1e-6
 
 

@@ -1,5 +1,11 @@
 """The predict step of generation jobs (``datamodules.jobs``), shared by the VAR and the control stage:
-control-to-image on the user's maps, in-painting, out-painting and editing (``Known``), one seed per image."""
+control-to-image on the user's maps, in-painting, out-painting and editing (``Known``), one seed per image.
+
+``Known`` keeps the input's latent outside the mask, but the tokenizer's decoder sees the whole latent (its
+convolutions and mid-block attention reach across the mask), so in pixels the kept region is the input's
+reconstruction changed by what was drawn beside it: tens of grey levels on the demo's tokenizer. With the
+jobs' ``keep_input`` (the default) the output takes the input's own pixels outside the mask (``paste_input``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import dataclasses
 import json
 
 import torch
+import torch.nn.functional as F
 
 from varctl.callbacks.images import control_pictures
 from varctl.models.var_generate import Known
@@ -29,7 +36,11 @@ def job_step(module, batch: dict, control: bool) -> dict:
         except ValueError as err:
             failed += [(batch["name"][i], str(err)) for i in rows]
             continue
-        drawn.update(zip(rows, images.float().clamp(0, 1)))
+        images = images.float().clamp(0, 1)
+        if edit and getattr(module.trainer.datamodule, "keep_input", True):
+            idx = torch.tensor(rows, device=batch["image"].device)
+            images = paste_input(images, batch["image"][idx], batch["mask"][idx])
+        drawn.update(zip(rows, images))
     order = sorted(drawn)
     res = module.vae.config.resolution
     images = torch.stack([drawn[i] for i in order]) if order else torch.zeros(0, 3, res, res)
@@ -42,6 +53,18 @@ def job_step(module, batch: dict, control: bool) -> dict:
     if getattr(module.trainer.datamodule, "sheets", False):
         out["sheets"] = [_sheet(batch, i, drawn[i]) for i in order]
     return out
+
+
+def paste_input(drawn: torch.Tensor, image: torch.Tensor, redraw: torch.Tensor) -> torch.Tensor:
+    """``drawn`` (B, 3, H, W) in [0, 1] with the input ``image`` (B, 3, H, W) in [-1, 1] wherever ``redraw``
+    (B, 1, H, W) is 0: exactly the input's pixels there. Inside the mask, within ``H // 64`` pixels (at least
+    1) of its edge, the two are blended by the share of kept pixels around each, so the seam is soft and the
+    kept region untouched."""
+    inside = (redraw > 0).to(drawn.dtype)
+    r = max(1, drawn.shape[-2] // 64)
+    kept_near = F.avg_pool2d(1 - inside, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
+    alpha = inside * (1 - kept_near)
+    return alpha * drawn + (1 - alpha) * image.to(drawn.dtype).add(1).mul(0.5)
 
 
 def _draw(module, batch, rows, overrides, present, edit, control: bool) -> torch.Tensor:

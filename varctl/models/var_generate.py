@@ -41,7 +41,9 @@ class Known:
     ``fhats``: the input's running f_hat after each scale (``vae.img_to_fhat``), each (B, Cv, h, w);
     ``keep``: (B, 1, h, w), 1 where the latent is kept, 0 where it is drawn. After each scale,
     ``generate`` sets f_hat to the input's inside ``keep``, so the next scale sees the input there and the
-    output equals the tokenizer's reconstruction of the input away from the drawn region.
+    final latent equals the input's there. In pixels the decoder, which sees the whole latent, changes the
+    kept region by what was drawn beside it; generation jobs paste the input's pixels back
+    (``varctl.lit.jobs.paste_input``).
     """
 
     fhats: list[torch.Tensor]
