@@ -702,6 +702,11 @@ def test_the_command_line_exits_non_zero_when_jobs_fail_or_cannot_work(tmp_path,
             "e0: control maps ['edges'] need a control model (conf/control",
         ),
         ([*jobs, f"data.output={tmp_path / 'outfile' / 'sub'}"], f"{tmp_path / 'outfile'} is a file"),
+        (  # named before the folder is scanned (it said: no image files in any of ['depth', 'images'])
+            [*jobs, "data.controls=[depth]"],
+            "data: data.controls=['depth'] but the control branch takes ['edges'] "
+            "(model.control.modalities): set data.controls=[edges]",
+        ),
     ]
     for args, message in refused:
         assert main(args) == 2

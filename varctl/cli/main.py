@@ -292,6 +292,8 @@ def _run(command: str, data: dict, config_file: str | Path):
         )
     try:
         datamodule.connect(**model.data_requirements())
+        if hasattr(model, "check_controls"):
+            model.check_controls(datamodule)  # before the scan, which would report the maps as missing
         datamodule.setup("fit" if command == "fit" else command)  # scan the data now: errors before the run
         if hasattr(model, "check_data"):
             model.check_data(datamodule)  # the data's classes and controls against the model

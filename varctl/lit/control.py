@@ -199,18 +199,25 @@ class ControlModule(VARModule):
 
     def check_data(self, dm) -> None:
         super().check_data(dm)
+        self.check_controls(dm)
+
+    def check_controls(self, dm) -> None:
+        """The data's control modalities against the branch's (the CLI calls it before the data is scanned
+        too, so that a mismatch is named as such, not as maps missing from a folder)."""
         have = getattr(dm, "controls", None)
-        missing = [m for m in self.modalities if have is not None and m not in have]
+        if have is None:
+            return
+        missing = [m for m in self.modalities if m not in have]
+        extra = [m for m in have if m not in self.modalities]
+        if hasattr(dm, "check_conditions") and (missing or extra):  # data=jobs: exactly the branch's maps
+            raise ValueError(
+                f"data.controls={list(have)} but the control branch takes {list(self.modalities)} "
+                f"(model.control.modalities): set data.controls=[{','.join(self.modalities)}]"
+            )
         if missing:
             raise ValueError(
                 f"model.control.modalities={list(self.modalities)} but data.controls={list(have)}: add "
                 f"{missing} to data.controls"
-            )
-        extra = [m for m in have or () if m not in self.modalities]
-        if extra and hasattr(dm, "check_conditions"):  # data=jobs: a user's maps the branch would not read
-            raise ValueError(
-                f"data.controls={list(have)} but the control branch takes {list(self.modalities)} "
-                f"(model.control.modalities): remove {extra} from data.controls"
             )
 
     def condition(self, batch: dict):
