@@ -75,10 +75,7 @@ class TokenCache:
         tokens made so far are kept every ``progress_every`` batches: a build that was killed goes on from
         there (module docstring)."""
         flip = float(getattr(dataset, "flip", 0.0) or 0.0)
-        if getattr(dataset, "crop", None) == "random" and getattr(dataset, "train", False):
-            raise ValueError(
-                "a token cache needs a fixed crop: data.crop=random draws a new crop every epoch"
-            )
+        check_cacheable(dataset)
         plain = copy.copy(dataset)
         if flip:
             plain.flip = 0.0  # the dataset's own images; their mirrors are tokenized below
@@ -139,17 +136,53 @@ class TokenCache:
             ) from e
         if meta.get("format") != FORMAT:
             raise StaleTokenCache(f"token cache {path}: not a varctl token cache ({meta.get('format')})")
+        again = "delete the folder (it is rebuilt) or name another model.token_cache"
         for key, value in expect.items():
-            if json.loads(json.dumps(value, default=str)) != meta.get(key):
+            if json.loads(json.dumps(value, default=str)) == meta.get(key):
+                continue
+            if key in ("data", "data_fingerprint"):  # a description and a digest: say what they cover
                 raise StaleTokenCache(
-                    f"token cache {path} was made with {key}={meta.get(key)!r}, this run has "
-                    f"{key}={value!r}: delete the folder (it is rebuilt) or name another model.token_cache"
+                    f"token cache {path} was made from other train images than this run's "
+                    f"({meta.get('data')} then, {expect.get('data')} now: their files, their order or the "
+                    f"data settings that change them, such as data.num_train, crop, resolution or "
+                    f"controls, differ): {again}"
                 )
-        tokens = np.load(path / "tokens.npy", mmap_mode="r")
-        flipped = np.load(path / "tokens_flipped.npy", mmap_mode="r") if meta.get("flipped") else None
-        if len(tokens) != meta.get("num_images") or (flipped is not None and flipped.shape != tokens.shape):
-            raise StaleTokenCache(f"token cache {path}: arrays do not match meta.json; delete it to rebuild")
-        return cls(tokens, flipped, meta)
+            raise StaleTokenCache(
+                f"token cache {path} was made with {key}={meta.get(key)!r}, this run has {key}={value!r}: "
+                f"{again}"
+            )
+        names = ["tokens.npy", "tokens_flipped.npy"] if meta.get("flipped") else ["tokens.npy"]
+        width, arrays = meta.get("tokens_per_image"), {}
+        if "patch_nums" in meta and width != sum(p * p for p in meta["patch_nums"]):
+            raise StaleTokenCache(f"token cache {path}: meta.json's tokens_per_image={width} does not fit "
+                                  f"its patch_nums {meta['patch_nums']}; {again}")  # fmt: skip
+        for name in names:
+            try:
+                arrays[name] = found = np.load(path / name, mmap_mode="r")
+            except (OSError, ValueError) as e:  # missing, cut short, not an array
+                raise StaleTokenCache(
+                    f"token cache {path}: {name} is missing or damaged ({e}); {again}"
+                ) from None
+            if found.shape != (meta.get("num_images"), width) or found.dtype.kind not in "iu":
+                raise StaleTokenCache(
+                    f"token cache {path}: {name} holds {found.dtype} {found.shape}, meta.json says "
+                    f"({meta.get('num_images')}, {width}) integer token indices; {again}"
+                )
+        return cls(arrays["tokens.npy"], arrays.get("tokens_flipped.npy"), meta)
+
+
+def check_cacheable(dataset: Dataset) -> None:
+    """A ValueError unless ``dataset`` gives the same images at the same positions every epoch, as a cache
+    read by position needs: not streamed shards, not a random crop."""
+    from datamodules.shards import ShardSplit
+
+    if isinstance(dataset, ShardSplit):
+        raise ValueError(
+            f"model.token_cache reads images by position, but streamed shards ({dataset.path}) are read in "
+            "order: train from the shards with model.token_cache=null"
+        )
+    if getattr(dataset, "crop", None) == "random" and getattr(dataset, "train", False):
+        raise ValueError("a token cache needs a fixed crop: data.crop=random draws a new crop every epoch")
 
 
 def check_cache_folder(path: str | os.PathLike, key: str = "model.token_cache") -> None:

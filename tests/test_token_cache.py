@@ -15,13 +15,15 @@ from helpers import save
 from lightning.pytorch.callbacks import Callback
 
 from datamodules import synthetic
+from datamodules.shards import ShardSplit
 from datamodules.synthetic import SyntheticDataModule
-from datamodules.token_cache import CachedTokens, StaleTokenCache, TokenCache
+from datamodules.token_cache import CachedTokens, StaleTokenCache, TokenCache, check_cacheable
 from varctl.lit.control import ControlModule
 from varctl.lit.var import VARModule
 from varctl.models.vqvae import VQVAE, VQVAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
 TINY_VAR = {"depth": 2, "num_classes": 10, "embed_dim": 64, "num_heads": 2, "cond_drop_rate": 0.3}
 FAST = {"lr": 2e-3, "lr_scale_by_batch": False, "warmup_steps": 0, "decay": "constant"}
 
@@ -99,10 +101,47 @@ def test_a_cache_of_another_tokenizer_or_data_is_refused(tokenizer_file, tmp_pat
     other = str(VQVAE(config).save(tmp_path / "other.pt"))
     with pytest.raises(StaleTokenCache, match="tokenizer_weights"):
         fit(var_module(other, token_cache=cache), tmp_path, steps=1)
-    with pytest.raises(StaleTokenCache, match="data_fingerprint"):
+    with pytest.raises(StaleTokenCache, match="made from other train images than this run's"):
         fit(var_module(tokenizer_file, token_cache=cache), tmp_path, steps=1, seed=3)
     # another batch size reads the same images: the cache is used
     fit(var_module(tokenizer_file, token_cache=cache), tmp_path, steps=1, batch_size=4)
+
+
+def test_a_damaged_cache_is_named_before_the_run_and_nothing_is_written(tokenizer_file, tmp_path, capsys):
+    """Through the command line, before the run directory: a cache of other data, or one whose arrays are
+    missing, cut short or of another width, is a config error saying what is wrong (it was a traceback from
+    numpy or the training step, after the run had written its directory)."""
+    from varctl.cli import main
+
+    cache = tmp_path / "tokens"
+    base = ["fit", "-c", str(ROOT / "conf" / "var.yaml"), f"model.tokenizer={tokenizer_file}",
+            "model.var.depth=1", "data.num_train=16", "data.batch_size=8", "trainer.max_steps=1",
+            "trainer.limit_val_batches=0", f"model.token_cache={cache}", "trainer.enable_progress_bar=false",
+            "callbacks.images=null"]  # fmt: skip
+    assert main([*base, f"run.root={tmp_path / 'built'}"]) == 0
+    meta = json.loads((cache / "meta.json").read_text())
+    good = (cache / "tokens.npy").read_bytes()
+    runs = tmp_path / "runs"
+
+    def refused(*extra) -> str:
+        assert main([*base, f"run.root={runs}", *extra]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"varctl: config error: {base[2]}: data: "), last
+        assert not runs.exists()
+        return last
+
+    assert "made from other train images than this run's (SyntheticDataModule train split then, " in refused(
+        "data.num_train=24"
+    )
+    (cache / "tokens.npy").unlink()
+    assert f"{cache}: tokens.npy is missing or damaged" in refused()
+    (cache / "tokens.npy").write_bytes(good[: len(good) // 2])
+    assert f"{cache}: tokens.npy is missing or damaged (" in refused()
+    np.save(cache / "tokens.npy", np.zeros((meta["num_images"], 100), np.int16))
+    message = f"tokens.npy holds int16 ({meta['num_images']}, 100), meta.json says ({meta['num_images']}, 21)"
+    assert message in refused()
+    (cache / "tokens.npy").write_bytes(good)
+    assert main([*base, f"run.root={runs}"]) == 0  # mended: the cache is used again
 
 
 def test_a_folder_of_other_files_never_takes_a_cache(tokenizer_file, tmp_path):
@@ -140,6 +179,11 @@ def test_random_crops_cannot_be_cached(tokenizer_file, tmp_path):
 
     with pytest.raises(ValueError, match="data.crop=random"):
         TokenCache.build(Cropped(), VQVAE.load(tokenizer_file), tmp_path / "t", {})
+    # nor streamed shards, read in order (the command line checks this before the run: a config error)
+    with pytest.raises(
+        ValueError, match=r"streamed shards \(shards/train\) are read in order: .*token_cache=null"
+    ):
+        check_cacheable(ShardSplit("shards/train", 40))
 
 
 def _items(dataset, seed: int) -> list[dict]:

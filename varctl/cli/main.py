@@ -299,6 +299,8 @@ def _run(command: str, data: dict, config_file: str | Path):
             model.check_data(datamodule)  # the data's classes and controls against the model
         if hasattr(datamodule, "check_scales") and hasattr(model, "var"):  # data=jobs: rows' per-scale lists
             datamodule.check_scales(model.var.config.num_scales)
+        if command == "fit" and hasattr(model, "check_token_cache"):
+            model.check_token_cache(datamodule)  # a stale or damaged cache, or data no cache can hold
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{config_file}: data: {e}") from e
     if ckpt and hasattr(model, "check_fits"):

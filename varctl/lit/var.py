@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from datamodules.token_cache import CachedTokens, TokenCache, check_cache_folder
+from datamodules.token_cache import CachedTokens, TokenCache, check_cache_folder, check_cacheable
 from varctl.callbacks.images import ImageGrid
 from varctl.checkpoints import FitsCheckpoint, short_list, weights_digest
 from varctl.lit import optim
@@ -226,14 +226,37 @@ class VARModule(FitsCheckpoint, L.LightningModule):
         """Whether training reads the images beside cached tokens (a token cache then skips them when not)."""
         return False
 
+    def check_token_cache(self, dm) -> None:
+        """The token cache (``model.token_cache``) against this tokenizer and the fit's train data, before
+        the run starts (the CLI calls it): data it cannot cache, or a cache made from other inputs or damaged,
+        is a ValueError naming what differs. An absent cache is built when the fit starts."""
+        path = self.hparams.token_cache
+        train = dm.dataset("train") if path else None
+        if train is None or isinstance(train, CachedTokens):
+            return
+        check_cacheable(train)
+        if (Path(path) / "meta.json").exists():
+            TokenCache.load(path, self._token_cache_meta(dm, train))
+
     def _use_token_cache(self, dm, path: str) -> None:
         """Train from cached token indices (datamodules.token_cache): built on the first process when
         absent, checked against this tokenizer and data when present."""
         train = dm.dataset("train")
         if isinstance(train, CachedTokens):
             return
+        meta = self._token_cache_meta(dm, train)
+        if self.trainer.is_global_zero and not (Path(path) / "meta.json").exists():
+            rank_zero_info(f"token cache: tokenizing the {len(train)} train images into {path}")
+            TokenCache.build(train, self.vae, path, meta, log_every=20)
+        wait_for_rank_zero(self.trainer.strategy, "token cache")
+        cache = TokenCache.load(path, meta)
+        dm.datasets["train"] = CachedTokens(train, cache, pixels=self.train_needs_pixels)
+        rank_zero_info(f"token cache: training from {path} ({len(cache)} images, the encoder is not run)")
+
+    def _token_cache_meta(self, dm, train) -> dict:
+        """What a token cache of ``train`` is made from: this tokenizer, its schedule and the images."""
         source, fingerprint = split_fingerprint(dm, "train", len(train), ordered=True)
-        meta = {
+        return {
             "tokenizer_weights": weights_digest(self.vae),
             "patch_nums": list(self.vae.config.patch_nums),
             "vocab_size": self.vae.config.vocab_size,
@@ -242,13 +265,6 @@ class VARModule(FitsCheckpoint, L.LightningModule):
             "data_fingerprint": fingerprint,
             "flip": float(getattr(train, "flip", 0.0) or 0.0),
         }
-        if self.trainer.is_global_zero and not (Path(path) / "meta.json").exists():
-            rank_zero_info(f"token cache: tokenizing the {len(train)} train images into {path}")
-            TokenCache.build(train, self.vae, path, meta, log_every=20)
-        wait_for_rank_zero(self.trainer.strategy, "token cache")
-        cache = TokenCache.load(path, meta)
-        dm.datasets["train"] = CachedTokens(train, cache, pixels=self.train_needs_pixels)
-        rank_zero_info(f"token cache: training from {path} ({len(cache)} images, the encoder is not run)")
 
     def configure_model(self) -> None:
         strategy = self.trainer.strategy if self._trainer is not None else None
