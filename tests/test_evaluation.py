@@ -266,3 +266,32 @@ def test_a_stopped_test_goes_on_where_it_stopped_with_the_scores_of_an_uninterru
     scores, sampled = test(fresh[2])
     assert sampled == 3 and "made with other weights or settings: discarded" in capsys.readouterr().out
     assert scores["test/loss"] != pytest.approx(whole["test/loss"], rel=1e-6)  # its own, from batch 0
+
+
+def test_a_weights_file_of_another_kind_stops_the_test_before_it_starts(tokenizer_file, judge_file, tmp_path,
+                                                                        capsys):  # fmt: skip
+    """A checkpoint given as the judge, or the judge as the FID Inception: one line naming the setting and
+    why, before the run directory (it was a traceback at the first test batch; the Inception's message held
+    torch's whole list of missing keys, 25 KB)."""
+    from varctl.cli import main
+
+    runs, conf = tmp_path / "runs", Path(__file__).parents[1] / "conf" / "var.yaml"
+    base = [
+        "test",
+        "-c",
+        str(conf),
+        f"model.tokenizer={tokenizer_file}",
+        "model.var.depth=1",
+        f"run.root={runs}",
+    ]
+    judge, inception = "model.evaluation.judge_weights", "model.evaluation.inception_weights"
+    cases = {
+        f"{judge}={tokenizer_file}": "not a varctl class judge (no 'num_classes' entry)",
+        f"{inception}={judge_file}": "not the FID Inception-v3 weights (Missing key(s) in state_dict: ",
+    }
+    for override, message in cases.items():
+        message = f"{override}: {message}"
+        assert main([*base, override]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in last and len(last) < 600, last
+    assert not runs.exists()

@@ -303,6 +303,13 @@ def _run(command: str, data: dict, config_file: str | Path):
             model.check_token_cache(datamodule)  # a stale or damaged cache, or data no cache can hold
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{config_file}: data: {e}") from e
+    if command == "test" and getattr(model, "evaluation", None) is not None:
+        from varctl.lit.evaluation import check_evaluation_weights
+
+        try:  # the feature networks' files: a wrong one is refused now, not at the first test batch
+            check_evaluation_weights(model.evaluation)
+        except ValueError as e:
+            raise ConfigError(f"{config_file}: {e}") from None
     if ckpt and hasattr(model, "check_fits"):
         model.check_fits(ckpt)  # weights that do not fit the model: CheckpointMismatch, nothing written yet
     if not ckpt and hasattr(model, "load_pending_weights"):

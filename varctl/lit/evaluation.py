@@ -254,6 +254,16 @@ def rows_of(value, keep: torch.Tensor | None):
     return [v for v, k in zip(value, keep.tolist()) if k]
 
 
+def check_evaluation_weights(settings: Evaluation, section: str = "model.evaluation") -> None:
+    """The feature networks' weights files are what their settings say (a ValueError naming the setting
+    otherwise): the command line calls it before a test run starts, so a wrong file (a checkpoint given as
+    the judge, the judge as the Inception) is refused before anything is written, not at the first batch."""
+    if settings.batches > 0:
+        names = {"inception": "inception_weights", "judge": "judge_weights"}
+        build_networks(list(settings.networks), {n: getattr(settings, k) for n, k in names.items()},
+                       {n: f"{section}.{k}" for n, k in names.items()})  # fmt: skip
+
+
 def start_evaluation(
     module, settings: Evaluation, groups: Sequence[str], section: str = "model.evaluation"
 ) -> GenerationEvaluator | None:

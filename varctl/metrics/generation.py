@@ -113,8 +113,10 @@ class InceptionFeatures(FeatureNet):
             self.net = FeatureExtractorInceptionV3(
                 "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
             )
-        except RuntimeError as e:  # load_state_dict: other keys or shapes
-            raise ValueError(f"{setting}={path}: not the FID Inception-v3 weights ({e})") from e
+        except RuntimeError as e:  # load_state_dict: other keys or shapes, listed one kind a line
+            found = [line.strip() for line in str(e).splitlines()[1:3]]
+            short = "; ".join(line if len(line) <= 150 else f"{line[:150]} ..." for line in found)
+            raise ValueError(f"{setting}={path}: not the FID Inception-v3 weights ({short})") from None
         self.weights, self.weights_sha256 = str(path), file_sha256(path)
         self.eval().requires_grad_(False)
 
@@ -141,8 +143,9 @@ class JudgeFeatures(FeatureNet):
         try:
             self.net = SmallClassifier(payload["num_classes"], payload["width"])
             self.net.load_state_dict(payload["state_dict"])
-        except (KeyError, RuntimeError) as e:
-            raise ValueError(f"{setting}={path}: not a varctl class judge ({e})") from e
+        except (KeyError, TypeError, RuntimeError) as e:  # another file's payload, or other tensors
+            what = f"no {e} entry" if isinstance(e, KeyError) else str(e).splitlines()[0][:150]
+            raise ValueError(f"{setting}={path}: not a varctl class judge ({what})") from None
         self.num_features = self.net.head.in_features
         self.meta = dict(payload.get("meta") or {})
         self.weights, self.weights_sha256 = str(path), file_sha256(path)
