@@ -139,8 +139,11 @@ def read_caption_list(path: str, require_files: bool = True) -> list[Record]:
     for line, row in rows:
         where = f"{path}:{line}"
         for key in ("image", "caption"):
-            if row.get(key) in (None, ""):
+            if row.get(key) is None:
                 raise ValueError(f"{where}: missing key {key!r}")
+            if not str(row[key]).strip():
+                why = " (the null caption is learnt through model.var.cond_drop_rate)" * (key == "caption")
+                raise ValueError(f"{where}: the {key} is empty{why}")
         image = os.path.join(base, str(row["image"]))
         if require_files and not os.path.isfile(image):
             raise FileNotFoundError(f"{where}: image file not found: {image}")

@@ -221,6 +221,9 @@ def test_caption_list_errors(tmp_path):
     )
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing key 'caption'"):
         datamodules.read_caption_list(str(bad))
+    bad.write_text(json.dumps({"image": "img/0.png", "caption": " "}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: the caption is empty \(the null caption is learnt "):
+        datamodules.read_caption_list(str(bad))
     bad.write_text(json.dumps({"image": "img/9.png", "caption": "gone"}))
     with pytest.raises(FileNotFoundError, match=r"bad\.jsonl:1: image file not found: .*9\.png"):
         datamodules.read_caption_list(str(bad))
