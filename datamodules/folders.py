@@ -11,6 +11,8 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from datamodules.base import split_indices
 from datamodules.files import MAX_ASPECT, FileDataModule, Record, list_images, stem
 from datamodules.transforms import MODALITIES, check_modalities, is_image_file
@@ -301,6 +303,18 @@ class ControlPairsDataModule(FileDataModule):
                     caption = f.read().strip()
             found = {m: index[name] for m, index in maps.items() if name in index}
             records.append(Record(image=image, caption=caption, maps=found))
+        images = {stem(r.image) for r in records}
+        for modality, index in maps.items():  # maps are matched to images by stem: name the ones left over
+            unmatched = sorted(path for name, path in index.items() if name not in images)
+            if not unmatched:
+                continue
+            shown = ", ".join(os.path.basename(p) for p in unmatched[:3]) + " ..." * (len(unmatched) > 3)
+            where = os.path.dirname(unmatched[0])
+            what = (f"{len(unmatched)} {modality} map file(s) in {where} match no image of {image_dir} by "
+                    f"name ({shown}); maps go with the image of their stem")  # fmt: skip
+            if len(unmatched) == len(index):  # none matches: a naming scheme, not a stray file
+                raise ValueError(f"{what}: name each like its image (images/x.png, {modality}/x.png)")
+            rank_zero_warn(f"{what}: they are not used")
         return records
 
     def scan(self) -> dict[str, list[Record]]:

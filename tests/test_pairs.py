@@ -4,6 +4,7 @@ the crop, maps that stay exact through crop and flip, errors that name the setti
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import cv2
@@ -234,3 +235,25 @@ def test_pairs_batches_with_workers(tmp_path):
     check_batch(batches[0], 2, 24, {"edges": (1, torch.float32), "segmentation": (1, torch.int64)})
     assert batches[0]["caption"] == ["blocks", ""]
     assert batches[0]["control"]["segmentation"][0].unique().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_map_files_that_match_no_image_are_named(tmp_path):
+    """Maps go with the image of their stem: a stray map file is named in a warning, and a folder of maps
+    none of which matches an image (p0.png beside p0_edge.png) is refused; before, every map was left out
+    in silence and Canny drew the edges instead."""
+    for i in range(3):
+        save(tmp_path / "images" / f"p{i}.png", textured(i))
+        save(tmp_path / "edges" / f"p{i}_edge.png", np.zeros((40, 40), np.uint8))
+    message = (f"3 edges map file(s) in {tmp_path / 'edges'} match no image of {tmp_path / 'images'} by "
+               "name (p0_edge.png, p1_edge.png, p2_edge.png); maps go with the image of their stem: name "
+               "each like its image (images/x.png, edges/x.png)")  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pairs(tmp_path, controls=("edges",)).setup("fit")
+    for i in range(3):
+        (tmp_path / "edges" / f"p{i}_edge.png").rename(tmp_path / "edges" / f"p{i}.png")
+    save(tmp_path / "edges" / "stray.png", np.zeros((40, 40), np.uint8))
+    with pytest.warns(UserWarning, match=r"1 edges map file\(s\) in .* \(stray\.png\); .*: they are not "):
+        dm = pairs(tmp_path, controls=("edges",))
+        dm.setup("fit")
+    assert all(r.maps == {"edges": str(tmp_path / "edges" / f"{Path(r.image).stem}.png")}
+               for split in ("train", "val") for r in dm.splits[split])  # fmt: skip
