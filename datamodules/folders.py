@@ -109,12 +109,7 @@ class ClassFolderDataModule(FileDataModule):
             )
         records = []
         for name in found:
-            files = [
-                os.path.join(dirpath, f)
-                for dirpath, _, names in sorted(os.walk(os.path.join(folder, name)))
-                for f in sorted(names)
-                if is_image_file(f)
-            ]
+            files = _images_under(os.path.join(folder, name))
             if not files:
                 raise FileNotFoundError(f"class folder {os.path.join(folder, name)} holds no image files")
             records += [Record(image=f, label=classes[name]) for f in files]
@@ -319,6 +314,20 @@ class ControlPairsDataModule(FileDataModule):
 
     def scan(self) -> dict[str, list[Record]]:
         return _scan_root(self.root, self._records, self.val_fraction, self.seed, inner=self.image_dir)
+
+
+def _images_under(top: str) -> list[str]:
+    """The image files under ``top``, folder by folder in sorted order; linked folders are followed (as a
+    linked class folder is), each real folder once, so a link back up is no loop."""
+    seen, folders = set(), []
+    for dirpath, dirnames, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        folders.append((dirpath, names))
+    return [os.path.join(d, f) for d, names in sorted(folders) for f in sorted(names) if is_image_file(f)]
 
 
 def _index_by_stem(folder: str) -> dict[str, str]:

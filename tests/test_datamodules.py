@@ -156,6 +156,23 @@ def test_class_folders_split_by_fraction(tmp_path):
             np.testing.assert_allclose(colour, RGB[dm.class_names[label]], atol=1)
 
 
+def test_class_folders_follow_linked_folders_inside_a_class_once(tmp_path):
+    """A linked folder inside a class folder is read, as a linked class folder is (it was skipped in
+    silence); a link back up is read once, not looped through; the order stays folder by folder."""
+    make_class_folders(tmp_path / "data", per_class=1)
+    elsewhere = tmp_path / "more_cats"
+    for i in range(3):
+        save(elsewhere / f"m{i}.png", np.full((24, 30, 3), RGB["cat"], dtype=np.uint8))
+    (tmp_path / "data" / "cat" / "nested").symlink_to(elsewhere, target_is_directory=True)
+    (tmp_path / "data" / "dog" / "up").symlink_to(tmp_path / "data" / "dog", target_is_directory=True)
+    dm = ClassFolderDataModule(str(tmp_path / "data"), val_fraction=0.2, batch_size=2, resolution=16)
+    dm.setup("fit")
+    records = dm.splits["train"] + dm.splits["val"]
+    found = sorted(str(Path(r.image).relative_to(tmp_path / "data")) for r in records)
+    assert found == ["cat/0.png", "cat/nested/m0.png", "cat/nested/m1.png", "cat/nested/m2.png", "dog/0.png",
+                     "eel/0.png"]  # fmt: skip
+
+
 def test_class_folders_explicit_splits(tmp_path):
     make_class_folders(tmp_path / "train", per_class=2)
     save(tmp_path / "val" / "dog" / "x.jpg", np.full((20, 20, 3), RGB["dog"], dtype=np.uint8))
