@@ -265,6 +265,13 @@ def test_a_stopped_test_goes_on_where_it_stopped_with_the_scores_of_an_uninterru
         fresh[2].model.head.weight.mul_(2)  # other weights: the kept progress is not theirs
     scores, sampled = test(fresh[2])
     assert sampled == 3 and "made with other weights or settings: discarded" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="killed"):
+        test(copy.deepcopy(fresh[0]), StopAfter(1))
+    for file in directory.iterdir():  # cut short (a full disk, a copy): named as unreadable, not as stale
+        file.write_bytes(file.read_bytes()[:100])
+    scores, sampled = test(copy.deepcopy(fresh[0]))
+    printed = capsys.readouterr().out
+    assert sampled == 3 and printed.count("cannot be read (is damaged or not a test progress file (") == 2
     assert scores["test/loss"] != pytest.approx(whole["test/loss"], rel=1e-6)  # its own, from batch 0
 
 

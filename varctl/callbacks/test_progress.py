@@ -25,7 +25,7 @@ import torch
 from torchmetrics import Metric
 
 from varctl.checkpoints import weights_digest
-from varctl.files import atomic_save
+from varctl.files import UnreadableFile, atomic_save, torch_load
 
 # what does not change a score: where and how a run is written, and how data is loaded
 IGNORED = {"run", "callbacks", "ckpt_path"}
@@ -120,12 +120,15 @@ class TestProgress(L.Callback):
         if not file.exists():
             return None
         try:
-            saved = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a progress file that cannot be read is discarded
-            saved = {"key": f"unreadable ({type(e).__name__}: {e})"}
+            saved = torch_load(file, "test progress file")
+            why = "was made with other weights or settings"
+        except (FileNotFoundError, ValueError) as e:  # cut short by a kill, or not one: discarded
+            saved, why = {}, f"cannot be read ({e.reason if isinstance(e, UnreadableFile) else e})"
+        if not isinstance(saved, dict):
+            saved, why = {}, "does not hold a test's progress"
         if saved.get("key") != self.key or set(saved.get("metrics", {})) != set(metrics):
-            print(f"varctl test: {file} was made with other weights or settings: discarded", flush=True)
-            file.unlink()
+            print(f"varctl test: {file} {why}: discarded", flush=True)
+            file.unlink(missing_ok=True)
             return None
         return saved
 
