@@ -7,6 +7,11 @@
               a litdata dataset itself, so it is read from wherever the shards are by the same reader
     train/    val/    test/ (optional)    litdata chunks + index.json
 
+A local split is checked against meta/ when the datamodule is set up (`check_split`), so damaged or mixed
+shards are a config error before the run, not a crash in it: its folder and index.json, every chunk file the
+index lists with the size it records, the sample count, and the index's sha256 that the converter recorded
+in meta/ after reading the split back (which ties the split to meta's resolution and classes).
+
 A stored sample is {"index": its position in the source split, "image": PNG bytes (uint8 RGB, resolution
 x resolution), "label": int, "caption": str, "control": {modality: 2-D array}}, the maps stored exactly:
 edges uint8 {0,1}, segmentation ids uint8 (int32 beyond 255), depth and sketch float32. Every value read
@@ -22,7 +27,9 @@ position alone, so a resumed run sees the same flips with or without workers.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +55,7 @@ from datamodules.transforms import (
 FORMAT = "varctl-shards-1"
 META = "meta"  # the sub-folder holding the description of the shards
 WRITER = "python tools/make_shards.py"
+INDEX = "index.json"  # litdata's index of a folder's chunks: the file name, bytes and samples of each
 
 
 # --- the stored format: written by tools/make_shards.py, read by ShardStream --------------------------------
@@ -112,6 +120,64 @@ def read_meta(root: str, cache_dir: str | None = None) -> dict:
             f"shards again with `{WRITER}`"
         )
     return meta
+
+
+def read_index(folder: str) -> tuple[list[tuple[str, int, int]], str]:
+    """The chunks (file name, bytes, samples) that a local folder's index.json lists, and the file's sha256;
+    ValueError naming the file when it is missing or not litdata's index."""
+    path = os.path.join(folder, INDEX)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        chunks = [
+            (str(c["filename"]), int(c["chunk_bytes"]), int(c["chunk_size"]))
+            for c in json.loads(raw)["chunks"]
+        ]
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: {folder} is not a litdata shard folder") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path} is not litdata's index, expected JSON with a list of chunks "
+            f"({type(err).__name__}: {err})"
+        ) from None
+    return chunks, hashlib.sha256(raw).hexdigest()
+
+
+def check_split(root: str, split: str, meta: dict) -> None:
+    """The local shards of ``split`` against meta/ (module docstring); ValueError naming the file or folder
+    and what was expected."""
+    folder, expected = f"{root}/{split}", int(meta["splits"][split])
+    again = f"copy the whole folder again, or write it again with `{WRITER} --overwrite ...`"
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"data.root={root}: {folder} is missing, expected the {split} split's {expected} samples that "
+            f"{root}/{META} lists; {again}"
+        )
+    chunks, digest = read_index(folder)
+    for name, size, _ in chunks:
+        path = f"{folder}/{name}"
+        found = os.path.getsize(path) if os.path.isfile(path) else None
+        if found != size:
+            what = "is missing" if found is None else f"is {found} bytes"
+            raise ValueError(
+                f"data.root={root}: {path} {what}, expected {size} bytes ({folder}/{INDEX}): a copy or "
+                f"download cut short, or a damaged file; {again}"
+            )
+    count = sum(n for _, _, n in chunks)
+    if count != expected:
+        raise ValueError(
+            f"data.root={root}: {folder}/{INDEX} lists {count} samples, expected {expected} ({root}/{META}); "
+            f"{again}"
+        )
+    recorded = (meta.get("indexes") or {}).get(split)  # absent from shards of an earlier converter
+    if recorded is not None and digest != recorded:
+        classes = "no class names" if meta["class_names"] is None else f"{len(meta['class_names'])} classes"
+        raise ValueError(
+            f"data.root={root}: {folder}/{INDEX} is not the index {root}/{META} was written with (sha256 "
+            f"{digest[:12]}..., expected {recorded[:12]}...): the split was replaced, by another "
+            f"conversion's whose resolution, classes or samples need not be meta's ({meta['resolution']} px, "
+            f"{classes}), or edited; {again}"
+        )
 
 
 class ShardStream(StreamingDataset):
@@ -275,6 +341,9 @@ class ShardDataModule(VarDataModule):
 
     def build_datasets(self) -> dict[str, Dataset]:
         self.controls  # noqa: B018 (data.controls checked against the stored maps before the run)
+        if "://" not in self.root:  # a bucket's chunks are fetched by litdata as they are read
+            for split in self.meta["splits"]:
+                check_split(self.root, split, self.meta)
         return {split: ShardSplit(f"{self.root}/{split}", int(n)) for split, n in self.meta["splits"].items()}
 
     def _loader(self, split: str) -> ShardLoader:

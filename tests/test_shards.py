@@ -2,8 +2,9 @@
 tree they give the source's batches value for value; two DDP processes read disjoint samples covering the
 split; a run stopped mid-epoch resumes with the very batches of the uninterrupted one (loader, Lightning,
 DDP); the converter writes atomically, a stopped or failed conversion goes on to the same shards and leaves
-nothing of litdata running; missing shards and another resolution are errors naming data.root
-and both resolutions."""
+nothing of litdata running (a killed one included); missing shards and another resolution are errors naming
+data.root and both resolutions; --overwrite replaces only a shard folder, never the source; damaged or mixed
+shards are refused at setup naming the file; a source file that fails is an error, never a substitute."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from PIL import Image
 
 from datamodules import ShardDataModule
 from datamodules.shards import ShardSplit
+from datamodules.verify import BadFileWarning
 from varctl.cli import main as varctl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,17 +267,21 @@ def assert_same_shards(a: Path, b: Path) -> None:
             assert all(np.array_equal(p["control"][m], q["control"][m]) for m in p["control"])
 
 
-def running_in_group(group: int) -> list[int]:
-    """The processes of process group ``group`` that are not zombies (killed, waiting to be reaped)."""
+def processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state ppid pgrp ...
         except OSError:  # ended meanwhile
             continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            found.append(int(stat.parent.name))
+        found.append((int(stat.parent.name), fields[0], int(fields[1]), int(fields[2])))
     return found
+
+
+def running_in_group(group: int) -> list[int]:
+    """The processes of process group ``group`` that are not zombies (killed, waiting to be reaped)."""
+    return [pid for pid, state, _, pgrp in processes() if pgrp == group and state != "Z"]
 
 
 SMALL_CHUNKS = ["--chunk-bytes", "16KB"]  # two 32 px samples a chunk: a conversion stops between chunks
@@ -354,3 +360,187 @@ def test_a_failing_sample_is_named_and_nothing_of_litdata_is_left_running(
         else:
             assert "was made for other inputs: discarded" in printed and reads.value == 40
         shutil.rmtree(out)
+
+
+def test_litdata_dies_with_a_converter_killed_unwarned(tmp_path):
+    """kill -9 of the converter mid-split (no handler runs): litdata's process group, writers included, is
+    gone within 3 s instead of running on orphaned (its 4000 samples take longer than that)."""
+    args = ["--out", str(tmp_path / "out"), "--resolution", "32", "--workers", "2", *SMALL_CHUNKS, *SCENES,
+            "data.num_train=4000"]  # fmt: skip
+    group = None
+    process = multiprocessing.get_context("fork").Process(target=lambda: os._exit(make_shards.main(args)))
+    process.start()
+    try:
+        while checkpointed(tmp_path / ".out.partial" / "train") < 4 and process.exitcode is None:
+            time.sleep(0.05)
+        [group] = [pid for pid, _, parent, pgrp in processes() if parent == process.pid and pgrp == pid]
+        assert len(running_in_group(group)) >= 3  # the group's leader and litdata's two writers at least
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)
+        deadline = time.monotonic() + 3
+        while running_in_group(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running_in_group(group) == []
+    finally:
+        process.kill()
+        if group is not None and running_in_group(group):  # the test failed: stop what it left running
+            os.killpg(group, signal.SIGKILL)
+
+
+def image_tree(root: Path) -> list[str]:
+    """A folder of two classes, four 40 px PNGs each in train/ and one in val/; the overrides that read it."""
+    for split, count in (("train", 4), ("val", 1)):
+        for c, name in enumerate(("cat", "dog")):
+            for i in range(count):
+                save(root / split / name / f"{i}.png", textured(10 * c + i))
+    return ["data=folder", f"data.root={root}", "data.batch_size=2", "data.num_workers=0"]
+
+
+def contents(folder: Path) -> list[tuple[str, bytes]]:
+    return sorted((str(p.relative_to(folder)), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+
+
+def test_overwrite_replaces_a_shard_folder_only_and_never_the_source(scenes, tmp_path, capsys, monkeypatch):
+    """--overwrite refuses the source's folder, a folder of other files and a shard folder holding a file of
+    its own; an --out that is or lies inside an input (data.root, a list file's image folder) is refused
+    even without it; each refusal (exit 2) names the folder and leaves every file as it was, writing
+    nothing. A shard folder is replaced, where RENAME_EXCHANGE is not available by two renames too."""
+    fold, other, stray, copy = (tmp_path / name for name in ("fold", "other", "stray", "copy"))
+    folder = image_tree(fold)
+    (other / "notes").mkdir(parents=True)
+    (other / "notes" / "mine.txt").write_text("keep me")
+    shutil.copytree(scenes, stray)
+    (stray / "train" / "mine.txt").write_text("keep me")
+    shutil.copytree(scenes, copy)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    rows = [{"image": f"../fold/train/cat/{i}.png", "caption": f"cat {i}"} for i in range(4)]
+    (lists / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    captions = ["data=captions", f"data.train_list={lists / 'train.jsonl'}", "data.val_fraction=0.25",
+                "data.batch_size=1", "data.num_workers=0"]  # fmt: skip
+    cat = fold / "train" / "cat"
+    cases = [
+        (fold, folder, ["--overwrite"], f"--out {fold} is not a shard folder: it has no meta/"),
+        (other, folder, ["--overwrite"], f"--out {other} is not a shard folder: it has no meta/"),
+        (stray, SCENES, ["--overwrite"],
+         f"--out {stray} holds {stray / 'train' / 'mine.txt'}, which is not in its index.json"),
+        (fold / "shards", folder, [], f"--out {fold / 'shards'} lies inside the source's data.root ({fold})"),
+        (copy, ["data=shards", f"data.root={copy}"], ["--overwrite"],
+         f"--out {copy} is the source's data.root"),
+        (cat / "shards", captions, [],
+         f"--out {cat / 'shards'} lies inside the source's folder of image or map files ({cat})"),
+    ]  # fmt: skip
+    before = contents(tmp_path)
+    for out, overrides, flags, message in cases:
+        assert convert(out, overrides, *flags) == 2, message
+        assert f"make_shards: {message}" in capsys.readouterr().err
+        assert contents(tmp_path) == before  # nothing deleted, nothing written (no .partial, no report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "fold", "lists", "other", "stray"]
+
+    monkeypatch.setattr(make_shards, "exchange", lambda new, old: False)  # a system without renameat2
+    assert convert(copy, [*SCENES, "data.num_val=6"], "--overwrite") == 0
+    assert len(shard_data(copy).dataset("val")) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "fold", "lists", "other", "stray"]
+
+
+def test_exchange_swaps_two_folders_in_one_step(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    (new / "train").mkdir(parents=True)
+    (new / "train" / "a").write_text("new")
+    old.mkdir()
+    (old / "b").write_text("old")
+    assert make_shards.exchange(new, old)  # Linux with a file system that supports it (ext4, tmpfs, xfs)
+    assert contents(old) == [("train/a", b"new")] and contents(new) == [("b", b"old")]
+
+
+def damage(root: Path, how: str, tmp_path: Path) -> str:
+    """Damage the shard folder ``root`` (a copy of the scenes: 40 train samples in one chunk, 8 val); the
+    error expected at setup."""
+    train, chunk = root / "train", root / "train" / "chunk-0-0.bin"
+    index = json.loads((train / "index.json").read_text())
+    size = chunk.stat().st_size
+    advice = r".*; copy the whole folder again, or write it again"
+    if how == "no val":
+        shutil.rmtree(root / "val")
+        return (
+            rf"data\.root={root}: {root}/val is missing, expected the val split's 8 samples that {root}/meta"
+        )
+    if how == "chunk missing":
+        chunk.unlink()
+        return rf"{chunk} is missing, expected {size} bytes \({train}/index\.json\): a copy or download cut"
+    if how == "chunk truncated":
+        chunk.write_bytes(chunk.read_bytes()[: size // 2])
+        return (
+            rf"{chunk} is {size // 2} bytes, expected {size} bytes \({train}/index\.json\): a copy or "
+            + advice
+        )
+    if how == "index not JSON":
+        (train / "index.json").write_text("{")
+        return (
+            rf"{train}/index\.json is not litdata's index, expected JSON with a list of chunks \(JSONDecode"
+        )
+    if how == "index missing a chunk":
+        index["chunks"][0]["chunk_size"] = 39
+        (train / "index.json").write_text(json.dumps(index))
+        return rf"{train}/index\.json lists 39 samples, expected 40 \({root}/meta\)" + advice
+    if how == "index edited":
+        index["updated_at"] = "0"
+        (train / "index.json").write_text(json.dumps(index))
+    else:  # another conversion's train split, as many samples
+        assert convert(tmp_path / "other", [*SCENES, "data.seed=1"]) == 0
+        shutil.rmtree(train)
+        shutil.copytree(tmp_path / "other" / "train", train)
+    return (
+        rf"{train}/index\.json is not the index {root}/meta was written with \(sha256 \w+\.\.\., expected "
+        r"\w+\.\.\.\): the split was replaced, by another conversion's whose resolution, classes or samples "
+        r"need not be meta's \(32 px, 10 classes\), or edited" + advice
+    )
+
+
+DAMAGES = ["no val", "chunk missing", "chunk truncated", "index not JSON", "index missing a chunk",
+           "index edited", "another conversion's train"]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_or_mixed_shards_are_refused_at_setup_naming_the_file(scenes, tmp_path, how):
+    root = tmp_path / "shards"
+    shutil.copytree(scenes, root)
+    expected = damage(root, how, tmp_path)
+    data = ShardDataModule(str(root), batch_size=4)
+    data.connect(32, ALL)
+    with pytest.raises(ValueError, match=expected):
+        data.setup()
+
+
+def test_the_cli_refuses_damaged_shards_before_the_run(scenes, tokenizer_file, tmp_path, capsys):
+    root = tmp_path / "shards"
+    shutil.copytree(scenes, root)
+    damage(root, "chunk truncated", tmp_path)
+    args = ["fit", "-c", str(ROOT / "conf" / "var.yaml"), f"model.tokenizer={tokenizer_file}", "data=shards",
+            f"data.root={root}", f"run.root={tmp_path / 'runs'}"]  # fmt: skip
+    assert varctl(args) == 2
+    err = capsys.readouterr().err
+    assert "varctl: config error" in err and f"{root}/train/chunk-0-0.bin is " in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_source_file_that_fails_is_an_error_never_a_substitute(tmp_path, capfd):
+    """One truncated PNG: with data.check_files=trust the conversion fails naming its split, index and file
+    (litdata's worker would otherwise store the next sample in its place); with the default check it is
+    skipped, and the warning names the report written beside the shards, which lists it."""
+    fold = tmp_path / "fold"
+    overrides = image_tree(fold)
+    bad = fold / "train" / "cat" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:100])
+    out = tmp_path / "out"
+    assert convert(out, [*overrides, "data.check_files=trust"]) == 1
+    err = capfd.readouterr().err
+    assert f"make_shards: failed: train sample 1: OSError: cannot read image file {bad}: truncated" in err
+    assert "is skipped from now on" not in err and not out.exists()
+    with pytest.warns(
+        BadFileWarning, match=rf"1 file\(s\) skipped .* All of them are listed in {out}\.data_report"
+    ):
+        assert convert(out, overrides) == 0
+    report = json.loads((tmp_path / "out.data_report.json").read_text())
+    assert [(e["split"], e["file"]) for e in report["skipped"]] == [("train", str(bad))]
+    assert shard_data(out, batch_size=2).meta["splits"] == {"train": 7, "val": 2}

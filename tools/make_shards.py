@@ -17,18 +17,29 @@ written in ``.<name>.partial/`` beside --out, which keeps job.json (the source s
 size, writer processes and the splits done) and litdata's checkpoints (``use_checkpoint``: a worker's
 position after each chunk it wrote), and is renamed to --out at the end. The same command run again after a
 crash, Ctrl-C or SIGTERM goes on from the last chunks written and gives the same shards; the work folder of
-another conversion is discarded. An existing --out is refused unless --overwrite.
+another conversion is discarded. An existing --out is refused unless --overwrite, which replaces a shard
+folder (meta/ and the splits it lists, each holding its index.json and chunks, nothing else) and nothing else;
+an --out that is, holds or lies inside an input of the source (data.root, a list file, an image folder) is
+always refused, before anything is written. The new folder is swapped in with the old in one step
+(renameat2's RENAME_EXCHANGE; elsewhere two renames), then the old one deleted.
+
+A source file that fails to load is an error naming it, its split and index (exit 1): the datamodule's
+fall-back to the next sample would store a duplicate. The check of the source files before the conversion
+(``data.check_files``) writes its report to ``<out>.data_report.json`` beside the shards.
 
 litdata runs in a child process in a process group of its own, which the converter kills when it stops for
 any reason: litdata ends a Ctrl-C with exit status 0 (its SIGINT handler calls ``os._exit(0)``) and, when a
 sample fails in a worker, leaves that worker's helper process blocked for ever (holding the terminal's pipes
 open). Here a failing sample is an error naming it (exit 1), an interruption exits 130 / 143, and nothing of
-litdata outlives the converter.
+litdata outlives the converter: on Linux the child is also told when the converter dies unwarned (kill -9),
+and then kills its group.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import json
 import multiprocessing
 import os
@@ -36,6 +47,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,7 +55,9 @@ from litdata import StreamingDataset, optimize
 from omegaconf import OmegaConf
 
 from datamodules import BATCH_KEYS
-from datamodules.shards import FORMAT, META, encode_sample, meta_item
+from datamodules.files import FileDataModule
+from datamodules.shards import FORMAT, INDEX, META, encode_sample, meta_item, read_index, read_meta
+from datamodules.verify import REPORT_NAME
 from varctl.cli.config import ConfigError, compose, to_container, validate_section
 from varctl.files import atomic_write_text, publish_dir, writer_id, writer_running
 
@@ -63,15 +77,68 @@ class Encoder:
     def __call__(self, index: int) -> dict:
         torch.set_num_threads(1)  # as in DataLoader workers: the processes are the parallelism
         try:
-            return encode_sample(self.dataset[index], index)
+            with warnings.catch_warnings(record=True) as caught:
+                sample = self.dataset[index]
+            # FileDataset returns the next usable sample in place of one whose file fails (and says so):
+            # here that is an error, or the shards would hold a duplicate for good.
+            failed = getattr(self.dataset, "_unusable", {}).get(index)
+            if failed is not None:
+                raise OSError(f"{failed} (a sample that fails is not replaced in shards)")
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return encode_sample(sample, index)
         except Exception as e:
             if self.errors is not None:
                 self.errors.put(f"{self.split} sample {index}: {type(e).__name__}: {e}"[:1000])
             raise
 
 
-def build_data(config: Path, overrides: list[str], resolution: int | None):
-    """The source datamodule, connected and set up, with its data section and what was changed in it."""
+def report_file(out: Path) -> Path:
+    return out.parent / f"{out.name}.{REPORT_NAME}"
+
+
+def inputs_of(section, key: str = "data") -> list[tuple[str, Path]]:
+    """The (key, path) of every string of the data section that names an existing local file or folder."""
+    if isinstance(section, dict):
+        return [found for k, v in section.items() for found in inputs_of(v, f"{key}.{k}")]
+    if isinstance(section, list):
+        return [found for i, v in enumerate(section) for found in inputs_of(v, f"{key}[{i}]")]
+    if isinstance(section, str) and "://" not in section and section and os.path.exists(section):
+        return [(key, Path(section))]
+    return []
+
+
+def check_out(out: Path, section: dict, datamodule) -> None:
+    """Refuse an --out that is, holds or lies inside an input of the source: a path of its data section, or
+    a folder of its files (a list file's images may be anywhere)."""
+    inputs = inputs_of(section)
+    if isinstance(datamodule, FileDataModule):  # the files found (none read yet)
+        files = {
+            path
+            for records in datamodule.splits.values()
+            for r in records
+            for path in (r.image, *r.maps.values())
+        }
+        inputs += [
+            ("folder of image or map files", folder) for folder in sorted({Path(f).parent for f in files})
+        ]
+    target = out.resolve()
+    for key, path in inputs:
+        path = path.resolve()
+        if target == path or path in target.parents:
+            how = "is" if target == path else "lies inside"
+        elif target in path.parents:
+            how = "holds"
+        else:
+            continue
+        raise ConfigError(
+            f"--out {out} {how} the source's {key} ({path}): write the shards to a folder of their own"
+        )
+
+
+def build_data(config: Path, overrides: list[str], resolution: int | None, out: Path | None = None):
+    """The source datamodule, connected and set up, with its data section and what was changed in it; an
+    ``out`` among its inputs is refused first, and the check of its files is reported beside ``out``."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -97,8 +164,15 @@ def build_data(config: Path, overrides: list[str], resolution: int | None):
         if isinstance(e.__cause__, (ValueError, FileNotFoundError)):
             raise ConfigError(f"{config}: data: {e.__cause__}") from e.__cause__
         raise
+    if out is not None:
+        check_out(out, section, datamodule)
+        if getattr(datamodule, "report_file", "") is None:  # no run directory here: beside the shards
+            datamodule.report_file = str(report_file(out))
     datamodule.connect(int(resolution), BATCH_KEYS)
     datamodule.setup()
+    for dataset in datamodule.datasets.values():  # a file failing here is an error (Encoder), not an event
+        if hasattr(dataset, "events_file"):
+            dataset.events_file = None
     return datamodule, section, changed
 
 
@@ -126,10 +200,23 @@ def optimize_meta(text: str, folder: Path, errors) -> None:
 last_group: int | None = None  # the process group of the last isolated call (tests check that it is gone)
 
 
-def _group_leader(target, args: tuple, errors) -> None:
+def _die_with(parent: int) -> None:
+    """Kill this process group when ``parent`` dies, kill -9 included (Linux: prctl's PR_SET_PDEATHSIG sends
+    SIGTERM, handled here in the group's leader; elsewhere nothing)."""
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None:
+        return
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG (linux/prctl.h)
+    if os.getppid() != parent:  # died before that
+        os.killpg(0, signal.SIGKILL)
+
+
+def _group_leader(target, args: tuple, errors, parent: int) -> None:
     """A child process, leader of a new process group, that runs ``target(*args, errors)``; what it raised
     is put on ``errors`` (after what its workers put there)."""
     os.setpgid(0, 0)
+    _die_with(parent)
     try:
         target(*args, errors)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
@@ -146,7 +233,7 @@ def isolated(target, *args) -> None:
     global last_group
     context = multiprocessing.get_context("fork")
     errors = context.SimpleQueue()  # short messages only: a full pipe would block the child
-    child = context.Process(target=_group_leader, args=(target, args, errors))
+    child = context.Process(target=_group_leader, args=(target, args, errors, os.getpid()))
     try:
         child.start()
         last_group = child.pid
@@ -178,6 +265,57 @@ def write_split(dataset, folder: Path, chunk_bytes: str, workers: int) -> tuple[
     if count != len(dataset):
         raise RuntimeError(f"{folder}: {count} samples stored, {len(dataset)} written")
     return controls, max(tops, default=None)
+
+
+def shard_folder_problem(folder: Path) -> str:
+    """Why --overwrite may not replace ``folder``: "" for an empty folder or one this converter wrote (meta/
+    and the splits it lists, each holding its index.json and the chunks it lists, nothing else)."""
+    if not folder.is_dir():
+        return "is not a folder"
+    if not any(folder.iterdir()):
+        return ""
+    try:
+        meta = read_meta(str(folder))
+    except (FileNotFoundError, ValueError):
+        return f"is not a shard folder: it has no {META}/ that {Path(__file__).name} wrote"
+    try:
+        for name in sorted(p.name for p in folder.iterdir()):
+            if name not in (META, *meta["splits"]):
+                return f"holds {folder / name}, which {Path(__file__).name} does not write"
+            chunks, _ = read_index(str(folder / name))
+            known = {INDEX, *(chunk for chunk, _, _ in chunks)}
+            other = sorted(p.name for p in (folder / name).iterdir() if p.name not in known)
+            if other:
+                return f"holds {folder / name / other[0]}, which is not in its {INDEX}"
+    except ValueError as e:  # read_index: a split without its index
+        return f"is not a shard folder ({e})"
+    return ""
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux's renameat2 with RENAME_EXCHANGE): ``b`` holds the one or the
+    other at every moment. False where the system or its file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    cwd, swap = -100, 2  # AT_FDCWD, RENAME_EXCHANGE (linux/fcntl.h, linux/fs.h)
+    if renameat2(cwd, os.fsencode(a), cwd, os.fsencode(b), swap) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def check_overwrite(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
+    problem = shard_folder_problem(out) if out.exists() else ""
+    if problem:
+        raise ConfigError(
+            f"--out {out} {problem}: --overwrite replaces only the shard folder of an earlier conversion; "
+            "choose another --out"
+        )
 
 
 class Job:
@@ -223,7 +361,16 @@ class Job:
         atomic_write_text(self.file, json.dumps(job, indent=1))
 
     def finish(self, out: Path, overwrite: bool) -> None:
+        check_overwrite(out, overwrite)  # as at the start: what is there may have changed meanwhile
         self.file.unlink()
+        if overwrite and out.exists():
+            for file in self.folder.rglob("*"):
+                if file.is_file():
+                    with open(file, "rb") as f:
+                        os.fsync(f.fileno())
+            if exchange(self.folder, out):
+                shutil.rmtree(self.folder)  # the old shards now
+                return
         publish_dir(self.folder, out, overwrite)
 
 
@@ -254,6 +401,8 @@ def write_shards(datamodule, section: dict, job: Job) -> dict:
         "image": "png",
         "source": section,
     }
+    # what each split's reader checks it against (datamodules/shards.py: check_split)
+    meta["indexes"] = {split: read_index(str(folder / split))[1] for split in splits}
     text = json.dumps(meta, default=str)
     if (folder / META).exists():
         shutil.rmtree(folder / META)
@@ -286,9 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "://" in args.out:
             raise ConfigError(f"--out {args.out}: write to a local folder, then upload it as it is")
-        if out.exists() and not args.overwrite:
-            raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
-        datamodule, section, changed = build_data(Path(args.config), args.overrides, args.resolution)
+        check_overwrite(out, args.overwrite)
+        datamodule, section, changed = build_data(Path(args.config), args.overrides, args.resolution, out)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"make_shards: {e}", file=sys.stderr)
         return 2
