@@ -290,26 +290,7 @@ def _run(command: str, data: dict, config_file: str | Path):
         raise ConfigError(
             f"{config_file}: model must define data_requirements() and data must define connect()"
         )
-    try:
-        datamodule.connect(**model.data_requirements())
-        if hasattr(model, "check_controls"):
-            model.check_controls(datamodule)  # before the scan, which would report the maps as missing
-        datamodule.setup("fit" if command == "fit" else command)  # scan the data now: errors before the run
-        if hasattr(model, "check_data"):
-            model.check_data(datamodule)  # the data's classes and controls against the model
-        if hasattr(datamodule, "check_scales") and hasattr(model, "var"):  # data=jobs: rows' per-scale lists
-            datamodule.check_scales(model.var.config.num_scales)
-        if command == "fit" and hasattr(model, "check_token_cache"):
-            model.check_token_cache(datamodule)  # a stale or damaged cache, or data no cache can hold
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"{config_file}: data: {e}") from e
-    if command == "test" and getattr(model, "evaluation", None) is not None:
-        from varctl.lit.evaluation import check_evaluation_weights
-
-        try:  # the feature networks' files: a wrong one is refused now, not at the first test batch
-            check_evaluation_weights(model.evaluation)
-        except ValueError as e:
-            raise ConfigError(f"{config_file}: {e}") from None
+    _check_data(command, model, datamodule, config_file)
     if ckpt and hasattr(model, "check_fits"):
         model.check_fits(ckpt)  # weights that do not fit the model: CheckpointMismatch, nothing written yet
     if not ckpt and hasattr(model, "load_pending_weights"):
@@ -371,6 +352,33 @@ def _run(command: str, data: dict, config_file: str | Path):
             e.command, e.saved_path = command, saved[0] if saved else None
             raise
     return trainer
+
+
+def _check_data(command: str, model, datamodule, config_file: str | Path) -> None:
+    """The data (scanned here) and the files the command reads against the model, before anything of the
+    run is written: each problem is a ConfigError naming the setting."""
+    from varctl.cli.config import ConfigError
+
+    try:
+        datamodule.connect(**model.data_requirements())
+        if hasattr(model, "check_controls"):
+            model.check_controls(datamodule)  # before the scan, which would report the maps as missing
+        datamodule.setup("fit" if command == "fit" else command)  # scan the data now: errors before the run
+        if hasattr(model, "check_data"):
+            model.check_data(datamodule)  # the data's classes and controls against the model
+        if hasattr(datamodule, "check_scales") and hasattr(model, "var"):  # data=jobs: rows' per-scale lists
+            datamodule.check_scales(model.var.config.num_scales)
+        if command == "fit" and hasattr(model, "check_token_cache"):
+            model.check_token_cache(datamodule)  # a stale or damaged cache, or data no cache can hold
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{config_file}: data: {e}") from e
+    if command == "test" and getattr(model, "evaluation", None) is not None:
+        from varctl.lit.evaluation import check_evaluation_weights
+
+        try:  # the feature networks' files: a wrong one is refused now, not at the first test batch
+            check_evaluation_weights(model.evaluation)
+        except ValueError as e:
+            raise ConfigError(f"{config_file}: {e}") from None
 
 
 def _call(trainer, command: str, model, datamodule, ckpt: str | None, out_dir: Path) -> None:
