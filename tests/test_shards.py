@@ -449,7 +449,8 @@ def test_exchange_swaps_two_folders_in_one_step(tmp_path):
     (new / "train" / "a").write_text("new")
     old.mkdir()
     (old / "b").write_text("old")
-    assert make_shards.exchange(new, old)  # Linux with a file system that supports it (ext4, tmpfs, xfs)
+    if not make_shards.exchange(new, old):  # Linux with a file system that supports it (ext4, tmpfs, xfs)
+        pytest.skip("this system or file system cannot exchange two folders in one step")
     assert contents(old) == [("train/a", b"new")] and contents(new) == [("b", b"old")]
 
 

@@ -199,7 +199,7 @@ class FitsCheckpoint:
         same weights again. A sharded checkpoint (a folder) is read by its strategy alone."""
         if not Path(path).is_file():
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        checkpoint = torch_load(path, "checkpoint", mmap=zipfile.is_zipfile(path))
         self._checkpoint_path = str(path)
         theirs = stage_of(checkpoint)
         if self.stage is not None and theirs is not None and theirs != self.stage:
